@@ -1,0 +1,51 @@
+"""Tiny transformers models built in the tests (no network)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+TINY_BERT = dict(
+    vocab_size=99,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=37,
+    max_position_embeddings=64,
+    num_labels=3,
+)
+
+
+def tiny_bert_config(**overrides):
+    from transformers import BertConfig
+
+    kwargs = dict(TINY_BERT)
+    kwargs.update(overrides)
+    num_labels = kwargs.pop("num_labels")
+    config = BertConfig(**kwargs)
+    config.num_labels = num_labels
+    config.id2label = {i: f"L{i}" for i in range(num_labels)}
+    config.label2id = {v: k for k, v in config.id2label.items()}
+    return config
+
+
+def make_tiny_bert(seed: int = 0, base_seed: int = 1234, noise: float = 0.01, **overrides):
+    """A tiny BertForSequenceClassification: one shared 'pre-trained' init plus seeded noise."""
+    from transformers import BertForSequenceClassification
+
+    torch.manual_seed(base_seed)
+    model = BertForSequenceClassification(tiny_bert_config(**overrides))
+    if noise:
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=gen) * noise)
+    model.eval()
+    return model
+
+
+def make_tiny_bert_dir(path: Path, seed: int = 0, **kwargs) -> Path:
+    model = make_tiny_bert(seed=seed, **kwargs)
+    model.save_pretrained(path)
+    return Path(path)
