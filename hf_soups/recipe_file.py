@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import difflib
 import importlib
 import logging
 import math
@@ -706,9 +707,9 @@ def _parse_fields(cls, data: dict, where: str, problems: list[str], ctx: dict, *
                     "Ignoring key %r: written by a newer hf_soups (format %s).", path, ctx["newer_format"]
                 )
                 continue
-            close = [
-                n for n in names if n.replace("_", "") == str(key).replace("_", "").replace("-", "").lower()
-            ]
+            close = difflib.get_close_matches(
+                str(key).replace("-", "_").lower(), list(names), n=1, cutoff=0.7
+            )
             hint = f" (did you mean {close[0]!r}?)" if close else f"; known keys: {', '.join(names)}"
             problems.append(f"{path}: unknown key{hint}")
             continue
