@@ -50,10 +50,10 @@ if os.environ.get("EAGER_IMPORT", ""):
     for _name in __all__:
         __getattr__(_name)
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .api import merge_models
-    from .callback import SoupTrainerCallback
-    from .errors import (
+if TYPE_CHECKING:  # pragma: no cover (mirrors _SUBMOD_ATTRS for type checkers)
+    from .api import merge_models  # noqa: F401
+    from .callback import SoupTrainerCallback  # noqa: F401
+    from .errors import (  # noqa: F401
         CorruptCheckpointError,
         EvaluationError,
         HubError,
@@ -64,5 +64,5 @@ if TYPE_CHECKING:  # pragma: no cover
         SoupError,
         UnsupportedAdapterError,
     )
-    from .ingredients import Ingredient
-    from .soup import Soup
+    from .ingredients import Ingredient  # noqa: F401
+    from .soup import Soup  # noqa: F401

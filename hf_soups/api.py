@@ -1,0 +1,211 @@
+"""`merge_models`: the one function most users call."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import InvalidArgumentError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from .ingredients import ModelReference
+    from .soup import Soup
+
+logger = logging.getLogger(__name__)
+
+
+def merge_models(
+    models: Sequence[ModelReference] | str | os.PathLike,
+    *,
+    method: str = "uniform",
+    weights: Sequence[float] | None = None,
+    base_model: ModelReference | None = None,
+    alpha: float | Sequence[float] | None = None,
+    eval_dataset: Any = None,
+    metric: Any = "accuracy",
+    metric_key: str | None = None,
+    greater_is_better: bool | None = None,
+    select_on: str | None = None,
+    compute_metrics: Callable[..., dict[str, float]] | None = None,
+    tokenizer: Any = None,
+    text_columns: str | Sequence[str] | None = None,
+    label_column: str | None = None,
+    batch_size: int = 32,
+    device: str | None = None,
+    scores: Mapping[str, float] | None = None,
+    strict: bool = False,
+    ensemble_baseline: bool = False,
+    adapter_output: str = "merged",
+    rank: int | None = None,
+    output_dir: str | os.PathLike | None = None,
+    dtype: str | torch.dtype | None = None,
+    max_shard_size: int | str = "50GB",
+    push_to_hub: str | None = None,
+    private: bool | None = None,
+    token: str | bool | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    revision: str | None = None,
+    progress: bool = True,
+) -> Soup:
+    """Cook a model soup from fine-tuned models.
+
+    Ingredients are resolved (Hub downloads go through the HF cache), checked against each other (architecture,
+    tensor names and shapes, labels, vocabulary) into one plan, then merged one tensor at a time: memory does
+    not grow with the number of ingredients.
+
+    Args:
+        models (`Sequence`, or `str`):
+            The ingredients: Hub model IDs (`"org/name"`, `"org/name@revision"`), local folders written by
+            `save_pretrained` (Trainer `checkpoint-N` folders too), in-memory `PreTrainedModel`s, PEFT adapters,
+            or [`Ingredient`] objects. A single folder written by [`SoupTrainerCallback`] expands into its
+            ingredients.
+        method (`str`, *optional*, defaults to `"uniform"`):
+            `"uniform"` (mean, or weighted mean with `weights`), `"greedy"` (greedy soup chosen on
+            `eval_dataset`), or `"wise-ft"` (interpolation with `base_model` by `alpha`).
+        weights (`Sequence[float]`, *optional*):
+            Relative weights of the ingredients (normalised; must be >= 0 and not all zero).
+        base_model (*optional*):
+            WiSE-FT's zero-shot (or linear-probe) end; for adapters, their base model.
+        alpha (`float` or `Sequence[float]`, *optional*):
+            WiSE-FT mixing coefficient in [0, 1] (1 = fine-tuned). A list is a sweep chosen on `eval_dataset`.
+        eval_dataset (`datasets.Dataset` or `dict[str, datasets.Dataset]`, *optional*):
+            Held-out data for greedy soups, sweeps and reporting.
+        metric (`str`, `tuple`, `evaluate.EvaluationModule` or callable, *optional*, defaults to `"accuracy"`):
+            The metric to maximise (works offline for common classification metrics).
+        metric_key (`str`, *optional*): which number of the metric's output to maximise.
+        greater_is_better (`bool`, *optional*): set to `False` for losses.
+        select_on (`str`, *optional*): the eval set that drives decisions when several are given.
+        compute_metrics (`Callable`, *optional*): a Trainer-style `compute_metrics(EvalPrediction) -> dict`.
+        tokenizer (*optional*): tokenizer for raw-text eval sets (defaults to the ingredients' tokenizer).
+        text_columns (`str` or `Sequence[str]`, *optional*): text column(s) of a raw eval set.
+        label_column (`str`, *optional*): label column of the eval set (default `label`/`labels`).
+        batch_size (`int`, *optional*, defaults to 32): evaluation batch size.
+        device (`str`, *optional*): evaluation device (CPU by default, CUDA when asked).
+        scores (`Mapping[str, float]`, *optional*): held-out scores already known, by ingredient name (greedy).
+        strict (`bool`, *optional*, defaults to `False`): greedy keeps a candidate only on strict improvement.
+        ensemble_baseline (`bool`, *optional*): also score the logit ensemble of the ingredients (reported only).
+        adapter_output (`str`, *optional*, defaults to `"merged"`): for adapter soups, `"merged"` (a full model)
+            or `"adapter"` (one LoRA adapter; exact, or truncated to `rank`).
+        rank (`int`, *optional*): rank of the SVD-truncated adapter form.
+        output_dir (`str` or `os.PathLike`, *optional*): stream the soup there as sharded safetensors (atomic).
+        dtype (`str` or `torch.dtype`, *optional*): output dtype (default: the first ingredient's).
+        max_shard_size (`int` or `str`, *optional*, defaults to `"50GB"`): shard size limit.
+        push_to_hub (`str`, *optional*): push the soup with its model card to this repository.
+        private (`bool`, *optional*): visibility of a repository created by `push_to_hub`.
+        token (`str` or `bool`, *optional*): Hub token (defaults to `HF_TOKEN` / the stored login).
+        cache_dir (`str`, *optional*): HF cache folder.
+        revision (`str`, *optional*): revision for Hub references that name none.
+        progress (`bool`, *optional*, defaults to `True`): progress bars (also off with
+            `HF_HUB_DISABLE_PROGRESS_BARS=1`).
+
+    Returns:
+        [`Soup`]: `.model`, `.ingredients`, `.score`, `.save_pretrained()`, `.push_to_hub()`, `.report()`.
+
+    Raises:
+        [`InvalidArgumentError`]: bad options (checked before any download or tensor work).
+        [`IngredientNotFoundError`]: a reference cannot be found.
+        [`IncompatibleIngredientsError`]: the ingredients cannot be souped together.
+        [`CorruptCheckpointError`], [`NonFiniteTensorError`]: broken weights.
+        [`EvaluationError`]: evaluation cannot run as asked.
+
+    Example:
+
+    ```python
+    >>> from hf_soups import merge_models
+    >>> soup = merge_models(["org/ft-lr1e-5", "org/ft-lr3e-5", "./runs/ft-c"], output_dir="./soup")  # doctest: +SKIP
+    >>> soup.model  # doctest: +SKIP
+    ```
+    """
+    from .ingredients import as_ingredients, resolve
+    from .kitchen import Kitchen
+    from .recipes import get_recipe
+    from .tensors import parse_dtype, parse_size
+
+    recipe = get_recipe(method)
+    ingredients = as_ingredients(models)
+    has_eval = eval_dataset is not None
+    options: dict[str, Any] = {
+        "weights": list(weights) if weights is not None else None,
+        "alpha": alpha,
+        "base_model": base_model,
+        "scores": dict(scores) if scores else {},
+        "strict": bool(strict),
+        "ensemble_baseline": bool(ensemble_baseline),
+        "adapter_output": adapter_output,
+        "rank": rank,
+        "has_eval": has_eval,
+        "n_ingredients": len(ingredients),
+    }
+    if recipe.check is not None:
+        recipe.check(options)
+    if adapter_output not in ("merged", "adapter"):
+        raise InvalidArgumentError(f"adapter_output={adapter_output!r}: use 'merged' or 'adapter'.")
+    if rank is not None and (not isinstance(rank, int) or rank < 1):
+        raise InvalidArgumentError(f"rank={rank!r} must be a positive integer.")
+    if batch_size < 1:
+        raise InvalidArgumentError(f"batch_size={batch_size} must be >= 1.")
+    out_dtype = parse_dtype(dtype)
+    parse_size(max_shard_size)
+    if output_dir is not None:
+        output_dir = Path(output_dir).expanduser()
+
+    evaluator = None
+    if has_eval:
+        from .evaluation import build_evaluator
+
+        evaluator = build_evaluator(
+            eval_dataset,
+            metric=metric,
+            metric_key=metric_key,
+            greater_is_better=greater_is_better,
+            select_on=select_on,
+            compute_metrics=compute_metrics,
+            tokenizer=tokenizer,
+            text_columns=text_columns,
+            label_column=label_column,
+            batch_size=batch_size,
+            device=device,
+            progress=progress,
+        )
+
+    hub_kwargs = {"token": token, "cache_dir": cache_dir, "revision": revision}
+    resolved = [resolve(ing, **hub_kwargs) for ing in ingredients]
+    base = None
+    if base_model is not None:
+        from .ingredients import Ingredient
+
+        base_ing = base_model if isinstance(base_model, Ingredient) else Ingredient(base_model)
+        base = resolve(base_ing, **hub_kwargs)
+    if evaluator is not None and hasattr(evaluator, "bind"):
+        evaluator.bind(resolved, base=base, tokenizer=tokenizer)
+
+    kitchen = Kitchen(
+        ingredients=resolved,
+        base=base,
+        options=options,
+        evaluator=evaluator,
+        output_dir=output_dir,
+        dtype=out_dtype,
+        max_shard_size=max_shard_size,
+        progress=progress,
+        reference_index=len(resolved) if (recipe.needs_base and base is not None) else 0,
+        tokenizer=tokenizer,
+    )
+    try:
+        if any(r.kind == "adapter" for r in resolved) and adapter_output == "adapter":
+            from .peft_support import cook_adapter_soup
+
+            soup = cook_adapter_soup(kitchen, recipe)
+        else:
+            soup = recipe.cook(kitchen)
+    finally:
+        for r in kitchen.members:
+            r.close()
+    if push_to_hub:
+        soup.push_to_hub(push_to_hub, private=private, token=token)
+    return soup

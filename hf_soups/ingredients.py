@@ -1,0 +1,456 @@
+"""Ingredients: what users pass to `merge_models`, and how each reference is resolved to files or a model.
+
+A reference may be a Hub model ID with an optional `@revision`, a local folder saved with
+`save_pretrained`, a `transformers.Trainer` checkpoint folder (`checkpoint-N`), an in-memory
+`PreTrainedModel`, or an [`Ingredient`] wrapping any of these with a weight and a display name.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, Union
+
+from .errors import IngredientNotFoundError, InvalidArgumentError
+from .tensors import StateDictSource, TensorSource, find_weight_files, open_weight_files
+
+if TYPE_CHECKING:  # pragma: no cover
+    from transformers import PreTrainedModel
+
+logger = logging.getLogger(__name__)
+
+# Files a soup needs from a Hub repository: config, weights and their index, tokenizer and generation
+# files, the adapter files of PEFT repos, and the README (for the ingredient's license in the model card).
+HUB_CONFIG_PATTERNS = [
+    "config.json",
+    "generation_config.json",
+    "tokenizer*",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.*",
+    "merges.txt",
+    "spiece.model",
+    "sentencepiece*.model",
+    "*.tiktoken",
+    "chat_template.*",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "adapter_config.json",
+    "README.md",
+]
+HUB_SAFETENSORS_PATTERNS = ["model.safetensors", "model-*.safetensors", "model.safetensors.index.json"]
+HUB_ADAPTER_PATTERNS = ["adapter_model.safetensors", "adapter_model.bin"]
+HUB_BIN_PATTERNS = ["pytorch_model.bin", "pytorch_model-*.bin", "pytorch_model.bin.index.json"]
+
+_REPO_ID_RE = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
+
+
+@dataclass
+class Ingredient:
+    """One model in a soup: a reference, an optional weight, and what the soup learned about it.
+
+    Args:
+        reference (`str`, `os.PathLike` or `PreTrainedModel`):
+            A Hub model ID (`"org/name"` or `"org/name@revision"`), a local folder saved with
+            `save_pretrained` (a `Trainer` checkpoint folder works too), or an in-memory model.
+        weight (`float`, *optional*):
+            Relative weight in a uniform soup (normalised over all ingredients). After cooking, the
+            normalised coefficient this ingredient received.
+        name (`str`, *optional*):
+            Display name in reports and model cards. Defaults to the reference.
+        revision (`str`, *optional*):
+            Hub revision (branch, tag or commit). After resolution, the resolved commit hash.
+        score (`float`, *optional*):
+            Held-out score on the selection set (filled by evaluation, or given to skip it).
+        scores (`dict[str, dict[str, float]]`):
+            Every metric on every eval set, filled by evaluation.
+        selected (`bool`, *optional*):
+            Whether the recipe kept the ingredient (greedy soups).
+        metadata (`dict`):
+            Free-form information (hyperparameters, seed, adapter details ...).
+
+    Example:
+
+    ```python
+    >>> from hf_soups import Ingredient
+    >>> Ingredient("org/model-lr3e-5@v2", weight=2.0, name="lr=3e-5").revision
+    'v2'
+    ```
+    """
+
+    reference: Any
+    weight: float | None = None
+    name: str | None = None
+    revision: str | None = None
+    score: float | None = None
+    scores: dict[str, dict[str, float]] = field(default_factory=dict)
+    selected: bool | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.reference, Ingredient):
+            raise InvalidArgumentError("An Ingredient cannot wrap another Ingredient.")
+        if isinstance(self.reference, os.PathLike):
+            self.reference = os.fspath(self.reference)
+        if isinstance(self.reference, str):
+            path, rev = parse_reference(self.reference)
+            if rev is not None:
+                if self.revision is not None and self.revision != rev:
+                    raise InvalidArgumentError(
+                        f"Ingredient {self.reference!r} names revision {rev!r} and revision={self.revision!r}."
+                    )
+                self.reference, self.revision = path, rev
+        if self.name is None:
+            self.name = _default_name(self.reference, self.revision)
+        if self.weight is not None:
+            self.weight = float(self.weight)
+
+    @property
+    def is_local(self) -> bool:
+        return isinstance(self.reference, str) and Path(self.reference).expanduser().exists()
+
+    @property
+    def is_in_memory(self) -> bool:
+        return not isinstance(self.reference, str)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-friendly summary (in-memory references are described, not serialised)."""
+        ref = (
+            self.reference
+            if isinstance(self.reference, str)
+            else f"<in-memory {type(self.reference).__name__}>"
+        )
+        return {
+            "name": self.name,
+            "reference": ref,
+            "revision": self.revision,
+            "weight": self.weight,
+            "score": self.score,
+            "scores": self.scores,
+            "selected": self.selected,
+            "metadata": self.metadata,
+        }
+
+
+ModelReference = Union[str, os.PathLike, "PreTrainedModel", Ingredient]
+
+
+def parse_reference(reference: str) -> tuple[str, str | None]:
+    """Split `"org/name@rev"` into `("org/name", "rev")`. Local paths are returned unchanged."""
+    if Path(reference).expanduser().exists() or "@" not in reference:
+        return reference, None
+    head, _, rev = reference.rpartition("@")
+    if head and rev and _REPO_ID_RE.match(head) and not Path(head).expanduser().exists():
+        return head, rev
+    return reference, None
+
+
+def _default_name(reference: Any, revision: str | None) -> str:
+    if isinstance(reference, str):
+        path = Path(reference).expanduser()
+        if path.exists():
+            name = path.name or str(path)
+            if re.fullmatch(r"checkpoint-\d+", name) and path.parent.name:
+                name = f"{path.parent.name}/{name}"
+            return name
+        return f"{reference}@{revision}" if revision else reference
+    name_or_path = getattr(getattr(reference, "config", None), "_name_or_path", None) or getattr(
+        reference, "name_or_path", None
+    )
+    return (
+        f"{type(reference).__name__}({name_or_path})"
+        if name_or_path
+        else f"<in-memory {type(reference).__name__}>"
+    )
+
+
+def as_ingredients(models: Any) -> list[Ingredient]:
+    """Turn the `models` argument of `merge_models` into a list of fresh [`Ingredient`] objects.
+
+    A single string naming a folder that holds ingredients written by [`SoupTrainerCallback`] (it has a
+    `soup_ingredients.json` manifest) expands into those ingredients.
+    """
+    if isinstance(models, (str, os.PathLike)):
+        expanded = expand_ingredients_dir(Path(os.fspath(models)).expanduser())
+        if expanded is not None:
+            return expanded
+        models = [models]
+    elif isinstance(models, Ingredient) or hasattr(models, "state_dict"):
+        models = [models]
+    out = []
+    for ref in models:
+        if isinstance(ref, Ingredient):
+            out.append(
+                Ingredient(
+                    reference=ref.reference,
+                    weight=ref.weight,
+                    name=ref.name,
+                    revision=ref.revision,
+                    score=ref.score,
+                    scores=dict(ref.scores),
+                    selected=None,
+                    metadata=dict(ref.metadata),
+                )
+            )
+        else:
+            out.append(Ingredient(ref))
+    if not out:
+        raise InvalidArgumentError("merge_models needs at least one ingredient.")
+    names = [i.name for i in out]
+    for i, name in enumerate(names):
+        if names.count(name) > 1:
+            out[i].name = f"{name} #{names[: i + 1].count(name)}"
+    return out
+
+
+def expand_ingredients_dir(path: Path) -> list[Ingredient] | None:
+    """Expand a folder of ingredients collected by `SoupTrainerCallback` (None if `path` is not one)."""
+    manifest = path / "soup_ingredients.json"
+    if not manifest.is_file():
+        return None
+    try:
+        data = json.loads(manifest.read_text())
+        entries = data["ingredients"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise IngredientNotFoundError(f"{manifest} is not a valid ingredients manifest ({e}).") from None
+    out = []
+    for entry in entries:
+        folder = path / entry["path"]
+        if not folder.is_dir():
+            logger.warning("Ingredient folder %s listed in %s is missing; skipping it.", folder, manifest)
+            continue
+        out.append(
+            Ingredient(
+                str(folder),
+                name=entry.get("name"),
+                score=entry.get("score"),
+                metadata={k: v for k, v in entry.items() if k not in {"path", "name", "score"}},
+            )
+        )
+    if not out:
+        raise IngredientNotFoundError(f"{path} holds no ingredient folders (manifest {manifest}).")
+    return out
+
+
+@dataclass
+class ResolvedIngredient:
+    """An ingredient with its files (or model) located and its config read."""
+
+    ingredient: Ingredient
+    kind: Literal["local", "hub", "memory", "adapter"]
+    config: dict[str, Any]
+    path: Path | None = None
+    model: Any = None
+    commit_hash: str | None = None
+    adapter: Any = None  # peft_support's adapter description, for kind == "adapter"
+    _source: TensorSource | None = field(default=None, repr=False)
+
+    @property
+    def name(self) -> str:
+        return str(self.ingredient.name)
+
+    def open(self) -> TensorSource:
+        """The lazy tensors of this ingredient (opened once, then cached)."""
+        if self._source is None:
+            if self.kind == "adapter":
+                from .peft_support import open_adapter_source
+
+                self._source = open_adapter_source(self)
+            elif self.model is not None:
+                self._source = StateDictSource(self.model.state_dict(), description=self.name)
+            else:
+                assert self.path is not None
+                weights = find_weight_files(self.path)
+                if weights is None:
+                    raise IngredientNotFoundError(
+                        _no_weights_message(self.name, self.path), ingredient=self.name
+                    )
+                self._source = open_weight_files(weights, description=self.name)
+        return self._source
+
+    def close(self) -> None:
+        if self._source is not None:
+            self._source.close()
+
+
+def _no_weights_message(name: str, path: Path) -> str:
+    checkpoints = sorted(
+        (p for p in path.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()),
+        key=lambda p: int(p.name.split("-")[-1]),
+    )
+    msg = f"Ingredient {name!r}: no model weights (model.safetensors, its index, or pytorch_model.bin) in {path}."
+    if checkpoints:
+        msg += f" It looks like a Trainer output folder: pass one of its checkpoints, e.g. {checkpoints[-1]}."
+    else:
+        msg += " Pass a folder written by save_pretrained."
+    return msg
+
+
+def _read_config(path: Path, name: str) -> dict[str, Any]:
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise IngredientNotFoundError(
+            f"Ingredient {name!r}: no config.json in {path}. Pass a folder written by save_pretrained.",
+            ingredient=name,
+        )
+    try:
+        return json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise IngredientNotFoundError(
+            f"Ingredient {name!r}: {config_file} is not valid JSON ({e})."
+        ) from None
+
+
+def resolve(
+    ingredient: Ingredient,
+    *,
+    token: str | bool | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    revision: str | None = None,
+    local_files_only: bool | None = None,
+) -> ResolvedIngredient:
+    """Locate an ingredient's files (downloading Hub references through the HF cache) and read its config.
+
+    Args:
+        ingredient ([`Ingredient`]):
+            The ingredient. For Hub references, `ingredient.revision` is replaced by the resolved commit.
+        token (`str` or `bool`, *optional*):
+            Hub token; defaults to `HF_TOKEN` / the stored login, as in `huggingface_hub`.
+        cache_dir (`str`, *optional*):
+            HF cache folder.
+        revision (`str`, *optional*):
+            Revision for Hub references that name none.
+        local_files_only (`bool`, *optional*):
+            Only use the cache. `HF_HUB_OFFLINE=1` has the same effect.
+
+    Returns:
+        [`ResolvedIngredient`]
+
+    Raises:
+        [`IngredientNotFoundError`]: a missing folder, repository, revision or weight file.
+    """
+    ref = ingredient.reference
+    if not isinstance(ref, str):
+        if _is_peft_model(ref):
+            from .peft_support import resolve_adapter
+
+            return resolve_adapter(ingredient, model=ref, token=token, cache_dir=cache_dir)
+        if not hasattr(ref, "state_dict") or not hasattr(ref, "config"):
+            raise InvalidArgumentError(
+                f"Ingredient {ingredient.name!r} is a {type(ref).__name__}; expected a Hub model ID, a folder "
+                "written by save_pretrained, or a transformers PreTrainedModel."
+            )
+        config = ref.config.to_dict()
+        return ResolvedIngredient(ingredient, "memory", config, model=ref)
+
+    path = Path(ref).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise IngredientNotFoundError(
+                f"Ingredient {ingredient.name!r}: {path} is a file; pass the folder that holds it (written by "
+                "save_pretrained).",
+                ingredient=ingredient.name,
+            )
+        if (path / "adapter_config.json").is_file() and find_weight_files(path) is None:
+            from .peft_support import resolve_adapter
+
+            return resolve_adapter(ingredient, path=path, token=token, cache_dir=cache_dir)
+        if find_weight_files(path) is None:
+            raise IngredientNotFoundError(
+                _no_weights_message(ingredient.name, path), ingredient=ingredient.name
+            )
+        return ResolvedIngredient(
+            ingredient, "local", _read_config(path, ingredient.name), path=path.absolute()
+        )
+
+    if not _REPO_ID_RE.match(ref) or ref.startswith((".", "/", "~")):
+        raise IngredientNotFoundError(
+            f"Ingredient {ingredient.name!r}: {ref!r} is neither an existing folder nor a valid Hub model ID "
+            "('org/name' or 'org/name@revision').",
+            ingredient=ingredient.name,
+        )
+    snapshot = _download(ingredient, ref, ingredient.revision or revision, token, cache_dir, local_files_only)
+    commit = snapshot.name
+    ingredient.metadata.setdefault("requested_revision", ingredient.revision or revision or "main")
+    ingredient.revision = commit
+    if (snapshot / "adapter_config.json").is_file() and find_weight_files(snapshot) is None:
+        from .peft_support import resolve_adapter
+
+        return resolve_adapter(
+            ingredient, path=snapshot, token=token, cache_dir=cache_dir, commit_hash=commit
+        )
+    config = _read_config(snapshot, ingredient.name)
+    return ResolvedIngredient(ingredient, "hub", config, path=snapshot, commit_hash=commit)
+
+
+def _download(
+    ingredient: Ingredient,
+    repo_id: str,
+    revision: str | None,
+    token: str | bool | None,
+    cache_dir: str | os.PathLike | None,
+    local_files_only: bool | None,
+) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    def fetch(patterns: list[str]) -> Path:
+        return Path(
+            snapshot_download(
+                repo_id,
+                revision=revision,
+                allow_patterns=patterns,
+                token=token,
+                cache_dir=cache_dir,
+                local_files_only=bool(local_files_only),
+                library_name="hf_soups",
+            )
+        )
+
+    name = ingredient.name
+    try:
+        snapshot = fetch(HUB_CONFIG_PATTERNS + HUB_SAFETENSORS_PATTERNS + HUB_ADAPTER_PATTERNS)
+        if find_weight_files(snapshot) is None and not (snapshot / "adapter_config.json").is_file():
+            snapshot = fetch(HUB_CONFIG_PATTERNS + HUB_BIN_PATTERNS)
+    except RevisionNotFoundError:
+        raise IngredientNotFoundError(
+            f"Ingredient {name!r}: revision {revision!r} does not exist in Hub repository {repo_id!r}.",
+            ingredient=name,
+        ) from None
+    except GatedRepoError:
+        raise IngredientNotFoundError(
+            f"Ingredient {name!r}: {repo_id!r} is gated; accept its conditions on the Hub and pass token= "
+            "(or set HF_TOKEN).",
+            ingredient=name,
+        ) from None
+    except RepositoryNotFoundError:
+        raise IngredientNotFoundError(
+            f"Ingredient {name!r}: Hub repository {repo_id!r} was not found (or is private: pass token= or set "
+            "HF_TOKEN).",
+            ingredient=name,
+        ) from None
+    except LocalEntryNotFoundError:
+        raise IngredientNotFoundError(
+            f"Ingredient {name!r}: {repo_id!r} (revision {revision or 'main'}) is not in the local cache and the "
+            "Hub cannot be reached (offline mode or no connection). Download it once online, or pass a local "
+            "folder.",
+            ingredient=name,
+        ) from None
+    except HfHubHTTPError as e:
+        raise IngredientNotFoundError(f"Ingredient {name!r}: downloading {repo_id!r} failed: {e}") from None
+    return snapshot
+
+
+def _is_peft_model(obj: Any) -> bool:
+    cls_names = {c.__name__ for c in type(obj).__mro__}
+    return "PeftModel" in cls_names or "PeftMixedModel" in cls_names

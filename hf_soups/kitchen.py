@@ -1,0 +1,235 @@
+"""The kitchen: resolved ingredients, their aligned plan, and the ways to serve a set of coefficients.
+
+Recipes receive a [`Kitchen`], decide coefficients (evaluating candidates through `load_into` on one live
+model when they must) and call [`Kitchen.serve`], which streams the soup to `output_dir` (atomically)
+or into an in-memory model.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .align import MergePlan, build_plan
+from .engine import ModelSink, WriterSink, combine
+from .errors import SoupError
+from .tensors import AtomicDirectory, ShardedSafetensorsWriter, copy_companion_files
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from .ingredients import ResolvedIngredient
+    from .soup import Soup
+
+logger = logging.getLogger(__name__)
+
+
+def is_main_process() -> bool:
+    """True unless this is a non-zero rank of a distributed run (torchrun / accelerate launch)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def wait_for_everyone() -> None:
+    """Barrier across processes when torch.distributed is initialised (no-op otherwise)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def model_class_for(config: dict[str, Any]):
+    """The transformers class named by `config["architectures"][0]` (falls back to `AutoModel`)."""
+    import transformers
+
+    arch = (config.get("architectures") or [None])[0]
+    cls = getattr(transformers, arch, None) if arch else None
+    if cls is None:
+        if arch:
+            logger.warning("Architecture %s is not in transformers; loading the soup with AutoModel.", arch)
+        cls = transformers.AutoModel
+    return cls
+
+
+@dataclass
+class Kitchen:
+    """Everything a recipe needs.
+
+    Attributes:
+        ingredients: the resolved fine-tuned ingredients (the soup's members, in order).
+        base: the resolved base model (WiSE-FT's zero-shot end, adapters' base), or None.
+        options: the recipe options of `merge_models` (weights, alpha, strict, scores, ...).
+        evaluator: the held-out evaluator, or None when no eval set was given.
+    """
+
+    ingredients: list[ResolvedIngredient]
+    base: ResolvedIngredient | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+    evaluator: Any = None
+    output_dir: Path | None = None
+    dtype: torch.dtype | None = None
+    max_shard_size: int | str = "50GB"
+    progress: bool = True
+    reference_index: int = 0
+    tokenizer: Any = None
+    _plan: MergePlan | None = field(default=None, repr=False)
+
+    @property
+    def members(self) -> list[ResolvedIngredient]:
+        """Ingredients followed by the base (when given): the order of every coefficient list."""
+        return self.ingredients + ([self.base] if self.base is not None else [])
+
+    @property
+    def names(self) -> list[str]:
+        return [m.name for m in self.ingredients]
+
+    @property
+    def plan(self) -> MergePlan:
+        if self._plan is None:
+            self._plan = build_plan(self.members, dtype=self.dtype, reference_index=self.reference_index)
+        return self._plan
+
+    @property
+    def sources(self):
+        return [m.open() for m in self.members]
+
+    def full_coefficients(self, coefficients: Sequence[float], base: float = 0.0) -> list[float]:
+        """Pad ingredient coefficients with the base's (0 unless given) to match `members`."""
+        coefficients = list(coefficients)
+        if len(coefficients) == len(self.members):
+            return coefficients
+        if len(coefficients) != len(self.ingredients):
+            raise SoupError(
+                f"internal error: {len(coefficients)} coefficients for {len(self.ingredients)} ingredients."
+            )
+        return coefficients + ([base] if self.base is not None else [])
+
+    # ------------------------------------------------------------------------------------ live models
+
+    def new_live_model(self):
+        """One model instance of the soup's architecture, built once from the reference member.
+
+        Recipes write candidate soups into it with [`load_into`] instead of re-instantiating models.
+        """
+        ref = self.members[self.reference_index]
+        if ref.kind == "adapter":
+            from .peft_support import load_base_model
+
+            return load_base_model(ref)
+        if ref.model is not None:
+            model = copy.deepcopy(ref.model)
+        else:
+            model = model_class_for(ref.config).from_pretrained(ref.path)
+        model.eval()
+        return model
+
+    def load_into(self, model, coefficients: Sequence[float], *, progress: bool = False) -> None:
+        """Write the soup with these coefficients into `model`'s parameters, in place."""
+        combine(
+            self.plan, self.sources, self.full_coefficients(coefficients), ModelSink(model), progress=progress
+        )
+
+    # ------------------------------------------------------------------------------------ serving
+
+    def serve(
+        self,
+        coefficients: Sequence[float],
+        *,
+        method: str,
+        params: dict[str, Any] | None = None,
+        history: list[dict[str, Any]] | None = None,
+        score: float | None = None,
+        scores: dict[str, dict[str, float]] | None = None,
+        model=None,
+    ) -> Soup:
+        """Make the final soup: stream it to `output_dir` (atomically) or build it in memory.
+
+        Args:
+            coefficients: per ingredient (or per member, base last).
+            method: the recipe name.
+            params: the recipe's parameters, recorded on the soup and its card.
+            history: recipe steps (greedy additions, sweep points).
+            score / scores: the soup's held-out results when the recipe already has them.
+            model: a live model that already holds these coefficients (skips rebuilding in memory).
+        """
+        from .soup import Soup
+
+        full = self.full_coefficients(coefficients)
+        soup = Soup(
+            method=method,
+            ingredients=[m.ingredient for m in self.ingredients],
+            params=dict(params or {}),
+            base=self.base.ingredient if self.base is not None else None,
+            history=list(history or []),
+            score=score,
+            scores=dict(scores or {}),
+            coefficients=full,
+        )
+        if self.evaluator is not None and score is None:
+            finish = getattr(self.evaluator, "score_soup", None)
+            if finish is not None:
+                live = model if model is not None else self.new_live_model()
+                if model is None:
+                    self.load_into(live, full)
+                finish(soup, live)
+                model = live
+        if self.output_dir is not None:
+            if is_main_process():
+                self.write(full, self.output_dir, soup)
+            wait_for_everyone()
+            soup.output_dir = Path(self.output_dir).expanduser().absolute()
+            soup._model = model
+        else:
+            if model is None:
+                model = self.new_live_model()
+                self.load_into(model, full, progress=self.progress)
+            soup._model = model
+        soup._kitchen_config = dict(self.plan.config)
+        return soup
+
+    def write(
+        self, coefficients: Sequence[float], target: str | os.PathLike, soup: Soup | None = None
+    ) -> Path:
+        """Stream the soup into `target` through a temporary directory renamed into place at the end."""
+        plan = self.plan
+        ref = self.members[self.reference_index]
+        with AtomicDirectory(target) as tmp:
+            writer = ShardedSafetensorsWriter(
+                tmp.path,
+                [(t.name, t.shape, t.dtype) for t in plan.tensors],
+                max_shard_size=self.max_shard_size,
+            )
+            try:
+                sink = WriterSink(writer, max((t.nbytes for t in plan.tensors), default=1))
+                combine(
+                    plan, self.sources, self.full_coefficients(coefficients), sink, progress=self.progress
+                )
+            except BaseException:
+                writer.abort()
+                raise
+            writer.close()
+            self.write_companions(tmp.path, ref)
+            if soup is not None:
+                soup._write_extras(tmp.path)
+            return tmp.commit()
+
+    def write_companions(self, directory: Path, ref: ResolvedIngredient) -> None:
+        """config.json (the plan's), plus generation config and tokenizer files of the reference member."""
+        (directory / "config.json").write_text(
+            json.dumps(self.plan.config, indent=2, sort_keys=True, default=str) + "\n"
+        )
+        if ref.path is not None and ref.kind != "adapter":
+            copy_companion_files(ref.path, directory, skip=lambda name: name == "config.json")
+        elif ref.model is not None:
+            gen = getattr(ref.model, "generation_config", None)
+            if gen is not None and getattr(ref.model, "can_generate", lambda: False)():
+                gen.save_pretrained(directory)
+        if self.tokenizer is not None and not (directory / "tokenizer_config.json").exists():
+            self.tokenizer.save_pretrained(directory)

@@ -1,0 +1,196 @@
+"""The [`Soup`]: what `merge_models` returns."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .ingredients import Ingredient
+
+if TYPE_CHECKING:  # pragma: no cover
+    from huggingface_hub import ModelCard
+    from transformers import PreTrainedModel
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Soup:
+    """A cooked model soup.
+
+    Attributes:
+        method (`str`): the recipe (`"uniform"`, `"greedy"`, `"wise-ft"`, ...).
+        ingredients (`list[Ingredient]`): every ingredient, with its resolved revision, normalised weight,
+            held-out score and whether it was kept.
+        params (`dict`): the recipe's parameters (e.g. `alpha`).
+        base ([`Ingredient`], *optional*): the base model (WiSE-FT's zero-shot end, adapters' base).
+        score (`float`, *optional*): the soup's held-out score on the selection set (None when nothing was evaluated).
+        scores (`dict[str, dict[str, float]]`): every metric on every eval set.
+        history (`list[dict]`): recipe steps (greedy additions, WiSE-FT sweep points).
+        coefficients (`list[float]`): the final coefficient of every ingredient (base last when present).
+        output_dir (`Path`, *optional*): where the soup was streamed to disk.
+        metric_name (`str`, *optional*), select_on (`str`, *optional*): what `score` means.
+        report_extra (`dict`): extra report entries (e.g. adapter SVD errors).
+
+    Example:
+
+    ```python
+    >>> soup = merge_models(["./ft-a", "./ft-b"], output_dir="./soup")  # doctest: +SKIP
+    >>> soup.model  # loaded lazily from ./soup  # doctest: +SKIP
+    ```
+    """
+
+    method: str
+    ingredients: list[Ingredient]
+    params: dict[str, Any] = field(default_factory=dict)
+    base: Ingredient | None = None
+    score: float | None = None
+    scores: dict[str, dict[str, float]] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    coefficients: list[float] = field(default_factory=list)
+    output_dir: Path | None = None
+    metric_name: str | None = None
+    select_on: str | None = None
+    report_extra: dict[str, Any] = field(default_factory=dict)
+    _model: Any = field(default=None, repr=False)
+    _kitchen_config: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    # --------------------------------------------------------------------------------------- model
+
+    @property
+    def model(self) -> PreTrainedModel:
+        """The soup as a transformers model; loaded lazily from `output_dir` when the soup was streamed."""
+        if self._model is None:
+            if self.output_dir is None:
+                raise AttributeError("This soup has neither an in-memory model nor an output_dir.")
+            import json
+
+            from .kitchen import model_class_for
+
+            config = json.loads((Path(self.output_dir) / "config.json").read_text())
+            self._model = model_class_for(config).from_pretrained(self.output_dir)
+            self._model.eval()
+        return self._model
+
+    @property
+    def selected(self) -> list[Ingredient]:
+        """The ingredients the soup is made of (non-zero weight)."""
+        return [i for i in self.ingredients if i.selected or (i.selected is None and (i.weight or 0) > 0)]
+
+    # --------------------------------------------------------------------------------------- saving
+
+    def save_pretrained(
+        self, save_directory: str | os.PathLike, *, max_shard_size: int | str = "50GB"
+    ) -> Path:
+        """Save the soup (weights, config, tokenizer, model card and recipe) into `save_directory`, atomically.
+
+        Args:
+            save_directory (`str` or `os.PathLike`):
+                Target folder. It is written under a temporary name and renamed into place.
+            max_shard_size (`int` or `str`, *optional*, defaults to `"50GB"`):
+                Shard size limit for an in-memory soup (a streamed soup is copied as written).
+
+        Returns:
+            `Path`: the folder.
+        """
+        from .kitchen import is_main_process
+        from .tensors import AtomicDirectory
+
+        target = Path(save_directory).expanduser().absolute()
+        if not is_main_process():
+            return target
+        if self.output_dir is not None and Path(self.output_dir).absolute() == target:
+            with AtomicDirectory(target.parent / f"{target.name}") as tmp:
+                shutil.copytree(target, tmp.path, dirs_exist_ok=True)
+                self._write_extras(tmp.path)
+                tmp.commit()
+            return target
+        with AtomicDirectory(target) as tmp:
+            if self.output_dir is not None:
+                shutil.copytree(self.output_dir, tmp.path, dirs_exist_ok=True)
+            else:
+                self.model.save_pretrained(tmp.path, max_shard_size=max_shard_size)
+            self._write_extras(tmp.path)
+            tmp.commit()
+        return target
+
+    def _write_extras(self, directory: Path) -> None:
+        """The model card (README.md) and the recipe file that re-cooks this soup."""
+        import importlib
+
+        for module, func in (("card", "write_model_card"), ("recipe_file", "write_recipe")):
+            try:  # TODO(lead): drop this guard once card.py and recipe_file.py have landed
+                writer = getattr(importlib.import_module(f"hf_soups.{module}"), func)
+            except (ModuleNotFoundError, AttributeError):
+                continue
+            writer(self, directory)
+
+    # --------------------------------------------------------------------------------------- hub
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        private: bool | None = None,
+        token: str | bool | None = None,
+        revision: str | None = None,
+        commit_message: str | None = None,
+        create_pr: bool = False,
+    ):
+        """Push the soup (weights, config, tokenizer, model card, recipe) to the Hub in one commit.
+
+        Args:
+            repo_id (`str`): target repository, created when missing.
+            private (`bool`, *optional*): visibility of a newly created repository.
+            token (`str` or `bool`, *optional*): Hub token; defaults to `HF_TOKEN` / the stored login.
+            revision (`str`, *optional*): branch to push to.
+            commit_message (`str`, *optional*): defaults to a summary of the recipe.
+            create_pr (`bool`, *optional*, defaults to `False`): open a pull request instead of committing.
+
+        Returns:
+            `huggingface_hub.CommitInfo`
+
+        Raises:
+            [`HubError`]: authentication, missing revision or network failures (nothing is half-uploaded).
+        """
+        from .hub import push_soup
+
+        return push_soup(
+            self,
+            repo_id,
+            private=private,
+            token=token,
+            revision=revision,
+            commit_message=commit_message,
+            create_pr=create_pr,
+        )
+
+    def model_card(self) -> ModelCard:
+        """The generated model card (a `huggingface_hub.ModelCard`)."""
+        from .card import build_model_card
+
+        return build_model_card(self)
+
+    # --------------------------------------------------------------------------------------- reports
+
+    def report(self) -> str:
+        """A readable table: ingredients, their scores, and the soup against the best single ingredient."""
+        from .reporting import render_report
+
+        return render_report(self)
+
+    def plot(self, path: str | os.PathLike) -> Path:
+        """Save a plot of the recipe's curve (WiSE-FT alpha sweep, greedy steps) as an image (needs matplotlib)."""
+        from .reporting import plot
+
+        return plot(self, path)
+
+    def __repr__(self) -> str:
+        kept = sum(1 for i in self.ingredients if i.selected is not False)
+        where = f", output_dir={str(self.output_dir)!r}" if self.output_dir else ""
+        score = f", score={self.score:.4f}" if self.score is not None else ""
+        return f"Soup(method={self.method!r}, ingredients={kept}/{len(self.ingredients)}{score}{where})"
