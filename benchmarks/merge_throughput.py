@@ -1,0 +1,659 @@
+"""Merge throughput and peak memory: hf_soups streaming vs the I/O floor, a naive soup and mergekit.
+
+Builds N same-config ingredients of a random `LlamaForCausalLM` (float32, sharded safetensors; one
+random model plus small independent noise per ingredient; built tensor by tensor, never holding N
+models) and caches them under `--work-dir`. Then, for each N, it measures side by side, each command
+as a separate process, page cache warm, interleaved round by round:
+
+- the floor: `floor-read` (plain reads of every ingredient byte, no torch), `floor-write` (one
+  checkpoint's bytes written as shards) and `import-torch` (`python -c "import torch"`); floor = sum;
+- `hf_soups`: `merge_models([...], output_dir=...)` (streaming);
+- `naive`: `from_pretrained` every ingredient, average the state dicts, `save_pretrained`;
+- `mergekit`: `mergekit-yaml` with `merge_method: linear`, when a Python with mergekit is found
+  (`--mergekit-python`, default `/tmp/mk-venv/bin/python`; install it in its own venv, never in ours).
+
+It prints the median wall time and peak RSS of each, the ratios to the floor and the goals of issue 2
+(hf_soups at most 1.5 x floor, peak RSS under 600 MB, RSS(N=8) within 10% of RSS(N=4)), and checks that
+`import hf_soups` loads no torch, transformers model code, peft or torch.distributed. Every merged
+output is checked once against the exact float64 mean of the ingredients, so a fast but wrong merge
+cannot pass.
+
+Usage:
+
+    # full size (about 16 GB of disk under /tmp; check `df -h /tmp` first)
+    .venv/bin/python benchmarks/merge_throughput.py --params 400M --n 4,8 --runs 5
+    # smoke test
+    .venv/bin/python benchmarks/merge_throughput.py --params 20M --n 2,4 --runs 1 --work-dir /tmp/hf_soups_bench_small
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _measure import (  # noqa: E402
+    Measurement,
+    drop_path,
+    fmt_bytes,
+    measure_round_robin,
+    parse_size,
+    settle,
+)
+
+HERE = Path(__file__).resolve()
+REPO = HERE.parent.parent
+VOCAB = 32000
+BUFFER_BYTES = 16 * 2**20
+
+
+# ----------------------------------------------------------------------------------------------------------
+# model shape
+# ----------------------------------------------------------------------------------------------------------
+def llama_shape(target_params: int) -> dict:
+    """A LlamaConfig (as kwargs) with about `target_params` parameters, untied embeddings, head dim 64."""
+    if target_params >= 300_000_000:
+        hidden, inter = 1024, 2816
+    elif target_params >= 60_000_000:
+        hidden, inter = 768, 2048
+    elif target_params >= 12_000_000:
+        hidden, inter = 256, 688
+    else:
+        hidden, inter = 128, 344
+    vocab = VOCAB if target_params >= 12_000_000 else 8000
+    per_layer = 4 * hidden * hidden + 3 * hidden * inter + 2 * hidden
+    layers = max(1, round((target_params - 2 * vocab * hidden - hidden) / per_layer))
+    return dict(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 64,
+        num_key_value_heads=hidden // 64,
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+    )
+
+
+def count_params(shape: dict) -> int:
+    h, i, v, n = (
+        shape["hidden_size"],
+        shape["intermediate_size"],
+        shape["vocab_size"],
+        shape["num_hidden_layers"],
+    )
+    return 2 * v * h + n * (4 * h * h + 3 * h * i + 2 * h) + h
+
+
+# ----------------------------------------------------------------------------------------------------------
+# workers: each runs in its own process, started by the driver
+# ----------------------------------------------------------------------------------------------------------
+def weight_files(model_dir: Path) -> list[Path]:
+    return sorted(model_dir.glob("*.safetensors"))
+
+
+def worker_read(dirs: list[str]) -> None:
+    """The floor's read: every byte of every weight file, plain reads into one reused buffer (no torch)."""
+    buf = bytearray(BUFFER_BYTES)
+    view = memoryview(buf)
+    total = 0
+    for d in dirs:
+        for f in weight_files(Path(d)):
+            with open(f, "rb", buffering=0) as fh:
+                while n := fh.readinto(view):
+                    total += n
+    print(f"read {total} bytes")
+
+
+def worker_write(out: str, nbytes: int, shard_bytes: int) -> None:
+    """The floor's write: one checkpoint's bytes, as shards of at most `shard_bytes` (no torch)."""
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True)
+    buf = memoryview(os.urandom(BUFFER_BYTES))
+    remaining, index = nbytes, 0
+    while remaining > 0:
+        index += 1
+        this = min(remaining, shard_bytes)
+        fd = os.open(out_dir / f"shard-{index:05d}.bin", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            left = this
+            while left > 0:
+                left -= os.write(fd, buf[: min(left, BUFFER_BYTES)])
+        finally:
+            os.close(fd)
+        remaining -= this
+    print(f"wrote {nbytes} bytes in {index} files")
+
+
+HEAVY_MODULE_PREFIXES = ("torch", "transformers", "peft", "accelerate", "evaluate", "datasets", "safetensors")
+
+
+def loaded_heavy_modules() -> dict[str, bool]:
+    mods = sys.modules
+    return {
+        "torch": "torch" in mods,
+        "torch.distributed": "torch.distributed" in mods,
+        "transformers": "transformers" in mods,
+        "transformers model code": any(
+            m.startswith("transformers.models.") and ".modeling_" in m for m in mods
+        )
+        or "transformers.modeling_utils" in mods,
+        "peft": "peft" in mods,
+        "accelerate": "accelerate" in mods,
+        "evaluate": "evaluate" in mods,
+        "datasets": "datasets" in mods,
+    }
+
+
+def worker_hf_soups(out: str, dirs: list[str]) -> None:
+    """hf_soups streaming: merge_models(..., output_dir=...)."""
+    from hf_soups import merge_models
+
+    merge_models(list(dirs), output_dir=out, progress=False)
+    print("HEAVY_MODULES " + json.dumps(loaded_heavy_modules()))
+
+
+def worker_naive(out: str, dirs: list[str]) -> None:
+    """A naive soup: from_pretrained every ingredient, average the state dicts, save_pretrained."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    models = [AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32) for d in dirs]
+    state_dicts = [m.state_dict() for m in models]
+    averaged = {k: sum(sd[k] for sd in state_dicts) / len(state_dicts) for k in state_dicts[0]}
+    models[0].load_state_dict(averaged)
+    models[0].save_pretrained(out)
+
+
+def worker_build(spec_json: str) -> None:
+    """Build the ingredients that are missing (one random model, then base + noise_i, tensor by tensor)."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    spec = json.loads(spec_json)
+    torch.manual_seed(spec["seed"])
+    config = LlamaConfig(**spec["shape"])
+    config.architectures = ["LlamaForCausalLM"]
+    started = time.perf_counter()
+    with torch.device("cpu"):
+        base = LlamaForCausalLM(config).to(torch.float32)
+    base_state = {k: v.detach() for k, v in base.state_dict().items()}
+    print(
+        f"random base model: {sum(v.numel() for v in base_state.values()):,} params "
+        f"({time.perf_counter() - started:.1f} s)",
+        flush=True,
+    )
+
+    # shard plan (same for every ingredient), in state-dict order, transformers' file names
+    shard_limit = spec["max_shard_bytes"]
+    shards: list[list[str]] = [[]]
+    size = 0
+    for k, v in base_state.items():
+        nbytes = v.numel() * v.element_size()
+        if shards[-1] and size + nbytes > shard_limit:
+            shards.append([])
+            size = 0
+        shards[-1].append(k)
+        size += nbytes
+    n_shards = len(shards)
+    names = [f"model-{i + 1:05d}-of-{n_shards:05d}.safetensors" for i in range(n_shards)]
+    total_size = sum(v.numel() * v.element_size() for v in base_state.values())
+
+    for target in spec["missing"]:
+        index = int(Path(target).name.split("-")[-1])
+        started = time.perf_counter()
+        tmp = Path(target).with_name(Path(target).name + ".building")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        gen = torch.Generator().manual_seed(spec["seed"] * 1000 + index + 1)
+        weight_map = {}
+        for fname, keys in zip(names, shards):
+            tensors = {}
+            for k in keys:
+                v = base_state[k]
+                if v.is_floating_point():
+                    noisy = torch.randn(v.shape, generator=gen, dtype=torch.float32)
+                    noisy.mul_(spec["noise"]).add_(v)
+                    tensors[k] = noisy
+                else:
+                    tensors[k] = v.clone()
+                weight_map[k] = fname
+            save_file(tensors, str(tmp / fname), metadata={"format": "pt"})
+            del tensors
+        (tmp / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total_size}, "weight_map": weight_map}, indent=2)
+        )
+        config.save_pretrained(tmp)
+        os.replace(tmp, target)
+        print(f"built {target} ({time.perf_counter() - started:.1f} s)", flush=True)
+
+
+def worker_verify(out: str, dirs: list[str], label: str) -> None:
+    """Check a merged output against the float64 mean of the ingredients (every tensor)."""
+    import torch
+    from safetensors import safe_open
+
+    def index_of(d: Path) -> dict[str, Path]:
+        idx = d / "model.safetensors.index.json"
+        if idx.exists():
+            return {k: d / v for k, v in json.loads(idx.read_text())["weight_map"].items()}
+        return {k: d / "model.safetensors" for k in _keys(d / "model.safetensors")}
+
+    def _keys(f: Path) -> list[str]:
+        with safe_open(str(f), "pt") as h:
+            return list(h.keys())
+
+    def get(mapping: dict[str, Path], name: str) -> torch.Tensor:
+        with safe_open(str(mapping[name]), "pt") as h:
+            return h.get_tensor(name)
+
+    out_map = index_of(Path(out))
+    in_maps = [index_of(Path(d)) for d in dirs]
+    expected_keys = set(in_maps[0])
+    missing = expected_keys - set(out_map)
+    if missing:
+        raise SystemExit(f"{label}: output lacks {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
+    worst = 0.0
+    for name in sorted(expected_keys):
+        mean = sum(get(m, name).double() for m in in_maps) / len(in_maps)
+        got = get(out_map, name)
+        if got.shape != mean.shape:
+            raise SystemExit(f"{label}: {name} has shape {tuple(got.shape)}, expected {tuple(mean.shape)}")
+        err = (got.double() - mean).abs().max().item() if got.numel() else 0.0
+        worst = max(worst, err)
+    if worst > 1e-5:
+        raise SystemExit(f"{label}: output differs from the mean of the ingredients by up to {worst:.3g}")
+    print(
+        f"{label}: {len(expected_keys)} tensors equal the mean of {len(dirs)} ingredients (max abs err {worst:.2e})"
+    )
+
+
+def worker_imports() -> None:
+    import hf_soups  # noqa: F401
+
+    print("HEAVY_MODULES " + json.dumps(loaded_heavy_modules()))
+
+
+WORKERS = {
+    "read": lambda a: worker_read(a.paths),
+    "write": lambda a: worker_write(a.out, a.nbytes, a.shard_bytes),
+    "hf_soups": lambda a: worker_hf_soups(a.out, a.paths),
+    "naive": lambda a: worker_naive(a.out, a.paths),
+    "build": lambda a: worker_build(a.spec),
+    "verify": lambda a: worker_verify(a.out, a.paths, a.label),
+    "imports": lambda a: worker_imports(),
+}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# driver
+# ----------------------------------------------------------------------------------------------------------
+def worker_cmd(name: str, *args: str) -> list[str]:
+    return [sys.executable, str(HERE), "--worker", name, *args]
+
+
+def ensure_ingredients(args: argparse.Namespace, n_max: int) -> tuple[list[Path], dict]:
+    target = parse_size(args.params)
+    shape = llama_shape(target)
+    params = count_params(shape)
+    shard_bytes = parse_size(args.max_shard_size)
+    tag = f"llama-{params // 10**6}M-f32-shard{shard_bytes // 10**6}MB-seed{args.seed}-noise{args.noise:g}"
+    root = Path(args.work_dir) / tag
+    root.mkdir(parents=True, exist_ok=True)
+    dirs = [root / f"ingredient-{i}" for i in range(n_max)]
+    missing = [str(d) for d in dirs if not (d / "model.safetensors.index.json").exists()]
+    info = dict(tag=tag, shape=shape, params=params, bytes_per_ingredient=params * 4)
+    if missing:
+        need = len(missing) * params * 4
+        free = shutil.disk_usage(root).free
+        print(
+            f"building {len(missing)} ingredient(s) of {params / 1e6:.0f}M params ({fmt_bytes(params * 4)} each) "
+            f"under {root} (free disk {fmt_bytes(free)})"
+        )
+        if need + 3 * params * 4 > free:
+            raise SystemExit(f"not enough disk under {root}: need about {fmt_bytes(need + 3 * params * 4)}")
+        spec = dict(
+            shape=shape, seed=args.seed, noise=args.noise, max_shard_bytes=shard_bytes, missing=missing
+        )
+        subprocess.run(["nice", *worker_cmd("build", "--spec", json.dumps(spec))], check=True)
+    else:
+        print(f"reusing {n_max} cached ingredients under {root}")
+    info["bytes_per_ingredient"] = sum(f.stat().st_size for f in weight_files(dirs[0]))
+    return dirs, info
+
+
+def find_mergekit(python: str | None) -> list[str] | None:
+    if not python or not Path(python).exists():
+        return None
+    probe = subprocess.run([python, "-c", "import mergekit"], capture_output=True)
+    if probe.returncode != 0:
+        return None
+    script = Path(python).parent / "mergekit-yaml"
+    return [str(script)] if script.exists() else None
+
+
+def mergekit_version(python: str) -> str:
+    res = subprocess.run(
+        [python, "-c", "import importlib.metadata as m; print(m.version('mergekit'))"],
+        capture_output=True,
+        text=True,
+    )
+    return res.stdout.strip() or "?"
+
+
+def page_cache_fraction(paths: list[Path]) -> float | None:
+    """Fraction of the files' bytes resident in the page cache (util-linux `fincore`), or None if unavailable."""
+    if not shutil.which("fincore"):
+        return None
+    files = [str(f) for d in paths for f in weight_files(d)]
+    res = subprocess.run(
+        ["fincore", "--bytes", "--noheadings", "--output", "RES,SIZE", *files], capture_output=True, text=True
+    )
+    if res.returncode != 0:
+        return None
+    res_total = size_total = 0
+    for line in res.stdout.splitlines():
+        parts = line.split()
+        if len(parts) == 2:
+            res_total += int(parts[0])
+            size_total += int(parts[1])
+    return res_total / size_total if size_total else None
+
+
+def check_imports(env: dict[str, str]) -> dict[str, bool]:
+    res = subprocess.run(worker_cmd("imports"), capture_output=True, text=True, check=True, cwd=REPO, env=env)
+    line = next(li for li in res.stdout.splitlines() if li.startswith("HEAVY_MODULES "))
+    return json.loads(line.split(" ", 1)[1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument(
+        "--params", default="400M", help="model size in parameters (default 400M: ~1.6 GB float32)"
+    )
+    parser.add_argument(
+        "--n", default="4,8", help="numbers of ingredients to measure, comma-separated (default 4,8)"
+    )
+    parser.add_argument(
+        "--runs", type=int, default=3, help="measured runs per command; the median is reported"
+    )
+    parser.add_argument(
+        "--warmup", type=int, default=1, help="discarded warm-up rounds (warm the page cache)"
+    )
+    parser.add_argument("--work-dir", default="/tmp/hf_soups_bench", help="ingredient cache and outputs")
+    parser.add_argument("--max-shard-size", default="500MB", help="ingredient shard size (default 500MB)")
+    parser.add_argument(
+        "--noise", type=float, default=1e-3, help="std of each ingredient's noise (default 1e-3)"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--methods",
+        default="floor,hf_soups,naive,mergekit",
+        help="subset of floor,hf_soups,naive,mergekit (default: all)",
+    )
+    parser.add_argument(
+        "--baseline-n",
+        default="4",
+        help="N values at which naive and mergekit run (naive holds N models: 1.6 GB each)",
+    )
+    parser.add_argument(
+        "--mergekit-python",
+        default="/tmp/mk-venv/bin/python",
+        help="a Python with mergekit installed (its own venv); skipped when absent",
+    )
+    parser.add_argument(
+        "--no-verify", action="store_true", help="skip checking each output against the exact mean"
+    )
+    parser.add_argument("--json", help="also write every figure to this JSON file")
+    parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--nbytes", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--shard-bytes", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--spec", help=argparse.SUPPRESS)
+    parser.add_argument("--label", help=argparse.SUPPRESS)
+    parser.add_argument("paths", nargs="*", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.worker:
+        WORKERS[args.worker](args)
+        return 0
+
+    ns = [int(x) for x in args.n.split(",")]
+    baseline_ns = {int(x) for x in args.baseline_n.split(",") if x}
+    methods = [m.strip() for m in args.methods.split(",")]
+    env = dict(os.environ)
+    env.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+
+    print(
+        f"hf_soups merge throughput -- {time.strftime('%Y-%m-%d %H:%M:%S')}, {os.cpu_count()} CPUs, "
+        f"python {sys.version.split()[0]}, load average {os.getloadavg()[0]:.1f}"
+    )
+    imports = check_imports(env)
+    loaded = [k for k, v in imports.items() if v]
+    print(
+        f"import hf_soups loads: {', '.join(loaded) if loaded else 'none of torch, transformers, peft, torch.distributed'}"
+    )
+
+    dirs_all, info = ensure_ingredients(args, max(ns))
+    ckpt_bytes = info["bytes_per_ingredient"]
+    mk = find_mergekit(args.mergekit_python) if "mergekit" in methods else None
+    if "mergekit" in methods and mk is None:
+        print(
+            f"mergekit: not found with {args.mergekit_python}; skipped "
+            "(python3 -m venv /tmp/mk-venv && /tmp/mk-venv/bin/pip install torch==2.13.0 && "
+            "/tmp/mk-venv/bin/pip install mergekit)"
+        )
+    mk_version = mergekit_version(args.mergekit_python) if mk else None
+
+    report: dict = dict(
+        date=time.strftime("%Y-%m-%d %H:%M:%S"),
+        cpus=os.cpu_count(),
+        model=info,
+        runs=args.runs,
+        import_hf_soups_loads=imports,
+        mergekit_version=mk_version,
+        results={},
+    )
+    for n in ns:
+        print(
+            f"\n== N = {n}: {n} x {fmt_bytes(ckpt_bytes)} ({info['params'] / 1e6:.0f}M params, float32), "
+            f"load average {os.getloadavg()[0]:.1f}"
+        )
+        report["results"][str(n)] = measure_n(
+            args,
+            n,
+            dirs_all[:n],
+            methods=methods,
+            with_baselines=n in baseline_ns,
+            mergekit=mk,
+            ckpt_bytes=ckpt_bytes,
+            env=env,
+        )
+
+    print_goals(report, ns)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+        print(f"\nfigures written to {args.json}")
+    return 0
+
+
+def measure_n(
+    args: argparse.Namespace,
+    n: int,
+    dirs: list[Path],
+    *,
+    methods: list[str],
+    with_baselines: bool,
+    mergekit: list[str] | None,
+    ckpt_bytes: int,
+    env: dict[str, str],
+) -> dict:
+    """Measure every command for N ingredients, round robin, and return the summary."""
+    work = Path(args.work_dir)
+    paths = [str(d) for d in dirs]
+    shard_bytes = parse_size(args.max_shard_size)
+    outs = {label: work / f"out-{label}" for label in ("floor-write", "hf_soups", "naive", "mergekit")}
+    commands: dict = {}
+    if "floor" in methods:
+        commands["floor-read"] = lambda: worker_cmd("read", *paths)
+        commands["floor-write"] = lambda: worker_cmd(
+            "write",
+            "--out",
+            str(outs["floor-write"]),
+            "--nbytes",
+            str(ckpt_bytes),
+            "--shard-bytes",
+            str(shard_bytes),
+        )
+        commands["import-torch"] = lambda: [sys.executable, "-c", "import torch"]
+    if "hf_soups" in methods:
+        commands["hf_soups"] = lambda: worker_cmd("hf_soups", "--out", str(outs["hf_soups"]), *paths)
+    if "naive" in methods and with_baselines:
+        commands["naive"] = lambda: worker_cmd("naive", "--out", str(outs["naive"]), *paths)
+    if mergekit is not None and with_baselines:
+        config = work / f"mergekit-linear-{n}.yml"
+        config.write_text(
+            "merge_method: linear\ndtype: float32\nmodels:\n"
+            + "".join(f"  - model: {p}\n    parameters:\n      weight: 1.0\n" for p in paths)
+        )
+        commands["mergekit"] = lambda: [
+            *mergekit,
+            str(config),
+            str(outs["mergekit"]),
+            "--no-copy-tokenizer",
+            "--quiet",
+            "--no-write-model-card",
+        ]
+
+    verified: set[str] = set()
+    heavy_after_merge: dict = {}
+
+    def before_each(label: str) -> None:
+        if label in outs:
+            drop_path(outs[label])
+        settle()
+
+    def after_each(label: str, run) -> None:
+        if label == "hf_soups" and "HEAVY_MODULES " in run.output:
+            line = next(li for li in run.output.splitlines() if li.startswith("HEAVY_MODULES "))
+            heavy_after_merge.update(json.loads(line.split(" ", 1)[1]))
+        if label in ("hf_soups", "naive", "mergekit") and label not in verified and not args.no_verify:
+            cmd = ["nice", *worker_cmd("verify", "--out", str(outs[label]), "--label", label, *paths)]
+            res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            if res.returncode != 0:
+                raise SystemExit(f"verification failed (N={n}):\n{res.stdout}{res.stderr[-3000:]}")
+            print("  check: " + res.stdout.strip().splitlines()[-1])
+            verified.add(label)
+        if label in outs:
+            drop_path(outs[label])
+
+    cached = page_cache_fraction(dirs)
+    if cached is not None:
+        print(f"  ingredient bytes in page cache before the warm-up: {cached:.0%}")
+    results = measure_round_robin(
+        commands, runs=args.runs, warmup=args.warmup, before_each=before_each, after_each=after_each, env=env
+    )
+    cached = page_cache_fraction(dirs)
+    if cached is not None:
+        print(f"  ingredient bytes in page cache after the runs: {cached:.0%}")
+    return summarise(n, results, heavy_after_merge, cached)
+
+
+def summarise(n: int, results: dict[str, Measurement], heavy_after_merge: dict, cached: float | None) -> dict:
+    floor_parts = [results[k] for k in ("floor-read", "floor-write", "import-torch") if k in results]
+    floor = sum(m.wall_s for m in floor_parts) if len(floor_parts) == 3 else None
+    print(f"\n  N = {n}: median of {len(next(iter(results.values())).runs)} runs")
+    print(f"  {'command':<14} {'wall':>8} {'x floor':>8} {'peak RSS':>10} {'anon':>9} {'file':>9}   runs (s)")
+    if floor is not None:
+        print(f"  {'floor (sum)':<14} {floor:7.2f}s {1.0:8.2f}")
+    out: dict = dict(
+        floor_s=floor, page_cache_after=cached, heavy_modules_after_hf_soups=heavy_after_merge or None
+    )
+    for label, m in results.items():
+        ratio = m.wall_s / floor if floor else None
+        print(
+            f"  {label:<14} {m.wall_s:7.2f}s {(f'{ratio:8.2f}' if ratio else '        ')} "
+            f"{fmt_bytes(m.peak_rss_bytes):>10} {fmt_bytes(m.peak_anon_bytes):>9} {fmt_bytes(m.peak_file_bytes):>9}"
+            f"   {' '.join(f'{w:.2f}' for w in m.walls)}"
+        )
+        out[label] = dict(
+            wall_s=m.wall_s,
+            walls=m.walls,
+            x_floor=ratio,
+            peak_rss_bytes=m.peak_rss_bytes,
+            max_peak_rss_bytes=m.max_peak_rss_bytes,
+            peak_anon_bytes=m.peak_anon_bytes,
+            peak_file_bytes=m.peak_file_bytes,
+        )
+    if heavy_after_merge:
+        loaded = [k for k, v in heavy_after_merge.items() if v]
+        print(f"  modules loaded by the end of the hf_soups merge: {', '.join(loaded)}")
+    return out
+
+
+def print_goals(report: dict, ns: list[int]) -> None:
+    res = report["results"]
+    print("\n== goals (issue 2)")
+
+    def line(ok: bool | None, text: str) -> None:
+        print(f"  [{'PASS' if ok else ('FAIL' if ok is not None else ' -- ')}] {text}")
+
+    goals = {}
+    for n in ns:
+        r = res[str(n)]
+        if "hf_soups" not in r:
+            continue
+        h = r["hf_soups"]
+        if r["floor_s"]:
+            ok = h["x_floor"] <= 1.5
+            goals[f"wall_N{n}"] = ok
+            line(
+                ok,
+                f"N={n}: hf_soups wall {h['wall_s']:.2f} s = {h['x_floor']:.2f} x floor ({r['floor_s']:.2f} s); "
+                "goal <= 1.5",
+            )
+        ok = h["max_peak_rss_bytes"] < 600 * 10**6
+        goals[f"rss_N{n}"] = ok
+        line(ok, f"N={n}: hf_soups peak RSS {fmt_bytes(h['max_peak_rss_bytes'])} (worst run); goal < 600 MB")
+        for other in ("naive", "mergekit"):
+            if other in r:
+                print(
+                    f"         N={n}: hf_soups is {r[other]['wall_s'] / h['wall_s']:.1f} x faster than {other} "
+                    f"and uses {r[other]['peak_rss_bytes'] / h['peak_rss_bytes']:.1f} x less peak memory"
+                )
+    with_h = [n for n in ns if "hf_soups" in res[str(n)]]
+    if len(with_h) >= 2:
+        lo, hi = min(with_h), max(with_h)
+        a, b = res[str(lo)]["hf_soups"]["peak_rss_bytes"], res[str(hi)]["hf_soups"]["peak_rss_bytes"]
+        ok = abs(b - a) <= 0.10 * a
+        goals["rss_flat"] = ok
+        line(
+            ok,
+            f"peak RSS N={hi} vs N={lo}: {fmt_bytes(b)} vs {fmt_bytes(a)} ({(b - a) / a:+.1%}); goal within 10%",
+        )
+    imports = report["import_hf_soups_loads"]
+    bad = [k for k in ("torch", "transformers model code", "peft", "torch.distributed") if imports.get(k)]
+    goals["lazy_import"] = not bad
+    line(
+        not bad,
+        "import hf_soups loads no torch, transformers model code, peft, torch.distributed"
+        + (f" (loaded: {', '.join(bad)})" if bad else ""),
+    )
+    report["goals"] = goals
+
+
+if __name__ == "__main__":
+    sys.exit(main())
