@@ -171,6 +171,10 @@ class Kitchen:
             score=score,
             scores=dict(scores or {}),
             coefficients=full,
+            output_options={
+                "dtype": str(self.dtype).removeprefix("torch.") if self.dtype is not None else None,
+                "max_shard_size": self.max_shard_size,
+            },
         )
         if self.evaluator is not None and score is None:
             finish = getattr(self.evaluator, "score_soup", None)

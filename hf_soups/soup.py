@@ -35,6 +35,8 @@ class Soup:
         output_dir (`Path`, *optional*): where the soup was streamed to disk.
         metric_name (`str`, *optional*), select_on (`str`, *optional*): what `score` means.
         report_extra (`dict`): extra report entries (e.g. adapter SVD errors).
+        output_options (`dict`): how the tensors were written (`dtype` override or None, `max_shard_size`);
+            recorded in `soup_recipe.yaml` so that a re-cook writes the same tensors.
 
     Example:
 
@@ -56,6 +58,7 @@ class Soup:
     metric_name: str | None = None
     select_on: str | None = None
     report_extra: dict[str, Any] = field(default_factory=dict)
+    output_options: dict[str, Any] = field(default_factory=dict)
     _model: Any = field(default=None, repr=False)
     _kitchen_config: dict[str, Any] = field(default_factory=dict, repr=False)
 
