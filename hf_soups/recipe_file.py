@@ -367,7 +367,8 @@ class IngredientSpec:
         "Hub revision: a branch, tag or commit hash. Written soups record the resolved commit hash.",
     )
     weight: float | None = _opt(
-        _check_number, "Uniform soups: this ingredient's weight (weights are normalised)."
+        _check_number,
+        "Uniform and WiSE-FT soups: this ingredient's relative weight (weights are normalised).",
     )
     name: str | None = _opt(_check_str, "Display name (defaults from the reference).")
 
@@ -822,9 +823,11 @@ def _check_consistency(recipe: Recipe, data: dict, problems: list[str]) -> None:
     """Checks across keys, so that a recipe that cannot cook fails before anything is downloaded."""
     method = recipe.method
     has_weights = any(s.weight is not None for s in recipe.ingredients)
-    if has_weights and method != "uniform":
+    if has_weights and method == "greedy":
         idx = next(i for i, s in enumerate(recipe.ingredients) if s.weight is not None)
-        problems.append(f"ingredients[{idx}].weight: weights apply to uniform soups only, not {method!r}")
+        problems.append(
+            f"ingredients[{idx}].weight: greedy soups choose their ingredients; remove the weights"
+        )
     if method == "wise-ft":
         if recipe.base_model is None and "base_model" not in data:
             problems.append("base_model: missing; wise-ft interpolates from a base (zero-shot) model")
@@ -1101,17 +1104,17 @@ def recipe_from_soup(soup: Soup) -> dict[str, Any]:
         )
         out["method"] = "uniform"
         ingredients = kept
+    weights = None if frozen else _recorded_weights(soup, params, source)
     entries = []
-    for ing in ingredients:
+    for i, ing in enumerate(ingredients):
         entry = _reference_entry(ing)
         if entry["model"] is None:
             notes.append(
                 f"Ingredient {ing.name!r} was an in-memory model: save it with save_pretrained() and put its "
                 "folder in its `model:` to re-cook."
             )
-        weight = _recorded_weight(ing, soup, params)
-        if weight is not None and out["method"] == "uniform":
-            entry["weight"] = weight
+        if weights is not None:
+            entry["weight"] = weights[i]
         entries.append(entry)
     out["ingredients"] = entries
 
@@ -1162,10 +1165,11 @@ def recipe_from_soup(soup: Soup) -> dict[str, Any]:
     for key in ("strict", "adapter_output", "rank"):
         if params.get(key) is not None and (key != "strict" or out["method"] == "greedy"):
             out[key] = params[key]
-    dtype = params.get("dtype") or (source.dtype if source is not None else None)
+    output = dict(getattr(soup, "output_options", None) or {})
+    dtype = output.get("dtype") or (source.dtype if source is not None else None)
     if dtype is not None:
         out["dtype"] = str(dtype).removeprefix("torch.")
-    shard = params.get("max_shard_size") or (source.max_shard_size if source is not None else None)
+    shard = output.get("max_shard_size") or (source.max_shard_size if source is not None else None)
     if shard is not None:
         out["max_shard_size"] = shard
     if notes:
@@ -1174,14 +1178,25 @@ def recipe_from_soup(soup: Soup) -> dict[str, Any]:
     return out
 
 
-def _recorded_weight(ing: Any, soup: Any, params: dict) -> float | None:
-    """The user weight to record for an ingredient (None when the soup was an unweighted average)."""
-    if soup.method != "uniform" or ing.weight is None:
+def _recorded_weights(soup: Any, params: dict, source: Recipe | None) -> list[float] | None:
+    """The per-ingredient weights to record (None for an unweighted soup).
+
+    The weights of the recipe that cooked the soup are recorded as written (the same input re-cooks the
+    same tensors); otherwise the normalised coefficients, which normalise to themselves.
+    """
+    if soup.method not in ("uniform", "wise-ft"):
         return None
-    user_weights = params.get("weights")
-    if user_weights is None and params.get("weighted") is False:
+    if source is not None and len(source.ingredients) == len(soup.ingredients):
+        given = [spec.weight for spec in source.ingredients]
+        if all(w is None for w in given):
+            return None
+        return [1.0 if w is None else float(w) for w in given]
+    if soup.method == "uniform":
+        return [float(w) for w in params["weights"]] if params.get("weights") is not None else None
+    found = [ing.weight for ing in soup.ingredients]
+    if any(w is None for w in found) or len(set(found)) == 1:
         return None
-    return float(ing.weight)
+    return [float(w) for w in found]
 
 
 def _result_section(soup: Any) -> dict[str, Any]:
@@ -1202,7 +1217,7 @@ def _result_section(soup: Any) -> dict[str, Any]:
         if ing.selected is not None:
             row["selected"] = bool(ing.selected)
         rows.append(row)
-    if any(len(r) > 1 for r in rows):
+    if any("score" in r or r.get("selected") is False for r in rows):
         result["ingredients"] = rows
     return result
 

@@ -1,0 +1,925 @@
+"""Will these soup? Inspecting ingredients without merging them, and planning a merge without running it.
+
+[`inspect_models`] resolves the models with the same code `merge_models` uses, compares what can be compared
+without reading weights (architecture, config, label maps, tokenizer vocabularies, adapter bases, tensor
+names, shapes and dtypes), runs the engine's own compatibility check ([`align.build_plan`]) and then
+streams the tensors, one name at a time, to say which tensors differ and how far apart the ingredients
+are: L2 distances, and with a base model the L2 norm and cosine similarity of each ingredient's delta.
+
+[`plan_merge`] answers `--dry-run`: what would be downloaded, how much disk the soup takes and how much
+memory cooking needs, from file sizes and safetensors headers only (no weights are read, nothing is written).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .recipe_file import Recipe
+
+logger = logging.getLogger(__name__)
+
+# config fields shown side by side when they differ between models
+_CONFIG_FIELDS = (
+    "model_type",
+    "architectures",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "intermediate_size",
+    "vocab_size",
+    "max_position_embeddings",
+    "num_labels",
+)
+_ITEMSIZE = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2}
+_ST_ITEMSIZE = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "U16": 2,
+    "U32": 4,
+    "U64": 8,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+}
+_ST_FLOAT = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+_ST_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+_RUNTIME_BYTES = 400 * 2**20  # Python + torch + transformers, roughly, before any tensor
+_CHUNK = 1 << 22  # elements per float64 chunk when computing distances
+
+
+def human_bytes(n: float | None) -> str:
+    """`1536` -> `'1.5 KB'` (decimal units, as the Hub shows sizes)."""
+    if n is None:
+        return "unknown"
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"  # pragma: no cover
+
+
+def _human_count(n: int | None) -> str:
+    if n is None:
+        return "?"
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}"
+    return str(n)
+
+
+# ======================================================================================== inspect
+
+
+@dataclass
+class ModelSummary:
+    """What [`inspect_models`] learned about one model without reading its weights."""
+
+    name: str
+    reference: str
+    kind: str
+    path: str | None
+    revision: str | None
+    architecture: str | None
+    model_type: str | None
+    num_tensors: int
+    num_parameters: int
+    dtypes: dict[str, int]
+    labels: list[str] | None
+    vocab_size: int | None
+    tokenizer_vocab: str | None  # short hash of the tokenizer vocabulary (None when no tokenizer files)
+    adapter_base: str | None = None
+    adapter_type: str | None = None
+
+
+@dataclass
+class InspectionReport:
+    """The answer of [`inspect_models`]: can these models be souped, and how different are they.
+
+    Attributes:
+        models (`list[ModelSummary]`): the ingredients, in order.
+        base (`ModelSummary`, *optional*): the base model, when given.
+        problems (`list[str]`): why the models cannot be souped (empty when they can).
+        warnings (`list[str]`): what may hurt the soup without preventing it.
+        config_differences (`dict[str, list]`): config fields whose values differ, one value per model.
+        tensors_compared (`int`): tensors streamed.
+        tensors_differing (`int`): tensors that are not identical across the ingredients.
+        identical_tensors (`list[str]`): tensors identical in every ingredient (frozen layers).
+        distances (`list[list[float]]`): pairwise L2 distances between the ingredients.
+        delta_norms (`list[float]`, *optional*): with a base, the L2 norm of each ingredient's delta.
+        relative_delta_norms (`list[float]`, *optional*): the same divided by the base's L2 norm.
+        cosine (`list[list[float]]`, *optional*): with a base, the cosine similarity of the deltas.
+        distance_to_mean (`list[float]`): L2 distance of each ingredient to the uniform soup.
+        top_tensors (`list[dict]`): the tensors where the ingredients differ most (relative spread).
+        base_missing (`list[str]`): ingredient tensors the base lacks or has in another shape (left out of deltas).
+    """
+
+    models: list[ModelSummary]
+    base: ModelSummary | None = None
+    problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    config_differences: dict[str, list[Any]] = field(default_factory=dict)
+    tensors_compared: int = 0
+    tensors_differing: int = 0
+    identical_tensors: list[str] = field(default_factory=list)
+    distances: list[list[float]] | None = None
+    delta_norms: list[float] | None = None
+    relative_delta_norms: list[float] | None = None
+    cosine: list[list[float]] | None = None
+    distance_to_mean: list[float] | None = None
+    top_tensors: list[dict[str, Any]] = field(default_factory=list)
+    base_missing: list[str] = field(default_factory=list)
+
+    @property
+    def compatible(self) -> bool:
+        """Whether the models can be souped together."""
+        return not self.problems
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready mapping of the report."""
+        out = asdict(self)
+        out["compatible"] = self.compatible
+        return out
+
+    def format(self) -> str:
+        """The report as text (what `hf-soups inspect` prints)."""
+        names = [m.name for m in self.models]
+        lines = ["Models:"]
+        rows = [("", "name", "kind", "architecture", "params", "dtype", "labels", "vocab")]
+        everyone = [*self.models, *([self.base] if self.base else [])]
+        for i, m in enumerate(everyone):
+            tag = "base" if (self.base is not None and m is self.base) else str(i)
+            labels = ",".join(m.labels) if m.labels else "-"
+            if len(labels) > 30:
+                labels = labels[:27] + "..."
+            rows.append(
+                (
+                    tag,
+                    m.name,
+                    m.kind + (f" ({m.adapter_type})" if m.adapter_type else ""),
+                    m.architecture or "?",
+                    _human_count(m.num_parameters),
+                    "/".join(m.dtypes) or "?",
+                    labels,
+                    str(m.vocab_size) if m.vocab_size is not None else "?",
+                )
+            )
+        lines += _table(rows)
+        adapters = [m for m in everyone if m.adapter_base]
+        for m in adapters:
+            lines.append(f"  adapter {m.name!r}: base model {m.adapter_base}")
+        if self.config_differences:
+            lines.append("Config fields that differ:")
+            for key, values in self.config_differences.items():
+                shown = ", ".join(
+                    f"{n}={v!r}" for n, v in zip(names + (["base"] if self.base else []), values)
+                )
+                lines.append(f"  {key}: {shown}")
+        if self.problems:
+            lines.append("NOT compatible: these models cannot be souped together.")
+            lines += [f"  - {p}" for p in self.problems]
+        else:
+            lines.append("Compatible: these models can be souped together.")
+        lines += [f"  warning: {w}" for w in self.warnings]
+        if self.tensors_compared:
+            lines.append(
+                f"Tensors: {self.tensors_compared} compared, {self.tensors_differing} differ between the ingredients, "
+                f"{len(self.identical_tensors)} identical in all of them"
+                + (f" (e.g. {', '.join(self.identical_tensors[:3])})" if self.identical_tensors else "")
+            )
+        if self.delta_norms is not None and self.base is not None:
+            lines.append(f"Deltas from the base {self.base.name!r} (L2 norm, relative to the base's norm):")
+            rel = self.relative_delta_norms or [float("nan")] * len(names)
+            rows = [("", "name", "||delta||", "relative", "mean cos to others")]
+            for i, n in enumerate(names):
+                others = [self.cosine[i][j] for j in range(len(names)) if j != i] if self.cosine else []
+                mean_cos = f"{sum(others) / len(others):.3f}" if others else "-"
+                rows.append((str(i), n, f"{self.delta_norms[i]:.4g}", f"{rel[i]:.3%}", mean_cos))
+            lines += _table(rows)
+            if self.cosine and len(names) > 1:
+                lines.append("Cosine similarity of the deltas:")
+                lines += _matrix(names, self.cosine, "{:.3f}")
+            if self.base_missing:
+                lines.append(
+                    f"  {len(self.base_missing)} tensor(s) left out of the deltas (not in the base, or another "
+                    f"shape): {', '.join(self.base_missing[:5])}{' ...' if len(self.base_missing) > 5 else ''}"
+                )
+        if self.distances is not None and len(names) > 1:
+            lines.append("L2 distance between the ingredients:")
+            lines += _matrix(names, self.distances, "{:.4g}")
+        if self.distance_to_mean is not None and len(names) > 1:
+            lines.append(
+                "L2 distance to the uniform soup: "
+                + ", ".join(f"{n}={d:.4g}" for n, d in zip(names, self.distance_to_mean))
+            )
+        if self.top_tensors:
+            lines.append("Tensors that differ most (largest relative spread between ingredients):")
+            for t in self.top_tensors:
+                lines.append(f"  {t['name']}  {tuple(t['shape'])}  spread {t['relative_spread']:.3%}")
+        return "\n".join(lines)
+
+
+def _table(rows: Sequence[Sequence[str]]) -> list[str]:
+    widths = [max(len(str(r[c])) for r in rows) for c in range(len(rows[0]))]
+    return ["  " + "  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
+
+
+def _matrix(names: list[str], values: list[list[float]], fmt: str) -> list[str]:
+    rows = [("", *names)]
+    for n, row in zip(names, values):
+        rows.append((n, *(fmt.format(v) for v in row)))
+    return _table(rows)
+
+
+def _labels(config: dict[str, Any]) -> list[str] | None:
+    id2label = config.get("id2label")
+    if not id2label:
+        return None
+    try:
+        return [str(id2label[k]) for k in sorted(id2label, key=lambda k: int(k))]
+    except (TypeError, ValueError):
+        return None
+
+
+def tokenizer_vocab_hash(folder: Path | None) -> str | None:
+    """A short hash of a tokenizer's vocabulary (token -> id), or None when the folder holds no tokenizer.
+
+    Only the vocabulary counts: truncation, padding or chat-template settings may differ between
+    fine-tunes without changing what the token ids mean.
+    """
+    if folder is None:
+        return None
+    folder = Path(folder)
+    digest = hashlib.sha256()
+    found = False
+    tok_json = folder / "tokenizer.json"
+    if tok_json.is_file():
+        try:
+            data = json.loads(tok_json.read_text(encoding="utf-8"))
+            model = data.get("model", {})
+            digest.update(json.dumps(model.get("vocab"), sort_keys=True).encode())
+            digest.update(json.dumps(model.get("merges"), sort_keys=False).encode())
+            added = sorted((t.get("id"), t.get("content")) for t in data.get("added_tokens", []))
+            digest.update(json.dumps(added).encode())
+            found = True
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            pass
+    if not found:
+        for name in ("vocab.txt", "vocab.json", "merges.txt", "spiece.model", "sentencepiece.bpe.model"):
+            f = folder / name
+            if f.is_file():
+                digest.update(name.encode())
+                digest.update(f.read_bytes())
+                found = True
+        added = folder / "added_tokens.json"
+        if found and added.is_file():
+            digest.update(added.read_bytes())
+    return digest.hexdigest()[:12] if found else None
+
+
+def _summarize(resolved: Any, source: Any) -> ModelSummary:
+    ing = resolved.ingredient
+    cfg = resolved.config or {}
+    dtypes: dict[str, int] = {}
+    num_params = 0
+    keys = source.keys()
+    for k in keys:
+        info = source.info(k)
+        dt = str(info.dtype).removeprefix("torch.")
+        dtypes[dt] = dtypes.get(dt, 0) + 1
+        num_params += info.numel
+    adapter_base = adapter_type = None
+    folder = Path(resolved.path) if resolved.path is not None else None
+    if resolved.kind == "adapter" and folder is not None and (folder / "adapter_config.json").is_file():
+        try:
+            acfg = json.loads((folder / "adapter_config.json").read_text())
+            adapter_base = acfg.get("base_model_name_or_path")
+            if acfg.get("revision"):
+                adapter_base = f"{adapter_base}@{acfg['revision']}"
+            adapter_type = acfg.get("peft_type")
+        except (json.JSONDecodeError, OSError):
+            pass
+    return ModelSummary(
+        name=str(ing.name),
+        reference=str(ing.reference)
+        if isinstance(ing.reference, str)
+        else f"<in-memory {type(ing.reference).__name__}>",
+        kind=resolved.kind,
+        path=str(folder) if folder is not None else None,
+        revision=resolved.commit_hash or ing.revision,
+        architecture=(cfg.get("architectures") or [None])[0],
+        model_type=cfg.get("model_type"),
+        num_tensors=len(keys),
+        num_parameters=num_params,
+        dtypes=dtypes,
+        labels=_labels(cfg),
+        vocab_size=cfg.get("vocab_size"),
+        tokenizer_vocab=tokenizer_vocab_hash(folder),
+        adapter_base=adapter_base,
+        adapter_type=adapter_type,
+    )
+
+
+def _static_problems(
+    report: InspectionReport, resolved: list[Any], sources: list[Any], base_resolved: Any
+) -> None:
+    """Every difference visible without reading weights (the engine stops at the first one; this lists all)."""
+    from .align import normalize_key
+
+    models = report.models
+    ref, ref_cfg = models[0], resolved[0].config or {}
+    everyone = resolved + ([base_resolved] if base_resolved is not None else [])
+    for key in _CONFIG_FIELDS:
+        values = [(r.config or {}).get(key) for r in everyone]
+        present = [v for v in values if v is not None]
+        if len({json.dumps(v, sort_keys=True) for v in present}) > 1:
+            report.config_differences[key] = values
+    for m, r in zip(models[1:], resolved[1:]):
+        cfg = r.config or {}
+        for key in (
+            "model_type",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "intermediate_size",
+        ):
+            if key in ref_cfg and key in cfg and ref_cfg[key] != cfg[key]:
+                report.problems.append(
+                    f"{m.name!r} and {ref.name!r} have different architectures: {key} is {cfg[key]!r} vs {ref_cfg[key]!r}"
+                )
+        if ref.architecture and m.architecture and ref.architecture != m.architecture:
+            report.problems.append(
+                f"{m.name!r} is a {m.architecture} but {ref.name!r} is a {ref.architecture} (different heads)"
+            )
+        if ref.vocab_size is not None and m.vocab_size is not None and ref.vocab_size != m.vocab_size:
+            report.problems.append(
+                f"vocabularies differ: {m.name!r} has {m.vocab_size} tokens, {ref.name!r} has {ref.vocab_size} "
+                "(embeddings resized?)"
+            )
+        elif ref.tokenizer_vocab and m.tokenizer_vocab and ref.tokenizer_vocab != m.tokenizer_vocab:
+            report.problems.append(
+                f"tokenizers differ: {m.name!r} and {ref.name!r} map tokens to different ids (same vocabulary size, "
+                "different vocabulary); their embeddings cannot be averaged"
+            )
+        if ref.labels is not None and m.labels is not None and ref.labels != m.labels:
+            if sorted(ref.labels) != sorted(m.labels):
+                report.problems.append(
+                    f"label maps differ: {m.name!r} has {m.labels}, {ref.name!r} has {ref.labels}"
+                )
+            else:
+                report.warnings.append(
+                    f"{m.name!r} lists its labels in another order ({m.labels}); its head rows will be permuted"
+                )
+        if ref.adapter_base and m.adapter_base and ref.adapter_base != m.adapter_base:
+            report.problems.append(
+                f"adapter bases differ: {m.name!r} adapts {m.adapter_base}, {ref.name!r} adapts {ref.adapter_base}"
+            )
+        if (ref.kind == "adapter") != (m.kind == "adapter"):
+            report.warnings.append(
+                f"{m.name!r} is {'an adapter' if m.kind == 'adapter' else 'a full model'} and {ref.name!r} is "
+                f"{'an adapter' if ref.kind == 'adapter' else 'a full model'}: adapters are compared merged into their base"
+            )
+    # tensor names and shapes, over normalised names
+    ref_src = sources[0]
+    ref_shapes = {normalize_key(k): ref_src.info(k).shape for k in ref_src.keys()}
+    for m, src in zip(models[1:], sources[1:]):
+        shapes = {normalize_key(k): src.info(k).shape for k in src.keys()}
+        missing = [k for k in ref_shapes if k not in shapes]
+        extra = [k for k in shapes if k not in ref_shapes]
+        if missing:
+            report.problems.append(
+                f"{m.name!r} lacks {len(missing)} tensor(s) that {ref.name!r} has: {_sample(missing)}"
+            )
+        if extra:
+            report.problems.append(
+                f"{m.name!r} has {len(extra)} tensor(s) that {ref.name!r} lacks: {_sample(extra)}"
+            )
+        bad = [
+            (k, ref_shapes[k], shapes[k]) for k in ref_shapes if k in shapes and shapes[k] != ref_shapes[k]
+        ]
+        for k, a, b in bad[:5]:
+            report.problems.append(
+                f"tensor {k!r} has shape {tuple(b)} in {m.name!r} but {tuple(a)} in {ref.name!r}"
+            )
+        if len(bad) > 5:
+            report.problems.append(f"... and {len(bad) - 5} more tensor shape difference(s) in {m.name!r}")
+
+
+def _sample(keys: list[str], n: int = 5) -> str:
+    shown = ", ".join(repr(k) for k in keys[:n])
+    return shown + (f" and {len(keys) - n} more" if len(keys) > n else "")
+
+
+def inspect_models(
+    models: Sequence[Any],
+    *,
+    base_model: Any = None,
+    token: str | bool | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    revision: str | None = None,
+    compare_tensors: bool = True,
+    top: int = 5,
+    progress: bool = True,
+) -> InspectionReport:
+    """Says whether `models` can be souped, and how far apart they are, without merging them.
+
+    Models are resolved exactly as [`merge_models`] resolves them (Hub downloads go through the HF cache). The
+    report lists every incompatibility it sees (architecture, config, label maps, vocabularies and tokenizers,
+    adapter bases, tensor names, shapes), confirms with the engine's own check, then streams the tensors one
+    name at a time (memory: one tensor per model) to measure the distances.
+
+    Args:
+        models (`Sequence`):
+            References as `merge_models` takes them: Hub ids (`org/name@rev`), local folders, adapters,
+            in-memory models or [`Ingredient`]s.
+        base_model (*optional*):
+            The shared pre-trained model: deltas, their norms and cosine similarities are measured from it.
+        token, cache_dir, revision:
+            As in `merge_models`.
+        compare_tensors (`bool`, *optional*, defaults to `True`):
+            Stream the tensors to measure distances (only when the models are compatible).
+        top (`int`, *optional*, defaults to 5):
+            How many of the most different tensors to list.
+        progress (`bool`, *optional*, defaults to `True`):
+            Show a progress bar over tensors.
+
+    Returns:
+        [`InspectionReport`]: `report.compatible`, `report.problems`, `report.format()`.
+
+    Raises:
+        [`IngredientNotFoundError`]: a model cannot be found or downloaded.
+
+    Example:
+
+    ```python
+    >>> from hf_soups.diagnose import inspect_models
+    >>> report = inspect_models(["./runs/a", "./runs/b"], base_model="./pretrained")  # doctest: +SKIP
+    >>> print(report.format())  # doctest: +SKIP
+    ```
+    """
+    from .errors import IncompatibleIngredientsError
+    from .ingredients import Ingredient, as_ingredients, resolve
+
+    ingredients = as_ingredients(list(models))
+    resolved = [resolve(i, token=token, cache_dir=cache_dir, revision=revision) for i in ingredients]
+    base_resolved = None
+    if base_model is not None:
+        base_ing = base_model if isinstance(base_model, Ingredient) else Ingredient(base_model)
+        if base_ing.name in {i.name for i in ingredients}:
+            base_ing.name = f"{base_ing.name} (base)"
+        base_resolved = resolve(base_ing, token=token, cache_dir=cache_dir, revision=revision)
+    try:
+        sources = [r.open() for r in resolved]
+        base_source = base_resolved.open() if base_resolved is not None else None
+        report = InspectionReport(models=[_summarize(r, s) for r, s in zip(resolved, sources)])
+        if base_resolved is not None:
+            report.base = _summarize(base_resolved, base_source)
+        _static_problems(report, resolved, sources, base_resolved)
+        plan = None
+        try:
+            from .align import build_plan
+
+            plan = build_plan(resolved)
+        except IncompatibleIngredientsError as e:
+            if not report.problems:  # the engine found something the static checks did not
+                report.problems.append(str(e))
+        if base_resolved is not None and report.base is not None:
+            ref = report.models[0]
+            if ref.architecture and report.base.architecture and ref.model_type != report.base.model_type:
+                report.problems.append(
+                    f"the base {report.base.name!r} is a {report.base.model_type} model but {ref.name!r} is a "
+                    f"{ref.model_type}: the ingredients were not fine-tuned from it"
+                )
+        if plan is not None and compare_tensors and not report.problems:
+            _compare_tensors(report, plan, sources, base_source, top=top, progress=progress)
+        return report
+    finally:
+        for r in resolved + ([base_resolved] if base_resolved is not None else []):
+            r.close()
+
+
+def _compare_tensors(
+    report: InspectionReport, plan: Any, sources: list[Any], base_source: Any, *, top: int, progress: bool
+):
+    """Streams the tensors: Gram matrix of the deltas (from the base, else from ingredient 0), in float64."""
+    import torch
+    from huggingface_hub.utils import tqdm
+
+    from .align import normalize_key
+    from .engine import read_aligned
+
+    n = len(sources)
+    gram = torch.zeros(n, n, dtype=torch.float64)
+    base_sq = 0.0
+    base_keys = {}
+    if base_source is not None:
+        base_keys = {normalize_key(k): k for k in base_source.keys()}
+    spreads: list[tuple[float, str, tuple]] = []
+    for tp in tqdm(
+        plan.tensors, desc="Comparing tensors", unit="tensor", disable=not progress, name="hf_soups"
+    ):
+        tensors = [read_aligned(tp, i, sources[i]).detach() for i in range(n)]
+        report.tensors_compared += 1
+        if not tp.mergeable:
+            if any(not torch.equal(tensors[0], t) for t in tensors[1:]):
+                report.tensors_differing += 1
+                bad = next(i for i in range(1, n) if not torch.equal(tensors[0], tensors[i]))
+                report.problems.append(
+                    f"integer/boolean tensor {tp.name!r} differs between {report.models[0].name!r} and "
+                    f"{report.models[bad].name!r}; such buffers cannot be averaged"
+                )
+            else:
+                report.identical_tensors.append(tp.name)
+            continue
+        for i, t in enumerate(tensors):
+            if not bool(torch.isfinite(t).all()):
+                bad = int((~torch.isfinite(t)).sum())
+                report.problems.append(
+                    f"{report.models[i].name!r} has {bad} NaN/inf value(s) in tensor {tp.name!r}"
+                )
+        if any(not torch.equal(tensors[0], t) for t in tensors[1:]):
+            report.tensors_differing += 1
+        elif n > 1:
+            report.identical_tensors.append(tp.name)
+        anchor = None
+        key = base_keys.get(tp.name)
+        if base_source is not None:
+            if key is not None and tuple(base_source.info(key).shape) == tuple(tp.shape):
+                anchor = base_source.get(key).detach()
+            else:
+                report.base_missing.append(tp.name)
+                continue
+        else:
+            anchor = tensors[0]
+        flat = [t.reshape(-1) for t in tensors]
+        anchor_flat = anchor.reshape(-1)
+        local = torch.zeros(n, n, dtype=torch.float64)
+        anchor_sq = 0.0
+        for start in range(0, anchor_flat.numel(), _CHUNK):
+            a = anchor_flat[start : start + _CHUNK].to(torch.float64)
+            d = torch.stack([f[start : start + _CHUNK].to(torch.float64) - a for f in flat])
+            local += d @ d.T
+            anchor_sq += float(a.dot(a))
+        gram += local
+        base_sq += anchor_sq
+        # relative spread of this tensor: largest distance between two ingredients over the anchor's norm
+        diag = local.diagonal()
+        pair = diag[:, None] + diag[None, :] - 2 * local
+        spread = math.sqrt(max(float(pair.max()), 0.0)) / max(math.sqrt(anchor_sq), 1e-12)
+        spreads.append((spread, tp.name, tuple(tp.shape)))
+    diag = gram.diagonal()
+    dist = (diag[:, None] + diag[None, :] - 2 * gram).clamp_min(0).sqrt()
+    report.distances = [[float(v) for v in row] for row in dist]
+    # distance to the uniform mean: ||d_i - mean(d)||^2 = G_ii - 2/n sum_j G_ij + 1/n^2 sum G
+    to_mean = (diag - 2 * gram.mean(dim=1) + gram.mean()).clamp_min(0).sqrt()
+    report.distance_to_mean = [float(v) for v in to_mean]
+    if base_source is not None:
+        norms = diag.clamp_min(0).sqrt()
+        report.delta_norms = [float(v) for v in norms]
+        report.relative_delta_norms = [float(v) / max(math.sqrt(base_sq), 1e-12) for v in norms]
+        denom = norms[:, None] * norms[None, :]
+        cos = torch.where(denom > 0, gram / denom.clamp_min(1e-300), torch.zeros_like(gram))
+        report.cosine = [[float(v) for v in row] for row in cos]
+        near_zero = [report.models[i].name for i in range(n) if float(norms[i]) == 0.0]
+        if near_zero:
+            report.warnings.append(
+                f"{', '.join(map(repr, near_zero))} equal(s) the base exactly (no fine-tuning?)"
+            )
+        negative = [
+            (report.models[i].name, report.models[j].name, report.cosine[i][j])
+            for i in range(n)
+            for j in range(i + 1, n)
+            if report.cosine[i][j] < 0
+        ]
+        if negative:
+            a, b, c = negative[0]
+            report.warnings.append(
+                f"deltas of {a!r} and {b!r} point in opposite directions (cosine {c:.3f}); averaging them cancels "
+                "fine-tuning (were they fine-tuned from this base?)"
+            )
+    spreads.sort(reverse=True)
+    report.top_tensors = [
+        {"name": name, "shape": list(shape), "relative_spread": s} for s, name, shape in spreads[:top]
+    ]
+
+
+# ======================================================================================== dry run
+
+
+@dataclass
+class ModelPlan:
+    """What a dry run learned about one reference."""
+
+    role: str  # "ingredient" | "base"
+    reference: str
+    revision: str | None
+    kind: str  # "local" | "hub" | "adapter" | "hub (adapter)"
+    location: str | None
+    weight_bytes: int | None
+    download_bytes: int | None  # None: unknown; 0: nothing to download
+    cached: bool | None
+    num_tensors: int | None = None
+    max_tensor_bytes: int | None = None
+    max_tensor_numel: int | None = None
+    num_parameters: int | None = None
+    float_numel: int | None = None
+    other_bytes: int | None = None
+    dtype: str | None = None
+    note: str | None = None
+
+
+@dataclass
+class MergePlanSummary:
+    """The answer of [`plan_merge`] (`--dry-run`): what cooking a recipe would download, write and use."""
+
+    method: str
+    models: list[ModelPlan]
+    output_dir: str | None
+    push_to_hub: str | None
+    soup_bytes: int | None
+    peak_memory_bytes: int | None
+    download_bytes: int | None
+    evaluates: bool
+    eval_sets: dict[str, str]
+    free_disk_output: int | None = None
+    free_disk_cache: int | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def format(self) -> str:
+        lines = [
+            f"Dry run: a {self.method} soup of {sum(m.role == 'ingredient' for m in self.models)} model(s)."
+        ]
+        rows = [("role", "model", "kind", "weights", "download", "tensors", "params")]
+        for m in self.models:
+            if m.download_bytes == 0:
+                download = "cached" if m.kind.startswith("hub") else "-"
+            else:
+                download = human_bytes(m.download_bytes)
+            rows.append(
+                (
+                    m.role,
+                    m.reference + (f"@{m.revision}" if m.revision else ""),
+                    m.kind,
+                    human_bytes(m.weight_bytes),
+                    download,
+                    str(m.num_tensors) if m.num_tensors is not None else "?",
+                    _human_count(m.num_parameters),
+                )
+            )
+        lines += _table(rows)
+        for m in self.models:
+            if m.note:
+                lines.append(f"  {m.reference}: {m.note}")
+        if self.eval_sets:
+            lines.append("Held-out data: " + ", ".join(f"{k} <- {v}" for k, v in self.eval_sets.items()))
+        lines.append(f"Download: {human_bytes(self.download_bytes) if self.download_bytes else 'nothing'}")
+        if self.free_disk_cache is not None and self.download_bytes:
+            lines.append(f"  free in the HF cache: {human_bytes(self.free_disk_cache)}")
+        target = self.output_dir or (f"hub:{self.push_to_hub}" if self.push_to_hub else "memory")
+        lines.append(f"Soup on disk: {human_bytes(self.soup_bytes)} -> {target}")
+        if self.free_disk_output is not None:
+            lines.append(f"  free there: {human_bytes(self.free_disk_output)}")
+        lines.append(
+            f"Peak memory (estimate): {human_bytes(self.peak_memory_bytes)}"
+            + (
+                " (includes one live model for evaluation)"
+                if self.evaluates
+                else " (streaming: one tensor at a time)"
+            )
+        )
+        lines += [f"warning: {w}" for w in self.warnings]
+        lines.append("Nothing was downloaded or written.")
+        return "\n".join(lines)
+
+
+def _header_stats(plan: ModelPlan, headers: Sequence[dict[str, Any]]) -> None:
+    num = params = float_numel = max_bytes = max_numel = other = 0
+    dtypes: dict[str, int] = {}
+    for header in headers:
+        for name, entry in header.items():
+            if name == "__metadata__":
+                continue
+            numel = math.prod(entry["shape"]) if entry["shape"] else 1
+            nbytes = numel * _ST_ITEMSIZE.get(entry["dtype"], 4)
+            num += 1
+            params += numel
+            max_bytes = max(max_bytes, nbytes)
+            max_numel = max(max_numel, numel)
+            if entry["dtype"] in _ST_FLOAT:
+                float_numel += numel
+                dtypes[entry["dtype"]] = dtypes.get(entry["dtype"], 0) + numel
+            else:
+                other += nbytes
+    plan.num_tensors, plan.num_parameters, plan.float_numel = num, params, float_numel
+    plan.max_tensor_bytes, plan.max_tensor_numel, plan.other_bytes = max_bytes, max_numel, other
+    if dtypes:
+        plan.dtype = _ST_NAMES.get(max(dtypes, key=dtypes.get), "float32")
+
+
+def _plan_local(role: str, reference: str) -> ModelPlan:
+    from .tensors import find_weight_files, read_safetensors_header
+
+    folder = Path(reference)
+    plan = ModelPlan(role, reference, None, "local", str(folder), None, 0, None)
+    weights = find_weight_files(folder)
+    if weights is None and (folder / "adapter_config.json").is_file():
+        plan.kind = "adapter"
+        weights = find_weight_files(folder, prefix="adapter_model")
+        files = [
+            folder / n for n in ("adapter_model.safetensors", "adapter_model.bin") if (folder / n).is_file()
+        ]
+        plan.weight_bytes = sum(f.stat().st_size for f in files)
+        try:
+            base = json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
+            plan.note = f"adapter of {base} (the base is read too)"
+        except (json.JSONDecodeError, OSError):
+            pass
+        return plan
+    if weights is None:
+        plan.note = "no weight files found (cooking will fail)"
+        return plan
+    plan.weight_bytes = sum(f.stat().st_size for f in weights.files)
+    if weights.format == "safetensors":
+        _header_stats(plan, [read_safetensors_header(f)[0] for f in weights.files])
+    return plan
+
+
+def _plan_hub(role: str, repo_id: str, revision: str | None, token: Any, cache_dir: Any) -> ModelPlan:
+    from huggingface_hub import HfApi, try_to_load_from_cache
+
+    from .ingredients import (
+        HUB_ADAPTER_PATTERNS,
+        HUB_BIN_PATTERNS,
+        HUB_CONFIG_PATTERNS,
+        HUB_SAFETENSORS_PATTERNS,
+    )
+
+    plan = ModelPlan(role, repo_id, revision, "hub", None, None, None, None)
+    cached = try_to_load_from_cache(repo_id, "config.json", cache_dir=cache_dir, revision=revision)
+    snapshot = Path(cached).parent if isinstance(cached, str) else None
+    if snapshot is not None:
+        plan.location = str(snapshot)
+    try:
+        info = HfApi().model_info(repo_id, revision=revision, files_metadata=True, token=token)
+    except Exception as e:  # noqa: BLE001 - offline, missing, gated: the dry run reports instead of failing
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if snapshot is not None:
+            local = _plan_local(role, str(snapshot))
+            local.kind, local.reference, local.revision, local.cached = "hub", repo_id, revision, True
+            local.note = "in the local cache; the Hub was not reached"
+            return local
+        plan.note = f"cannot reach the Hub ({reason}); sizes unknown"
+        return plan
+    plan.revision = info.sha or revision
+    siblings = {s.rfilename: (s.size or 0) for s in (info.siblings or [])}
+    names = list(siblings)
+
+    def matching(patterns: list[str]) -> list[str]:
+        return [n for n in names if any(fnmatch.fnmatch(n, p) for p in patterns)]
+
+    weight_files = matching(HUB_SAFETENSORS_PATTERNS)
+    if not [n for n in weight_files if n.endswith(".safetensors")]:
+        weight_files = matching(HUB_ADAPTER_PATTERNS) or matching(HUB_BIN_PATTERNS)
+        if matching(HUB_ADAPTER_PATTERNS):
+            plan.kind = "hub (adapter)"
+    needed = matching(HUB_CONFIG_PATTERNS) + weight_files
+    plan.weight_bytes = sum(siblings[n] for n in weight_files)
+    missing = []
+    for n in needed:
+        hit = try_to_load_from_cache(repo_id, n, cache_dir=cache_dir, revision=plan.revision)
+        if not isinstance(hit, str):
+            missing.append(n)
+    plan.download_bytes = sum(siblings[n] for n in missing)
+    plan.cached = not missing
+    if any(n.endswith(".safetensors") for n in weight_files) and plan.kind == "hub":
+        try:
+            meta = HfApi().get_safetensors_metadata(repo_id, revision=plan.revision, token=token)
+            headers = []
+            for f in meta.files_metadata.values():
+                headers.append({k: {"dtype": v.dtype, "shape": list(v.shape)} for k, v in f.tensors.items()})
+            _header_stats(plan, headers)
+        except Exception as e:  # noqa: BLE001
+            logger.debug("No safetensors metadata for %s: %s", repo_id, e)
+    return plan
+
+
+def plan_merge(recipe: Recipe, *, token: str | bool | None = None) -> MergePlanSummary:
+    """What cooking `recipe` would download, write and use, without reading weights or writing anything.
+
+    Sizes come from file sizes and safetensors headers (for Hub models: the Hub's file listing and the
+    safetensors metadata, fetched with range requests; the cache is checked first). The peak memory is an
+    estimate: the engine's reused buffers (the largest stored tensor of each ingredient and one float32
+    accumulator), plus one live model and a float32 running sum when the recipe evaluates, plus the runtime.
+
+    Args:
+        recipe ([`Recipe`]):
+            A validated recipe (see [`load_recipe`]).
+        token (`str` or `bool`, *optional*):
+            Hub token.
+
+    Returns:
+        [`MergePlanSummary`]: print it with `.format()`.
+    """
+    from .ingredients import parse_reference
+
+    models: list[ModelPlan] = []
+    refs = [("ingredient", s) for s in recipe.ingredients]
+    if recipe.base_model is not None:
+        refs.append(("base", recipe.base_model))
+    for role, spec in refs:
+        assert spec.model is not None
+        if os.path.exists(spec.model):
+            models.append(_plan_local(role, spec.model))
+        else:
+            repo_id, rev = parse_reference(spec.model)
+            models.append(
+                _plan_hub(role, repo_id, spec.revision or rev or recipe.revision, token, recipe.cache_dir)
+            )
+    ingredients = [m for m in models if m.role == "ingredient"]
+    ref = next((m for m in ingredients if m.float_numel is not None), None)
+    soup_bytes = None
+    peak = None
+    if ref is not None:
+        itemsize = _ITEMSIZE.get(recipe.dtype or ref.dtype or "float32", 4)
+        soup_bytes = ref.float_numel * itemsize + (ref.other_bytes or 0)
+        buffers = max((m.max_tensor_bytes or 0) for m in models) + 4 * (ref.max_tensor_numel or 0)
+        peak = _RUNTIME_BYTES + buffers
+        if recipe.needs_eval() or recipe.method == "greedy":
+            peak += soup_bytes + 4 * ref.float_numel  # live model + float32 running sum
+    elif ingredients and all(m.weight_bytes for m in ingredients):
+        soup_bytes = ingredients[0].weight_bytes
+    downloads = [m.download_bytes for m in models]
+    download_total = None if any(d is None for d in downloads) else sum(d for d in downloads if d)
+    eval_sets = {name: str(spec.data) for name, spec in (recipe.eval or {}).items()}
+    summary = MergePlanSummary(
+        method=recipe.method,
+        models=models,
+        output_dir=recipe.output_dir,
+        push_to_hub=recipe.push_to_hub,
+        soup_bytes=soup_bytes,
+        peak_memory_bytes=peak,
+        download_bytes=download_total,
+        evaluates=recipe.needs_eval(),
+        eval_sets=eval_sets,
+    )
+    if recipe.output_dir:
+        summary.free_disk_output = _free_disk(Path(recipe.output_dir))
+        if soup_bytes and summary.free_disk_output is not None and summary.free_disk_output < soup_bytes:
+            summary.warnings.append(
+                f"not enough free disk at {recipe.output_dir}: the soup needs {human_bytes(soup_bytes)}, "
+                f"{human_bytes(summary.free_disk_output)} free"
+            )
+    if download_total:
+        from huggingface_hub import constants
+
+        summary.free_disk_cache = _free_disk(Path(recipe.cache_dir or constants.HF_HUB_CACHE))
+        if summary.free_disk_cache is not None and summary.free_disk_cache < download_total:
+            summary.warnings.append(
+                f"not enough free disk in the HF cache: {human_bytes(download_total)} to download, "
+                f"{human_bytes(summary.free_disk_cache)} free"
+            )
+    for m in models:
+        if m.note and "cannot reach" in m.note:
+            summary.warnings.append(f"{m.reference}: {m.note}")
+    return summary
+
+
+def _free_disk(path: Path) -> int | None:
+    path = path.absolute()
+    while not path.exists() and path.parent != path:
+        path = path.parent
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return None
+
+
+__all__ = [
+    "InspectionReport",
+    "MergePlanSummary",
+    "ModelSummary",
+    "inspect_models",
+    "plan_merge",
+    "tokenizer_vocab_hash",
+]
