@@ -129,6 +129,8 @@ def merge_models(
     recipe = get_recipe(method)
     ingredients = as_ingredients(models)
     has_eval = eval_dataset is not None
+    if weights is None and any(i.weight is not None for i in ingredients):
+        weights = [1.0 if i.weight is None else i.weight for i in ingredients]
     options: dict[str, Any] = {
         "weights": list(weights) if weights is not None else None,
         "alpha": alpha,

@@ -70,11 +70,10 @@ class ModelSink(TensorSink):
 
     def finish(self) -> None:
         if self._missing:
-            logger.warning(
-                "%d soup tensors have no counterpart in the live %s and were not loaded: %s",
-                len(self._missing),
-                type(self.model).__name__,
-                self._missing[:5],
+            raise SoupError(
+                f"{len(self._missing)} soup tensors have no counterpart in the live {type(self.model).__name__} "
+                f"(e.g. {self._missing[:3]}); the config's 'architectures' does not match the weights. Fix "
+                "config.json's architectures field of the first ingredient."
             )
 
 
