@@ -20,7 +20,9 @@ os.environ.pop("HF_HUB_OFFLINE", None)
 
 # The local Hub server's port is reserved now so that HF_ENDPOINT is final before huggingface_hub is imported.
 # (tests/hub_server.py sets HF_ENDPOINT in reserve_port().)
-# HUB-SERVER-HOOK
+from tests.hub_server import hub_server, reserve_port  # noqa: E402,F401
+
+reserve_port()
 
 import pytest  # noqa: E402
 
