@@ -183,6 +183,10 @@ def merge_models(
 
         base_ing = base_model if isinstance(base_model, Ingredient) else Ingredient(base_model)
         base = resolve(base_ing, **hub_kwargs)
+    if any(r.kind == "adapter" for r in resolved):
+        from .peft_support import bind_adapter_bases
+
+        bind_adapter_bases(resolved, base, **hub_kwargs)
     if evaluator is not None and hasattr(evaluator, "bind"):
         evaluator.bind(resolved, base=base, tokenizer=tokenizer)
 
