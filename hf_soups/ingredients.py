@@ -207,32 +207,54 @@ def as_ingredients(models: Any) -> list[Ingredient]:
     return out
 
 
+# Written by `SoupTrainerCallback` (hf_soups/callback.py): a manifest marks the folder, and every ingredient
+# folder carries its own metadata file. The folder listing is the truth (trials in other processes add folders).
+INGREDIENTS_MANIFEST = "soup_ingredients.json"
+INGREDIENT_METADATA = "soup_ingredient.json"
+
+
+def read_ingredients_dir(path: Path, *, run: str | None = None, kind: str | None = None) -> list[Ingredient]:
+    """The ingredients of a `SoupTrainerCallback` folder, oldest first (optionally one run / one kind only).
+
+    Folders whose name starts with `.` are writes in progress and are skipped. Recorded training metrics stay in
+    `metadata["metrics"]` (never `score`): a greedy soup scores every ingredient on its own eval set.
+    """
+    manifest = path / INGREDIENTS_MANIFEST
+    if not manifest.is_file():
+        raise IngredientNotFoundError(
+            f"{path} is not an ingredients directory (no {INGREDIENTS_MANIFEST}). Pass the `ingredients_dir` "
+            "of a SoupTrainerCallback, or a list of model folders / Hub ids.",
+            ingredient=str(path),
+        )
+    found = []
+    for child in path.iterdir():
+        meta_file = child / INGREDIENT_METADATA
+        if child.name.startswith(".") or not meta_file.is_file():
+            continue
+        try:
+            meta = json.loads(meta_file.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise InvalidArgumentError(
+                f"{meta_file} is not valid JSON ({e}); fix it or delete the folder {child}.",
+                ingredient=child.name,
+            ) from None
+        if (run is not None and meta.get("run") != run) or (kind is not None and meta.get("kind") != kind):
+            continue
+        found.append((float(meta.get("created") or 0.0), child.name, child, meta))
+    found.sort(key=lambda item: (item[0], item[1]))
+    return [Ingredient(str(folder), name=name, metadata=meta) for _, name, folder, meta in found]
+
+
 def expand_ingredients_dir(path: Path) -> list[Ingredient] | None:
     """Expand a folder of ingredients collected by `SoupTrainerCallback` (None if `path` is not one)."""
-    manifest = path / "soup_ingredients.json"
-    if not manifest.is_file():
+    if not (path / INGREDIENTS_MANIFEST).is_file():
         return None
-    try:
-        data = json.loads(manifest.read_text())
-        entries = data["ingredients"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise IngredientNotFoundError(f"{manifest} is not a valid ingredients manifest ({e}).") from None
-    out = []
-    for entry in entries:
-        folder = path / entry["path"]
-        if not folder.is_dir():
-            logger.warning("Ingredient folder %s listed in %s is missing; skipping it.", folder, manifest)
-            continue
-        out.append(
-            Ingredient(
-                str(folder),
-                name=entry.get("name"),
-                score=entry.get("score"),
-                metadata={k: v for k, v in entry.items() if k not in {"path", "name", "score"}},
-            )
-        )
+    out = read_ingredients_dir(path)
     if not out:
-        raise IngredientNotFoundError(f"{path} holds no ingredient folders (manifest {manifest}).")
+        raise IngredientNotFoundError(
+            f"{path} holds no ingredient yet: train with SoupTrainerCallback(ingredients_dir={str(path)!r}) first.",
+            ingredient=str(path),
+        )
     return out
 
 
