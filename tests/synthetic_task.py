@@ -1,0 +1,103 @@
+"""A synthetic classification task a tiny BERT learns in seconds, and ingredients of controlled quality.
+
+Sequences of random token ids; the label says whether most tokens come from the lower half of the vocabulary.
+Ingredients are one trained model plus independent Gaussian noise of a known scale (per tensor, relative to
+the tensor's standard deviation), so that their quality is controlled: small noise = good but worse than the
+trained model, large noise = ruined. Averaging independent noise cancels it, which is why soups help.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+VOCAB = 99
+SEQ_LEN = 10
+LOW, HIGH, SPLIT = 5, VOCAB, 52  # token ids used, and the boundary between the two halves
+
+
+def make_split(n: int, seed: int, *, shift: float = 0.0):
+    """(input_ids [n, SEQ_LEN], labels [n]); `shift` makes an out-of-distribution variant (more ambiguous)."""
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 2, (n,), generator=gen)
+    p_low = torch.where(labels == 1, 0.8 - shift, 0.2 + shift)
+    low = torch.rand(n, SEQ_LEN, generator=gen) < p_low[:, None]
+    low_ids = torch.randint(LOW, SPLIT, (n, SEQ_LEN), generator=gen)
+    high_ids = torch.randint(SPLIT, HIGH, (n, SEQ_LEN), generator=gen)
+    ids = torch.where(low, low_ids, high_ids)
+    ids[:, 0] = 2  # [CLS]-like first token
+    labels = (low[:, 1:].float().mean(1) > 0.5).long()  # the label is what the tokens actually say
+    return ids, labels
+
+
+def as_dataset(ids, labels, label_name: str = "label"):
+    from datasets import Dataset
+
+    return Dataset.from_dict({"input_ids": ids.tolist(), label_name: labels.tolist()})
+
+
+def tiny_config(num_labels: int = 2):
+    from transformers import BertConfig
+
+    config = BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=37,
+        max_position_embeddings=32,
+        num_labels=num_labels,
+    )
+    config.architectures = ["BertForSequenceClassification"]
+    return config
+
+
+def pretrained_model(seed: int = 0):
+    """The shared 'pre-trained' starting point."""
+    from transformers import BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    model = BertForSequenceClassification(tiny_config())
+    model.eval()
+    return model
+
+
+def train(model, steps: int = 150, seed: int = 0, lr: float = 3e-3, batch: int = 64, head_only: bool = False):
+    """Fine-tune in place on fresh synthetic data; returns the model in eval mode."""
+    ids, labels = make_split(steps * batch, seed=10_000 + seed)
+    params = model.classifier.parameters() if head_only else model.parameters()
+    opt = torch.optim.AdamW(params, lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    for step in range(steps):
+        idx = torch.randint(0, len(ids), (batch,), generator=gen)
+        loss = model(input_ids=ids[idx], labels=labels[idx]).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    return model
+
+
+def add_noise(model, scale: float, seed: int):
+    """A copy of `model` with independent Gaussian noise of `scale` x each tensor's std added."""
+    import copy
+
+    noisy = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in noisy.parameters():
+            std = float(p.std()) if p.numel() > 1 else 1.0
+            p.add_(torch.randn(p.shape, generator=gen) * scale * std)
+    return noisy
+
+
+def accuracy(model, ids, labels) -> float:
+    with torch.no_grad():
+        return float((model(input_ids=ids).logits.argmax(-1) == labels).float().mean())
+
+
+def save(model, path: Path) -> Path:
+    model.save_pretrained(path)
+    return Path(path)
