@@ -70,7 +70,7 @@ def train(model, steps: int = 150, seed: int = 0, lr: float = 3e-3, batch: int =
     opt = torch.optim.AdamW(params, lr=lr)
     gen = torch.Generator().manual_seed(seed)
     model.train()
-    for step in range(steps):
+    for _ in range(steps):
         idx = torch.randint(0, len(ids), (batch,), generator=gen)
         loss = model(input_ids=ids[idx], labels=labels[idx]).loss
         loss.backward()
