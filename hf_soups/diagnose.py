@@ -573,17 +573,21 @@ def _compare_tensors(
         anchor_flat = anchor.reshape(-1)
         local = torch.zeros(n, n, dtype=torch.float64)
         anchor_sq = 0.0
+        own_sq = 0.0  # sum over ingredients of ||t_i||^2, the scale of this tensor
         for start in range(0, anchor_flat.numel(), _CHUNK):
             a = anchor_flat[start : start + _CHUNK].to(torch.float64)
-            d = torch.stack([f[start : start + _CHUNK].to(torch.float64) - a for f in flat])
+            chunk = torch.stack([f[start : start + _CHUNK].to(torch.float64) for f in flat])
+            d = chunk - a
             local += d @ d.T
             anchor_sq += float(a.dot(a))
+            own_sq += float((chunk * chunk).sum())
         gram += local
         base_sq += anchor_sq
-        # relative spread of this tensor: largest distance between two ingredients over the anchor's norm
+        # relative spread of this tensor: largest distance between two ingredients over the tensor's RMS norm
         diag = local.diagonal()
         pair = diag[:, None] + diag[None, :] - 2 * local
-        spread = math.sqrt(max(float(pair.max()), 0.0)) / max(math.sqrt(anchor_sq), 1e-12)
+        scale = math.sqrt(own_sq / n)
+        spread = math.sqrt(max(float(pair.max()), 0.0)) / scale if scale > 0 else 0.0
         spreads.append((spread, tp.name, tuple(tp.shape)))
     diag = gram.diagonal()
     dist = (diag[:, None] + diag[None, :] - 2 * gram).clamp_min(0).sqrt()
@@ -594,7 +598,8 @@ def _compare_tensors(
     if base_source is not None:
         norms = diag.clamp_min(0).sqrt()
         report.delta_norms = [float(v) for v in norms]
-        report.relative_delta_norms = [float(v) / max(math.sqrt(base_sq), 1e-12) for v in norms]
+        base_norm = math.sqrt(base_sq)
+        report.relative_delta_norms = [float(v) / base_norm if base_norm > 0 else float("nan") for v in norms]
         denom = norms[:, None] * norms[None, :]
         cos = torch.where(denom > 0, gram / denom.clamp_min(1e-300), torch.zeros_like(gram))
         report.cosine = [[float(v) for v in row] for row in cos]
@@ -607,7 +612,7 @@ def _compare_tensors(
             (report.models[i].name, report.models[j].name, report.cosine[i][j])
             for i in range(n)
             for j in range(i + 1, n)
-            if report.cosine[i][j] < 0
+            if report.cosine[i][j] < -0.1
         ]
         if negative:
             a, b, c = negative[0]

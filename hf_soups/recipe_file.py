@@ -1174,7 +1174,9 @@ def recipe_from_soup(soup: Soup) -> dict[str, Any]:
         out["max_shard_size"] = shard
     if notes:
         out["notes"] = notes
-    out["result"] = _result_section(soup)
+    result = _result_section(soup)
+    if result:
+        out["result"] = result
     return out
 
 

@@ -1,0 +1,564 @@
+"""The `hf-soups` command: cook soups from recipe files or flags, inspect ingredients, run the demo.
+
+```text
+hf-soups cook recipe.yaml --output-dir my-soup            # a YAML recipe (soup_recipe.yaml re-cooks a soup)
+hf-soups merge org/ft-a org/ft-b ./runs/c --output-dir s  # the same from flags
+hf-soups inspect ./runs/a ./runs/b --base-model org/base  # will these soup? how far apart are they?
+hf-soups demo --output-dir demo-output                    # the embedded demo (real model, real data, CPU)
+```
+
+This module is a thin shell over [`merge_models`], [`hf_soups.recipe_file`] and [`hf_soups.diagnose`]:
+it imports only the standard library at import time, so `hf-soups --help` answers at once; torch,
+transformers and datasets load when a command needs them. Exit codes: 0 success, 2 bad usage or recipe,
+1 any other failure (for `inspect`: the models cannot be souped). Errors print as one line; `--debug` (or
+`HF_DEBUG=1`) prints the traceback too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import traceback
+from collections.abc import Sequence
+from typing import Any
+
+PROG = "hf-soups"
+logger = logging.getLogger("hf_soups.cli")
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+COOK_EXAMPLES = """\
+examples:
+  # cook a recipe file (relative paths in it are relative to the file)
+  hf-soups cook recipe.yaml --output-dir my-soup
+
+  # re-cook a saved soup from the recipe it carries (same tensors)
+  hf-soups cook my-soup/soup_recipe.yaml --output-dir my-soup-again
+
+  # what would it download, write and use? (nothing is done)
+  hf-soups cook recipe.yaml --dry-run
+
+  # cook and publish with a model card
+  hf-soups cook recipe.yaml --push-to-hub me/my-soup --private
+
+a minimal recipe.yaml:
+  method: greedy
+  ingredients: [./runs/lr-1e-5, ./runs/lr-3e-5, org/ft-c@v2]
+  eval: {data: ./validation.csv, text_columns: sentence, label_column: label}
+  metric: accuracy
+  output_dir: ./my-soup
+
+docs: docs/cli.md (every recipe key, with its type and meaning)
+"""
+
+MERGE_EXAMPLES = """\
+examples:
+  # uniform soup of local fine-tunes and Hub models, streamed to disk
+  hf-soups merge ./runs/a ./runs/b org/ft-c@v2 --output-dir my-soup
+
+  # weighted soup in bfloat16
+  hf-soups merge ./runs/a ./runs/b --weights 2 1 --dtype bfloat16 --output-dir my-soup
+
+  # greedy soup chosen on a held-out csv
+  hf-soups merge ./runs/* --method greedy --eval-file val.csv --text-column sentence \\
+      --label-column label --metric accuracy --output-dir my-soup
+
+  # WiSE-FT: sweep alpha between the zero-shot model and the fine-tune, keep the best on eval
+  hf-soups merge ./runs/ft --method wise-ft --base-model ./zero-shot --alpha 0 0.25 0.5 0.75 1 \\
+      --eval-file val.csv --output-dir my-soup
+
+  # print the equivalent recipe file instead of cooking
+  hf-soups merge ./runs/a ./runs/b --output-dir my-soup --print-recipe > recipe.yaml
+"""
+
+INSPECT_EXAMPLES = """\
+examples:
+  # can these be souped? (architecture, shapes, labels, vocabularies, adapter bases)
+  hf-soups inspect ./runs/a ./runs/b org/ft-c
+
+  # how far did each fine-tune move from the shared base, and in which directions?
+  hf-soups inspect ./runs/a ./runs/b --base-model google-bert/bert-base-uncased
+
+  # machine-readable
+  hf-soups inspect ./runs/a ./runs/b --json > report.json
+
+exit status: 0 when the models can be souped together, 1 when they cannot, 2 on bad usage.
+"""
+
+DEMO_HELP = "Run the embedded demo: soups of all-MiniLM-L6-v2 fine-tunes on Rotten Tomatoes, offline, on CPU."
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, max_help_position=32, width=110)
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("output and debugging")
+    group.add_argument("-q", "--quiet", action="store_true", help="Only print errors and the final result.")
+    group.add_argument(
+        "--debug",
+        action="store_true",
+        help="Verbose logs, and a full traceback on errors (also: HF_DEBUG=1).",
+    )
+
+
+def _hub(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("hub")
+    group.add_argument("--token", help="Hugging Face token (default: HF_TOKEN or the stored login).")
+    group.add_argument("--cache-dir", help="Hugging Face cache folder (default: HF_HUB_CACHE).")
+    group.add_argument("--revision", help="Revision for Hub models given without @revision.")
+
+
+def _output(parser: argparse.ArgumentParser, *, recipe: bool) -> None:
+    group = parser.add_argument_group("output")
+    where = " (overrides the recipe's output_dir)" if recipe else ""
+    group.add_argument("-o", "--output-dir", help=f"Folder the soup is written to, atomically{where}.")
+    group.add_argument(
+        "--push-to-hub", metavar="REPO_ID", help="Push the soup with its model card to this repo."
+    )
+    group.add_argument(
+        "--private", action="store_true", default=None, help="Create the Hub repository as private."
+    )
+    group.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="Print the plan (downloads, disk and memory needed) and exit without downloading or writing.",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `hf-soups` argument parser (sub-commands: cook, merge, inspect, demo)."""
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Model soups for the Hugging Face ecosystem: average fine-tuned models into one better model.",
+        formatter_class=_Formatter,
+        epilog="Run 'hf-soups <command> --help' for a command's options and examples.",
+    )
+    parser.add_argument("--version", action="store_true", help="Print the hf_soups version and exit.")
+    sub = parser.add_subparsers(dest="command", metavar="<command>")
+
+    cook = sub.add_parser(
+        "cook",
+        help="Cook a soup from a YAML recipe file (e.g. a soup's soup_recipe.yaml).",
+        description="Cook a soup from a YAML recipe file. The whole file is validated before any work starts.",
+        epilog=COOK_EXAMPLES,
+        formatter_class=_Formatter,
+    )
+    cook.add_argument("recipe", help="The recipe file, or a soup folder holding soup_recipe.yaml.")
+    _output(cook, recipe=True)
+    hub = cook.add_argument_group("hub")
+    hub.add_argument("--token", help="Hugging Face token (default: HF_TOKEN or the stored login).")
+    _common(cook)
+    cook.set_defaults(func=_cmd_cook)
+
+    merge = sub.add_parser(
+        "merge",
+        help="Cook a soup from models given on the command line.",
+        description="Cook a soup from models given on the command line (Hub ids with optional @revision, local "
+        "folders, Trainer checkpoints, PEFT adapters).",
+        epilog=MERGE_EXAMPLES,
+        formatter_class=_Formatter,
+    )
+    merge.add_argument(
+        "models", nargs="+", metavar="MODEL", help="Ingredients: Hub ids (org/name[@rev]) or folders."
+    )
+    recipe = merge.add_argument_group("recipe")
+    recipe.add_argument(
+        "-m",
+        "--method",
+        default="uniform",
+        help="uniform (mean), greedy (chosen on eval data) or wise-ft (interpolation with --base-model).",
+    )
+    recipe.add_argument(
+        "--weights", nargs="+", type=float, metavar="W", help="Uniform/WiSE-FT: one weight per MODEL."
+    )
+    recipe.add_argument(
+        "--base-model", help="WiSE-FT: the zero-shot / pre-trained end. Adapters: their base model."
+    )
+    recipe.add_argument(
+        "--alpha",
+        nargs="+",
+        type=float,
+        metavar="A",
+        help="WiSE-FT: alpha in [0, 1]; several values are a sweep.",
+    )
+    recipe.add_argument(
+        "--strict", action="store_true", default=None, help="Greedy: keep only strict improvements."
+    )
+    recipe.add_argument("--adapter-output", choices=("merged", "adapter"), help="Adapter soups: output form.")
+    recipe.add_argument("--rank", type=int, help="Adapter form: truncated SVD rank.")
+    ev = merge.add_argument_group("evaluation (greedy soups, WiSE-FT sweeps, reporting)")
+    ev.add_argument(
+        "--eval-file",
+        action="append",
+        metavar="[NAME=]PATH",
+        help="Held-out data: csv/tsv/json/jsonl/parquet file or save_to_disk folder. Repeat for several named sets.",
+    )
+    ev.add_argument("--split", help="Split of a saved DatasetDict.")
+    ev.add_argument(
+        "--text-column", nargs="+", metavar="COLUMN", help="Text column(s) (two for sentence pairs)."
+    )
+    ev.add_argument("--label-column", help="Label column (default: label).")
+    ev.add_argument(
+        "--metric", help="evaluate metric name (default: accuracy) or a local metric module folder."
+    )
+    ev.add_argument("--metric-key", help="Which value of the metric's result to maximise.")
+    ev.add_argument(
+        "--lower-is-better", action="store_true", help="The metric is a loss (greater_is_better=False)."
+    )
+    ev.add_argument("--select-on", help="Eval set NAME that drives the choices when several are given.")
+    ev.add_argument("--batch-size", type=int, help="Evaluation batch size (default: 32).")
+    ev.add_argument("--device", help="Evaluation device (cpu, cuda, cuda:1, mps).")
+    out = merge.add_argument_group("output")
+    out.add_argument(
+        "--dtype", help="Output dtype: float32, float16 or bfloat16 (default: the first model's)."
+    )
+    out.add_argument("--max-shard-size", help="Largest safetensors shard, e.g. 5GB (default: 50GB).")
+    out.add_argument(
+        "--print-recipe",
+        action="store_true",
+        help="Print the equivalent YAML recipe and exit (nothing is cooked).",
+    )
+    _output(merge, recipe=False)
+    _hub(merge)
+    _common(merge)
+    merge.set_defaults(func=_cmd_merge)
+
+    inspect = sub.add_parser(
+        "inspect",
+        help="Check whether models can be souped and how far apart they are, without merging.",
+        description="Report, without merging, whether the models can be souped (architecture, config, tensor names "
+        "and shapes, label maps, vocabularies, adapter bases), which tensors differ, and how far apart the models "
+        "are (L2 distances; with --base-model, the norm and cosine similarity of each model's delta). Tensors are "
+        "streamed one at a time.",
+        epilog=INSPECT_EXAMPLES,
+        formatter_class=_Formatter,
+    )
+    inspect.add_argument(
+        "models", nargs="+", metavar="MODEL", help="Hub ids (org/name[@rev]) or local folders."
+    )
+    inspect.add_argument("--base-model", help="The shared pre-trained model the deltas are measured from.")
+    inspect.add_argument("--json", action="store_true", help="Print the report as JSON.")
+    inspect.add_argument(
+        "--no-tensors", action="store_true", help="Skip streaming the tensors (metadata checks only)."
+    )
+    inspect.add_argument("--top", type=int, default=5, help="How many of the most different tensors to list.")
+    _hub(inspect)
+    _common(inspect)
+    inspect.set_defaults(func=_cmd_inspect)
+
+    sub.add_parser("demo", help=DEMO_HELP, add_help=False, description=DEMO_HELP)
+    return parser
+
+
+# ================================================================================================ helpers
+
+
+def _setup_logging(args: argparse.Namespace) -> None:
+    level = logging.DEBUG if args.debug else (logging.WARNING if args.quiet else logging.INFO)
+    root = logging.getLogger("hf_soups")
+    root.setLevel(level)
+    if not any(getattr(h, "_hf_soups_cli", False) for h in root.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(
+            logging.Formatter("%(message)s" if not args.debug else "%(levelname)s %(name)s: %(message)s")
+        )
+        handler._hf_soups_cli = True  # type: ignore[attr-defined]
+        root.addHandler(handler)
+    if args.quiet:
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+        try:
+            from huggingface_hub.utils import disable_progress_bars
+
+            disable_progress_bars()
+        except ImportError:  # pragma: no cover
+            pass
+
+
+def _debug_enabled(argv: Sequence[str]) -> bool:
+    return "--debug" in argv or os.environ.get("HF_DEBUG", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _absolute(path: str | None) -> str | None:
+    return os.path.abspath(os.path.expanduser(path)) if path else None
+
+
+def _split_eval_file(value: str, index: int) -> tuple[str, str]:
+    """`NAME=PATH` or `PATH` (named `eval` when alone, `eval_<i>` otherwise)."""
+    if "=" in value and not os.path.exists(value):
+        name, _, path = value.partition("=")
+        if name and "/" not in name and os.sep not in name:
+            return name, path
+    return "", value
+
+
+def merge_args_to_recipe(args: argparse.Namespace) -> dict[str, Any]:
+    """The recipe mapping that `hf-soups merge` flags stand for (paths made absolute)."""
+    data: dict[str, Any] = {"method": args.method}
+    models: list[Any] = []
+    for i, ref in enumerate(args.models):
+        entry: dict[str, Any] = {"model": _absolute(ref) if os.path.exists(os.path.expanduser(ref)) else ref}
+        if args.weights is not None:
+            if len(args.weights) != len(args.models):
+                raise _usage(
+                    f"--weights: {len(args.weights)} value(s) for {len(args.models)} model(s); give one per model"
+                )
+            entry["weight"] = args.weights[i]
+        models.append(entry if len(entry) > 1 else entry["model"])
+    data["ingredients"] = models
+    if args.base_model:
+        data["base_model"] = (
+            _absolute(args.base_model)
+            if os.path.exists(os.path.expanduser(args.base_model))
+            else args.base_model
+        )
+    if args.alpha is not None:
+        data["alpha"] = args.alpha[0] if len(args.alpha) == 1 else list(args.alpha)
+    if args.eval_file:
+        sets: dict[str, dict[str, Any]] = {}
+        for i, value in enumerate(args.eval_file):
+            name, path = _split_eval_file(value, i)
+            spec: dict[str, Any] = {"data": _absolute(path)}
+            if args.split:
+                spec["split"] = args.split
+            sets[name or ("eval" if len(args.eval_file) == 1 else f"eval_{i}")] = spec
+        if len(sets) == 1 and "eval" in sets:
+            data["eval"] = sets["eval"]
+        else:
+            data["eval"] = sets
+    if args.text_column:
+        data["text_columns"] = args.text_column[0] if len(args.text_column) == 1 else list(args.text_column)
+    simple = {
+        "label_column": args.label_column,
+        "metric": args.metric,
+        "metric_key": args.metric_key,
+        "select_on": args.select_on,
+        "batch_size": args.batch_size,
+        "device": args.device,
+        "strict": args.strict,
+        "adapter_output": args.adapter_output,
+        "rank": args.rank,
+        "dtype": args.dtype,
+        "max_shard_size": args.max_shard_size,
+        "output_dir": _absolute(args.output_dir),
+        "push_to_hub": args.push_to_hub,
+        "private": args.private,
+        "revision": args.revision,
+        "cache_dir": _absolute(args.cache_dir),
+    }
+    if args.lower_is_better:
+        simple["greater_is_better"] = False
+    if simple["metric"] and os.path.exists(os.path.expanduser(simple["metric"])):
+        simple["metric"] = _absolute(simple["metric"])
+    data.update({k: v for k, v in simple.items() if v is not None})
+    return data
+
+
+class _UsageError(Exception):
+    """Bad command-line usage (exit status 2)."""
+
+
+def _usage(message: str) -> _UsageError:
+    return _UsageError(message)
+
+
+def _run_recipe(recipe: Any, args: argparse.Namespace, overrides: dict[str, Any]) -> int:
+    """Dry-run or cook a validated recipe; prints the outcome."""
+    from .recipe_file import RecipeError
+
+    output_dir = overrides.get("output_dir", recipe.output_dir)
+    push = overrides.get("push_to_hub", recipe.push_to_hub)
+    if not output_dir and not push:
+        raise RecipeError(
+            "nothing would be written: pass --output-dir DIR or --push-to-hub REPO_ID (or set output_dir: in the recipe)"
+        )
+    if args.dry_run:
+        import dataclasses
+
+        from .diagnose import plan_merge
+
+        planned = dataclasses.replace(recipe, output_dir=output_dir, push_to_hub=push)
+        print(plan_merge(planned, token=overrides.get("token")).format())
+        return EXIT_OK
+    from .recipe_file import cook
+
+    soup = cook(recipe, progress=not args.quiet, **overrides)
+    _print_soup(soup)
+    return EXIT_OK
+
+
+def _print_soup(soup: Any) -> None:
+    kept = [i for i in soup.ingredients if i.selected or (i.selected is None and (i.weight or 0) > 0)]
+    lines = [f"Cooked a {soup.method} soup of {len(kept)} ingredient(s) out of {len(soup.ingredients)}."]
+    if soup.params.get("alpha") is not None:
+        lines.append(f"  alpha: {soup.params['alpha']}")
+    for ing in soup.ingredients:
+        bits = [f"weight {ing.weight:.4g}" if ing.weight is not None else None]
+        if ing.score is not None:
+            bits.append(f"score {ing.score:.4f}")
+        if ing.selected is False:
+            bits.append("left out")
+        lines.append(f"  - {ing.name}" + (f" ({', '.join(b for b in bits if b)})" if any(bits) else ""))
+    if soup.score is not None:
+        what = soup.metric_name or "score"
+        where = f" on {soup.select_on}" if soup.select_on else ""
+        lines.append(f"Soup {what}{where}: {soup.score:.4f}")
+    if soup.output_dir is not None:
+        lines.append(
+            f"Written to {soup.output_dir} (re-cook: hf-soups cook {soup.output_dir}/soup_recipe.yaml)"
+        )
+    print("\n".join(lines))
+
+
+# ================================================================================================ commands
+
+
+def _cmd_cook(args: argparse.Namespace) -> int:
+    from .recipe_file import load_recipe
+
+    recipe = load_recipe(args.recipe)
+    overrides: dict[str, Any] = {}
+    if args.output_dir:
+        overrides["output_dir"] = _absolute(args.output_dir)
+    if args.push_to_hub:
+        overrides["push_to_hub"] = args.push_to_hub
+    if args.private is not None:
+        overrides["private"] = args.private
+    if args.token:
+        overrides["token"] = args.token
+    return _run_recipe(recipe, args, overrides)
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from .recipe_file import Recipe
+
+    data = merge_args_to_recipe(args)
+    recipe = Recipe.from_dict(data, base_dir=os.getcwd(), source="command line")
+    if args.print_recipe:
+        import yaml
+
+        print(yaml.safe_dump(recipe.to_dict(), sort_keys=False), end="")
+        return EXIT_OK
+    overrides: dict[str, Any] = {"token": args.token} if args.token else {}
+    return _run_recipe(recipe, args, overrides)
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from .diagnose import inspect_models
+
+    report = inspect_models(
+        args.models,
+        base_model=args.base_model,
+        token=args.token,
+        cache_dir=args.cache_dir,
+        revision=args.revision,
+        compare_tensors=not args.no_tensors,
+        top=args.top,
+        progress=not args.quiet and not args.json,
+    )
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2, default=str))
+    else:
+        print(report.format())
+    return EXIT_OK if report.compatible else EXIT_FAILURE
+
+
+def _cmd_demo(argv: Sequence[str]) -> int:
+    from .demo import main as demo_main
+
+    code = demo_main(list(argv))
+    return int(code or 0)
+
+
+# ================================================================================================ main
+
+
+def _format_error(error: BaseException) -> str:
+    """One line: the error's own message (ours name the ingredient, tensor and fix), or a Hub one-liner."""
+    message = None
+    if type(error).__module__.startswith("huggingface_hub"):
+        try:
+            from huggingface_hub.cli._errors import format_known_exception
+
+            message = format_known_exception(error)  # type: ignore[arg-type]
+        except ImportError:  # pragma: no cover
+            message = None
+    if message is None:
+        message = str(error).strip() or type(error).__name__
+        from .errors import SoupError
+
+        if not isinstance(error, (SoupError, _UsageError, OSError)):
+            message = f"{type(error).__name__}: {message}"
+    return " ".join(part.strip() for part in message.splitlines() if part.strip())
+
+
+def _exit_code(error: BaseException) -> int:
+    from .errors import InvalidArgumentError
+
+    if isinstance(error, (_UsageError, InvalidArgumentError)):
+        return EXIT_USAGE
+    return EXIT_FAILURE
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `hf-soups` console script.
+
+    Args:
+        argv (`Sequence[str]`, *optional*):
+            Arguments without the program name (defaults to `sys.argv[1:]`).
+
+    Returns:
+        `int`: the exit status: 0 success, 2 bad usage or recipe, 1 other failure.
+
+    Example:
+
+    ```python
+    >>> from hf_soups.cli import main
+    >>> main(["merge", "./runs/a", "./runs/b", "--output-dir", "soup", "--quiet"])  # doctest: +SKIP
+    0
+    ```
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = _debug_enabled(argv)
+    if argv and argv[0] == "demo":  # the demo parses its own arguments (hf-soups demo --help)
+        try:
+            return _cmd_demo(argv[1:])
+        except KeyboardInterrupt:
+            print(f"{PROG}: interrupted", file=sys.stderr)
+            return 130
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse: --help (0) or bad usage (2)
+        return int(e.code or 0)
+    if args.version:
+        from . import __version__
+
+        print(__version__)
+        return EXIT_OK
+    if args.command is None:
+        parser.print_help()
+        return EXIT_USAGE
+    _setup_logging(args)
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # noqa: BLE001 - every failure becomes one line and an exit status
+        if debug:
+            traceback.print_exc()
+        print(f"{PROG} {args.command}: error: {_format_error(error)}", file=sys.stderr)
+        if not debug:
+            print("(run with --debug or HF_DEBUG=1 for the full traceback)", file=sys.stderr)
+        return _exit_code(error)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
