@@ -148,6 +148,7 @@ class Kitchen:
         score: float | None = None,
         scores: dict[str, dict[str, float]] | None = None,
         model=None,
+        report_extra: dict[str, Any] | None = None,
     ) -> Soup:
         """Make the final soup: stream it to `output_dir` (atomically) or build it in memory.
 
@@ -158,6 +159,7 @@ class Kitchen:
             history: recipe steps (greedy additions, sweep points).
             score / scores: the soup's held-out results when the recipe already has them.
             model: a live model that already holds these coefficients (skips rebuilding in memory).
+            report_extra: extra report entries (e.g. greedy's best-single / uniform / ensemble baselines).
         """
         from .soup import Soup
 
@@ -176,6 +178,11 @@ class Kitchen:
                 "max_shard_size": self.max_shard_size,
             },
         )
+        if report_extra:
+            soup.report_extra.update(report_extra)
+        if self.evaluator is not None:  # what score means, before the card is written
+            soup.metric_name = soup.metric_name or getattr(self.evaluator, "metric_key", None)
+            soup.select_on = soup.select_on or getattr(self.evaluator, "select_on", None)
         if self.evaluator is not None and score is None:
             finish = getattr(self.evaluator, "score_soup", None)
             if finish is not None:
