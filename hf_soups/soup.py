@@ -66,10 +66,18 @@ class Soup:
 
     @property
     def model(self) -> PreTrainedModel:
-        """The soup as a transformers model; loaded lazily from `output_dir` when the soup was streamed."""
+        """The soup as a transformers model; loaded lazily from `output_dir` when the soup was streamed.
+
+        A soup written with `adapter_output="adapter"` loads as a `peft.PeftModel` on its base model.
+        """
         if self._model is None:
             if self.output_dir is None:
                 raise AttributeError("This soup has neither an in-memory model nor an output_dir.")
+            if (Path(self.output_dir) / "adapter_config.json").is_file():
+                from .peft_support import load_adapter_soup
+
+                self._model = load_adapter_soup(self.output_dir)
+                return self._model
             import json
 
             from .kitchen import model_class_for

@@ -1,0 +1,371 @@
+"""A soup of LoRA adapters written as one LoRA adapter, exactly or truncated by SVD.
+
+For a module adapted by ingredients `i` with coefficients `c_i`, the soup's weight change is
+`sum_i c_i * s_i * B_i @ A_i`. Stacking the `A_i` (rows) and the `c_i * s_i * B_i` (columns) gives one
+LoRA pair of rank `sum_i r_i` whose product is exactly that sum (no cross terms `B_i @ A_j`, unlike
+averaging `A` and `B` separately). With `rank=k`, each module's summed delta is truncated to its best
+rank-`k` approximation (SVD, computed through the QR factors of the stacked pair, so the full delta is
+never formed when it is larger) and the relative Frobenius error of every module is reported.
+
+The written adapter uses `scaling = 1` for every module (`lora_alpha = r`, with `rank_pattern` /
+`alpha_pattern` entries for modules whose rank differs): `PeftModel.from_pretrained` loads it as is.
+
+Tensors that adapters replace in full (`modules_to_save`, trained biases) are averaged as full tensors;
+only those few base tensors are read, never the base model's other weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import (
+    IncompatibleIngredientsError,
+    IngredientNotFoundError,
+    InvalidArgumentError,
+    UnsupportedAdapterError,
+)
+from .lora import ADAPTER_SAFETENSORS_NAME, PEFT_PREFIX, LoraAdapter, LoraModule
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from ..tensors import TensorSource
+
+logger = logging.getLogger(__name__)
+
+_BIAS_ORDER = {"none": 0, "lora_only": 1, "all": 2}
+
+
+@dataclass
+class AdapterSoup:
+    """The result of [`build_adapter_soup`]: the tensors and config of one LoRA adapter.
+
+    Attributes:
+        tensors (`dict[str, torch.Tensor]`): saved-form tensors (keys as in `adapter_model.safetensors`).
+        config (`dict`): `LoraConfig` keyword arguments.
+        module_ranks (`dict[str, int]`): rank of every LoRA module written.
+        svd_error (`dict[str, float]`): per module, relative Frobenius error of the truncation (`rank=` only).
+        full_tensors (`list[str]`): base tensor names written in full (averaged).
+    """
+
+    tensors: dict[str, torch.Tensor]
+    config: dict[str, Any]
+    module_ranks: dict[str, int] = field(default_factory=dict)
+    svd_error: dict[str, float] = field(default_factory=dict)
+    full_tensors: list[str] = field(default_factory=list)
+
+    def report(self) -> dict[str, Any]:
+        """A JSON-friendly summary (for `Soup.report_extra`)."""
+        ranks = list(self.module_ranks.values())
+        out: dict[str, Any] = {
+            "adapter_modules": len(self.module_ranks),
+            "adapter_rank_min": min(ranks) if ranks else 0,
+            "adapter_rank_max": max(ranks) if ranks else 0,
+            "adapter_full_tensors": list(self.full_tensors),
+        }
+        if self.svd_error:
+            out["adapter_svd_error"] = dict(self.svd_error)
+            out["adapter_svd_error_max"] = max(self.svd_error.values())
+        return out
+
+    def save(self, directory: str | Path) -> Path:
+        """Write `adapter_config.json` and `adapter_model.safetensors` into `directory` (created if needed)."""
+        from peft import LoraConfig
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        LoraConfig(**self.config).save_pretrained(str(directory))
+        save_file(
+            {k: v.contiguous() for k, v in self.tensors.items()},
+            str(directory / ADAPTER_SAFETENSORS_NAME),
+            metadata={"format": "pt"},
+        )
+        return directory
+
+
+def truncate_pair(a: torch.Tensor, b: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Best rank-`rank` approximation of `b @ a`, as a pair `(a_k, b_k)`, and its relative Frobenius error.
+
+    `a` is `(R, in)` and `b` is `(out, R)`. When `R` is smaller than both sides the SVD is taken of the
+    `R x R` core of the two QR factorisations (float64), so the `(out, in)` product is never formed.
+
+    Returns:
+        `(a_k, b_k, error)` with `a_k` `(k, in)`, `b_k` `(out, k)`, `k = min(rank, R, out, in)` and
+        `error = ||b @ a - b_k @ a_k||_F / ||b @ a||_F` (0 for a zero delta).
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> a, b = torch.randn(4, 10), torch.randn(12, 4)
+    >>> a2, b2, err = truncate_pair(a, b, 4)
+    >>> bool(torch.allclose(b2 @ a2, b @ a, atol=1e-4)), err < 1e-6
+    (True, True)
+    ```
+    """
+    import torch
+
+    r_in, n_in = a.shape
+    n_out = b.shape[0]
+    if r_in <= min(n_out, n_in):
+        qb, rb = torch.linalg.qr(b.double())
+        qa, ra = torch.linalg.qr(a.double().T)
+        u, s, vh = torch.linalg.svd(rb @ ra.T)
+        left, right = qb @ u, qa @ vh.T
+    else:
+        u, s, vh = torch.linalg.svd((b.float() @ a.float()), full_matrices=False)
+        left, right = u, vh.T
+    k = max(1, min(rank, s.numel()))
+    total = float((s.double() ** 2).sum())
+    error = math.sqrt(max(float((s[k:].double() ** 2).sum()), 0.0) / total) if total > 0 else 0.0
+    root = s[:k].sqrt()
+    b_k = (left[:, :k] * root).to(b.dtype)
+    a_k = (right[:, :k] * root).T.contiguous().to(a.dtype)
+    return a_k, b_k, error
+
+
+def _escape_module(path: str) -> str:
+    # rank_pattern / alpha_pattern keys are regexes matched as rf"(.*\.)?({key})$": anchor the full path.
+    return "^" + re.escape(path)
+
+
+def build_adapter_soup(
+    members: Sequence[LoraAdapter | None],
+    coefficients: Sequence[float],
+    *,
+    base: TensorSource | None = None,
+    rank: int | None = None,
+    dtype: torch.dtype | None = None,
+    names: Sequence[str] | None = None,
+) -> AdapterSoup:
+    """One LoRA adapter equal to `sum_i coefficients[i] * member_i` (members over one base model).
+
+    Args:
+        members (`Sequence[LoraAdapter | None]`):
+            The adapters; `None` stands for the base model itself (WiSE-FT's zero-shot end).
+        coefficients (`Sequence[float]`):
+            One per member; they must sum to 1 (the base weights appear once in the result).
+        base ([`TensorSource`], *optional*):
+            The base model's tensors. Only the tensors that some adapter replaces in full
+            (`modules_to_save`, trained biases) and that another member leaves unchanged are read.
+        rank (`int`, *optional*):
+            Truncate every module's summed delta to this rank (SVD) and report the error. Default: exact,
+            rank = sum of the members' ranks for that module.
+        dtype (`torch.dtype`, *optional*):
+            dtype of the written tensors (default: each tensor's own, the factors' for LoRA pairs).
+        names (`Sequence[str]`, *optional*):
+            Display names of the members, for messages.
+
+    Returns:
+        [`AdapterSoup`]
+
+    Raises:
+        [`InvalidArgumentError`]: coefficients that do not sum to 1, or a rank below 1.
+        [`IncompatibleIngredientsError`]: two adapters adapt one module with different shapes or kinds.
+        [`IngredientNotFoundError`]: a base tensor is needed but `base` is None.
+    """
+    import torch
+
+    if len(members) != len(coefficients):
+        raise InvalidArgumentError(
+            f"{len(coefficients)} coefficients for {len(members)} adapter soup members."
+        )
+    names = list(names) if names is not None else [m.name if m is not None else "base model" for m in members]
+    total = float(sum(coefficients))
+    if not math.isclose(total, 1.0, rel_tol=0, abs_tol=1e-6):
+        raise InvalidArgumentError(
+            f"An adapter soup written as an adapter needs coefficients that sum to 1 (got {total:.6g}): the base "
+            'weights appear once in base + sum_i c_i * delta_i. Use adapter_output="merged" for other combinations.'
+        )
+    if rank is not None and (not isinstance(rank, int) or rank < 1):
+        raise InvalidArgumentError(f"rank={rank!r}: pass a positive integer (or None for the exact adapter).")
+    active = [(i, float(c), m) for i, (m, c) in enumerate(zip(members, coefficients)) if c != 0]
+    adapters = [(i, c, m) for i, c, m in active if m is not None]
+    if not adapters:
+        raise InvalidArgumentError(
+            "No adapter has a non-zero coefficient: the soup is the base model itself."
+        )
+    first = adapters[0][2]
+
+    # ---- full tensors: replaced somewhere, or folded (a LoRA module whose weight is replaced elsewhere)
+    full: dict[str, None] = {}
+    for _, _, m in adapters:
+        for t in m.full_tensors:
+            full[t] = None
+    for _, _, m in adapters:
+        for mod in m.modules.values():
+            if mod.weight_name in full and any(
+                (other.modules.get(mod.path) is not None and other.modules[mod.path].bias_key)
+                for _, _, other in adapters
+            ):
+                full[mod.bias_name] = None
+
+    def base_info(name: str):
+        if base is not None and name in base.keys():
+            return base.info(name)
+        return None
+
+    tensors: dict[str, torch.Tensor] = {}
+    full_values: dict[str, torch.Tensor] = {}
+    for tname in full:
+        info = base_info(tname)
+        shape = tuple(info.shape) if info is not None else None
+        acc = None
+        base_value = None
+        out_dtype = dtype
+        for i, c, m in active:
+            value = m.replacement(tname) if m is not None else None
+            if value is None:
+                if base_value is None:
+                    if info is None:
+                        raise IngredientNotFoundError(
+                            f"The adapter soup needs base tensor {tname!r} (replaced in full by one adapter, kept by "
+                            f"{names[i]!r}), but the base model is {'unknown' if base is None else 'missing it'}. "
+                            "Pass the adapters' base model with base_model=.",
+                            ingredient=names[i],
+                            tensor_name=tname,
+                        )
+                    base_value = base.get(tname).to(torch.float32, copy=True)  # type: ignore[union-attr]
+                    out_dtype = out_dtype or info.dtype
+                value = base_value.clone()
+            else:
+                out_dtype = out_dtype or (
+                    m.source.info(m.full_tensors[tname]).dtype if m is not None else None
+                )
+            if m is not None:
+                delta = m.delta(tname, shape or tuple(value.shape))
+                if delta is not None:
+                    value += delta
+            if shape is not None and tuple(value.shape) != shape:
+                raise IncompatibleIngredientsError(
+                    f"Adapter {names[i]!r} stores tensor {tname!r} with shape {tuple(value.shape)}, but the base "
+                    f"model's has shape {shape}. The adapter was trained on another base model.",
+                    ingredient=names[i],
+                    tensor_name=tname,
+                )
+            acc = value.mul_(c) if acc is None else acc.add_(value, alpha=c)
+        full_values[tname] = acc.to(out_dtype or torch.float32)  # type: ignore[union-attr]
+
+    # ---- LoRA modules
+    paths: dict[str, None] = {}
+    for _, _, m in adapters:
+        for p, mod in m.modules.items():
+            if mod.weight_name not in full:
+                paths[p] = None
+    module_ranks: dict[str, int] = {}
+    svd_error: dict[str, float] = {}
+    kinds: dict[str, str] = {}
+    biases: dict[str, torch.Tensor] = {}
+    factor_dtype = dtype
+    if factor_dtype is None and first.modules:
+        factor_dtype = first.source.info(next(iter(first.modules.values())).a_key).dtype
+    for p in sorted(paths):
+        parts: list[tuple[int, float, LoraAdapter, LoraModule]] = [
+            (i, c, m, m.modules[p]) for i, c, m in adapters if p in m.modules
+        ]
+        i0, _, _m0, mod0 = parts[0]
+        for i, _, _m, mod in parts[1:]:
+            if (mod.kind, mod.in_features, mod.out_features) != (
+                mod0.kind,
+                mod0.in_features,
+                mod0.out_features,
+            ):
+                raise IncompatibleIngredientsError(
+                    f"Adapters {names[i0]!r} and {names[i]!r} adapt module {p!r} differently ({mod0.kind} "
+                    f"{mod0.out_features}x{mod0.in_features} vs {mod.kind} {mod.out_features}x{mod.in_features}): "
+                    "they were not trained on the same base model.",
+                    ingredient=names[i],
+                    tensor_name=mod.weight_name,
+                )
+        a_parts, b_parts = [], []
+        bias_sum = None
+        for _, c, m, mod in parts:
+            a, b = m.factors(mod)
+            a_parts.append(a)
+            b_parts.append(b.mul_(c * mod.scaling))
+            if mod.bias_key is not None and mod.bias_name not in full:
+                bias = m.tensor(mod.bias_key).mul_(c * mod.scaling)
+                bias_sum = bias if bias_sum is None else bias_sum.add_(bias)
+        a_cat, b_cat = torch.cat(a_parts, dim=0), torch.cat(b_parts, dim=1)
+        if rank is not None:
+            a_cat, b_cat, err = truncate_pair(a_cat, b_cat, rank)
+            svd_error[p] = err
+        module_ranks[p] = int(a_cat.shape[0])
+        kinds[p] = mod0.kind
+        if mod0.kind == "linear":
+            tensors[f"{PEFT_PREFIX}{p}.lora_A.weight"] = a_cat.to(factor_dtype or a_cat.dtype)
+            tensors[f"{PEFT_PREFIX}{p}.lora_B.weight"] = b_cat.to(factor_dtype or b_cat.dtype)
+        else:
+            tensors[f"{PEFT_PREFIX}{p}.lora_embedding_A"] = a_cat.to(factor_dtype or a_cat.dtype)
+            tensors[f"{PEFT_PREFIX}{p}.lora_embedding_B"] = b_cat.to(factor_dtype or b_cat.dtype)
+        if bias_sum is not None:
+            biases[p] = bias_sum
+
+    lora_bias = bool(biases)
+    if lora_bias:
+        embedding_paths = [p for p, k in kinds.items() if k == "embedding"]
+        if embedding_paths:
+            raise UnsupportedAdapterError(
+                f"The adapter soup would need lora_bias=True (an adapter trains LoRA biases) and also adapts embedding "
+                f"module {embedding_paths[0]!r}; PEFT does not support LoRA biases on embeddings. Use "
+                'adapter_output="merged".',
+                tensor_name=embedding_paths[0],
+            )
+        for p in module_ranks:
+            out_features = tensors[f"{PEFT_PREFIX}{p}.lora_B.weight"].shape[0]
+            bias = biases.get(p)
+            if bias is None:
+                bias = torch.zeros(out_features, dtype=torch.float32)
+            tensors[f"{PEFT_PREFIX}{p}.lora_B.bias"] = bias.to(factor_dtype or bias.dtype)
+
+    for tname, value in full_values.items():
+        module, _, param = tname.rpartition(".")
+        key = (
+            f"{PEFT_PREFIX}{module}.base_layer.{param}" if module in module_ranks else f"{PEFT_PREFIX}{tname}"
+        )
+        tensors[key] = value
+
+    # ---- config
+    ranks = list(module_ranks.values())
+    r = max(set(ranks), key=lambda v: (ranks.count(v), v)) if ranks else 8
+    pattern = {_escape_module(p): k for p, k in module_ranks.items() if k != r}
+    modules_to_save: list[str] = []
+    for _, _, m in adapters:
+        for entry in m.modules_to_save:
+            if entry not in modules_to_save:
+                modules_to_save.append(entry)
+    bias_mode = max(
+        (str(m.config.get("bias", "none")) for _, _, m in adapters), key=lambda v: _BIAS_ORDER.get(v, 0)
+    )
+    config = {
+        "base_model_name_or_path": first.base_model_name_or_path,
+        "revision": first.base_revision,
+        "task_type": first.task_type,
+        "r": r,
+        "lora_alpha": r,
+        "rank_pattern": dict(pattern),
+        "alpha_pattern": dict(pattern),
+        "use_rslora": False,
+        "target_modules": sorted(module_ranks),
+        "modules_to_save": modules_to_save or None,
+        "fan_in_fan_out": any(bool(m.config.get("fan_in_fan_out", False)) for _, _, m in adapters),
+        "bias": bias_mode,
+        "lora_bias": lora_bias,
+        "lora_dropout": float(first.config.get("lora_dropout", 0.0) or 0.0),
+        "init_lora_weights": True,
+        "inference_mode": True,
+    }
+    return AdapterSoup(
+        tensors=tensors,
+        config=config,
+        module_ranks=module_ranks,
+        svd_error=svd_error,
+        full_tensors=list(full_values),
+    )

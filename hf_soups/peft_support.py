@@ -1,0 +1,612 @@
+"""PEFT adapters in soups: adapter ingredients, their base model, and the two output forms.
+
+An adapter ingredient is seen by the soup engine as its base model plus the adapter's exact weight
+change ([`AdapterSource`] yields `base + scaling * B @ A` for adapted tensors, the adapter's own
+tensors for `modules_to_save`, and base tensors otherwise, one tensor at a time). Uniform, greedy and
+WiSE-FT recipes, and mixed soups of full fine-tunes and adapters of one base, therefore run unchanged.
+
+With `adapter_output="adapter"`, the chosen coefficients are written as one LoRA adapter instead
+(see [`hf_soups.adapters.export`]): exact (stacked factors) or truncated by SVD to `rank=`, without
+reading the base model's weights.
+
+Model-free LoRA math lives in [`hf_soups.adapters.lora`].
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .adapters.lora import LoraAdapter
+from .errors import (
+    IncompatibleIngredientsError,
+    IngredientNotFoundError,
+    InvalidArgumentError,
+    UnsupportedAdapterError,
+)
+from .tensors import TensorInfo, TensorSource
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from .ingredients import Ingredient, ResolvedIngredient
+    from .kitchen import Kitchen
+    from .recipes.base import Recipe
+    from .soup import Soup
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "AdapterIngredient",
+    "AdapterSource",
+    "bind_adapter_bases",
+    "cook_adapter_soup",
+    "load_adapter_soup",
+    "load_base_model",
+    "open_adapter_source",
+    "resolve_adapter",
+]
+
+
+# ------------------------------------------------------------------------------------------ sources
+
+
+def conv1d_modules(config: dict[str, Any], paths: list[str]) -> dict[str, bool]:
+    """Which of `paths` are transformers `Conv1D` layers in the architecture of `config` (built on the meta
+    device: no weights are allocated). Empty when the architecture cannot be built."""
+    try:
+        from accelerate import init_empty_weights
+        from transformers import AutoConfig
+        from transformers.pytorch_utils import Conv1D
+
+        from .kitchen import model_class_for
+
+        cfg = dict(config)
+        model_type = cfg.pop("model_type")
+        config_obj = AutoConfig.for_model(model_type, **cfg)
+        with init_empty_weights():
+            model = model_class_for(config)._from_config(config_obj)
+        out = {}
+        for path in paths:
+            try:
+                out[path] = isinstance(model.get_submodule(path), Conv1D)
+            except AttributeError:
+                continue
+        return out
+    except Exception as e:  # noqa: BLE001 - any failure only loses a hint
+        logger.debug("Could not build the base architecture on the meta device (%s).", e)
+        return {}
+
+
+class SharedBaseSource(TensorSource):
+    """A base model's tensors shared by several adapter ingredients: the last tensor read is kept, so K
+    adapters of one base read each base tensor once, not K times (memory: one tensor)."""
+
+    def __init__(self, base: TensorSource, config: dict[str, Any] | None = None):
+        self.base = base
+        self.config = dict(config or {})
+        self.description = base.description
+        self._last: tuple[str, torch.Tensor] | None = None
+        self._conv1d: dict[str, bool] = {}
+
+    def conv1d(self, paths: list[str]) -> dict[str, bool]:
+        """Layer-type hints for square weights (cached)."""
+        todo = [p for p in paths if p not in self._conv1d]
+        if todo:
+            found = conv1d_modules(self.config, todo) if self.config.get("model_type") else {}
+            for p in todo:
+                self._conv1d[p] = found.get(p)  # type: ignore[assignment]
+        return {p: self._conv1d[p] for p in paths if self._conv1d.get(p) is not None}
+
+    def keys(self) -> list[str]:
+        return self.base.keys()
+
+    def info(self, name: str) -> TensorInfo:
+        return self.base.info(name)
+
+    def get(self, name: str, buffer: torch.Tensor | None = None) -> torch.Tensor:
+        if self._last is None or self._last[0] != name:
+            self._last = None  # free the previous tensor before reading the next one
+            self._last = (name, self.base.get(name))
+        return self._last[1]
+
+    def close(self) -> None:
+        self._last = None
+        self.base.close()
+
+
+class AdapterSource(TensorSource):
+    """The tensors of `base + adapter`, computed lazily one tensor at a time.
+
+    Args:
+        adapter ([`LoraAdapter`]):
+            The adapter.
+        base ([`TensorSource`]):
+            Its base model's tensors (ideally a [`SharedBaseSource`] shared by all adapters of the soup).
+        base_config (`dict`, *optional*):
+            The base's `config.json` (to resolve LoRA on a tied output embedding).
+
+    Raises:
+        [`IncompatibleIngredientsError`]: the adapter changes a tensor the base does not have, or one of
+            another shape (it was trained on another base).
+    """
+
+    def __init__(self, adapter: LoraAdapter, base: TensorSource, base_config: dict[str, Any] | None = None):
+        self.adapter = adapter
+        self.base = base
+        self.description = adapter.name
+        keys = set(base.keys())
+        square = [
+            m.path for m in adapter.modules.values() if m.kind == "linear" and m.in_features == m.out_features
+        ]
+        self._conv1d: dict[str, bool] = (
+            base.conv1d(square) if square and isinstance(base, SharedBaseSource) else {}
+        )
+        # base tensor name -> adapter tensor names applied to it (LoRA on a tied lm_head changes the embedding)
+        self._changes: dict[str, list[str]] = {}
+        for name in adapter.adapted_tensors():
+            target = name if name in keys else self._tied_target(name, keys, base_config or {})
+            self._changes.setdefault(target, []).append(name)
+        for target, names in self._changes.items():
+            shape = tuple(base.info(target).shape)
+            for name in names:
+                replacement_key = adapter.full_tensors.get(name)
+                if replacement_key is not None:
+                    got = tuple(adapter.source.info(replacement_key).shape)
+                    if got != shape:
+                        raise IncompatibleIngredientsError(
+                            f"Adapter {adapter.name!r} replaces tensor {name!r} with shape {got}, but the base "
+                            f"model's has shape {shape}. The adapter was trained on another base model (or another "
+                            "number of labels): pass its own base with base_model=.",
+                            ingredient=adapter.name,
+                            tensor_name=name,
+                        )
+                hit = adapter._by_tensor.get(name)
+                if hit is not None and hit[1] == "weight":
+                    adapter.is_transposed(
+                        hit[0], shape, self._conv1d.get(hit[0].path)
+                    )  # raises on a mismatch
+
+    def _tied_target(self, name: str, keys: set[str], config: dict[str, Any]) -> str:
+        from .align import INPUT_EMBEDDING_SUFFIXES, TIED_OUTPUT_SUFFIXES
+
+        if name.endswith(TIED_OUTPUT_SUFFIXES) and config.get("tie_word_embeddings", True):
+            embeddings = [k for k in keys if k.endswith(INPUT_EMBEDDING_SUFFIXES)]
+            if len(embeddings) == 1:
+                logger.info(
+                    "Adapter %r adapts %s, tied to %s in the base: the change applies to both (as merge_and_unload).",
+                    self.adapter.name,
+                    name,
+                    embeddings[0],
+                )
+                return embeddings[0]
+        raise IncompatibleIngredientsError(
+            f"Adapter {self.adapter.name!r} changes tensor {name!r}, which the base model "
+            f"({self.base.description}) does not have. The adapter was trained on another base model: pass its "
+            "own base with base_model=.",
+            ingredient=self.adapter.name,
+            tensor_name=name,
+        )
+
+    def keys(self) -> list[str]:
+        return self.base.keys()
+
+    def info(self, name: str) -> TensorInfo:
+        return self.base.info(name)
+
+    def get(self, name: str, buffer: torch.Tensor | None = None) -> torch.Tensor:
+        import torch
+
+        changes = self._changes.get(name)
+        if not changes:
+            return self.base.get(name, buffer)
+        value = None
+        shape = tuple(self.base.info(name).shape)
+        for adapted in changes:
+            replaced = self.adapter.replacement(adapted)
+            if replaced is not None:
+                value = replaced
+        if value is None:
+            value = self.base.get(name).to(torch.float32, copy=True)
+        for adapted in changes:
+            hit = self.adapter._by_tensor.get(adapted)
+            delta = self.adapter.delta(adapted, shape, self._conv1d.get(hit[0].path) if hit else None)
+            if delta is not None:
+                value += delta
+        return value
+
+    def close(self) -> None:
+        self.base.close()
+        self.adapter.close()
+
+
+# ------------------------------------------------------------------------------------------ ingredients
+
+
+@dataclass
+class AdapterIngredient:
+    """What `ResolvedIngredient.adapter` holds for an adapter ingredient."""
+
+    adapter: LoraAdapter
+    base: ResolvedIngredient | None = None
+    shared_base: SharedBaseSource | None = field(default=None, repr=False)
+    peft_model: Any = field(default=None, repr=False)
+
+    def summary(self) -> dict[str, Any]:
+        cfg = self.adapter.config
+        ranks = sorted({m.rank for m in self.adapter.modules.values()})
+        return {
+            "peft_type": "LORA",
+            "base_model": self.adapter.base_model_name_or_path,
+            "base_revision": self.adapter.base_revision,
+            "task_type": self.adapter.task_type,
+            "ranks": ranks,
+            "lora_alpha": cfg.get("lora_alpha"),
+            "use_rslora": bool(cfg.get("use_rslora", False)),
+            "lora_modules": len(self.adapter.modules),
+            "modules_to_save": self.adapter.modules_to_save,
+        }
+
+
+def resolve_adapter(
+    ingredient: Ingredient,
+    *,
+    path: str | os.PathLike | None = None,
+    model: Any = None,
+    token: str | bool | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    commit_hash: str | None = None,
+) -> ResolvedIngredient:
+    """Resolve a PEFT adapter reference (a folder with `adapter_config.json`, or a `PeftModel`).
+
+    The adapter is read (config and tensor headers; no weights) and checked for supported options. Its base
+    model is bound later by [`bind_adapter_bases`] (from `base_model=` or `base_model_name_or_path`).
+
+    Raises:
+        [`UnsupportedAdapterError`]: not LoRA, or a LoRA option whose math is not implemented.
+        [`IngredientNotFoundError`]: no adapter weights.
+    """
+    from .ingredients import ResolvedIngredient
+
+    name = str(ingredient.name)
+    if model is not None:
+        adapter = LoraAdapter.from_peft_model(model, name=name)
+    else:
+        adapter = LoraAdapter.from_dir(path, name=name)  # type: ignore[arg-type]
+    info = AdapterIngredient(adapter=adapter, peft_model=model)
+    ingredient.metadata.setdefault("adapter", info.summary())
+    return ResolvedIngredient(
+        ingredient,
+        "adapter",
+        config={},
+        path=Path(path).absolute() if path is not None else None,
+        model=None,
+        commit_hash=commit_hash,
+        adapter=info,
+    )
+
+
+def _same_base_name(a: str, b: str) -> bool:
+    if a == b:
+        return True
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    if pa.exists() and pb.exists():
+        return pa.resolve() == pb.resolve()
+    return a.rstrip("/") == b.rstrip("/")
+
+
+def _peft_model_base(model: Any, name: str) -> ResolvedIngredient:
+    """The base model of a live, unmerged PeftModel (a copy with the LoRA layers removed, not merged)."""
+    from .ingredients import Ingredient, ResolvedIngredient
+
+    for module in model.get_base_model().modules():
+        if getattr(module, "merged", False):
+            raise UnsupportedAdapterError(
+                f"Adapter {name!r}: the PeftModel has merged adapter weights, so its base weights are not the "
+                "base model's. Call model.unmerge_adapter() first, or pass base_model=.",
+                ingredient=name,
+            )
+    base_model = copy.deepcopy(model).unload()
+    base_model.eval()
+    base_ing = Ingredient(base_model, name=f"base of {name}")
+    return ResolvedIngredient(base_ing, "memory", base_model.config.to_dict(), model=base_model)
+
+
+def bind_adapter_bases(
+    resolved: list[ResolvedIngredient],
+    base: ResolvedIngredient | None = None,
+    *,
+    token: str | bool | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    revision: str | None = None,
+) -> ResolvedIngredient | None:
+    """Check that the adapter ingredients share one base and task type, and give each its base model.
+
+    The base is `base` (from `base_model=`) when given, else the adapters' `base_model_name_or_path` at its
+    recorded revision (resolved once), else, for a live `PeftModel`, its own base weights.
+
+    Returns:
+        The adapters' base ([`ResolvedIngredient`]), or None when there is no adapter.
+
+    Raises:
+        [`IncompatibleIngredientsError`]: two adapters name different bases, revisions or task types.
+        [`IngredientNotFoundError`]: no base can be found (pass `base_model=`).
+    """
+    from .ingredients import Ingredient, resolve
+
+    adapters = [r for r in resolved if r.kind == "adapter"]
+    if not adapters:
+        return None
+    first = adapters[0]
+    a0 = first.adapter.adapter
+    for r in adapters[1:]:
+        a = r.adapter.adapter
+        checks = (
+            ("base model", a0.base_model_name_or_path, a.base_model_name_or_path, _same_base_name),
+            ("base revision", a0.base_revision, a.base_revision, lambda x, y: x == y),
+            ("task type", a0.task_type, a.task_type, lambda x, y: x == y),
+        )
+        for what, v0, v, same in checks:
+            if v0 is not None and v is not None and not same(v0, v):
+                raise IncompatibleIngredientsError(
+                    f"Adapters {first.name!r} and {r.name!r} have different {what}s ({v0!r} vs {v!r}); an adapter "
+                    "soup needs adapters of one base model and task.",
+                    ingredient=r.name,
+                )
+    if base is not None:
+        recorded = a0.base_model_name_or_path
+        ref = base.ingredient.reference
+        if recorded and isinstance(ref, str) and not _same_base_name(recorded, ref):
+            logger.warning(
+                "The adapters were trained on %r; using base_model=%r as their base (tensor shapes are checked).",
+                recorded,
+                ref,
+            )
+        target = base
+    else:
+        target = None
+        name = a0.base_model_name_or_path
+        if name:
+            rev = a0.base_revision or None
+            try:
+                target = resolve(
+                    Ingredient(name, revision=rev), token=token, cache_dir=cache_dir, revision=revision
+                )
+            except IngredientNotFoundError:
+                if first.adapter.peft_model is None:
+                    raise
+        if target is None:
+            live = next((r for r in adapters if r.adapter.peft_model is not None), None)
+            if live is None:
+                raise IngredientNotFoundError(
+                    f"Adapter {first.name!r} does not name its base model (base_model_name_or_path is empty); pass "
+                    "it with base_model=.",
+                    ingredient=first.name,
+                )
+            target = _peft_model_base(live.adapter.peft_model, live.name)
+    if target.kind == "adapter":
+        raise InvalidArgumentError(
+            f"base_model={target.name!r} is itself an adapter; pass the model it adapts."
+        )
+    shared = SharedBaseSource(target.open(), target.config)
+    for r in adapters:
+        r.adapter.base = target
+        r.adapter.shared_base = shared
+        r.config = dict(target.config)
+        r.ingredient.metadata.setdefault("adapter", r.adapter.summary())["base_model"] = target.name
+    return target
+
+
+def open_adapter_source(resolved: ResolvedIngredient) -> AdapterSource:
+    """The lazy `base + delta` tensors of an adapter ingredient (binding its base first if needed)."""
+    info: AdapterIngredient = resolved.adapter
+    if info.base is None:
+        bind_adapter_bases([resolved])
+    assert info.base is not None and info.shared_base is not None
+    return AdapterSource(info.adapter, info.shared_base, info.base.config)
+
+
+def load_base_model(resolved: ResolvedIngredient):
+    """A fresh instance of an adapter ingredient's base model (for evaluation and in-memory soups)."""
+    from .kitchen import model_class_for
+
+    info: AdapterIngredient = resolved.adapter
+    if info.base is None:
+        bind_adapter_bases([resolved])
+    base = info.base
+    assert base is not None
+    if base.model is not None:
+        model = copy.deepcopy(base.model)
+    else:
+        model = model_class_for(base.config).from_pretrained(base.path)
+    model.eval()
+    return model
+
+
+# ------------------------------------------------------------------------------------------ adapter form
+
+
+def _members(kitchen: Kitchen) -> list[LoraAdapter | None]:
+    members: list[LoraAdapter | None] = []
+    base_of_adapters = None
+    for r in kitchen.members:
+        if r.kind == "adapter":
+            members.append(r.adapter.adapter)
+            base_of_adapters = r.adapter.base
+        else:
+            members.append(None)
+    for r, m in zip(kitchen.members, members):
+        if m is None and r is not kitchen.base:
+            raise InvalidArgumentError(
+                f"adapter_output='adapter' needs every ingredient to be an adapter, but {r.name!r} is a full model. "
+                "Soups that mix full fine-tunes and adapters can only be written merged (adapter_output='merged')."
+            )
+    if kitchen.base is not None and base_of_adapters is not None and kitchen.base is not base_of_adapters:
+        logger.info("Treating base_model %r as the adapters' base in the adapter form.", kitchen.base.name)
+    return members
+
+
+def build_kitchen_adapter(kitchen: Kitchen, coefficients) -> Any:
+    """The [`AdapterSoup`] of these coefficients (one per kitchen member)."""
+    from .adapters.export import build_adapter_soup
+
+    members = _members(kitchen)
+    adapters = [r for r in kitchen.members if r.kind == "adapter"]
+    base_source = adapters[0].adapter.shared_base if adapters else None
+    return build_adapter_soup(
+        members,
+        kitchen.full_coefficients(coefficients),
+        base=base_source,
+        rank=kitchen.options.get("rank"),
+        dtype=kitchen.dtype,
+        names=[r.name for r in kitchen.members],
+    )
+
+
+def cook_adapter_soup(kitchen: Kitchen, recipe: Recipe) -> Soup:
+    """Run `recipe` unchanged, but serve its final coefficients as one LoRA adapter.
+
+    Candidate soups that a recipe evaluates are still built merged into one live model (greedy, sweeps);
+    only the served soup takes the adapter form. With `output_dir`, the adapter is written there
+    atomically (`adapter_config.json`, `adapter_model.safetensors`, the base's tokenizer files, the
+    model card); without it, `soup.model` is a `PeftModel` on a freshly loaded base.
+    """
+    adapter_kitchen = _AdapterKitchen.wrap(kitchen)
+    return recipe.cook(adapter_kitchen)
+
+
+def _make_adapter_kitchen_class():
+    from .kitchen import Kitchen
+
+    class AdapterKitchen(Kitchen):
+        """A kitchen whose served soup is a LoRA adapter instead of a full model."""
+
+        _adapter_soup: Any = None
+
+        @classmethod
+        def wrap(cls, kitchen: Kitchen) -> AdapterKitchen:
+            import dataclasses
+
+            new = cls(**{f.name: getattr(kitchen, f.name) for f in dataclasses.fields(kitchen)})
+            _members(new)  # refuse mixed soups before any work
+            return new
+
+        def serve(
+            self, coefficients, *, method, params=None, history=None, score=None, scores=None, model=None
+        ):
+            self._adapter_soup = build_kitchen_adapter(self, coefficients)
+            output_dir = self.output_dir
+            if output_dir is None:
+                # In memory: serve merged into a live model first (the core path), then swap in the PeftModel.
+                soup = super().serve(
+                    coefficients,
+                    method=method,
+                    params=params,
+                    history=history,
+                    score=score,
+                    scores=scores,
+                    model=model,
+                )
+                soup._model = self._peft_model()
+            else:
+                soup = super().serve(
+                    coefficients,
+                    method=method,
+                    params=params,
+                    history=history,
+                    score=score,
+                    scores=scores,
+                    model=model,
+                )
+                soup._model = None
+            soup.params.setdefault("adapter_output", "adapter")
+            if self.options.get("rank") is not None:
+                soup.params.setdefault("rank", self.options["rank"])
+            soup.report_extra.update(self._adapter_soup.report())
+            return soup
+
+        def _peft_model(self):
+            import tempfile
+
+            from peft import PeftModel
+
+            with tempfile.TemporaryDirectory(prefix="hf_soups_adapter_") as tmp:
+                self._adapter_soup.save(tmp)
+                base = load_base_model(next(r for r in self.members if r.kind == "adapter"))
+                model = PeftModel.from_pretrained(base, tmp)
+            model.eval()
+            return model
+
+        def new_live_model(self):
+            if self.output_dir is None and self._adapter_soup is not None and not self.evaluator:
+                return None  # serve() builds the PeftModel itself
+            return super().new_live_model()
+
+        def load_into(self, model, coefficients, *, progress: bool = False) -> None:
+            if model is None:
+                return
+            super().load_into(model, coefficients, progress=progress)
+
+        def write(self, coefficients, target, soup=None) -> Path:
+            from .tensors import AtomicDirectory, copy_companion_files
+
+            adapter_soup = self._adapter_soup or build_kitchen_adapter(self, coefficients)
+            base = next(r for r in self.members if r.kind == "adapter").adapter.base
+            with AtomicDirectory(target) as tmp:
+                adapter_soup.save(tmp.path)
+                if base is not None and base.path is not None:
+                    copy_companion_files(base.path, tmp.path, skip=lambda name: name == "config.json")
+                if self.tokenizer is not None and not (tmp.path / "tokenizer_config.json").exists():
+                    self.tokenizer.save_pretrained(tmp.path)
+                if soup is not None:
+                    soup.report_extra.update(adapter_soup.report())
+                    soup._write_extras(tmp.path)
+                return tmp.commit()
+
+    return AdapterKitchen
+
+
+class _AdapterKitchenProxy:
+    _cls = None
+
+    def wrap(self, kitchen):
+        if self._cls is None:
+            type(self)._cls = _make_adapter_kitchen_class()
+        return self._cls.wrap(kitchen)
+
+
+_AdapterKitchen = _AdapterKitchenProxy()
+
+
+def load_adapter_soup(directory: str | os.PathLike, base_model: Any = None):
+    """Load a soup written with `adapter_output="adapter"` as a `peft.PeftModel` on its base model.
+
+    Args:
+        directory (`str` or `os.PathLike`): the soup folder (holds `adapter_config.json`).
+        base_model (*optional*): a base model instance or path; default: the adapter's `base_model_name_or_path`.
+    """
+    import json
+
+    from peft import PeftModel
+
+    from .kitchen import model_class_for
+
+    directory = Path(directory)
+    cfg = json.loads((directory / "adapter_config.json").read_text())
+    if base_model is None or isinstance(base_model, (str, os.PathLike)):
+        ref = base_model or cfg.get("base_model_name_or_path")
+        if not ref:
+            raise IngredientNotFoundError(
+                f"{directory} is an adapter soup without base_model_name_or_path; pass base_model=."
+            )
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(ref, revision=cfg.get("revision"))
+        base_model = model_class_for(config.to_dict()).from_pretrained(ref, revision=cfg.get("revision"))
+    model = PeftModel.from_pretrained(base_model, str(directory))
+    model.eval()
+    return model
