@@ -235,6 +235,7 @@ class HubState:
         self.tokens: dict[str, User] = {}
         self.signing_key = secrets.token_bytes(16)
         self.requests: list[tuple[str, str]] = []  # (method, path) log, handy in tests
+        self.failures: list[dict[str, Any]] = []  # injected faults, see LocalHub.inject_failure
         (self.storage / "lfs").mkdir(parents=True, exist_ok=True)
         (self.storage / "blobs").mkdir(parents=True, exist_ok=True)
         (self.storage / "repos").mkdir(parents=True, exist_ok=True)
@@ -475,11 +476,25 @@ class _Handler(BaseHTTPRequestHandler):
             raise HubError(401, "Invalid credentials in Authorization header")
         return user
 
+    def _injected_failure(self, method: str) -> dict[str, Any] | None:
+        with self.state.lock:
+            for fault in self.state.failures:
+                if fault["method"] == method and fault["path"] in self.path and fault["times"] > 0:
+                    fault["times"] -= 1
+                    return fault
+        return None
+
     def _dispatch(self, method: str) -> None:
         self.state.requests.append((method, self.path))
         body = b""
         try:
             body = self._body() if method in ("POST", "PUT", "DELETE") else b""
+            fault = self._injected_failure(method)
+            if fault is not None:
+                if fault["status"] is None:  # the connection drops: no response at all
+                    self.close_connection = True
+                    return
+                raise HubError(fault["status"], "Injected failure (local hub server)")
             self._route(method, body)
         except HubError as err:
             headers = {"X-Error-Message": err.message}
@@ -1194,6 +1209,18 @@ class LocalHub:
         token = token or f"hf_{secrets.token_hex(12)}"
         self.state.tokens[token] = User(name=name, role=role, orgs=list(orgs or []))
         return token
+
+    def inject_failure(self, method: str, path_contains: str, *, status: int | None = 500, times: int = 1) -> None:
+        """Make the next `times` requests `method` whose path contains `path_contains` fail.
+
+        `status=None` drops the connection without an answer (what a network failure looks like to the client).
+        """
+        with self.state.lock:
+            self.state.failures.append({"method": method, "path": path_contains, "status": status, "times": times})
+
+    def clear_failures(self) -> None:
+        with self.state.lock:
+            self.state.failures.clear()
 
     def repo(self, repo_id: str, repo_type: str = "model") -> Repo:
         """The stored repository (raises KeyError when missing)."""
