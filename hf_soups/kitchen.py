@@ -236,6 +236,8 @@ class Kitchen:
         (directory / "config.json").write_text(
             json.dumps(self.plan.config, indent=2, sort_keys=True, default=str) + "\n"
         )
+        if ref.kind == "adapter" and ref.adapter.base is not None:  # an adapter soup: its base's files
+            ref = ref.adapter.base
         if ref.path is not None and ref.kind != "adapter":
             copy_companion_files(ref.path, directory, skip=lambda name: name == "config.json")
         elif ref.model is not None:

@@ -172,18 +172,17 @@ class AdapterSource(TensorSource):
                     )  # raises on a mismatch
 
     def _tied_target(self, name: str, keys: set[str], config: dict[str, Any]) -> str:
-        from .align import INPUT_EMBEDDING_SUFFIXES, TIED_OUTPUT_SUFFIXES
+        from .adapters.export import tied_alias
 
-        if name.endswith(TIED_OUTPUT_SUFFIXES) and config.get("tie_word_embeddings", True):
-            embeddings = [k for k in keys if k.endswith(INPUT_EMBEDDING_SUFFIXES)]
-            if len(embeddings) == 1:
-                logger.info(
-                    "Adapter %r adapts %s, tied to %s in the base: the change applies to both (as merge_and_unload).",
-                    self.adapter.name,
-                    name,
-                    embeddings[0],
-                )
-                return embeddings[0]
+        alias = tied_alias(name, keys) if config.get("tie_word_embeddings", True) else None
+        if alias is not None:
+            logger.info(
+                "Adapter %r changes %s, tied to %s in the base: the change applies to both (as merge_and_unload).",
+                self.adapter.name,
+                name,
+                alias,
+            )
+            return alias
         raise IncompatibleIngredientsError(
             f"Adapter {self.adapter.name!r} changes tensor {name!r}, which the base model "
             f"({self.base.description}) does not have. The adapter was trained on another base model: pass its "
@@ -495,38 +494,17 @@ def _make_adapter_kitchen_class():
             _members(new)  # refuse mixed soups before any work
             return new
 
-        def serve(
-            self, coefficients, *, method, params=None, history=None, score=None, scores=None, model=None
-        ):
+        def serve(self, coefficients, **kwargs):
             self._adapter_soup = build_kitchen_adapter(self, coefficients)
-            output_dir = self.output_dir
-            if output_dir is None:
-                # In memory: serve merged into a live model first (the core path), then swap in the PeftModel.
-                soup = super().serve(
-                    coefficients,
-                    method=method,
-                    params=params,
-                    history=history,
-                    score=score,
-                    scores=scores,
-                    model=model,
-                )
-                soup._model = self._peft_model()
-            else:
-                soup = super().serve(
-                    coefficients,
-                    method=method,
-                    params=params,
-                    history=history,
-                    score=score,
-                    scores=scores,
-                    model=model,
-                )
-                soup._model = None
-            soup.params.setdefault("adapter_output", "adapter")
+            params = dict(kwargs.pop("params", None) or {})
+            params["adapter_output"] = "adapter"
             if self.options.get("rank") is not None:
-                soup.params.setdefault("rank", self.options["rank"])
-            soup.report_extra.update(self._adapter_soup.report())
+                params["rank"] = self.options["rank"]
+            report_extra = dict(kwargs.pop("report_extra", None) or {})
+            report_extra.update(self._adapter_soup.report())
+            soup = super().serve(coefficients, params=params, report_extra=report_extra, **kwargs)
+            # In memory: a PeftModel on a fresh base; on disk: loaded lazily from output_dir as a PeftModel.
+            soup._model = self._peft_model() if self.output_dir is None else None
             return soup
 
         def _peft_model(self):
@@ -564,6 +542,7 @@ def _make_adapter_kitchen_class():
                     self.tokenizer.save_pretrained(tmp.path)
                 if soup is not None:
                     soup.report_extra.update(adapter_soup.report())
+                    soup.params["adapter_output"] = "adapter"
                     soup._write_extras(tmp.path)
                 return tmp.commit()
 

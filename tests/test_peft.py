@@ -298,7 +298,9 @@ def test_gpt2_conv1d_fan_in_fan_out(tmp_path):
         n_embd=32, n_layer=2, n_head=2, vocab_size=99, n_positions=64, bos_token_id=0, eos_token_id=0
     )
     GPT2LMHeadModel(config).save_pretrained(tmp_path / "gpt2")
-    targets = [["c_attn", "c_proj"], ["c_attn", "c_fc", "c_proj"]]  # attn.c_proj is square (32x32)
+    # attn.c_proj is square (32x32): its layout comes from the layer type. lm_head is a Linear tied to wte:
+    # PEFT wraps Conv1D and Linear layers in one adapter, so the saved fan_in_fan_out flag fits only one kind.
+    targets = [["c_attn", "c_proj"], ["c_attn", "c_fc", "c_proj", "lm_head"]]
     dirs = []
     for i, target in enumerate(targets):
         model = get_peft_model(
@@ -394,3 +396,56 @@ def test_adapter_form_reads_no_base_weights(bert_setup, tmp_path, monkeypatch):
     )
     base_reads = {r.split(":", 1)[1] for r in reads if not r.startswith("lora-")}
     assert base_reads == {"classifier.weight", "classifier.bias"}
+
+
+def test_in_memory_adapter_form_is_a_peft_model(bert_setup):
+    base_dir, adapters = bert_setup
+    merged = merge_models([str(a) for a in adapters[:2]], weights=[2, 1], progress=False)
+    soup = merge_models(
+        [str(a) for a in adapters[:2]], weights=[2, 1], adapter_output="adapter", progress=False
+    )
+    assert isinstance(soup.model, PeftModel)
+    assert soup.params["adapter_output"] == "adapter"
+    torch.testing.assert_close(_logits(soup.model), _logits(merged.model), rtol=0, atol=1e-5)
+
+
+def test_trained_biases_and_lora_bias(bert_setup, tmp_path):
+    """bias="all" stores trained biases as full tensors; lora_bias=True adds scaling * lora_B.bias."""
+    base_dir, adapters = bert_setup
+    dirs = [
+        _make_adapter(
+            base_dir,
+            tmp_path / "lb",
+            LoraConfig(r=2, target_modules=["query"], lora_bias=True, init_lora_weights=False),
+            1,
+        ),
+        _make_adapter(
+            base_dir,
+            tmp_path / "ball",
+            LoraConfig(r=2, target_modules=["value"], bias="all", init_lora_weights=False),
+            2,
+        ),
+    ]
+    expected = [_merged_state(base_dir, d) for d in dirs]
+    soup = merge_models([str(d) for d in dirs], progress=False)
+    got = soup.model.state_dict()
+    for name in expected[0]:
+        torch.testing.assert_close(got[name], (expected[0][name] + expected[1][name]) / 2, rtol=0, atol=2e-6)
+    ad = merge_models(
+        [str(d) for d in dirs], adapter_output="adapter", output_dir=tmp_path / "ad", progress=False
+    )
+    peft_model = PeftModel.from_pretrained(
+        BertForSequenceClassification.from_pretrained(base_dir), ad.output_dir
+    )
+    torch.testing.assert_close(_logits(peft_model), _logits(soup.model), rtol=0, atol=1e-5)
+
+
+def test_merged_adapter_soup_is_a_loadable_model_with_the_base_files(bert_setup, tmp_path):
+    base_dir, adapters = bert_setup
+    (base_dir / "tokenizer_config.json").write_text("{}")
+    soup = merge_models([str(a) for a in adapters], output_dir=tmp_path / "merged", progress=False)
+    assert (soup.output_dir / "model.safetensors").is_file()
+    assert (soup.output_dir / "tokenizer_config.json").is_file()
+    reloaded = BertForSequenceClassification.from_pretrained(soup.output_dir)
+    in_memory = merge_models([str(a) for a in adapters], progress=False)
+    torch.testing.assert_close(_logits(reloaded), _logits(in_memory.model), rtol=0, atol=1e-6)

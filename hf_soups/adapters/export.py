@@ -131,6 +131,16 @@ def truncate_pair(a: torch.Tensor, b: torch.Tensor, rank: int) -> tuple[torch.Te
     return a_k, b_k, error
 
 
+def tied_alias(name: str, keys) -> str | None:
+    """The input-embedding key that a missing tied output embedding (`lm_head.weight`, ...) shares, if unique."""
+    from ..align import INPUT_EMBEDDING_SUFFIXES, TIED_OUTPUT_SUFFIXES
+
+    if not name.endswith(TIED_OUTPUT_SUFFIXES):
+        return None
+    embeddings = [k for k in keys if k.endswith(INPUT_EMBEDDING_SUFFIXES)]
+    return embeddings[0] if len(embeddings) == 1 else None
+
+
 def _escape_module(path: str) -> str:
     # rank_pattern / alpha_pattern keys are regexes matched as rf"(.*\.)?({key})$": anchor the full path.
     return "^" + re.escape(path)
@@ -207,10 +217,16 @@ def build_adapter_soup(
             ):
                 full[mod.bias_name] = None
 
+    base_keys = set(base.keys()) if base is not None else set()
+
+    def base_key(name: str) -> str | None:
+        if name in base_keys:
+            return name
+        return tied_alias(name, base_keys)
+
     def base_info(name: str):
-        if base is not None and name in base.keys():
-            return base.info(name)
-        return None
+        key = base_key(name)
+        return base.info(key) if base is not None and key is not None else None
 
     tensors: dict[str, torch.Tensor] = {}
     full_values: dict[str, torch.Tensor] = {}
@@ -232,7 +248,7 @@ def build_adapter_soup(
                             ingredient=names[i],
                             tensor_name=tname,
                         )
-                    base_value = base.get(tname).to(torch.float32, copy=True)  # type: ignore[union-attr]
+                    base_value = base.get(base_key(tname)).to(torch.float32, copy=True)  # type: ignore[union-attr,arg-type]
                     out_dtype = out_dtype or info.dtype
                 value = base_value.clone()
             else:
