@@ -859,11 +859,18 @@ class Evaluator:
         >>> scores["validation"]["accuracy"], evaluator.primary(scores)  # doctest: +SKIP
         ```
         """
+        return self.evaluate_with_predictions(model)[0]
+
+    def evaluate_with_predictions(
+        self, model: Any
+    ) -> tuple[dict[str, dict[str, float]], dict[str, _SetOutputs]]:
+        """Like [`evaluate`], also returning the gathered predictions (for logit ensembles)."""
         start = time.perf_counter()
-        scores = self.score(self.predict(model))
+        predictions = self.predict(model)
+        scores = self.score(predictions)
         self.timings.append(time.perf_counter() - start)
         logger.debug("Evaluated %s: %s", type(model).__name__, scores)
-        return scores
+        return scores, predictions
 
     # -------------------------------------------------------------------------------- ensembles
 

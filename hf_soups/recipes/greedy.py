@@ -1,0 +1,322 @@
+"""Greedy soup (Wortsman et al. 2022, Recipe 1): add ingredients best-first while the held-out score holds.
+
+Every ingredient is scored once on the selection set (scores already known are reused), the ingredients are
+sorted best first, and the soup starts as the best one. Each next ingredient is tried as
+`(n * soup + candidate) / (n + 1)` and kept when the held-out score does not drop (`>=`, the paper's rule;
+`strict=True` keeps only strict improvements, like the paper's reference code).
+
+Memory stays flat in the number of ingredients: one float32 running sum of the kept ingredients, one live
+model whose parameters receive each candidate in place (no `from_pretrained` per candidate), and one tensor
+of the candidate at a time read from its (memory-mapped) checkpoint. A rejected candidate never enters the
+running sum; the live model is restored from the sum, never reloaded.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from ..errors import EvaluationError, IncompatibleIngredientsError, InvalidArgumentError, NonFiniteTensorError
+from .base import register_recipe
+from .uniform import MODEL_SOUPS_URL
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..kitchen import Kitchen
+    from ..soup import Soup
+
+logger = logging.getLogger(__name__)
+
+
+def _check(options: dict[str, Any]) -> None:
+    if not options.get("has_eval"):
+        raise InvalidArgumentError(
+            "method='greedy' chooses ingredients on held-out data: pass eval_dataset= (a datasets.Dataset with "
+            "labels, or a dict of them with select_on=)."
+        )
+    if options.get("weights") is not None:
+        raise InvalidArgumentError(
+            "method='greedy' decides the weights itself; drop weights= (or use 'uniform')."
+        )
+    scores = options.get("scores") or {}
+    for name, value in scores.items():
+        try:
+            float(value)
+        except (TypeError, ValueError):
+            raise InvalidArgumentError(f"scores[{name!r}]={value!r} is not a number.") from None
+
+
+class RunningSoup:
+    """A float32 running sum of kept ingredients, and the live model that candidate soups are written into.
+
+    Args:
+        kitchen ([`Kitchen`]): the aligned plan and the ingredients' tensor sources.
+        model (`PreTrainedModel`): the live model (its parameters are overwritten in place).
+    """
+
+    def __init__(self, kitchen: Kitchen, model: Any):
+        import torch
+
+        self.plan = kitchen.plan
+        self.sources = kitchen.sources
+        self.names = kitchen.plan.names
+        self.model = model
+        self.sums: dict[str, torch.Tensor] = {}
+        self.members: list[int] = []
+        max_numel = max((_numel(t.shape) for t in self.plan.tensors if t.mergeable), default=1)
+        self._scratch = torch.empty(max_numel, dtype=torch.float32)
+        self._live_is_sum = False
+
+    @property
+    def targets(self) -> dict[str, Any]:
+        # fresh each time: the evaluator may have moved the model to another device since the last step
+        return self.model.state_dict()
+
+    @property
+    def n(self) -> int:
+        return len(self.members)
+
+    def _read(self, tp, index: int):
+        import torch
+
+        from ..engine import read_aligned
+
+        t = read_aligned(tp, index, self.sources[index])
+        if tp.mergeable and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise NonFiniteTensorError(
+                f"Ingredient {self.names[index]!r} has {bad} NaN/inf value(s) in tensor {tp.name!r}; leave it out "
+                "of the soup.",
+                ingredient=self.names[index],
+                tensor_name=tp.name,
+            )
+        return t
+
+    def start(self, index: int) -> None:
+        """The soup is ingredient `index` alone (written into the live model too)."""
+        import torch
+
+        self.sums.clear()
+        targets = self.targets
+        with torch.no_grad():
+            for tp in self.plan.tensors:
+                t = self._read(tp, index)
+                target = targets.get(tp.name)
+                if tp.mergeable:
+                    self.sums[tp.name] = t.to(torch.float32, copy=True)
+                if target is not None:
+                    target.copy_(t)
+        self.members = [index]
+        self._live_is_sum = True
+
+    def try_candidate(self, index: int) -> None:
+        """Write `(sum + candidate) / (n + 1)` into the live model; the running sum is left untouched."""
+        import torch
+
+        n = self.n
+        targets = self.targets
+        with torch.no_grad():
+            for tp in self.plan.tensors:
+                target = targets.get(tp.name)
+                t = self._read(tp, index)
+                if not tp.mergeable:
+                    if target is not None and not torch.equal(target.cpu(), t.to(target.dtype)):
+                        raise IncompatibleIngredientsError(
+                            f"Integer/boolean tensor {tp.name!r} of {self.names[index]!r} differs from the soup's; "
+                            "such buffers cannot be averaged. Re-save the ingredients from the same base model.",
+                            ingredient=self.names[index],
+                            tensor_name=tp.name,
+                        )
+                    continue
+                if target is None:
+                    continue
+                acc = self._scratch[: t.numel()].view(t.shape)
+                torch.add(self.sums[tp.name], t, out=acc)
+                acc.div_(n + 1)
+                target.copy_(acc)
+        self._live_is_sum = False
+
+    def accept(self, index: int) -> None:
+        """Add the candidate to the running sum (its tensors are read again, one at a time)."""
+        import torch
+
+        with torch.no_grad():
+            for tp in self.plan.tensors:
+                if tp.mergeable:
+                    self.sums[tp.name].add_(self._read(tp, index))
+        self.members.append(index)
+        self._live_is_sum = True  # the live model already holds (sum + candidate) / (n + 1)
+
+    def restore(self) -> None:
+        """Write the current soup (`sum / n`) back into the live model after a rejected candidate."""
+        import torch
+
+        if self._live_is_sum:
+            return
+        n = self.n
+        targets = self.targets
+        with torch.no_grad():
+            for tp in self.plan.tensors:
+                target = targets.get(tp.name)
+                if target is None or not tp.mergeable:
+                    continue
+                acc = self._scratch[: target.numel()].view(target.shape)
+                torch.div(self.sums[tp.name], n, out=acc)
+                target.copy_(acc)
+        self._live_is_sum = True
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _known_scores(kitchen: Kitchen) -> dict[int, float]:
+    """Scores given with `scores=` (by ingredient name) or already set on the ingredients."""
+    given = dict(kitchen.options.get("scores") or {})
+    names = kitchen.names
+    unknown = sorted(set(given) - set(names))
+    if unknown:
+        raise InvalidArgumentError(
+            f"scores= names {unknown} that are not ingredients; the ingredient names are {names}."
+        )
+    known: dict[int, float] = {}
+    for i, member in enumerate(kitchen.ingredients):
+        if names[i] in given:
+            known[i] = float(given[names[i]])
+        elif member.ingredient.score is not None:
+            known[i] = float(member.ingredient.score)
+    return known
+
+
+@register_recipe(
+    "greedy",
+    pretty_name="Greedy soup",
+    reference_url=MODEL_SOUPS_URL,
+    check=_check,
+    description="Add ingredients best-first while the held-out score does not drop (strict=True: improves).",
+)
+def cook_greedy(kitchen: Kitchen) -> Soup:
+    evaluator = kitchen.evaluator
+    if evaluator is None:
+        raise EvaluationError("method='greedy' needs an eval set: pass eval_dataset=.")
+    strict = bool(kitchen.options.get("strict", False))
+    want_ensemble = bool(kitchen.options.get("ensemble_baseline", False))
+    if want_ensemble and not evaluator.supports_ensemble():
+        raise InvalidArgumentError(
+            f"ensemble_baseline=True needs a classification or token-classification model (task: {evaluator.task})."
+        )
+    known = _known_scores(kitchen)
+    members = kitchen.ingredients
+    names = kitchen.names
+    n_total = len(members)
+
+    live = kitchen.new_live_model()
+    soup = RunningSoup(kitchen, live)
+
+    # 1. every ingredient once (reusing known scores)
+    ensemble_sum = None
+    for i, member in enumerate(members):
+        ing = member.ingredient
+        if i in known and not want_ensemble:
+            ing.score = known[i]
+            logger.info("Greedy soup: %s scores %.4f (given, not re-evaluated).", names[i], known[i])
+            continue
+        soup.start(i)
+        scores, predictions = evaluator.evaluate_with_predictions(live)
+        if want_ensemble:
+            ensemble_sum = evaluator.add_predictions(ensemble_sum, predictions)
+        ing.scores = scores
+        ing.score = known[i] if i in known else evaluator.primary(scores)
+        logger.info("Greedy soup: %s scores %.4f on %s.", names[i], ing.score, evaluator.select_on)
+
+    order = sorted(range(n_total), key=lambda i: (evaluator.sort_key(members[i].ingredient.score), i))
+    baselines: dict[str, Any] = {}
+    best = order[0]
+    baselines["best_single"] = {
+        "name": names[best],
+        "score": members[best].ingredient.score,
+        "scores": members[best].ingredient.scores or {},
+    }
+
+    # 2. the uniform soup of everything, for the report (the paper's comparison point)
+    if n_total > 1:
+        kitchen.load_into(live, [1.0 / n_total] * n_total)
+        uniform_scores = evaluator.evaluate(live)
+        baselines["uniform"] = {"score": evaluator.primary(uniform_scores), "scores": uniform_scores}
+    if ensemble_sum is not None:
+        ensemble_scores = evaluator.score_ensemble(ensemble_sum, n_total)
+        baselines["ensemble"] = {"score": evaluator.primary(ensemble_scores), "scores": ensemble_scores}
+        ensemble_sum = None
+
+    # 3. greedy additions
+    soup.start(best)
+    current_scores = members[best].ingredient.scores
+    if not current_scores:  # the best score was given: score the start point for the history
+        current_scores = evaluator.evaluate(live)
+    current = members[best].ingredient.score
+    history: list[dict[str, Any]] = [
+        {
+            "step": 0,
+            "candidate": names[best],
+            "candidate_score": current,
+            "kept": True,
+            "score": current,
+            "n_ingredients": 1,
+            "scores": current_scores,
+        }
+    ]
+    members[best].ingredient.selected = True
+    for step, i in enumerate(order[1:], start=1):
+        soup.try_candidate(i)
+        cand_scores = evaluator.evaluate(live)
+        cand = evaluator.primary(cand_scores)
+        keep = evaluator.better(cand, current, strict=strict)
+        if keep:
+            soup.accept(i)
+            current, current_scores = cand, cand_scores
+        else:
+            soup.restore()
+        members[i].ingredient.selected = keep
+        logger.info(
+            "Greedy soup: step %d/%d, %s -> %.4f (soup %.4f): %s",
+            step,
+            n_total - 1,
+            names[i],
+            cand,
+            current,
+            "kept" if keep else "dropped",
+        )
+        history.append(
+            {
+                "step": step,
+                "candidate": names[i],
+                "candidate_score": cand,
+                "kept": keep,
+                "score": current,
+                "n_ingredients": soup.n,
+                "scores": cand_scores,
+            }
+        )
+    soup.restore()
+
+    kept = set(soup.members)
+    coefficients = [1.0 / len(kept) if i in kept else 0.0 for i in range(n_total)]
+    for i, member in enumerate(members):
+        member.ingredient.weight = coefficients[i]
+        member.ingredient.selected = i in kept
+    result = kitchen.serve(
+        coefficients,
+        method="greedy",
+        params={"strict": strict, "order": [names[i] for i in order]},
+        history=history,
+        score=current,
+        scores=current_scores,
+        model=live,
+        report_extra={"baselines": baselines},
+    )
+    result.metric_name = evaluator.metric_key
+    result.select_on = evaluator.select_on
+    result.params.setdefault("greater_is_better", evaluator.greater_is_better)
+    return result

@@ -1,0 +1,303 @@
+"""`Soup.report()` and `Soup.plot()`: the soup against its ingredients, as a table and as a figure.
+
+The report is plain text (monospace table): the ingredients best first with their held-out scores on every
+eval set and whether they were kept, the soup against the best single ingredient (and, for greedy soups,
+the uniform soup and the optional logit ensemble), then the recipe's steps: greedy additions, or the
+WiSE-FT alpha curve. `plot` draws the same curve with matplotlib (an optional dependency).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import EvaluationError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .soup import Soup
+
+_PRETTY = {"uniform": "Uniform soup", "greedy": "Greedy soup", "wise-ft": "WiSE-FT"}
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        return f"{value:.4f}"
+    return str(value)
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]], indent: str = "  ") -> list[str]:
+    cells = [[str(h) for h in header]] + [[_fmt(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = []
+    for n, row in enumerate(cells):
+        parts = [c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))]
+        lines.append(indent + "  ".join(parts).rstrip())
+        if n == 0:
+            lines.append(indent + "  ".join("-" * w for w in widths))
+    return lines
+
+
+def _key(soup: Soup) -> str | None:
+    return soup.metric_name
+
+
+def _sets(soup: Soup) -> list[str]:
+    names: list[str] = []
+    sources: list[Mapping[str, Any]] = [soup.scores or {}]
+    sources += [i.scores or {} for i in soup.ingredients]
+    sources += [h.get("scores") or {} for h in soup.history if isinstance(h, dict)]
+    for src in sources:
+        for name in src:
+            if name not in names:
+                names.append(name)
+    if soup.select_on in names:
+        names.remove(soup.select_on)
+        names.insert(0, soup.select_on)
+    return names
+
+
+def _row_scores(
+    scores: Mapping[str, Mapping[str, float]] | None, sets: Sequence[str], key: str | None
+) -> list:
+    scores = scores or {}
+    return [scores.get(s, {}).get(key) if key else None for s in sets]
+
+
+def _greater(soup: Soup) -> bool:
+    return bool(soup.params.get("greater_is_better", True))
+
+
+def render_report(soup: Soup) -> str:
+    """The soup's report as text (what `Soup.report()` returns).
+
+    Args:
+        soup ([`Soup`]): a cooked soup.
+
+    Returns:
+        `str`: a monospace table; print it.
+
+    Example:
+
+    ```python
+    >>> print(soup.report())  # doctest: +SKIP
+    Greedy soup: 4 of 5 ingredients kept, accuracy on 'val' (higher is better)
+    ...
+    ```
+    """
+    key = _key(soup)
+    sets = _sets(soup)
+    greater = _greater(soup)
+    kept = [i for i in soup.ingredients if i.selected is not False]
+    title = _PRETTY.get(soup.method, soup.method)
+    head = f"{title}: {len(kept)} of {len(soup.ingredients)} ingredients kept"
+    if soup.method == "wise-ft" and "alpha" in soup.params:
+        head = f"{title}: alpha={soup.params['alpha']:g}, {len(soup.ingredients)} fine-tuned ingredient(s)"
+    if key:
+        head += f", {key} on {soup.select_on!r} ({'higher' if greater else 'lower'} is better)"
+    lines = [head, ""]
+    cols = [f"{s}/{key}" for s in sets] if key else []
+
+    history = [h for h in soup.history if isinstance(h, dict)]
+
+    # ingredients, best first
+    scored = any(i.score is not None for i in soup.ingredients)
+
+    def order(ing):
+        if ing.score is None or math.isnan(ing.score):
+            return math.inf
+        return -ing.score if greater else ing.score
+
+    ingredients = sorted(soup.ingredients, key=order) if scored else list(soup.ingredients)
+    rows = []
+    for ing in ingredients:
+        values = _row_scores(ing.scores, sets, key)
+        if ing.scores == {} and ing.score is not None and sets:
+            values[0] = ing.score  # a score given with scores=, on the selection set
+        rows.append([ing.name, *values, ing.weight, ing.selected])
+    lines.append("Ingredients" + (" (best first)" if scored else "") + ":")
+    lines += _table(["ingredient", *cols, "weight", "kept"], rows)
+
+    # comparison
+    if key and (soup.scores or soup.score is not None):
+        lines += ["", "Comparison:"]
+        baselines = (soup.report_extra or {}).get("baselines", {})
+        comp = []
+        best = baselines.get("best_single")
+        if best is None and scored:
+            top = ingredients[0]
+            best = {"name": top.name, "score": top.score, "scores": top.scores}
+        if best is not None:
+            comp.append([f"best single ({best['name']})", *_row_scores(best.get("scores"), sets, key)])
+            if not best.get("scores") and sets:
+                comp[-1][1] = best.get("score")
+        if "uniform" in baselines:
+            comp.append(
+                [
+                    f"uniform soup ({len(soup.ingredients)})",
+                    *_row_scores(baselines["uniform"]["scores"], sets, key),
+                ]
+            )
+        label = (
+            f"{soup.method} soup ({len(kept)})"
+            if soup.method != "wise-ft"
+            else f"wise-ft (alpha={soup.params.get('alpha', '?'):g})"
+        )
+        soup_row = [label, *_row_scores(soup.scores, sets, key)]
+        if not soup.scores and sets:
+            soup_row[1] = soup.score
+        comp.append(soup_row)
+        if soup.method == "wise-ft" and history and "alpha" in history[0]:
+            ends = {h["alpha"]: h for h in history}
+            for alpha, label in ((0.0, "base (alpha=0)"), (1.0, "fine-tuned (alpha=1)")):
+                if alpha in ends:
+                    comp.insert(len(comp) - 1, [label, *_row_scores(ends[alpha].get("scores"), sets, key)])
+        if "ensemble" in baselines:
+            comp.append(
+                [
+                    f"logit ensemble ({len(soup.ingredients)}, reference)",
+                    *_row_scores(baselines["ensemble"]["scores"], sets, key),
+                ]
+            )
+        lines += _table(["model", *cols], comp)
+
+    # recipe steps
+    if soup.method == "greedy" and history:
+        lines += [
+            "",
+            f"Greedy steps ({'strictly better' if soup.params.get('strict') else 'not worse'} to keep):",
+        ]
+        rows = [
+            [
+                h.get("step"),
+                h.get("candidate"),
+                h.get("candidate_score"),
+                h.get("kept"),
+                h.get("score"),
+                h.get("n_ingredients"),
+            ]
+            for h in history
+        ]
+        lines += _table(["step", "candidate", f"with it ({soup.select_on})", "kept", "soup", "size"], rows)
+    elif history and "alpha" in history[0]:
+        lines += ["", "Alpha sweep:"]
+        rows = [
+            [
+                f"{h['alpha']:g}",
+                *_row_scores(h.get("scores"), sets, key),
+                "<- chosen" if h.get("selected") else "",
+            ]
+            for h in history
+        ]
+        lines += _table(["alpha", *cols, ""], rows)
+    for name, value in (soup.report_extra or {}).items():
+        if name == "baselines":
+            continue
+        lines += ["", f"{name}: {value}"]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def plot(soup: Soup, path: str | os.PathLike) -> Path:
+    """Draw the soup's curve into an image file (format from the suffix: .png, .pdf, .svg ...).
+
+    WiSE-FT sweeps: held-out score against alpha, one line per eval set, the chosen alpha marked. Greedy
+    soups: each candidate's score and the soup's score after each step, with the best single ingredient and
+    the uniform soup as reference lines. Other evaluated soups: the ingredients' scores against the soup's.
+
+    Args:
+        soup ([`Soup`]): a cooked, evaluated soup.
+        path (`str` or `os.PathLike`): the image file to write (its folder is created).
+
+    Returns:
+        `Path`: the file written.
+
+    Raises:
+        `ImportError`: matplotlib is not installed (`pip install "hf-soups[plot]"`).
+        [`EvaluationError`]: the soup was not evaluated, so there is nothing to draw.
+    """
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as err:
+        raise ImportError(
+            'Soup.plot needs matplotlib: pip install "hf-soups[plot]" (or pip install matplotlib).'
+        ) from err
+    key = soup.metric_name
+    history = [h for h in soup.history if isinstance(h, dict)]
+    if key is None or not (history or soup.scores or soup.score is not None):
+        raise EvaluationError("Nothing to plot: this soup was not evaluated. Cook it with eval_dataset=.")
+    sets = _sets(soup)
+    path = Path(path).expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig = Figure(figsize=(6.4, 4.2), layout="constrained")
+    ax = fig.add_subplot()
+    if history and "alpha" in history[0]:
+        alphas = [h["alpha"] for h in history]
+        for s in sets:
+            ys = [(h.get("scores") or {}).get(s, {}).get(key, math.nan) for h in history]
+            ax.plot(alphas, ys, marker="o", label=s)
+        chosen = soup.params.get("alpha")
+        if chosen is not None:
+            ax.axvline(chosen, color="gray", linestyle="--", linewidth=1, label=f"chosen alpha={chosen:g}")
+        ax.set_xlabel("alpha (0 = base, 1 = fine-tuned)")
+        ax.set_title("WiSE-FT: held-out score along the interpolation")
+    elif soup.method == "greedy" and history:
+        steps = list(range(len(history)))
+        ax.plot(steps, [h.get("score") for h in history], marker="o", label="greedy soup")
+        kept = [i for i, h in enumerate(history) if h.get("kept")]
+        dropped = [i for i, h in enumerate(history) if not h.get("kept")]
+        ax.scatter(
+            kept,
+            [history[i]["candidate_score"] for i in kept],
+            marker="^",
+            label="candidate (kept)",
+            zorder=3,
+        )
+        ax.scatter(
+            dropped,
+            [history[i]["candidate_score"] for i in dropped],
+            marker="x",
+            label="candidate (dropped)",
+            zorder=3,
+        )
+        baselines = (soup.report_extra or {}).get("baselines", {})
+        if "uniform" in baselines:
+            ax.axhline(
+                baselines["uniform"]["score"], color="gray", linestyle="--", linewidth=1, label="uniform soup"
+            )
+        if "ensemble" in baselines:
+            ax.axhline(
+                baselines["ensemble"]["score"],
+                color="gray",
+                linestyle=":",
+                linewidth=1,
+                label="logit ensemble",
+            )
+        ax.set_xticks(steps, [str(h.get("candidate")) for h in history], rotation=30, ha="right")
+        ax.set_xlabel("candidate, in order of individual score")
+        ax.set_title("Greedy soup")
+    else:
+        names = [i.name for i in soup.ingredients] + ["soup"]
+        values = [i.score if i.score is not None else math.nan for i in soup.ingredients] + [soup.score]
+        ax.bar(range(len(names)), values, color=["C0"] * (len(names) - 1) + ["C1"])
+        ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
+        ax.set_title(f"{_PRETTY.get(soup.method, soup.method)} against its ingredients")
+    if history and "alpha" in history[0]:
+        ax.set_ylabel(f"{key} (alpha chosen on {soup.select_on})" if soup.select_on else key)
+    else:
+        ax.set_ylabel(f"{key} on {soup.select_on}" if soup.select_on else key)
+    ax.grid(True, alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize="small")
+    fig.savefig(path, dpi=120)
+    return path
+
+
+__all__ = ["plot", "render_report"]
