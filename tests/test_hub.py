@@ -183,7 +183,9 @@ def test_parent_commit_and_pull_requests(hub_server, api):
     assert exc.value.response.status_code == 412
     assert commit_ids(api, repo_id) == before
 
-    pr = api.create_commit(repo_id, [CommitOperationAdd("a.txt", b"from pr")], commit_message="pr", create_pr=True)
+    pr = api.create_commit(
+        repo_id, [CommitOperationAdd("a.txt", b"from pr")], commit_message="pr", create_pr=True
+    )
     assert pr.pr_revision == "refs/pr/1" and pr.pr_num == 1
     assert Path(hf_hub_download(repo_id, "a.txt")).read_bytes() == b"v2"  # main unchanged
     assert Path(hf_hub_download(repo_id, "a.txt", revision="refs/pr/1")).read_bytes() == b"from pr"
@@ -209,7 +211,10 @@ def test_lfs_pointer_to_missing_object_is_refused(hub_server, api):
     assert response.status_code == 400
     assert "w.bin" in response.json()["error"]
     # a regular file sent inline works
-    good = [payload[0], {"key": "file", "value": {"path": "ok.txt", "content": base64.b64encode(b"x").decode()}}]
+    good = [
+        payload[0],
+        {"key": "file", "value": {"path": "ok.txt", "content": base64.b64encode(b"x").decode()}},
+    ]
     response = get_session().post(
         f"{hub_server.endpoint}/api/models/{repo_id}/commit/main",
         content=b"".join(json.dumps(line).encode() + b"\n" for line in good),
@@ -258,13 +263,17 @@ def test_validate_yaml(hub_server, api):
     assert response.status_code == 400
     messages = " ".join(e["message"] for e in response.json()["errors"])
     assert "task.type" in messages and "dataset.type" in messages and "metrics" in messages
-    response = get_session().post(f"{hub_server.endpoint}/api/validate-yaml", json={"content": "# no metadata"})
+    response = get_session().post(
+        f"{hub_server.endpoint}/api/validate-yaml", json={"content": "# no metadata"}
+    )
     assert response.status_code == 200 and response.json()["warnings"]
     # create_commit checks README.md before uploading anything
     repo_id = api.create_repo(unique("yaml")).repo_id
     before = commit_ids(api, repo_id)
     with pytest.raises(ValueError, match="Invalid metadata"):
-        api.upload_file(path_or_fileobj=b"---\nlicense: nope\n---\n", path_in_repo="README.md", repo_id=repo_id)
+        api.upload_file(
+            path_or_fileobj=b"---\nlicense: nope\n---\n", path_in_repo="README.md", repo_id=repo_id
+        )
     assert commit_ids(api, repo_id) == before
 
 
@@ -363,7 +372,12 @@ def test_pull_offline_from_cache(hub_server, hub_models):
     )
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_ENDPOINT="http://127.0.0.1:9")
     out = subprocess.run(
-        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120, cwd=Path(__file__).parents[1]
+        [sys.executable, "-c", script],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).parents[1],
     )
     assert out.returncode == 0, out.stderr
     assert f"COMMIT {hub_models['commits'][0]}" in out.stdout
@@ -392,7 +406,9 @@ def test_push_streamed_soup_in_one_commit_without_loading_it(hub_server, api, st
     files = set(api.list_repo_files(repo))
     assert {"config.json", "model.safetensors", "README.md", "soup_recipe.yaml"} <= files
     remote = Path(snapshot_download(repo))
-    assert (remote / "model.safetensors").read_bytes() == (streamed_soup.output_dir / "model.safetensors").read_bytes()
+    assert (remote / "model.safetensors").read_bytes() == (
+        streamed_soup.output_dir / "model.safetensors"
+    ).read_bytes()
     card = ModelCard.load(repo)
     # local ingredients: no Hub base models to name, so no relation either (the Hub requires both together)
     assert card.data.base_model is None and card.data.get("base_model_relation") is None
@@ -518,7 +534,9 @@ def test_end_to_end_hub_ids_to_pushed_soup(hub_server, api, hub_models, tmp_path
     ids = hub_models["ids"]
     refs = [ids[0], f"{ids[1]}@v1", f"{ids[2]}@{hub_models['commits'][2]}"]
     repo = f"{hub_server.user}/{unique('e2e-soup')}"
-    soup = merge_models(refs, output_dir=tmp_path / "hub-soup", push_to_hub=repo, token=hub_server.token, progress=False)
+    soup = merge_models(
+        refs, output_dir=tmp_path / "hub-soup", push_to_hub=repo, token=hub_server.token, progress=False
+    )
     assert [i.revision for i in soup.ingredients] == hub_models["commits"]
     local = merge_models(hub_models["local"], output_dir=tmp_path / "local-soup", progress=False)
 

@@ -1,0 +1,219 @@
+"""The soup's model card: metadata (validated by the local Hub's validate-yaml), body, and no network use."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.hub_server import reserve_port
+
+reserve_port()  # no-op when conftest already did it
+
+from huggingface_hub import ModelCard  # noqa: E402
+
+from hf_soups.card import build_model_card, write_model_card  # noqa: E402
+from hf_soups.ingredients import Ingredient  # noqa: E402
+from hf_soups.soup import Soup  # noqa: E402
+
+BERT_CONFIG = {"architectures": ["BertForSequenceClassification"], "model_type": "bert"}
+
+
+def with_readme(folder: Path, metadata: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "README.md").write_text(f"---\n{metadata}\n---\n# {folder.name}\n")
+    return folder
+
+
+def hub_ingredient(repo_id: str, commit: str, requested: str | None = None, **kwargs) -> Ingredient:
+    ing = Ingredient(repo_id, **kwargs)
+    ing.metadata["requested_revision"] = requested or "main"
+    ing.revision = commit
+    return ing
+
+
+def check_card(card: ModelCard) -> ModelCard:
+    """The card passes the Hub's metadata validation and parses back strictly."""
+    card.validate()  # POST /api/validate-yaml on the local Hub
+    again = ModelCard(str(card))  # strict parsing (model-index included)
+    assert again.data.to_dict() == card.data.to_dict()
+    return again
+
+
+def test_card_of_a_real_streamed_soup(hub_server, tiny_bert_dirs, tmp_path):
+    from hf_soups import merge_models
+
+    for folder in tiny_bert_dirs:
+        with_readme(folder, "license: apache-2.0\ndatasets:\n- org/reviews\nlanguage: en")
+    soup = merge_models(tiny_bert_dirs, output_dir=tmp_path / "soup", progress=False)
+    readme = soup.output_dir / "README.md"
+    assert readme.is_file()  # written by save before the atomic rename
+    card = check_card(ModelCard.load(readme))
+    data = card.data
+    assert data.license == "apache-2.0"
+    assert data.datasets == ["org/reviews"] and data.language == "en"
+    assert data.library_name == "transformers" and data.pipeline_tag == "text-classification"
+    assert {"model-soup", "merge", "uniform"} <= set(data.tags)
+    assert data.base_model is None and "base_model_relation" not in data.to_dict()  # local ingredients only
+    text = card.text
+    assert "[Uniform soup](https://arxiv.org/abs/2203.05482)" in text
+    for ing in soup.ingredients:
+        assert f"| {ing.name} | local | 0.3333 |" in text
+    assert "@inproceedings{wortsman2022modelsoups" in text and "@inproceedings{wortsman2022robust" in text
+    assert "hf-soups cook soup_recipe.yaml" in text
+    assert "AutoModelForSequenceClassification" in text
+    assert "No held-out evaluation" in text
+    assert soup.model_card().data.to_dict() == data.to_dict()
+    assert soup._model is None  # the card never loads the model
+
+
+def test_in_memory_soup_save_pretrained_writes_the_card(hub_server, tiny_bert_dirs, tmp_path):
+    from hf_soups import merge_models
+
+    soup = merge_models(tiny_bert_dirs, progress=False)
+    out = soup.save_pretrained(tmp_path / "saved")
+    card = check_card(ModelCard.load(out / "README.md"))
+    assert "model-soup" in card.data.tags
+    assert (out / "soup_recipe.yaml").is_file()
+
+
+@pytest.mark.parametrize(
+    "licenses, expected, note",
+    [
+        (["mit", "mit", "mit"], "mit", None),
+        (["mit", "apache-2.0", "mit"], None, "different licenses"),
+        (["mit", None, "mit"], "mit", "declares none"),
+        ([None, None, None], None, None),
+    ],
+)
+def test_license_agreement(hub_server, tmp_path, licenses, expected, note):
+    ingredients = []
+    for i, lic in enumerate(licenses):
+        folder = tmp_path / f"ft-{i}"
+        with_readme(folder, f"license: {lic}" if lic else "tags:\n- demo")
+        ingredients.append(Ingredient(str(folder), weight=1 / 3, selected=True))
+    card = check_card(build_model_card(Soup("uniform", ingredients, _kitchen_config=BERT_CONFIG)))
+    assert card.data.license == expected
+    if note:
+        assert note in card.text
+    else:
+        assert "**License:**" not in card.text
+
+
+def test_other_license_keeps_its_name(hub_server, tmp_path):
+    meta = "license: other\nlicense_name: acme-research\nlicense_link: https://example.com/license"
+    ingredients = [Ingredient(str(with_readme(tmp_path / f"ft-{i}", meta))) for i in range(2)]
+    card = check_card(build_model_card(Soup("uniform", ingredients)))
+    assert (card.data.license, card.data.license_name) == ("other", "acme-research")
+    assert card.data.license_link == "https://example.com/license"
+
+
+def test_hub_ingredients_card_makes_no_network_call(hub_server):
+    ingredients = [
+        hub_ingredient("org/ft-a", "a" * 40, requested="v2", weight=0.5, selected=True, score=0.8),
+        hub_ingredient("org/ft-b", "b" * 40, weight=0.5, selected=True, score=0.7),
+        hub_ingredient("org/ft-c", "c" * 40, weight=0.0, selected=False, score=0.6, name="ft | c"),
+    ]
+    soup = Soup("uniform", ingredients, _kitchen_config=BERT_CONFIG)
+    before = len(hub_server.state.requests)
+    card = build_model_card(soup, repo_id="me/soup")
+    assert len(hub_server.state.requests) == before
+    check_card(card)
+    assert card.data.base_model == ["org/ft-a", "org/ft-b"]  # the ingredient not kept is not a parent
+    assert card.data.base_model_relation == "merge"
+    assert (
+        "| 1 | [org/ft-a](https://huggingface.co/org/ft-a) | `aaaaaaaaaaaa` (v2) | 0.5000 | 0.8000 | yes |"
+        in card.text
+    )
+    assert "ft \\| c" in card.text and "| no |" in card.text
+    assert 'from_pretrained("me/soup")' in card.text
+    assert card.text.splitlines()[1] == "# soup"
+
+
+def test_evaluated_soup_has_model_index_and_comparison(hub_server, tmp_path):
+    ingredients = [
+        hub_ingredient("org/ft-a", "a" * 40, weight=0.5, selected=True, score=0.80),
+        hub_ingredient("org/ft-b", "b" * 40, weight=0.5, selected=True, score=0.78),
+    ]
+    soup = Soup(
+        "uniform",
+        ingredients,
+        score=0.83,
+        scores={"validation": {"accuracy": 0.83, "f1": 0.81}, "typos": {"accuracy": 0.75}},
+        metric_name="accuracy",
+        select_on="validation",
+        report_extra={
+            "eval_datasets": {"validation": {"id": "org/reviews", "split": "validation", "name": "Reviews"}}
+        },
+        _kitchen_config=BERT_CONFIG,
+    )
+    path = write_model_card(soup, tmp_path / "out", repo_id="me/evaluated")
+    assert path == tmp_path / "out" / "README.md"
+    card = check_card(ModelCard.load(path))
+    results = {(r.dataset_name, r.metric_type): r for r in card.data.eval_results}
+    assert results[("Reviews", "accuracy")].metric_value == 0.83
+    assert results[("Reviews", "accuracy")].dataset_type == "org/reviews"
+    assert results[("Reviews", "accuracy")].dataset_split == "validation"
+    assert results[("Reviews", "f1")].metric_value == 0.81
+    assert results[("typos", "accuracy")].metric_value == 0.75
+    assert results[("typos", "accuracy")].task_type == "text-classification"
+    assert card.data.model_name == "evaluated"
+    assert card.data.datasets == ["org/reviews"]
+    assert "The soup scores **0.8300** accuracy on `validation`" in card.text
+    assert "org/ft-a, scores 0.8000: the soup is better than it (+0.0300)" in card.text
+    assert "| Held-out accuracy (validation) |" in card.text
+
+
+def test_wise_ft_card_lists_the_base_first_and_shows_the_curve(hub_server):
+    base = hub_ingredient("org/zero-shot", "d" * 40, name="org/zero-shot")
+    ft = hub_ingredient("org/ft", "e" * 40, weight=1.0, selected=True, score=0.9)
+    history = [
+        {"alpha": a, "accuracy": s, "ood_accuracy": o}
+        for a, s, o in [(0.0, 0.6, 0.55), (0.5, 0.88, 0.7), (1.0, 0.9, 0.6)]
+    ]
+    soup = Soup(
+        "wise-ft", [ft], params={"alpha": 0.5}, base=base, history=history, score=0.88,
+        scores={"validation": {"accuracy": 0.88}}, metric_name="accuracy", select_on="validation",
+        _kitchen_config=BERT_CONFIG,
+    )  # fmt: skip
+    card = check_card(build_model_card(soup))
+    assert card.data.base_model == ["org/zero-shot", "org/ft"]
+    assert "[WiSE-FT (weight-space ensemble)](https://arxiv.org/abs/2109.01903)" in card.text
+    assert "### WiSE-FT curve" in card.text
+    assert "| alpha | accuracy | ood_accuracy |" in card.text
+    assert "| 0.5000 | 0.8800 | 0.7000 |" in card.text
+    assert "alpha chosen on the held-out accuracy among 3 values" in card.text
+    assert "interpolated with the base model [org/zero-shot]" in card.text
+    assert "the soup is worse than it (-0.0200)" in card.text
+
+
+def test_adapter_soup_card_uses_peft(hub_server, tmp_path):
+    base = hub_ingredient("org/base-model", "f" * 40)
+    adapters = [hub_ingredient(f"org/lora-{i}", str(i) * 40, weight=0.5, selected=True) for i in range(2)]
+    soup = Soup(
+        "uniform", adapters, params={"adapter_output": "adapter"}, base=base, _kitchen_config=BERT_CONFIG
+    )
+    card = check_card(build_model_card(soup, repo_id="me/lora-soup"))
+    assert card.data.library_name == "peft"
+    assert card.data.base_model == "org/base-model" or card.data.base_model == ["org/base-model"]
+    assert 'PeftModel.from_pretrained(base, "me/lora-soup")' in card.text
+
+
+def test_ingredient_readme_from_the_hf_cache(hub_server, tmp_path):
+    """A resolved Hub ingredient's README.md (kept in its cache snapshot) gives the card its license."""
+    from huggingface_hub import HfApi
+
+    from hf_soups.ingredients import resolve
+    from tests.tiny_models import make_tiny_bert
+
+    api = HfApi(token=hub_server.token)
+    repo = api.create_repo(f"licensed-{tmp_path.name[-12:]}").repo_id
+    make_tiny_bert(seed=3).push_to_hub(repo, token=hub_server.token)
+    api.upload_file(path_or_fileobj=b"---\nlicense: cc-by-4.0\n---\n", path_in_repo="README.md", repo_id=repo)
+    ing = Ingredient(repo, weight=1.0, selected=True)
+    resolve(ing, token=hub_server.token)
+    before = len(hub_server.state.requests)
+    card = build_model_card(Soup("uniform", [ing], _kitchen_config=BERT_CONFIG))
+    assert len(hub_server.state.requests) == before
+    assert card.data.license == "cc-by-4.0"
+    assert card.data.base_model == [repo]
