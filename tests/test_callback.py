@@ -481,3 +481,46 @@ def test_example_sweep_smoke(tmp_path):
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     for row in ("best run", "uniform soup", "greedy soup"):
         assert row in out.stdout
+
+
+def test_greedy_soup_follows_the_trainers_metric(tmp_path, train_ds, eval_ds):
+    """method='greedy' with no metric of its own scores with the trainer's compute_metrics / metric_for_best_model."""
+    cb = SoupTrainerCallback(ingredients_dir=tmp_path / "ingredients", method="greedy")
+    trainer = None
+    for i, lr in enumerate([1e-3, 3e-3, 1e-2]):
+        args = _args(tmp_path / f"run{i}", learning_rate=lr, seed=i, metric_for_best_model="accuracy")
+        trainer = _trainer(args, train_ds, cb, eval_ds=eval_ds, compute_metrics=compute_metrics)
+        trainer.train()
+    soup = cb.cook()
+    assert soup.method == "greedy"
+    assert all(ing.selected is not None for ing in soup.ingredients)
+    kept = [ing for ing in soup.ingredients if ing.selected]
+    assert 1 <= len(kept) <= 3
+    for ing in soup.ingredients:  # every ingredient was scored with the trainer's compute_metrics
+        (metrics,) = ing.scores.values()
+        assert 0.0 <= metrics["accuracy"] <= 1.0
+    # greedy never ends below its best ingredient on the selection set
+    assert soup.score >= max(ing.score for ing in soup.ingredients)
+    logged = {k: v for entry in trainer.state.log_history for k, v in entry.items() if k.startswith("soup_")}
+    assert logged["soup_num_selected"] == len(kept)
+    assert logged["soup_accuracy"] == pytest.approx(soup.score)
+
+
+def test_soup_is_pushed_where_the_trainer_pushes(tmp_path, train_ds, hub_server):
+    from huggingface_hub import HfApi
+
+    repo_id = f"{hub_server.user}/soup-from-trainer"
+    cb = SoupTrainerCallback(ingredients_dir=tmp_path / "ingredients")
+    for i in range(2):
+        args = _args(
+            tmp_path / f"run{i}", seed=i, push_to_hub=True, hub_model_id=repo_id, hub_token=hub_server.token
+        )
+        _trainer(args, train_ds, cb).train()
+    soup = cb.cook()
+    files = HfApi(endpoint=hub_server.endpoint, token=hub_server.token).list_repo_files(repo_id)
+    assert "model.safetensors" in files and "README.md" in files
+    assert len(soup.ingredients) == 2
+    # push_to_hub=False keeps the soup local even when the trainer pushes
+    cb_local = SoupTrainerCallback(ingredients_dir=tmp_path / "ingredients", push_to_hub=False)
+    cb_local.set_trainer(cb.trainer)
+    assert "push_to_hub" not in cb_local._resolve_options({})
