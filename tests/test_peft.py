@@ -449,3 +449,54 @@ def test_merged_adapter_soup_is_a_loadable_model_with_the_base_files(bert_setup,
     reloaded = BertForSequenceClassification.from_pretrained(soup.output_dir)
     in_memory = merge_models([str(a) for a in adapters], progress=False)
     torch.testing.assert_close(_logits(reloaded), _logits(in_memory.model), rtol=0, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------- greedy over adapters
+
+
+@pytest.mark.slow
+def test_greedy_soup_over_adapters_leaves_out_a_ruined_adapter(tmp_path):
+    """Greedy soups of adapters evaluate candidates in one live base model (merged form) and serve the kept
+    adapters in adapter form."""
+    from safetensors.torch import load_file, save_file
+
+    from tests import synthetic_task as task
+
+    base_dir = task.save(task.pretrained_model(), tmp_path / "base")
+    dirs = []
+    for seed in range(2):
+        model = get_peft_model(
+            BertForSequenceClassification.from_pretrained(base_dir),
+            LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], modules_to_save=["classifier"]),
+        )
+        task.train(model, steps=80, seed=seed, lr=1e-2)
+        model.save_pretrained(tmp_path / f"good-{seed}")
+        dirs.append(tmp_path / f"good-{seed}")
+    # a ruined copy of the first adapter: its LoRA B factors blown up
+    ruined = tmp_path / "ruined"
+    ruined.mkdir()
+    (ruined / "adapter_config.json").write_text((dirs[0] / "adapter_config.json").read_text())
+    state = load_file(str(dirs[0] / "adapter_model.safetensors"))
+    save_file(
+        {k: v * 200 if "lora_B" in k else v for k, v in state.items()},
+        str(ruined / "adapter_model.safetensors"),
+    )
+
+    ids, labels = task.make_split(256, seed=1)
+    eval_set = task.as_dataset(ids, labels)
+    soup = merge_models(
+        [str(d) for d in [ruined, *dirs]],
+        method="greedy",
+        eval_dataset=eval_set,
+        adapter_output="adapter",
+        output_dir=tmp_path / "greedy",
+        progress=False,
+    )
+    kept = {i.name for i in soup.ingredients if i.selected}
+    assert "ruined" not in kept and kept
+    scores = {i.name: i.score for i in soup.ingredients}
+    assert scores["ruined"] < min(scores["good-0"], scores["good-1"])
+    model = PeftModel.from_pretrained(
+        BertForSequenceClassification.from_pretrained(base_dir), soup.output_dir
+    )
+    assert task.accuracy(model, ids, labels) == pytest.approx(soup.score, abs=1e-6)
