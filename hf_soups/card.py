@@ -320,16 +320,41 @@ def _params(soup: Soup) -> list[tuple[str, str]]:
     return out
 
 
+def _flatten_point(row: dict[str, Any]) -> dict[str, Any]:
+    """One history point with nested `scores` ({eval set: {metric: value}}) spread into `set metric` columns."""
+    out: dict[str, Any] = {}
+    for key, value in row.items():
+        if key == "scores" and isinstance(value, dict):
+            for set_name, metrics in value.items():
+                if isinstance(metrics, dict):
+                    for metric, v in metrics.items():
+                        out[f"{set_name} {metric}"] = v
+                else:
+                    out[str(set_name)] = metrics
+        elif value is None or isinstance(value, (int, float, str, bool)):
+            out[key] = value
+    return out
+
+
 def _curve(soup: Soup) -> tuple[str | None, list[str], list[list[str]]]:
-    history = [h for h in (soup.history or []) if isinstance(h, dict)]
+    history = [_flatten_point(h) for h in (soup.history or []) if isinstance(h, dict)]
     if not history:
         return None, [], []
     header: list[str] = []
     for row in history:
-        for key, value in row.items():
-            if key not in header and (value is None or isinstance(value, (int, float, str, bool))):
+        for key in row:
+            if key not in header:
                 header.append(key)
+    # a nested copy of the primary score adds nothing
+    if (
+        "score" in header
+        and soup.select_on
+        and soup.metric_name
+        and f"{soup.select_on} {soup.metric_name}" in header
+    ):
+        header.remove("score")
     rows = [[_md(_fmt(row.get(k))) for k in header] for row in history]
+    header = [_md(h) for h in header]
     if soup.method == "wise-ft" or "alpha" in header:
         title = "WiSE-FT curve (held-out results along alpha; alpha = 0 is the base, 1 the fine-tuned end)"
     elif soup.method == "greedy":
@@ -355,6 +380,19 @@ def _comparison(soup: Soup, metric: str) -> str | None:
             f" The best single ingredient, {_md(best.name)}, scores {best.score:.4f}: the soup is {verdict} it "
             f"({delta:+.4f})."
         )
+    baselines = (soup.report_extra or {}).get("baselines") if isinstance(soup.report_extra, dict) else None
+    labels = {
+        "uniform": "the uniform soup of every ingredient",
+        "ensemble": "the output ensemble of every ingredient",
+    }
+    if isinstance(baselines, dict):
+        extra = [
+            f"{labels[key]}: {baselines[key]['score']:.4f}"
+            for key in ("uniform", "ensemble")
+            if isinstance(baselines.get(key), dict) and isinstance(baselines[key].get("score"), (int, float))
+        ]
+        if extra:
+            text += " For reference, " + "; ".join(extra) + "."
     return text
 
 

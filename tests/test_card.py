@@ -168,9 +168,14 @@ def test_wise_ft_card_lists_the_base_first_and_shows_the_curve(hub_server):
     base = hub_ingredient("org/zero-shot", "d" * 40, name="org/zero-shot")
     ft = hub_ingredient("org/ft", "e" * 40, weight=1.0, selected=True, score=0.9)
     history = [
-        {"alpha": a, "accuracy": s, "ood_accuracy": o}
+        {
+            "alpha": a,
+            "score": s,
+            "scores": {"validation": {"accuracy": s}, "typos": {"accuracy": o}},
+            "selected": a == 0.5,
+        }
         for a, s, o in [(0.0, 0.6, 0.55), (0.5, 0.88, 0.7), (1.0, 0.9, 0.6)]
-    ]
+    ]  # the format of recipes/wise_ft_sweep.py
     soup = Soup(
         "wise-ft", [ft], params={"alpha": 0.5}, base=base, history=history, score=0.88,
         scores={"validation": {"accuracy": 0.88}}, metric_name="accuracy", select_on="validation",
@@ -180,8 +185,10 @@ def test_wise_ft_card_lists_the_base_first_and_shows_the_curve(hub_server):
     assert card.data.base_model == ["org/zero-shot", "org/ft"]
     assert "[WiSE-FT (weight-space ensemble)](https://arxiv.org/abs/2109.01903)" in card.text
     assert "### WiSE-FT curve" in card.text
-    assert "| alpha | accuracy | ood_accuracy |" in card.text
-    assert "| 0.5000 | 0.8800 | 0.7000 |" in card.text
+    assert (
+        "| alpha | validation accuracy | typos accuracy | selected |\n| --- | --- | --- | --- |" in card.text
+    )
+    assert "| 0.5000 | 0.8800 | 0.7000 | yes |" in card.text
     assert "alpha chosen on the held-out accuracy among 3 values" in card.text
     assert "interpolated with the base model [org/zero-shot]" in card.text
     assert "the soup is worse than it (-0.0200)" in card.text
@@ -217,3 +224,29 @@ def test_ingredient_readme_from_the_hf_cache(hub_server, tmp_path):
     assert len(hub_server.state.requests) == before
     assert card.data.license == "cc-by-4.0"
     assert card.data.base_model == [repo]
+
+
+def test_card_of_an_evaluated_greedy_soup(hub_server, tiny_bert_dirs, tmp_path):
+    """merge_models with held-out data: the card carries the scores the evaluator recorded."""
+    from hf_soups import merge_models
+    from tests.synthetic_task import as_dataset, make_split
+
+    ids, labels = make_split(48, seed=7)
+    ood_ids, ood_labels = make_split(48, seed=8, shift=0.2)
+    soup = merge_models(
+        tiny_bert_dirs,
+        method="greedy",
+        eval_dataset={"validation": as_dataset(ids, labels), "shifted": as_dataset(ood_ids, ood_labels)},
+        output_dir=tmp_path / "greedy",
+        progress=False,
+    )
+    card = check_card(ModelCard.load(soup.output_dir / "README.md"))
+    results = {(r.dataset_name, r.metric_type): r.metric_value for r in card.data.eval_results}
+    assert results[("validation", "accuracy")] == pytest.approx(soup.scores["validation"]["accuracy"])
+    assert ("shifted", "accuracy") in results
+    assert "### Greedy soup steps" in card.text
+    assert f"The soup scores **{soup.score:.4f}** accuracy on `validation`" in card.text
+    kept = [i for i in soup.ingredients if i.selected]
+    assert card.data.base_model is None and len(kept) >= 1
+    for ing in soup.ingredients:
+        assert f"| {ing.score:.4f} | {'yes' if ing.selected else 'no'} |" in card.text
