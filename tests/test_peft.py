@@ -500,3 +500,44 @@ def test_greedy_soup_over_adapters_leaves_out_a_ruined_adapter(tmp_path):
         BertForSequenceClassification.from_pretrained(base_dir), soup.output_dir
     )
     assert task.accuracy(model, ids, labels) == pytest.approx(soup.score, abs=1e-6)
+
+
+# ------------------------------------------------------------------------------------------- Hub
+
+
+def test_adapters_and_their_base_from_the_hub(hub_server, tmp_path):
+    """Adapter repos on the (local) Hub: the base comes from base_model_name_or_path, resolved through the cache."""
+    import uuid
+
+    base_id = f"{hub_server.user}/base-{uuid.uuid4().hex[:8]}"
+    make_tiny_bert(noise=0).push_to_hub(base_id, token=hub_server.token)
+    ids = []
+    for i in range(2):
+        base = BertForSequenceClassification.from_pretrained(base_id)
+        model = get_peft_model(
+            base,
+            LoraConfig(r=2 + i, lora_alpha=4, target_modules=["query", "value"], init_lora_weights=False),
+        )
+        _randomise(model, seed=30 + i)
+        repo = f"{hub_server.user}/lora-{i}-{uuid.uuid4().hex[:8]}"
+        model.push_to_hub(repo, token=hub_server.token)
+        model.save_pretrained(tmp_path / f"lora-{i}")
+        ids.append(repo)
+    assert (
+        json.loads((tmp_path / "lora-0" / "adapter_config.json").read_text())["base_model_name_or_path"]
+        == base_id
+    )
+    soup = merge_models(ids, progress=False)
+    expected = [
+        PeftModel.from_pretrained(
+            BertForSequenceClassification.from_pretrained(base_id), tmp_path / f"lora-{i}"
+        )
+        .merge_and_unload()
+        .state_dict()
+        for i in range(2)
+    ]
+    got = soup.model.state_dict()
+    for name in expected[0]:
+        torch.testing.assert_close(got[name], (expected[0][name] + expected[1][name]) / 2, rtol=0, atol=2e-6)
+    assert soup.ingredients[0].revision is not None and len(soup.ingredients[0].revision) == 40
+    assert soup.ingredients[0].metadata["adapter"]["base_model"] == base_id
