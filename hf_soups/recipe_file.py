@@ -1093,8 +1093,11 @@ def recipe_from_soup(soup: Soup) -> dict[str, Any]:
         "method": method,
     }
 
-    selection_needs_eval = method == "greedy" or isinstance(params.get("alpha"), (list, tuple))
-    can_replay = source is not None and (source.eval or source.scores or source.compute_metrics)
+    sweep = params.get("alphas") if isinstance(params.get("alphas"), (list, tuple)) else None
+    if sweep is None and isinstance(params.get("alpha"), (list, tuple)):
+        sweep = params["alpha"]
+    selection_needs_eval = method == "greedy" or (sweep is not None and len(sweep) > 1)
+    can_replay = source is not None and bool(source.eval)
     frozen = selection_needs_eval and not can_replay
     if frozen and method == "greedy":
         kept = [ing for ing in ingredients if ing.selected]
@@ -1104,7 +1107,7 @@ def recipe_from_soup(soup: Soup) -> dict[str, Any]:
         )
         out["method"] = "uniform"
         ingredients = kept
-    weights = None if frozen else _recorded_weights(soup, params, source)
+    weights = None if (frozen and method == "greedy") else _recorded_weights(soup, params, source)
     entries = []
     for i, ing in enumerate(ingredients):
         entry = _reference_entry(ing)
@@ -1122,24 +1125,20 @@ def recipe_from_soup(soup: Soup) -> dict[str, Any]:
     if base is not None:
         out["base_model"] = _reference_entry(base)
     alpha = params.get("alpha")
-    if method == "wise-ft" and alpha is not None:
-        if isinstance(alpha, (list, tuple)):
-            if frozen:
-                chosen = params.get("chosen_alpha", params.get("best_alpha"))
-                if chosen is None:
-                    notes.append(
-                        "WiSE-FT sweep: the chosen alpha is not recorded; the whole sweep is written."
-                    )
-                    out["alpha"] = [float(a) for a in alpha]
-                else:
-                    notes.append(
-                        f"WiSE-FT sweep frozen at the chosen alpha={chosen} (the eval data was an in-memory dataset)."
-                    )
-                    out["alpha"] = float(chosen)
-            else:
-                out["alpha"] = [float(a) for a in alpha]
-        else:
+    if method == "wise-ft" and selection_needs_eval and not frozen:
+        out["alpha"] = [float(a) for a in sweep]
+    elif method == "wise-ft" and selection_needs_eval:
+        if isinstance(alpha, (int, float)):
+            notes.append(
+                f"WiSE-FT sweep {[float(a) for a in sweep]} frozen at the chosen alpha={float(alpha)}: the held-out "
+                "data was an in-memory dataset (same tensors, no evaluation)."
+            )
             out["alpha"] = float(alpha)
+        else:
+            notes.append("WiSE-FT sweep: the chosen alpha is not recorded; the whole sweep is written.")
+            out["alpha"] = [float(a) for a in sweep]
+    elif method == "wise-ft" and alpha is not None:
+        out["alpha"] = float(alpha[0]) if isinstance(alpha, (list, tuple)) else float(alpha)
 
     if not frozen and source is not None:
         src = source.to_dict()
