@@ -168,7 +168,7 @@ class Kitchen:
             method=method,
             ingredients=[m.ingredient for m in self.ingredients],
             params=dict(params or {}),
-            base=self.base.ingredient if self.base is not None else None,
+            base=self.base.ingredient if self.base is not None else self._adapters_base(),
             history=list(history or []),
             score=score,
             scores=dict(scores or {}),
@@ -204,6 +204,13 @@ class Kitchen:
             soup._model = model
         soup._kitchen_config = dict(self.plan.config)
         return soup
+
+    def _adapters_base(self):
+        """The base model of adapter ingredients (recorded on the soup and its card), or None."""
+        for m in self.ingredients:
+            if m.kind == "adapter" and m.adapter.base is not None:
+                return m.adapter.base.ingredient
+        return None
 
     def write(
         self, coefficients: Sequence[float], target: str | os.PathLike, soup: Soup | None = None
