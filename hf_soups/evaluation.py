@@ -336,6 +336,8 @@ class Evaluator:
             config = members[0].config
         if model is None and members:
             model = members[0].model
+        if config is None and model is not None and hasattr(model, "config"):
+            config = model.config.to_dict()
         config = dict(config or {})
         if tokenizer is not None:
             self._tokenizer = tokenizer
@@ -448,8 +450,8 @@ class Evaluator:
         if self._pad_token_id is None:
             self._pad_token_id = tok.pad_token_id
         max_length = self._max_length(tok)
-        columns = [ds[c] for c in text_cols]
-        labels = ds[label_col] if label_col else None
+        columns = [list(ds[c]) for c in text_cols]
+        labels = list(ds[label_col]) if label_col else None
         if self.task == "token-classification":
             if len(text_cols) != 1:
                 raise EvaluationError(
@@ -531,13 +533,14 @@ class Evaluator:
             for ex in examples:
                 ex["labels"] = self._label2id[ex["labels"]]
             return
-        if self.problem_type == "single_label_classification" or (
+        single = self.problem_type == "single_label_classification" or (
             self.problem_type is None and all(isinstance(x, int) for x in labels)
-        ):
+        )
+        if single:
             ints = [x for x in labels if isinstance(x, (int, float))]
             if ints and all(x == -1 for x in ints):
                 raise EvaluationError(_no_labels_message(name, None, all_minus_one=True))
-            if self.num_labels and self.problem_type == "single_label_classification":
+            if self.num_labels:
                 bad = sorted({int(x) for x in ints if not 0 <= int(x) < int(self.num_labels)})
                 if bad:
                     raise EvaluationError(
@@ -558,7 +561,12 @@ class Evaluator:
                 config_name = "multilabel"
             self._metric = load_metric(spec, config_name=config_name)
             n_classes = self._n_classes()
-            if spec in _AVERAGED_METRICS and "average" not in self._metric_kwargs and (n_classes or 2) > 2:
+            multi = self.problem_type == "multi_label_classification"
+            if (
+                spec in _AVERAGED_METRICS
+                and "average" not in self._metric_kwargs
+                and ((n_classes or 2) > 2 or multi)
+            ):
                 self._metric_kwargs["average"] = "macro"
                 logger.info(
                     "Metric %r on %s classes: using average='macro' (pass metric_kwargs={'average': ...} to change).",

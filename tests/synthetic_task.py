@@ -101,3 +101,34 @@ def accuracy(model, ids, labels) -> float:
 def save(model, path: Path) -> Path:
     model.save_pretrained(path)
     return Path(path)
+
+
+def tiny_tokenizer():
+    """A WordPiece tokenizer whose words `w0 .. w93` are the token ids 5 .. 98 of the synthetic task."""
+    from transformers import BertTokenizer
+
+    vocab = {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3, "[MASK]": 4}
+    vocab.update({f"w{i}": 5 + i for i in range(VOCAB - 5)})
+    return BertTokenizer(vocab=vocab)
+
+
+def ids_to_text(ids) -> list[str]:
+    """Sentences of the synthetic task as text (the leading [CLS]-like token dropped)."""
+    return [" ".join(f"w{int(t) - 5}" for t in row[1:]) for row in ids]
+
+
+_TRAINED: dict[tuple, dict] = {}
+
+
+def trained_model(steps: int = 30, batch: int = 32, seed: int = 0):
+    """The fine-tuned model of the task, trained once per process (a few seconds) and copied on each call."""
+    key = (steps, batch, seed)
+    if key not in _TRAINED:
+        _TRAINED[key] = {
+            k: v.clone()
+            for k, v in train(pretrained_model(), steps=steps, batch=batch, seed=seed).state_dict().items()
+        }
+    model = pretrained_model()
+    model.load_state_dict(_TRAINED[key])
+    model.eval()
+    return model

@@ -1,0 +1,418 @@
+"""Held-out evaluation (hf_soups.evaluation): tasks, inputs, metrics, and the checks made before any work."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from datasets import Dataset
+
+from hf_soups.errors import EvaluationError, InvalidArgumentError
+from hf_soups.evaluation import build_evaluator, infer_task
+from tests.synthetic_task import (
+    as_dataset,
+    ids_to_text,
+    make_split,
+    pretrained_model,
+    tiny_config,
+    tiny_tokenizer,
+)
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # bundled metrics, no network attempt
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m = pretrained_model(seed=3)
+    with torch.no_grad():  # make predictions less one-sided than a fresh init
+        m.classifier.weight.mul_(20)
+    return m
+
+
+@pytest.fixture(scope="module")
+def data():
+    ids, labels = make_split(203, seed=1)  # not a multiple of any batch size used below
+    return ids, labels
+
+
+def _manual_scores(model, ids, labels):
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    acc = float((logits.argmax(-1) == labels).float().mean())
+    loss = float(torch.nn.functional.cross_entropy(logits, labels))
+    return acc, loss, logits.argmax(-1)
+
+
+def test_sequence_classification_matches_manual_computation(model, data):
+    ids, labels = data
+    ood_ids, ood_labels = make_split(57, seed=2, shift=0.2)
+    evaluator = build_evaluator(
+        {"val": as_dataset(ids, labels), "ood": as_dataset(ood_ids, ood_labels, label_name="labels")},
+        batch_size=16,
+        device="cpu",
+    )
+    scores = evaluator.evaluate(model)
+    assert list(scores) == ["val", "ood"]
+    for name, (x, y) in {"val": (ids, labels), "ood": (ood_ids, ood_labels)}.items():
+        acc, loss, _ = _manual_scores(model, x, y)
+        assert scores[name]["accuracy"] == pytest.approx(acc)
+        assert scores[name]["loss"] == pytest.approx(loss, rel=1e-4)
+    assert evaluator.select_on == "val" and evaluator.metric_key == "accuracy" and evaluator.greater_is_better
+    assert evaluator.primary(scores) == scores["val"]["accuracy"]
+    assert evaluator.task == "classification" and evaluator.problem_type == "single_label_classification"
+    assert len(evaluator.timings) == 1 and evaluator.timings[0] > 0
+
+
+def test_scores_do_not_depend_on_batch_size_or_padding(model, data):
+    ids, labels = data
+    # variable lengths: padding must not change predictions (attention mask built by the collator)
+    rows = [row[: 4 + (i % 6)].tolist() for i, row in enumerate(ids)]
+    ds = Dataset.from_dict({"input_ids": rows, "label": labels.tolist()})
+    one = build_evaluator(ds, batch_size=1, metric="f1").evaluate(model)
+    many = build_evaluator(ds, batch_size=7, metric="f1").evaluate(model)
+    assert one["eval"]["f1"] == pytest.approx(many["eval"]["f1"])
+    assert one["eval"]["loss"] == pytest.approx(many["eval"]["loss"], rel=1e-4)
+    with torch.no_grad():
+        preds = [int(model(input_ids=torch.tensor([r])).logits.argmax(-1)) for r in rows]
+    from sklearn.metrics import f1_score
+
+    assert one["eval"]["f1"] == pytest.approx(f1_score(labels.tolist(), preds))
+
+
+def test_raw_text_is_tokenized_with_the_given_tokenizer(model, data, tmp_path):
+    ids, labels = data
+    tok = tiny_tokenizer()
+    texts = ids_to_text(ids)
+    raw = Dataset.from_dict({"text": texts, "label": labels.tolist()})
+    enc = tok(texts)
+    pre = Dataset.from_dict(
+        {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "label": labels.tolist()}
+    )
+    from_raw = build_evaluator(raw, tokenizer=tok, config=model.config.to_dict()).evaluate(model)
+    from_pre = build_evaluator(pre).evaluate(model)
+    assert from_raw["eval"] == pytest.approx(from_pre["eval"])
+    # a tokenizer folder works too, and so does a sentence pair column set
+    tok.save_pretrained(tmp_path / "tok")
+    pair = Dataset.from_dict({"premise": texts, "hypothesis": texts[::-1], "label": labels.tolist()})
+    evaluator = build_evaluator(pair, tokenizer=str(tmp_path / "tok"), model=model)
+    assert evaluator.text_columns is None  # guessed from the GLUE-style names
+    pair_enc = tok(texts, texts[::-1])
+    with torch.no_grad():
+        first = model(**{k: torch.tensor([v[0]]) for k, v in pair_enc.items()}).logits.argmax(-1)
+    assert "accuracy" in evaluator.evaluate(model)["eval"]
+    assert evaluator._examples["eval"][0]["input_ids"] == pair_enc["input_ids"][0]
+    assert int(first) in (0, 1)
+
+
+def test_raw_text_without_any_tokenizer_is_a_clear_error(model, data):
+    ids, labels = data
+    raw = Dataset.from_dict({"sentence": ids_to_text(ids), "label": labels.tolist()})
+    with pytest.raises(EvaluationError, match="tokenizer="):
+        build_evaluator(raw, config=model.config.to_dict())
+    with pytest.raises(EvaluationError, match="text_columns"):
+        build_evaluator(Dataset.from_dict({"body": ["a"], "label": [0]}), config=model.config.to_dict())
+
+
+def test_multi_label_classification():
+    from sklearn.metrics import f1_score
+    from transformers import BertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = tiny_config(num_labels=4)
+    config.problem_type = "multi_label_classification"
+    model = BertForSequenceClassification(config).eval()
+    ids, _ = make_split(64, seed=5)
+    targets = (torch.rand(64, 4, generator=torch.Generator().manual_seed(1)) < 0.4).float()
+    ds = Dataset.from_dict({"input_ids": ids.tolist(), "labels": targets.tolist()})
+    evaluator = build_evaluator(ds, metric="f1", batch_size=10, model=model)
+    assert evaluator.problem_type == "multi_label_classification"
+    scores = evaluator.evaluate(model)["eval"]
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    preds = (logits > 0).int().numpy()
+    assert scores["f1"] == pytest.approx(
+        f1_score(targets.int().numpy(), preds, average="macro", zero_division=0)
+    )
+    expected_loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, targets)
+    assert scores["loss"] == pytest.approx(float(expected_loss), rel=1e-4)
+
+
+def test_regression_scored_with_pearson_and_accuracy_refused():
+    from scipy.stats import pearsonr
+    from transformers import BertForSequenceClassification
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(tiny_config(num_labels=1)).eval()
+    ids, _ = make_split(50, seed=6)
+    targets = torch.linspace(0, 5, 50)
+    ds = Dataset.from_dict({"input_ids": ids.tolist(), "label": targets.tolist()})
+    cfg = model.config.to_dict()
+    assert infer_task(cfg)[1] == "regression"
+    evaluator = build_evaluator(ds, metric="pearsonr", config=cfg)
+    scores = evaluator.evaluate(model)["eval"]
+    with torch.no_grad():
+        preds = model(input_ids=ids).logits[:, 0]
+    assert scores["pearsonr"] == pytest.approx(pearsonr(targets.numpy(), preds.numpy())[0], rel=1e-4)
+    assert scores["loss"] == pytest.approx(float(torch.nn.functional.mse_loss(preds, targets)), rel=1e-4)
+    with pytest.raises(EvaluationError, match="regression"):
+        build_evaluator(ds, metric="accuracy", config=cfg)
+    # the pre-bind check guesses regression from float labels too
+    with pytest.raises(EvaluationError, match="dry run|regression"):
+        build_evaluator(Dataset.from_dict({"input_ids": [[2, 5]], "label": [0.5]}), metric="accuracy")
+
+
+def test_token_classification_ignores_minus_100_and_aligns_words():
+    from transformers import BertForTokenClassification
+
+    torch.manual_seed(0)
+    config = tiny_config(num_labels=3)
+    config.architectures = ["BertForTokenClassification"]
+    model = BertForTokenClassification(config).eval()
+    ids, _ = make_split(30, seed=7)
+    gen = torch.Generator().manual_seed(2)
+    tags = torch.randint(0, 3, ids.shape, generator=gen)
+    tags[:, 0] = -100
+    rows = [r[: 5 + i % 5].tolist() for i, r in enumerate(ids)]
+    tag_rows = [t[: 5 + i % 5].tolist() for i, t in enumerate(tags)]
+    ds = Dataset.from_dict({"input_ids": rows, "labels": tag_rows})
+    evaluator = build_evaluator(ds, batch_size=4, model=model)
+    assert evaluator.task == "token-classification"
+    scores = evaluator.evaluate(model)["eval"]
+    hits = total = 0
+    with torch.no_grad():
+        for r, t in zip(rows, tag_rows):
+            pred = model(input_ids=torch.tensor([r])).logits.argmax(-1)[0]
+            for p, y in zip(pred.tolist(), t):
+                if y != -100:
+                    hits += int(p == y)
+                    total += 1
+    assert scores["accuracy"] == pytest.approx(hits / total)
+
+    # raw pre-split words: the first sub-token of each word carries its tag, the rest are ignored
+    words = [[f"w{int(t) - 5}" for t in r[1:]] for r in rows]
+    word_tags = [t[1:] for t in tag_rows]
+    raw = Dataset.from_dict({"tokens": words, "ner_tags": word_tags})
+    evaluator = build_evaluator(raw, label_column="ner_tags", tokenizer=tiny_tokenizer(), model=model)
+    example = evaluator._examples["eval"][0]
+    assert example["labels"] == [-100, *word_tags[0], -100]  # [CLS] words [SEP]
+    assert 0.0 <= evaluator.evaluate(model)["eval"]["accuracy"] <= 1.0
+
+
+def test_causal_lm_perplexity_is_exp_of_token_loss():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=99, n_embd=32, n_layer=2, n_head=2, n_positions=32, pad_token_id=0)
+    model = GPT2LMHeadModel(config).eval()
+    rows = [list(range(5, 5 + n)) for n in (6, 9, 4, 12, 7)]
+    ds = Dataset.from_dict({"input_ids": rows})  # no labels: the inputs are the targets
+    evaluator = build_evaluator(ds, metric=None, batch_size=2, model=model)
+    assert evaluator.task == "causal-lm" and evaluator.metric_key == "perplexity"
+    assert not evaluator.greater_is_better
+    scores = evaluator.evaluate(model)["eval"]
+    total = count = 0.0
+    with torch.no_grad():
+        for r in rows:
+            x = torch.tensor([r])
+            loss = model(input_ids=x, labels=x).loss
+            total += float(loss) * (len(r) - 1)
+            count += len(r) - 1
+    assert scores["loss"] == pytest.approx(total / count, rel=1e-4)
+    assert scores["perplexity"] == pytest.approx(math.exp(total / count), rel=1e-4)
+    assert evaluator.better(2.0, 3.0) and not evaluator.better(3.0, 2.0)
+    # token accuracy with an evaluate metric, as the transformers language-modelling examples do
+    acc = build_evaluator(ds, metric="accuracy", model=model).evaluate(model)["eval"]
+    assert set(acc) == {"accuracy", "loss", "perplexity"} and 0 <= acc["accuracy"] <= 1
+
+
+def test_masked_lm_masks_once_and_deterministically():
+    from transformers import BertForMaskedLM
+
+    torch.manual_seed(0)
+    config = tiny_config()
+    config.architectures = ["BertForMaskedLM"]
+    model = BertForMaskedLM(config).eval()
+    ids, _ = make_split(40, seed=8)
+    ds = Dataset.from_dict({"text": ids_to_text(ids)})
+    evaluator = build_evaluator(ds, metric="perplexity", tokenizer=tiny_tokenizer(), model=model)
+    masked = [ex["labels"] for ex in evaluator._examples["eval"]]
+    n_masked = sum(sum(1 for v in row if v != -100) for row in masked)
+    assert 0 < n_masked < sum(len(r) for r in masked) * 0.4
+    first = evaluator.evaluate(model)
+    assert evaluator.evaluate(model) == first
+    again = build_evaluator(ds, metric="perplexity", tokenizer=tiny_tokenizer(), model=model)
+    assert again.evaluate(model) == first
+
+
+def test_compute_metrics_trainer_style(model, data):
+    ids, labels = data
+    seen = {}
+
+    def compute_metrics(eval_pred):
+        logits, label_ids = eval_pred
+        seen["shape"] = logits.shape
+        return {"acc": float((logits.argmax(-1) == label_ids).mean()), "n": len(label_ids)}
+
+    evaluator = build_evaluator(
+        as_dataset(ids, labels), compute_metrics=compute_metrics, metric_key="eval_acc"
+    )
+    scores = evaluator.evaluate(model)["eval"]
+    assert seen["shape"] == (len(ids), 2)
+    assert evaluator.metric_key == "acc"
+    assert scores["acc"] == pytest.approx(_manual_scores(model, ids, labels)[0]) and scores["n"] == len(ids)
+    with pytest.raises(EvaluationError, match="metric_key='f1'"):
+        build_evaluator(as_dataset(ids, labels), compute_metrics=compute_metrics, metric_key="f1")
+
+
+def test_metric_forms_callable_and_combined(model, data):
+    import evaluate
+
+    from hf_soups.metrics import bundled_metric_path
+
+    ids, labels = data
+    acc = _manual_scores(model, ids, labels)[0]
+
+    def hits(predictions, references):
+        return sum(int(p == r) for p, r in zip(predictions, references))
+
+    ev = build_evaluator(as_dataset(ids, labels), metric=hits)
+    assert ev.evaluate(model)["eval"]["hits"] == round(acc * len(ids))
+    combined = evaluate.combine([str(bundled_metric_path("accuracy")), str(bundled_metric_path("recall"))])
+    ev = build_evaluator(as_dataset(ids, labels), metric=combined, metric_key="recall")
+    scores = ev.evaluate(model)["eval"]
+    assert scores["accuracy"] == pytest.approx(acc) and "recall" in scores and ev.metric_key == "recall"
+    loss_ev = build_evaluator(as_dataset(ids, labels), metric="loss")
+    assert loss_ev.metric_key == "loss" and not loss_ev.greater_is_better
+    assert list(loss_ev.evaluate(model)["eval"]) == ["loss"]
+
+
+def test_multiclass_f1_defaults_to_macro_average(data):
+    from sklearn.metrics import f1_score
+    from transformers import BertForSequenceClassification
+
+    torch.manual_seed(1)
+    model = BertForSequenceClassification(tiny_config(num_labels=3)).eval()
+    ids, _ = data
+    labels = torch.arange(len(ids)) % 3
+    ev = build_evaluator(as_dataset(ids, labels), metric="f1", model=model)
+    with torch.no_grad():
+        preds = model(input_ids=ids).logits.argmax(-1)
+    assert ev.evaluate(model)["eval"]["f1"] == pytest.approx(f1_score(labels, preds, average="macro"))
+    with pytest.raises(EvaluationError, match="dry run"):
+        build_evaluator(
+            as_dataset(ids, labels), metric="f1", metric_kwargs={"average": "binary"}, model=model
+        )
+
+
+def test_string_labels_are_mapped_with_label2id(model, data):
+    ids, labels = data
+    cfg = model.config.to_dict()
+    cfg["label2id"] = {"neg": 0, "pos": 1}
+    names = ["neg", "pos"]
+    ds = Dataset.from_dict({"input_ids": ids.tolist(), "label": [names[i] for i in labels.tolist()]})
+    scores = build_evaluator(ds, config=cfg).evaluate(model)
+    assert scores["eval"]["accuracy"] == pytest.approx(_manual_scores(model, ids, labels)[0])
+    bad = Dataset.from_dict({"input_ids": ids[:2].tolist(), "label": ["neg", "maybe"]})
+    with pytest.raises(EvaluationError, match="maybe"):
+        build_evaluator(bad, config=cfg)
+
+
+@pytest.mark.parametrize(
+    "kwargs, dataset, match",
+    [
+        ({}, None, "No eval_dataset"),
+        ({}, {}, "empty dict"),
+        ({}, Dataset.from_dict({"input_ids": [], "label": []}), "empty"),
+        ({}, Dataset.from_dict({"text": ["a b"]}), "no labels"),
+        (
+            {"label_column": "gold"},
+            Dataset.from_dict({"input_ids": [[2]], "label": [0]}),
+            "no label column 'gold'",
+        ),
+        (
+            {"select_on": "test"},
+            {"val": Dataset.from_dict({"input_ids": [[2]], "label": [0]})},
+            "select_on='test'",
+        ),
+        (
+            {"metric": "no_such_metric_xyz"},
+            Dataset.from_dict({"input_ids": [[2]], "label": [0]}),
+            "no_such_metric",
+        ),
+        ({"metric_key": "f2"}, Dataset.from_dict({"input_ids": [[2]], "label": [0]}), "metric_key='f2'"),
+    ],
+)
+def test_bad_input_is_refused_up_front(kwargs, dataset, match):
+    with pytest.raises(EvaluationError, match=match):
+        build_evaluator(dataset, **kwargs)
+
+
+def test_unlabelled_and_out_of_range_labels(model):
+    cfg = model.config.to_dict()
+    test_split = Dataset.from_dict({"input_ids": [[2, 5], [2, 6]], "label": [-1, -1]})
+    with pytest.raises(EvaluationError, match="test split"):
+        build_evaluator(test_split, config=cfg)
+    with pytest.raises(EvaluationError, match="outside the model's 2 classes"):
+        build_evaluator(Dataset.from_dict({"input_ids": [[2, 5]], "label": [7]}), config=cfg)
+    with pytest.raises(InvalidArgumentError):
+        build_evaluator(Dataset.from_dict({"input_ids": [[2]], "label": [0]}), batch_size=0)
+    with pytest.raises(EvaluationError, match="compute_metrics"):
+        build_evaluator(
+            Dataset.from_dict({"input_ids": [[2]], "label": [0]}), config={"architectures": ["Foo"]}
+        )
+
+
+def test_merge_models_checks_evaluation_before_touching_ingredients(tmp_path):
+    from hf_soups import merge_models
+
+    ds = Dataset.from_dict({"input_ids": [[2, 5]], "label": [0]})
+    missing = [str(tmp_path / "does-not-exist")] * 2
+    with pytest.raises(EvaluationError, match="no_such_metric"):
+        merge_models(missing, method="greedy", eval_dataset=ds, metric="no_such_metric")
+    with pytest.raises(EvaluationError, match="metric_key"):
+        merge_models(missing, method="greedy", eval_dataset=ds, metric_key="bleu")
+    with pytest.raises(EvaluationError, match="no labels"):
+        merge_models(missing, method="greedy", eval_dataset=Dataset.from_dict({"text": ["x"]}))
+    with pytest.raises(InvalidArgumentError, match="eval_dataset"):
+        merge_models(missing, method="greedy")
+
+
+def test_better_handles_direction_strictness_and_nan(data):
+    ids, labels = data
+    ev = build_evaluator(as_dataset(ids, labels))
+    assert ev.better(0.9, 0.9) and not ev.better(0.9, 0.9, strict=True)
+    assert ev.better(0.91, 0.9, strict=True) and not ev.better(0.89, 0.9)
+    assert not ev.better(float("nan"), 0.1) and ev.better(0.1, float("nan")) and ev.better(0.1, None)
+    assert sorted([0.5, float("nan"), 0.9], key=ev.sort_key)[:2] == [0.9, 0.5]
+    low = build_evaluator(as_dataset(ids, labels), metric="accuracy", greater_is_better=False)
+    assert low.better(0.1, 0.2) and not low.better(0.3, 0.2)
+
+
+def test_infer_task():
+    assert infer_task({"architectures": ["LlamaForCausalLM"]}) == ("causal-lm", None)
+    assert infer_task({"architectures": ["GPT2LMHeadModel"]}) == ("causal-lm", None)
+    assert infer_task({"architectures": ["RobertaForMaskedLM"]}) == ("masked-lm", None)
+    assert infer_task({"architectures": ["ViTForImageClassification"], "id2label": {"0": "a", "1": "b"}}) == (
+        "classification",
+        None,
+    )
+    assert infer_task({"architectures": ["BertForSequenceClassification"], "problem_type": "regression"})[
+        1
+    ] == ("regression")
+    assert infer_task({"architectures": ["T5ForConditionalGeneration"]}) == (None, None)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu(model, data):
+    ids, labels = data
+    cpu = build_evaluator(as_dataset(ids, labels), device="cpu").evaluate(model)
+    gpu = build_evaluator(as_dataset(ids, labels), device="cuda").evaluate(model)
+    assert gpu["eval"]["accuracy"] == pytest.approx(cpu["eval"]["accuracy"])
+    assert np.isclose(gpu["eval"]["loss"], cpu["eval"]["loss"], rtol=1e-3)
