@@ -462,3 +462,84 @@ def test_hub_ingredient_is_recorded_with_its_resolved_commit(tmp_path, hub_serve
     recipe = load_recipe(tmp_path / "soup" / RECIPE_FILENAME)
     assert recipe.to_merge_kwargs()["models"][0].reference == repo
     assert recipe.to_merge_kwargs()["models"][0].revision == commit
+
+
+@pytest.fixture
+def synthetic_ingredients(tmp_path):
+    """Two good fine-tunes and a ruined one of the synthetic task, the pre-trained base, and a held-out set."""
+    from tests import synthetic_task as task
+
+    trained = task.trained_model()
+    folders = [
+        task.save(task.add_noise(trained, scale, seed=i), tmp_path / f"ft-{i}")
+        for i, scale in enumerate([0.02, 0.05, 3.0])
+    ]
+    base = task.save(task.pretrained_model(), tmp_path / "base")
+    ids, labels = task.make_split(96, seed=7)
+    return folders, base, task.as_dataset(ids, labels)
+
+
+@pytest.mark.slow
+def test_greedy_soup_with_in_memory_eval_is_frozen_to_its_kept_ingredients(tmp_path, synthetic_ingredients):
+    from hf_soups import merge_models
+    from hf_soups.recipe_file import cook
+
+    folders, _, dataset = synthetic_ingredients
+    soup = merge_models(
+        folders, method="greedy", eval_dataset=dataset, output_dir=tmp_path / "soup", progress=False
+    )
+    kept = [i.name for i in soup.ingredients if i.selected]
+    assert "ft-2" not in kept and kept
+    written = yaml.safe_load((tmp_path / "soup" / RECIPE_FILENAME).read_text())
+    assert written["method"] == "uniform"  # the selection is frozen: the Dataset object cannot be recorded
+    assert [i["name"] for i in written["ingredients"]] == kept
+    assert any("Greedy soup frozen" in note for note in written["notes"])
+    assert {r["name"]: r["selected"] for r in written["result"]["ingredients"]}["ft-2"] is False
+    cook(tmp_path / "soup" / RECIPE_FILENAME, output_dir=tmp_path / "again", progress=False)
+    assert_same_tensors(tmp_path / "soup", tmp_path / "again")
+
+
+@pytest.mark.slow
+def test_wise_ft_sweep_with_in_memory_eval_is_frozen_at_the_chosen_alpha(tmp_path, synthetic_ingredients):
+    from hf_soups import merge_models
+    from hf_soups.recipe_file import cook
+
+    folders, base, dataset = synthetic_ingredients
+    soup = merge_models(
+        folders[:1],
+        method="wise-ft",
+        base_model=base,
+        alpha=[0.0, 0.4, 0.8],
+        eval_dataset=dataset,
+        output_dir=tmp_path / "soup",
+        progress=False,
+    )
+    written = yaml.safe_load((tmp_path / "soup" / RECIPE_FILENAME).read_text())
+    assert written["alpha"] == soup.params["alpha"] and written["alpha"] in (0.0, 0.4, 0.8)
+    assert any("frozen at the chosen alpha" in note for note in written["notes"])
+    cook(tmp_path / "soup" / RECIPE_FILENAME, output_dir=tmp_path / "again", progress=False)
+    assert_same_tensors(tmp_path / "soup", tmp_path / "again")
+
+
+@pytest.mark.slow
+def test_recipe_cooked_from_a_file_replays_the_sweep(tmp_path, synthetic_ingredients):
+    from hf_soups.recipe_file import cook
+
+    folders, base, dataset = synthetic_ingredients
+    dataset.to_json(tmp_path / "val.jsonl")
+    path = write_yaml(
+        tmp_path / "recipe.yaml",
+        {
+            "method": "wise-ft",
+            "ingredients": ["ft-0"],
+            "base_model": "base",
+            "alpha": [0.0, 0.4, 0.8],
+            "eval": {"validation": {"data": "val.jsonl"}},
+        },
+    )
+    soup = cook(path, output_dir=tmp_path / "soup", progress=False)
+    written = yaml.safe_load((tmp_path / "soup" / RECIPE_FILENAME).read_text())
+    assert written["alpha"] == [0.0, 0.4, 0.8]  # the sweep itself, with its data, is the recipe
+    assert written["eval"] == {"validation": {"data": str(tmp_path / "val.jsonl")}}
+    assert "notes" not in written
+    assert written["result"]["score"] == pytest.approx(soup.score)
