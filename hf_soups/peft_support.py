@@ -83,15 +83,19 @@ def conv1d_modules(config: dict[str, Any], paths: list[str]) -> dict[str, bool]:
 
 
 class SharedBaseSource(TensorSource):
-    """A base model's tensors shared by several adapter ingredients: the last tensor read is kept, so K
-    adapters of one base read each base tensor once, not K times (memory: one tensor)."""
+    """A base model's tensors, shared by every adapter ingredient of that base.
+
+    Reads pass straight through into the caller's buffer: each adapter ingredient reads the base tensors it
+    needs like any ingredient reads its own (page-cache speed), and nothing is kept between tensors, so the
+    memory of an adapter soup is that of a soup of full models. It also caches, per module, whether a
+    square weight belongs to a `Conv1D` layer (found once, on the meta device).
+    """
 
     def __init__(self, base: TensorSource, config: dict[str, Any] | None = None):
         self.base = base
         self.config = dict(config or {})
         self.description = base.description
-        self._last: tuple[str, torch.Tensor] | None = None
-        self._conv1d: dict[str, bool] = {}
+        self._conv1d: dict[str, bool | None] = {}
 
     def conv1d(self, paths: list[str]) -> dict[str, bool]:
         """Layer-type hints for square weights (cached)."""
@@ -99,8 +103,8 @@ class SharedBaseSource(TensorSource):
         if todo:
             found = conv1d_modules(self.config, todo) if self.config.get("model_type") else {}
             for p in todo:
-                self._conv1d[p] = found.get(p)  # type: ignore[assignment]
-        return {p: self._conv1d[p] for p in paths if self._conv1d.get(p) is not None}
+                self._conv1d[p] = found.get(p)
+        return {p: bool(self._conv1d[p]) for p in paths if self._conv1d.get(p) is not None}
 
     def keys(self) -> list[str]:
         return self.base.keys()
@@ -109,13 +113,9 @@ class SharedBaseSource(TensorSource):
         return self.base.info(name)
 
     def get(self, name: str, buffer: torch.Tensor | None = None) -> torch.Tensor:
-        if self._last is None or self._last[0] != name:
-            self._last = None  # free the previous tensor before reading the next one
-            self._last = (name, self.base.get(name))
-        return self._last[1]
+        return self.base.get(name, buffer)
 
     def close(self) -> None:
-        self._last = None
         self.base.close()
 
 
@@ -210,7 +210,7 @@ class AdapterSource(TensorSource):
             if replaced is not None:
                 value = replaced
         if value is None:
-            value = self.base.get(name).to(torch.float32, copy=True)
+            value = self.base.get(name, buffer).to(torch.float32, copy=True)
         for adapted in changes:
             hit = self.adapter._by_tensor.get(adapted)
             delta = self.adapter.delta(adapted, shape, self._conv1d.get(hit[0].path) if hit else None)

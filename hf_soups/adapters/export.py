@@ -76,17 +76,29 @@ class AdapterSoup:
 
     def save(self, directory: str | Path) -> Path:
         """Write `adapter_config.json` and `adapter_model.safetensors` into `directory` (created if needed)."""
+        import os
+
         from peft import LoraConfig
-        from safetensors.torch import save_file
+
+        from ..tensors import SAFE_WEIGHTS_NAME, ShardedSafetensorsWriter
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         LoraConfig(**self.config).save_pretrained(str(directory))
-        save_file(
-            {k: v.contiguous() for k, v in self.tensors.items()},
-            str(directory / ADAPTER_SAFETENSORS_NAME),
-            metadata={"format": "pt"},
+        # One file, header first, tensors appended (no serialised copy of the whole adapter in memory).
+        writer = ShardedSafetensorsWriter(
+            directory,
+            [(k, tuple(v.shape), v.dtype) for k, v in self.tensors.items()],
+            max_shard_size=2**62,
         )
+        try:
+            for k, v in self.tensors.items():
+                writer.write(k, v.contiguous())
+        except BaseException:
+            writer.abort()
+            raise
+        writer.close()
+        os.replace(directory / SAFE_WEIGHTS_NAME, directory / ADAPTER_SAFETENSORS_NAME)
         return directory
 
 
