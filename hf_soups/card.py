@@ -260,6 +260,36 @@ def _is_adapter_soup(soup: Soup, directory: Path | None) -> bool:
     return False
 
 
+# PEFT task types -> (Hub pipeline tag, Auto class)
+_PEFT_TASKS = {
+    "SEQ_CLS": ("text-classification", "AutoModelForSequenceClassification"),
+    "TOKEN_CLS": ("token-classification", "AutoModelForTokenClassification"),
+    "QUESTION_ANS": ("question-answering", "AutoModelForQuestionAnswering"),
+    "CAUSAL_LM": ("text-generation", "AutoModelForCausalLM"),
+    "SEQ_2_SEQ_LM": (None, "AutoModelForSeq2SeqLM"),
+    "FEATURE_EXTRACTION": ("feature-extraction", "AutoModel"),
+}
+
+
+def _adapter_config(soup: Soup, directory: Path | None) -> dict[str, Any]:
+    for folder in (directory, Path(soup.output_dir) if soup.output_dir else None):
+        config_file = folder / "adapter_config.json" if folder is not None else None
+        if config_file is not None and config_file.is_file():
+            try:
+                return json.loads(config_file.read_text())
+            except ValueError:
+                return {}
+    return {}
+
+
+def _adapter_base_id(adapter_config: dict[str, Any]) -> str | None:
+    """The Hub ID of an adapter soup's base model, from its adapter_config.json (None for a local base)."""
+    name = adapter_config.get("base_model_name_or_path")
+    if isinstance(name, str) and _HUB_ID.match(name) and not Path(name).expanduser().exists():
+        return name
+    return None
+
+
 # --------------------------------------------------------------------------------------------------
 # formatting
 # --------------------------------------------------------------------------------------------------
@@ -467,6 +497,12 @@ def _build(soup: Soup, *, repo_id: str | None, directory: Path | None) -> ModelC
     # base_model: the pre-trained base first (WiSE-FT, adapters), then the Hub ingredients
     base_models: list[str] = []
     base_id = hub_id(base)
+    if adapter:
+        adapter_config = _adapter_config(soup, directory)
+        if base_id is None:
+            base_id = _adapter_base_id(adapter_config)
+        if architecture is None and adapter_config.get("task_type") in _PEFT_TASKS:
+            arch_tag, auto_class = _PEFT_TASKS[adapter_config["task_type"]]
     if base_id:
         base_models.append(base_id)
     if not adapter:

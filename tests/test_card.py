@@ -250,3 +250,49 @@ def test_card_of_an_evaluated_greedy_soup(hub_server, tiny_bert_dirs, tmp_path):
     assert card.data.base_model is None and len(kept) >= 1
     for ing in soup.ingredients:
         assert f"| {ing.score:.4f} | {'yes' if ing.selected else 'no'} |" in card.text
+
+
+def test_card_of_a_real_adapter_soup_on_a_hub_base(hub_server, tmp_path):
+    """LoRA adapters trained on a Hub base, souped in adapter form: library peft, base_model = the Hub base."""
+    import torch
+    from huggingface_hub import HfApi
+    from peft import LoraConfig, get_peft_model
+    from transformers import BertForSequenceClassification
+
+    from hf_soups import merge_models
+    from tests.tiny_models import make_tiny_bert
+
+    base_repo = HfApi(token=hub_server.token).create_repo(f"lora-base-{tmp_path.name[-10:]}").repo_id
+    make_tiny_bert(noise=0).push_to_hub(base_repo, token=hub_server.token)
+    adapters = []
+    for i in range(2):
+        model = get_peft_model(
+            BertForSequenceClassification.from_pretrained(base_repo),
+            LoraConfig(
+                task_type="SEQ_CLS",
+                r=2,
+                lora_alpha=4,
+                target_modules=["query", "value"],
+                init_lora_weights=False,
+            ),
+        )
+        gen = torch.Generator().manual_seed(i)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+        model.save_pretrained(tmp_path / f"lora-{i}")
+        adapters.append(str(tmp_path / f"lora-{i}"))
+    soup = merge_models(
+        adapters,
+        adapter_output="adapter",
+        output_dir=tmp_path / "soup",
+        token=hub_server.token,
+        progress=False,
+    )
+    card = check_card(ModelCard.load(soup.output_dir / "README.md"))
+    assert card.data.library_name == "peft"
+    assert card.data.base_model in (base_repo, [base_repo])
+    assert card.data.base_model_relation == "merge"
+    assert card.data.pipeline_tag == "text-classification"
+    assert f'base = AutoModelForSequenceClassification.from_pretrained("{base_repo}")' in card.text
