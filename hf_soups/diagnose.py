@@ -306,17 +306,8 @@ def _summarize(resolved: Any, source: Any) -> ModelSummary:
         dt = str(info.dtype).removeprefix("torch.")
         dtypes[dt] = dtypes.get(dt, 0) + 1
         num_params += info.numel
-    adapter_base = adapter_type = None
     folder = Path(resolved.path) if resolved.path is not None else None
-    if resolved.kind == "adapter" and folder is not None and (folder / "adapter_config.json").is_file():
-        try:
-            acfg = json.loads((folder / "adapter_config.json").read_text())
-            adapter_base = acfg.get("base_model_name_or_path")
-            if acfg.get("revision"):
-                adapter_base = f"{adapter_base}@{acfg['revision']}"
-            adapter_type = acfg.get("peft_type")
-        except (json.JSONDecodeError, OSError):
-            pass
+    adapter_base, adapter_type = _adapter_base(resolved)
     return ModelSummary(
         name=str(ing.name),
         reference=str(ing.reference)
@@ -333,6 +324,41 @@ def _summarize(resolved: Any, source: Any) -> ModelSummary:
         labels=_labels(cfg),
         vocab_size=cfg.get("vocab_size"),
         tokenizer_vocab=tokenizer_vocab_hash(folder),
+        adapter_base=adapter_base,
+        adapter_type=adapter_type,
+    )
+
+
+def _adapter_base(resolved: Any) -> tuple[str | None, str | None]:
+    """(`base_model_name_or_path[@revision]`, peft type) of an adapter ingredient, else (None, None)."""
+    info = getattr(resolved, "adapter", None)
+    if resolved.kind != "adapter" or info is None:
+        return None, None
+    adapter = info.adapter
+    base = adapter.base_model_name_or_path or "(not recorded)"
+    if adapter.base_revision:
+        base = f"{base}@{adapter.base_revision}"
+    return base, "LoRA"
+
+
+def _adapter_only_summary(resolved: Any) -> ModelSummary:
+    """What is known of an adapter whose base could not be bound (no tensors)."""
+    ing = resolved.ingredient
+    adapter_base, adapter_type = _adapter_base(resolved)
+    return ModelSummary(
+        name=str(ing.name),
+        reference=str(ing.reference),
+        kind=resolved.kind,
+        path=str(resolved.path) if resolved.path is not None else None,
+        revision=resolved.commit_hash or ing.revision,
+        architecture=None,
+        model_type=None,
+        num_tensors=0,
+        num_parameters=0,
+        dtypes={},
+        labels=None,
+        vocab_size=None,
+        tokenizer_vocab=None,
         adapter_base=adapter_base,
         adapter_type=adapter_type,
     )
@@ -388,10 +414,6 @@ def _static_problems(
                 report.warnings.append(
                     f"{m.name!r} lists its labels in another order ({m.labels}); its head rows will be permuted"
                 )
-        if ref.adapter_base and m.adapter_base and ref.adapter_base != m.adapter_base:
-            report.problems.append(
-                f"adapter bases differ: {m.name!r} adapts {m.adapter_base}, {ref.name!r} adapts {ref.adapter_base}"
-            )
         if (ref.kind == "adapter") != (m.kind == "adapter"):
             report.warnings.append(
                 f"{m.name!r} is {'an adapter' if m.kind == 'adapter' else 'a full model'} and {ref.name!r} is "
@@ -487,6 +509,19 @@ def inspect_models(
             base_ing.name = f"{base_ing.name} (base)"
         base_resolved = resolve(base_ing, token=token, cache_dir=cache_dir, revision=revision)
     try:
+        if any(r.kind == "adapter" for r in resolved):
+            from .peft_support import bind_adapter_bases
+
+            try:
+                bound = bind_adapter_bases(
+                    resolved, base_resolved, token=token, cache_dir=cache_dir, revision=revision
+                )
+            except IncompatibleIngredientsError as e:
+                report = InspectionReport(models=[_adapter_only_summary(r) for r in resolved])
+                report.problems.append(str(e))
+                return report
+            if base_resolved is None and bound is not None and bound.kind != "memory":
+                base_resolved = bound  # deltas of adapters are measured from the model they adapt
         sources = [r.open() for r in resolved]
         base_source = base_resolved.open() if base_resolved is not None else None
         report = InspectionReport(models=[_summarize(r, s) for r, s in zip(resolved, sources)])
@@ -620,7 +655,7 @@ def _compare_tensors(
                 f"deltas of {a!r} and {b!r} point in opposite directions (cosine {c:.3f}); averaging them cancels "
                 "fine-tuning (were they fine-tuned from this base?)"
             )
-    spreads.sort(reverse=True)
+    spreads = sorted((item for item in spreads if item[0] > 0), reverse=True)
     report.top_tensors = [
         {"name": name, "shape": list(shape), "relative_spread": s} for s, name, shape in spreads[:top]
     ]
@@ -649,6 +684,7 @@ class ModelPlan:
     other_bytes: int | None = None
     dtype: str | None = None
     note: str | None = None
+    adapter_base: str | None = None
 
 
 @dataclass
@@ -756,8 +792,11 @@ def _plan_local(role: str, reference: str) -> ModelPlan:
         ]
         plan.weight_bytes = sum(f.stat().st_size for f in files)
         try:
-            base = json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
-            plan.note = f"adapter of {base} (the base is read too)"
+            acfg = json.loads((folder / "adapter_config.json").read_text())
+            plan.adapter_base = acfg.get("base_model_name_or_path") or None
+            if plan.adapter_base and acfg.get("revision"):
+                plan.adapter_base = f"{plan.adapter_base}@{acfg['revision']}"
+            plan.note = f"LoRA adapter of {plan.adapter_base} (its base is read too)"
         except (json.JSONDecodeError, OSError):
             pass
         return plan
@@ -861,8 +900,17 @@ def plan_merge(recipe: Recipe, *, token: str | bool | None = None) -> MergePlanS
             models.append(
                 _plan_hub(role, repo_id, spec.revision or rev or recipe.revision, token, recipe.cache_dir)
             )
+    adapter_bases = [m.adapter_base for m in models if m.adapter_base]
+    if adapter_bases and recipe.base_model is None:
+        name, rev = parse_reference(adapter_bases[0])
+        if os.path.exists(name):
+            models.append(_plan_local("base", name))
+        else:
+            models.append(_plan_hub("base", name, rev, token, recipe.cache_dir))
     ingredients = [m for m in models if m.role == "ingredient"]
     ref = next((m for m in ingredients if m.float_numel is not None), None)
+    if ref is None and adapter_bases:
+        ref = next((m for m in models if m.role == "base" and m.float_numel is not None), None)
     soup_bytes = None
     peak = None
     if ref is not None:
