@@ -273,6 +273,7 @@ def _setup_logging(args: argparse.Namespace) -> None:
         root.addHandler(handler)
     if args.quiet:
         os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+        os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
         try:
             from huggingface_hub.utils import disable_progress_bars
 
@@ -527,34 +528,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = _debug_enabled(argv)
     if argv and argv[0] == "demo":  # the demo parses its own arguments (hf-soups demo --help)
+        command, run = "demo", (lambda: _cmd_demo(argv[1:]))
+    else:
+        parser = build_parser()
         try:
-            return _cmd_demo(argv[1:])
-        except KeyboardInterrupt:
-            print(f"{PROG}: interrupted", file=sys.stderr)
-            return 130
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as e:  # argparse: --help (0) or bad usage (2)
-        return int(e.code or 0)
-    if args.version:
-        from . import __version__
+            args = parser.parse_args(argv)
+        except SystemExit as e:  # argparse: --help (0) or bad usage (2)
+            return int(e.code or 0)
+        if args.version:
+            from . import __version__
 
-        print(__version__)
-        return EXIT_OK
-    if args.command is None:
-        parser.print_help()
-        return EXIT_USAGE
-    _setup_logging(args)
+            print(__version__)
+            return EXIT_OK
+        if args.command is None:
+            parser.print_help()
+            return EXIT_USAGE
+        _setup_logging(args)
+        command, run = args.command, (lambda: args.func(args))
     try:
-        return int(args.func(args))
+        return int(run())
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
     except Exception as error:  # noqa: BLE001 - every failure becomes one line and an exit status
         if debug:
             traceback.print_exc()
-        print(f"{PROG} {args.command}: error: {_format_error(error)}", file=sys.stderr)
+        print(f"{PROG} {command}: error: {_format_error(error)}", file=sys.stderr)
         if not debug:
             print("(run with --debug or HF_DEBUG=1 for the full traceback)", file=sys.stderr)
         return _exit_code(error)

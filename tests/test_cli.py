@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -299,3 +300,71 @@ def test_missing_hub_model_is_one_line_and_exit_1(tmp_path, hub_server):
     line = one_line_error(result)
     assert "nobody/no-such-model" in line and "not found" in line
     assert not (tmp_path / "soup").exists()
+
+
+@pytest.mark.slow
+def test_inspect_lora_adapters_against_their_base(tmp_path):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import BertForSequenceClassification
+
+    from tests.tiny_models import make_tiny_bert_dir
+
+    make_tiny_bert_dir(tmp_path / "base", noise=0.0)
+    make_tiny_bert_dir(tmp_path / "other-base", seed=5, noise=0.05)
+    for i, base in enumerate(["base", "base", "other-base"]):
+        torch.manual_seed(i)
+        model = BertForSequenceClassification.from_pretrained(tmp_path / base)
+        config = LoraConfig(r=2, lora_alpha=4, target_modules=["query", "value"], init_lora_weights=False)
+        get_peft_model(model, config).save_pretrained(tmp_path / f"lora-{i}")
+
+    same = hf_soups("inspect", "lora-0", "lora-1", "--quiet", cwd=tmp_path)
+    assert same.returncode == 0, same.stdout + same.stderr
+    assert f"adapter 'lora-0': base model {tmp_path / 'base'}" in same.stdout
+    assert "Deltas from the base 'base'" in same.stdout  # the adapters' own base, found from their config
+    # only the adapted tensors (query and value of 2 layers) differ
+    assert "Tensors: 41 compared, 4 differ between the ingredients" in same.stdout
+
+    mixed = hf_soups("inspect", "lora-0", "lora-2", "--quiet", cwd=tmp_path)
+    assert mixed.returncode == 1
+    assert "NOT compatible" in mixed.stdout and "different base models" in mixed.stdout
+    assert str(tmp_path / "other-base") in mixed.stdout
+
+
+@pytest.mark.slow
+def test_dry_run_of_a_hub_ingredient_reports_the_download_then_the_cache(tmp_path, hub_server):
+    from huggingface_hub import HfApi
+
+    from hf_soups.diagnose import human_bytes
+    from tests.tiny_models import make_tiny_bert_dir
+
+    api = HfApi(endpoint=hub_server.endpoint, token=hub_server.token)
+    repo = f"{hub_server.user}/cli-dry-run"
+    api.create_repo(repo, exist_ok=True)
+    folder = make_tiny_bert_dir(tmp_path / "upload", seed=3)
+    api.upload_folder(repo_id=repo, folder_path=folder)
+    make_tiny_bert_dir(tmp_path / "local", seed=4)
+    size = (folder / "model.safetensors").stat().st_size + (folder / "config.json").stat().st_size
+
+    env = {"HF_TOKEN": hub_server.token}
+    hf_home = Path(os.environ["HF_HOME"])
+    home_before = tree(hf_home)
+    dry = hf_soups("merge", repo, "local", "--output-dir", "soup", "--dry-run", cwd=tmp_path, env=env)
+    assert dry.returncode == 0, dry.stderr
+    assert f"Download: {human_bytes(size)}" in dry.stdout
+    assert tree(hf_home) == home_before and not (tmp_path / "soup").exists()
+
+    cooked = hf_soups("merge", repo, "local", "--output-dir", "soup", "--quiet", cwd=tmp_path, env=env)
+    assert cooked.returncode == 0, cooked.stderr
+    again = hf_soups("merge", repo, "local", "--output-dir", "soup2", "--dry-run", cwd=tmp_path, env=env)
+    assert again.returncode == 0, again.stderr
+    assert "Download: nothing" in again.stdout and "cached" in again.stdout
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("hf_soups.demo.job") is None, reason="the demo job (issue 8) has not landed yet"
+)
+def test_demo_command_dispatches_to_the_demo(tmp_path):
+    result = hf_soups("demo", "--help", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "usage:" in result.stdout and "demo" in result.stdout
