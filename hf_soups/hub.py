@@ -39,7 +39,10 @@ _PR_REF = re.compile(r"^refs/pr/\d+$")
 
 
 def is_main_process() -> bool:
-    """Whether this process should write to the Hub: rank 0 of `accelerate` (when its state is set up) or `RANK`."""
+    """Whether this process may write to the Hub: rank 0 by `RANK` (torchrun) and, when `accelerate`'s state is
+    set up, its main process."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return False
     if "accelerate" in sys.modules:
         try:
             from accelerate.state import PartialState
@@ -48,7 +51,7 @@ def is_main_process() -> bool:
                 return bool(PartialState().is_main_process)
         except Exception:  # an unusual accelerate install must not block pushing
             pass
-    return int(os.environ.get("RANK", "0")) == 0
+    return True
 
 
 def _resolve_token(token: str | bool | None) -> str:
