@@ -1,14 +1,20 @@
 """The streaming engine: every soup is `sum_i c_i * theta_i`, computed one tensor name at a time.
 
-Memory holds one float32 accumulator of the largest tensor, one read buffer and one output buffer,
-whatever the number of ingredients. Non-finite values are detected on the accumulated result (one
-cheap reduction per tensor); only then are the ingredients searched for the culprit.
+Large tensors are streamed in cache-sized slices when every ingredient can read a slice (safetensors
+files, in-memory tensors) and the sink can append one (the sharded writer): each byte is copied once
+from the page cache into a small buffer, summed while it is still in the CPU cache and written out, so
+memory holds a few small buffers whatever the number and the size of the ingredients. Other tensors
+(adapter deltas, permuted classification heads, sinks that need whole tensors) use one float32
+accumulator of the largest such tensor and one read buffer. Non-finite values are detected on the
+accumulated result (one cheap reduction per slice or tensor); only then are the ingredients searched for
+the culprit.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from .errors import IncompatibleIngredientsError, NonFiniteTensorError, SoupError
@@ -20,6 +26,10 @@ if TYPE_CHECKING:  # pragma: no cover
     from .tensors import ShardedSafetensorsWriter, TensorSource
 
 logger = logging.getLogger(__name__)
+
+# Tensors of more elements than this are streamed in slices of this many elements (512 KB of float32:
+# a read buffer and the accumulator slice stay in a core's L2 cache). See docs/benchmarks.md.
+CHUNK_ELEMENTS = 1 << 17
 
 
 class TensorSink:
@@ -44,6 +54,14 @@ class WriterSink(TensorSink):
             out.copy_(tensor)
             tensor = out
         self.writer.write(plan.name, tensor)
+
+    def write_chunk(self, plan: TensorPlan, piece: torch.Tensor) -> None:
+        """Append the next flat slice of `plan`'s tensor (cast to the planned dtype)."""
+        if piece.dtype != plan.dtype:
+            out = self._buf[: piece.numel() * plan.dtype.itemsize].view(plan.dtype)
+            out.copy_(piece)
+            piece = out
+        self.writer.write_chunk(plan.name, piece)
 
 
 class ModelSink(TensorSink):
@@ -134,15 +152,38 @@ def combine(
     active = [(i, float(c)) for i, c in enumerate(coefficients) if c != 0]
     if not active:
         raise SoupError("internal error: every coefficient is zero.")
-    max_bytes = plan.max_tensor_bytes([sources[i] for i, _ in active]) if plan.tensors else 0
-    max_numel = max((_numel(t.shape) for t in plan.tensors), default=0)
+    can_stream = hasattr(sink, "write_chunk")
+    streamed = {tp.name for tp in plan.tensors if can_stream and _streamable(tp, sources, active)}
+    # whole-tensor buffers are sized for the tensors that are not streamed
+    max_bytes = max(
+        (
+            sources[i].info(tp.source_keys[i]).nbytes
+            for tp in plan.tensors
+            if tp.name not in streamed
+            for i, _ in active
+        ),
+        default=0,
+    )
+    max_numel = max((_numel(t.shape) for t in plan.tensors if t.name not in streamed), default=0)
     read_buf = torch.empty(max(max_bytes, 1), dtype=torch.uint8)
     acc_buf = torch.empty(max(max_numel, 1), dtype=torch.float32)
+    if streamed:
+        max_itemsize = max(
+            sources[i].info(tp.source_keys[i]).dtype.itemsize
+            for tp in plan.tensors
+            if tp.name in streamed
+            for i, _ in active
+        )
+        chunk_read_buf = torch.empty(CHUNK_ELEMENTS * max(max_itemsize, 4), dtype=torch.uint8)
+        chunk_acc = torch.empty(CHUNK_ELEMENTS, dtype=torch.float32)
 
     with torch.no_grad():
         for tp in tqdm(plan.tensors, desc=desc, unit="tensor", disable=not progress, name="hf_soups"):
             if not tp.mergeable:
                 sink.write(tp, _copy_checked(tp, sources, active, plan.names))
+                continue
+            if tp.name in streamed:
+                _combine_streamed(tp, sources, active, sink, chunk_acc, chunk_read_buf, plan.names)
                 continue
             acc = acc_buf[: _numel(tp.shape)].view(tp.shape)
             first = True
@@ -164,6 +205,71 @@ def combine(
     finish = getattr(sink, "finish", None)
     if finish is not None:
         finish()
+
+
+def _streamable(tp: TensorPlan, sources: Sequence[TensorSource], active) -> bool:
+    """Whether `tp` can be combined slice by slice: large, no head-row permutation, slices readable."""
+    if _numel(tp.shape) <= CHUNK_ELEMENTS:
+        return False
+    if any(tp.row_permutations and tp.row_permutations[i] is not None for i, _ in active):
+        return False
+    return all(sources[i].range_readable(tp.source_keys[i]) for i, _ in active)
+
+
+def _combine_streamed(tp: TensorPlan, sources, active, sink, chunk_acc, read_buf, names) -> None:
+    """`sum_i c_i * ingredient_i` for one large tensor, one slice of `CHUNK_ELEMENTS` at a time."""
+    with _single_threaded():
+        _combine_slices(tp, sources, active, sink, chunk_acc, read_buf, names)
+
+
+@contextmanager
+def _single_threaded():
+    """Run torch's element-wise ops on one thread.
+
+    Slices are small and already in the cache: splitting each op across threads costs more in
+    synchronisation than it saves, and on a busy machine it is many times slower (threads spin waiting
+    for each other). The previous setting is restored afterwards.
+    """
+    import torch
+
+    previous = torch.get_num_threads()
+    if previous == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _combine_slices(tp: TensorPlan, sources, active, sink, chunk_acc, read_buf, names) -> None:
+    import torch
+
+    keys = [tp.source_keys[i] for i, _ in active]
+    first_i, first_c = active[0]
+    first_is_f32 = sources[first_i].info(keys[0]).dtype == torch.float32
+    acc_bytes = chunk_acc.view(torch.uint8)
+    numel = _numel(tp.shape)
+    for start in range(0, numel, CHUNK_ELEMENTS):
+        count = min(CHUNK_ELEMENTS, numel - start)
+        acc = chunk_acc[:count]
+        # the first ingredient is read straight into the accumulator when it is float32
+        t = sources[first_i].get_range(keys[0], start, count, acc_bytes if first_is_f32 else read_buf)
+        if t.data_ptr() == acc.data_ptr():
+            if first_c != 1.0:
+                acc.mul_(first_c)
+        elif t.dtype == torch.float32:
+            torch.mul(t, first_c, out=acc)
+        else:
+            acc.copy_(t)
+            if first_c != 1.0:
+                acc.mul_(first_c)
+        for (i, c), key in zip(active[1:], keys[1:]):
+            acc.add_(sources[i].get_range(key, start, count, read_buf), alpha=c)
+        if not bool(torch.isfinite(acc.sum())) and not bool(torch.isfinite(acc).all()):
+            _raise_non_finite(tp, sources, active, names, None)
+        sink.write_chunk(tp, acc)
 
 
 def _numel(shape: tuple[int, ...]) -> int:

@@ -132,6 +132,24 @@ class TensorSource:
     def get(self, name: str, buffer: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError
 
+    def range_readable(self, name: str) -> bool:
+        """Whether [`get_range`] reads a slice of `name` without materialising the whole tensor.
+
+        The engine streams large tensors in small, cache-sized slices when every ingredient can; sources
+        that compute their tensors (adapters) answer `False` and are read whole.
+        """
+        return False
+
+    def get_range(
+        self, name: str, start: int, count: int, buffer: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Elements `start` to `start + count` of the flattened tensor `name`, as a 1-D tensor.
+
+        May return a view into the given uint8 `buffer`, valid until the next call that uses it. This
+        default reads the whole tensor; sources whose [`range_readable`] is `True` read only the slice.
+        """
+        return self.get(name).reshape(-1)[start : start + count]
+
     def close(self) -> None:
         """Release open files. The source can still be used afterwards (files are reopened)."""
 
@@ -250,6 +268,37 @@ class SafetensorsSource(TensorSource):
         import torch
 
         path, offset, nbytes, dtype_str, shape = self._entries[name]
+        dtype = _torch_dtype(_ST_DTYPES[dtype_str][0])
+        if nbytes == 0:
+            return torch.empty(shape, dtype=dtype)
+        raw = self._read(name, path, offset, nbytes, buffer)
+        return raw.view(dtype).view(shape)
+
+    def range_readable(self, name: str) -> bool:
+        return True
+
+    def get_range(
+        self, name: str, start: int, count: int, buffer: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        import torch
+
+        path, offset, nbytes, dtype_str, shape = self._entries[name]
+        dtype_name, itemsize = _ST_DTYPES[dtype_str]
+        if start < 0 or count < 0 or (start + count) * itemsize > nbytes:
+            raise SoupError(
+                f"internal error: elements {start}:{start + count} of tensor {name!r} are out of range."
+            )
+        if count == 0:
+            return torch.empty(0, dtype=_torch_dtype(dtype_name))
+        raw = self._read(name, path, offset + start * itemsize, count * itemsize, buffer)
+        return raw.view(_torch_dtype(dtype_name))
+
+    def _read(
+        self, name: str, path: Path, offset: int, nbytes: int, buffer: torch.Tensor | None
+    ) -> torch.Tensor:
+        """`nbytes` bytes at `offset` of `path`, read with plain reads into (the start of) `buffer`."""
+        import torch
+
         if buffer is None or buffer.numel() < nbytes:
             buffer = torch.empty(nbytes, dtype=torch.uint8)
         raw = buffer[:nbytes]
@@ -268,10 +317,7 @@ class SafetensorsSource(TensorSource):
                     tensor_name=name,
                 )
             got += n
-        dtype = _torch_dtype(_ST_DTYPES[dtype_str][0])
-        if nbytes == 0:
-            return torch.empty(shape, dtype=dtype)
-        return raw.view(dtype).view(shape)
+        return raw
 
     def close(self) -> None:
         for f in self._handles.values():
@@ -296,6 +342,17 @@ class StateDictSource(TensorSource):
     def get(self, name: str, buffer: torch.Tensor | None = None) -> torch.Tensor:
         t = self._sd[name]
         return t.detach().cpu() if t.device.type != "cpu" else t.detach()
+
+    def range_readable(self, name: str) -> bool:
+        t = self._sd[name]
+        return t.device.type == "cpu" and t.is_contiguous()
+
+    def get_range(
+        self, name: str, start: int, count: int, buffer: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        if not self.range_readable(name):
+            return super().get_range(name, start, count, buffer)
+        return self._sd[name].detach().view(-1)[start : start + count]
 
 
 class TorchBinSource(StateDictSource):
@@ -521,6 +578,7 @@ class ShardedSafetensorsWriter:
         self._slots: dict[str, _Slot] = {}
         self._order = [name for name, _, _ in tensors]
         self._next = 0
+        self._partial = 0  # bytes of the next tensor already written by write_chunk
         self._files = []
         self.total_size = 0
         meta = {"format": "pt", **(metadata or {})}
@@ -548,21 +606,50 @@ class ShardedSafetensorsWriter:
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Append the bytes of `name` (must be the next tensor in the declared order)."""
-        expected = self._order[self._next] if self._next < len(self._order) else None
-        if name != expected:
-            raise SoupError(f"internal error: tensor {name!r} written out of order (expected {expected!r}).")
-        slot = self._slots[name]
-        t = tensor.contiguous()
-        nbytes = t.numel() * t.element_size()
+        slot = self._expect(name)
+        if self._partial:
+            raise SoupError(
+                f"internal error: tensor {name!r} written whole after {self._partial} bytes of it."
+            )
+        nbytes = tensor.numel() * tensor.element_size()
         if nbytes != slot.nbytes:
             raise SoupError(
                 f"internal error: tensor {name!r} has {nbytes} bytes, {slot.nbytes} were planned."
             )
-        if nbytes:
+        self._append(slot, tensor)
+        self._next += 1
+
+    def write_chunk(self, name: str, piece: torch.Tensor) -> None:
+        """Append the next consecutive piece of `name`'s flattened bytes.
+
+        Large tensors are written this way, one cache-sized slice at a time; `name` counts as written
+        once its planned number of bytes has been appended.
+        """
+        slot = self._expect(name)
+        nbytes = piece.numel() * piece.element_size()
+        if self._partial + nbytes > slot.nbytes:
+            raise SoupError(
+                f"internal error: tensor {name!r} would have {self._partial + nbytes} bytes, "
+                f"{slot.nbytes} were planned."
+            )
+        self._append(slot, piece)
+        self._partial += nbytes
+        if self._partial == slot.nbytes:
+            self._partial = 0
+            self._next += 1
+
+    def _expect(self, name: str) -> _Slot:
+        expected = self._order[self._next] if self._next < len(self._order) else None
+        if name != expected:
+            raise SoupError(f"internal error: tensor {name!r} written out of order (expected {expected!r}).")
+        return self._slots[name]
+
+    def _append(self, slot: _Slot, tensor: torch.Tensor) -> None:
+        if tensor.numel():
             import torch
 
+            t = tensor.contiguous()
             self._files[slot.shard].write(memoryview(t.view(-1).view(torch.uint8).numpy()))
-        self._next += 1
 
     def close(self) -> None:
         """Close the files and write the index (sharded output). Checks that every tensor was written."""
