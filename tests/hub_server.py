@@ -1210,13 +1210,17 @@ class LocalHub:
         self.state.tokens[token] = User(name=name, role=role, orgs=list(orgs or []))
         return token
 
-    def inject_failure(self, method: str, path_contains: str, *, status: int | None = 500, times: int = 1) -> None:
+    def inject_failure(
+        self, method: str, path_contains: str, *, status: int | None = 500, times: int = 1
+    ) -> None:
         """Make the next `times` requests `method` whose path contains `path_contains` fail.
 
         `status=None` drops the connection without an answer (what a network failure looks like to the client).
         """
         with self.state.lock:
-            self.state.failures.append({"method": method, "path": path_contains, "status": status, "times": times})
+            self.state.failures.append(
+                {"method": method, "path": path_contains, "status": status, "times": times}
+            )
 
     def clear_failures(self) -> None:
         with self.state.lock:
