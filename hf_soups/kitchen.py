@@ -191,18 +191,18 @@ class Kitchen:
                     self.load_into(live, full)
                 finish(soup, live)
                 model = live
+        soup._kitchen_config = dict(self.plan.config)
         if self.output_dir is not None:
+            soup.output_dir = Path(self.output_dir).expanduser().absolute()  # the card names the folder
             if is_main_process():
                 self.write(full, self.output_dir, soup)
             wait_for_everyone()
-            soup.output_dir = Path(self.output_dir).expanduser().absolute()
             soup._model = model
         else:
             if model is None:
                 model = self.new_live_model()
                 self.load_into(model, full, progress=self.progress)
             soup._model = model
-        soup._kitchen_config = dict(self.plan.config)
         return soup
 
     def _adapters_base(self):

@@ -131,14 +131,11 @@ class Soup:
 
     def _write_extras(self, directory: Path) -> None:
         """The model card (README.md) and the recipe file that re-cooks this soup."""
-        import importlib
+        from .card import write_model_card
+        from .recipe_file import write_recipe
 
-        for module, func in (("card", "write_model_card"), ("recipe_file", "write_recipe")):
-            try:  # TODO(lead): drop this guard once card.py and recipe_file.py have landed
-                writer = getattr(importlib.import_module(f"hf_soups.{module}"), func)
-            except (ModuleNotFoundError, AttributeError):
-                continue
-            writer(self, directory)
+        write_model_card(self, directory)
+        write_recipe(self, directory)
 
     # --------------------------------------------------------------------------------------- hub
 
