@@ -148,6 +148,23 @@ def test_stacked_factors_have_no_cross_terms(bert_setup):
         torch.testing.assert_close(b @ a, adapter.delta_lora(module), rtol=1e-5, atol=1e-6)
 
 
+def test_peft_linear_combination_is_n_times_too_strong_where_ours_is_exact(bert_setup):
+    """The motivating bug: PEFT's add_weighted_adapter("linear") of 3 copies at 1/3 triples the delta."""
+    base_dir, adapters = bert_setup
+    model = PeftModel.from_pretrained(BertForSequenceClassification.from_pretrained(base_dir), adapters[0])
+    for name in ("b", "c"):
+        model.load_adapter(adapters[0], adapter_name=name)
+    model.add_weighted_adapter(["default", "b", "c"], [1 / 3] * 3, "avg", combination_type="linear")
+    layer = model.base_model.model.bert.encoder.layer[0].attention.self.query
+    own = layer.get_delta_weight("default")
+    torch.testing.assert_close(layer.get_delta_weight("avg"), 3 * own, rtol=1e-4, atol=1e-6)
+    ours = build_adapter_soup([read_adapter(adapters[0])] * 3, [1 / 3] * 3)
+    path = "bert.encoder.layer.0.attention.self.query"
+    a = ours.tensors[f"base_model.model.{path}.lora_A.weight"]
+    b = ours.tensors[f"base_model.model.{path}.lora_B.weight"]
+    torch.testing.assert_close(b @ a, own, rtol=1e-5, atol=1e-6)
+
+
 # ------------------------------------------------------------------------------------------- merged form
 
 
