@@ -389,8 +389,21 @@ def _run_recipe(recipe: Any, args: argparse.Namespace, overrides: dict[str, Any]
         return EXIT_OK
     from .recipe_file import cook
 
-    soup = cook(recipe, progress=not args.quiet, **overrides)
-    _print_soup(soup)
+    if push and not output_dir:
+        # stream the soup to a temporary folder and push that, rather than holding the model in memory
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="hf-soups-push-") as tmp:
+            soup = cook(
+                recipe, progress=not args.quiet, **{**overrides, "output_dir": os.path.join(tmp, "soup")}
+            )
+            soup.output_dir = None
+            _print_soup(soup)
+    else:
+        soup = cook(recipe, progress=not args.quiet, **overrides)
+        _print_soup(soup)
+    if push:
+        print(f"Pushed to the Hub: {push}")
     return EXIT_OK
 
 

@@ -368,3 +368,44 @@ def test_demo_command_dispatches_to_the_demo(tmp_path):
     result = hf_soups("demo", "--help", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "usage:" in result.stdout and "demo" in result.stdout
+
+
+@pytest.mark.slow
+def test_merge_and_push_to_the_hub_with_the_recipe(tmp_path, hub_server):
+    from huggingface_hub import HfApi
+
+    from tests.tiny_models import make_tiny_bert_dir
+
+    for i in range(2):
+        make_tiny_bert_dir(tmp_path / f"ft-{i}", seed=i)
+    repo = f"{hub_server.user}/cli-pushed-soup"
+    result = hf_soups(
+        "merge",
+        "ft-0",
+        "ft-1",
+        "--push-to-hub",
+        repo,
+        "--quiet",
+        cwd=tmp_path,
+        env={"HF_TOKEN": hub_server.token},
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"Pushed to the Hub: {repo}" in result.stdout
+    api = HfApi(endpoint=hub_server.endpoint, token=hub_server.token)
+    files = set(api.list_repo_files(repo))
+    assert {"soup_recipe.yaml", "config.json", "README.md"} <= files
+    assert any(f.endswith(".safetensors") for f in files)
+    recipe = yaml.safe_load(Path(api.hf_hub_download(repo, "soup_recipe.yaml")).read_text())
+    assert [i["model"] for i in recipe["ingredients"]] == [str(tmp_path / "ft-0"), str(tmp_path / "ft-1")]
+
+    denied = hf_soups(
+        "merge",
+        "ft-0",
+        "ft-1",
+        "--push-to-hub",
+        f"{hub_server.user}/x",
+        cwd=tmp_path,
+        env={"HF_TOKEN": "hf_bad"},
+    )
+    assert denied.returncode == 1
+    one_line_error(denied)
