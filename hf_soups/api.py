@@ -149,6 +149,11 @@ def merge_models(
         raise InvalidArgumentError(f"adapter_output={adapter_output!r}: use 'merged' or 'adapter'.")
     if rank is not None and (not isinstance(rank, int) or rank < 1):
         raise InvalidArgumentError(f"rank={rank!r} must be a positive integer.")
+    if rank is not None and adapter_output != "adapter":
+        raise InvalidArgumentError(
+            f"rank={rank} truncates an adapter soup written as an adapter; pass adapter_output='adapter' with it "
+            "(a merged soup is exact and has no rank)."
+        )
     if batch_size < 1:
         raise InvalidArgumentError(f"batch_size={batch_size} must be >= 1.")
     out_dtype = parse_dtype(dtype)

@@ -558,3 +558,66 @@ def test_adapters_and_their_base_from_the_hub(hub_server, tmp_path):
         torch.testing.assert_close(got[name], (expected[0][name] + expected[1][name]) / 2, rtol=0, atol=2e-6)
     assert soup.ingredients[0].revision is not None and len(soup.ingredients[0].revision) == 40
     assert soup.ingredients[0].metadata["adapter"]["base_model"] == base_id
+
+
+# ------------------------------------------------------------------------------------------- more coverage
+
+
+def test_embedding_lora(bert_setup, tmp_path):
+    base_dir, adapters = bert_setup
+    emb = _make_adapter(
+        base_dir,
+        tmp_path / "emb",
+        LoraConfig(r=3, lora_alpha=6, target_modules=["word_embeddings", "query"], init_lora_weights=False),
+        seed=4,
+    )
+    expected = [_merged_state(base_dir, d) for d in (emb, adapters[0])]
+    soup = merge_models([str(emb), str(adapters[0])], progress=False)
+    got = soup.model.state_dict()
+    name = "bert.embeddings.word_embeddings.weight"
+    assert not torch.equal(expected[0][name], expected[1][name])
+    for key in expected[0]:
+        torch.testing.assert_close(got[key], (expected[0][key] + expected[1][key]) / 2, rtol=0, atol=2e-6)
+    ad = merge_models(
+        [str(emb), str(adapters[0])], adapter_output="adapter", output_dir=tmp_path / "ad", progress=False
+    )
+    peft_model = PeftModel.from_pretrained(
+        BertForSequenceClassification.from_pretrained(base_dir), ad.output_dir
+    )
+    torch.testing.assert_close(_logits(peft_model), _logits(soup.model), rtol=0, atol=1e-5)
+
+
+def test_peft_model_without_a_recorded_base_uses_its_own_base_weights():
+    base = make_tiny_bert(seed=3)  # built in memory: base_model_name_or_path is empty
+    live = get_peft_model(base, LoraConfig(r=2, target_modules=["query"], init_lora_weights=False))
+    _randomise(live, seed=8)
+    assert not live.peft_config["default"].base_model_name_or_path
+    import copy
+
+    expected = copy.deepcopy(live).merge_and_unload().state_dict()
+    soup = merge_models([live, live], progress=False)
+    got = soup.model.state_dict()
+    for key, value in expected.items():
+        torch.testing.assert_close(got[key], value, rtol=0, atol=2e-6)
+
+
+def test_adapters_of_different_task_types_or_rank_without_adapter_form_are_refused(bert_setup, tmp_path):
+    from hf_soups.errors import InvalidArgumentError
+
+    _, adapters = bert_setup
+    config = json.loads((adapters[0] / "adapter_config.json").read_text())
+    dirs = []
+    for task in ("SEQ_CLS", "TOKEN_CLS"):
+        folder = tmp_path / task
+        folder.mkdir()
+        (folder / "adapter_config.json").write_text(json.dumps({**config, "task_type": task}))
+        (folder / "adapter_model.safetensors").write_bytes(
+            (adapters[0] / "adapter_model.safetensors").read_bytes()
+        )
+        dirs.append(str(folder))
+    first, other = dirs
+    with pytest.raises(IncompatibleIngredientsError, match="task type") as info:
+        merge_models([str(first), str(other)], progress=False)
+    assert "SEQ_CLS" in str(info.value) and "TOKEN_CLS" in str(info.value)
+    with pytest.raises(InvalidArgumentError, match="adapter_output='adapter'"):
+        merge_models([str(a) for a in adapters], rank=4, progress=False)
