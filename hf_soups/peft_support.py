@@ -365,6 +365,15 @@ def bind_adapter_bases(
                 recorded,
                 ref,
             )
+        wanted = a0.base_revision
+        have = {base.ingredient.revision, base.ingredient.metadata.get("requested_revision")} - {None}
+        if wanted and have and wanted not in have:
+            logger.warning(
+                "The adapters were trained on revision %r of their base; base_model=%r is at %s.",
+                wanted,
+                base.name,
+                " / ".join(sorted(have)),
+            )
         target = base
     else:
         target = None
@@ -456,7 +465,7 @@ def build_kitchen_adapter(kitchen: Kitchen, coefficients) -> Any:
     members = _members(kitchen)
     adapters = [r for r in kitchen.members if r.kind == "adapter"]
     base_source = adapters[0].adapter.shared_base if adapters else None
-    return build_adapter_soup(
+    soup = build_adapter_soup(
         members,
         kitchen.full_coefficients(coefficients),
         base=base_source,
@@ -464,6 +473,15 @@ def build_kitchen_adapter(kitchen: Kitchen, coefficients) -> Any:
         dtype=kitchen.dtype,
         names=[r.name for r in kitchen.members],
     )
+    ranks = sorted(set(soup.module_ranks.values()))
+    logger.info(
+        "Adapter soup: %d LoRA modules (rank %s), %d full tensors%s.",
+        len(soup.module_ranks),
+        ranks[0] if len(ranks) == 1 else f"{ranks[0]}-{ranks[-1]}" if ranks else "-",
+        len(soup.full_tensors),
+        f", max SVD error {max(soup.svd_error.values()):.3g}" if soup.svd_error else "",
+    )
+    return soup
 
 
 def cook_adapter_soup(kitchen: Kitchen, recipe: Recipe) -> Soup:

@@ -67,8 +67,9 @@ class AdapterSoup:
             "adapter_modules": len(self.module_ranks),
             "adapter_rank_min": min(ranks) if ranks else 0,
             "adapter_rank_max": max(ranks) if ranks else 0,
-            "adapter_full_tensors": list(self.full_tensors),
         }
+        if self.full_tensors:
+            out["adapter_full_tensors"] = list(self.full_tensors)
         if self.svd_error:
             out["adapter_svd_error"] = dict(self.svd_error)
             out["adapter_svd_error_max"] = max(self.svd_error.values())
