@@ -236,6 +236,7 @@ def test_svd_adapter_form_full_rank_matches_and_low_rank_reports_error(bert_setu
 
     low = merge_models(refs, adapter_output="adapter", rank=1, output_dir=tmp_path / "r1", progress=False)
     errors = low.report_extra["adapter_svd_error"]
+    assert "adapter_svd_error" in low.report()
     assert set(errors) == set(full.report_extra["adapter_svd_error"])
     # recompute each module's error from the written factors and the adapters' own deltas
     from safetensors.torch import load_file
