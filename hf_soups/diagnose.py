@@ -888,7 +888,14 @@ def plan_merge(recipe: Recipe, *, token: str | bool | None = None) -> MergePlanS
     from .ingredients import parse_reference
 
     models: list[ModelPlan] = []
-    refs = [("ingredient", s) for s in recipe.ingredients]
+    refs: list[tuple[str, Any]] = [("ingredient", s) for s in recipe.ingredients]
+    folder = recipe.ingredients_dir()
+    if folder is not None:
+        from .ingredients import expand_ingredients_dir
+        from .recipe_file import IngredientSpec
+
+        expanded = expand_ingredients_dir(Path(folder)) or []
+        refs = [("ingredient", IngredientSpec(model=str(i.reference), revision=i.revision)) for i in expanded]
     if recipe.base_model is not None:
         refs.append(("base", recipe.base_model))
     for role, spec in refs:

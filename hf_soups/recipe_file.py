@@ -576,6 +576,10 @@ class Recipe:
         ```
         """
         kwargs: dict[str, Any] = {"models": [self._ingredient_arg(spec) for spec in self.ingredients]}
+        if self.ingredients_dir() is not None:
+            kwargs["models"] = self.ingredients[
+                0
+            ].model  # merge_models expands the folder into its ingredients
         kwargs["method"] = self.method
         weights = [spec.weight for spec in self.ingredients]
         if any(w is not None for w in weights):
@@ -629,6 +633,22 @@ class Recipe:
 
             kwargs["tokenizer"] = AutoTokenizer.from_pretrained(self.tokenizer)
         return kwargs
+
+    def ingredients_dir(self) -> str | None:
+        """The folder of ingredients collected by `SoupTrainerCallback`, when that is the only ingredient."""
+        if len(self.ingredients) != 1:
+            return None
+        spec = self.ingredients[0]
+        if (
+            spec.model is None
+            or spec.weight is not None
+            or spec.name is not None
+            or spec.revision is not None
+        ):
+            return None
+        from .ingredients import INGREDIENTS_MANIFEST
+
+        return spec.model if (Path(spec.model) / INGREDIENTS_MANIFEST).is_file() else None
 
     def _ingredient_arg(self, spec: IngredientSpec) -> Any:
         if spec.name is None:
@@ -784,6 +804,8 @@ def _parse_recipe(data: Any, problems: list[str], ctx: dict) -> Recipe | None:
     recipe = Recipe(**{k: v for k, v in values.items() if v is not None})
 
     ingredients = data.get("ingredients")
+    if isinstance(ingredients, str):  # one folder of ingredients collected by SoupTrainerCallback
+        ingredients = [ingredients]
     if ingredients is None:
         problems.append("ingredients: missing (a list of models to soup)")
     elif not isinstance(ingredients, list) or not ingredients:

@@ -543,3 +543,25 @@ def test_recipe_cooked_from_a_file_replays_the_sweep(tmp_path, synthetic_ingredi
     assert written["eval"] == {"validation": {"data": str(tmp_path / "val.jsonl")}}
     assert "notes" not in written
     assert written["result"]["score"] == pytest.approx(soup.score)
+
+
+def test_a_folder_of_trainer_ingredients_is_one_recipe_entry(tmp_path):
+    from hf_soups.diagnose import plan_merge
+    from hf_soups.ingredients import INGREDIENT_METADATA, INGREDIENTS_MANIFEST
+    from hf_soups.recipe_file import cook
+    from tests.tiny_models import make_tiny_bert_dir
+
+    root = tmp_path / "ingredients"
+    root.mkdir()
+    (root / INGREDIENTS_MANIFEST).write_text(json.dumps({"format": 1}))
+    for i in range(2):  # the layout SoupTrainerCallback writes: one folder per ingredient with its metadata
+        folder = make_tiny_bert_dir(root / f"run-{i}", seed=i)
+        (folder / INGREDIENT_METADATA).write_text(json.dumps({"created": float(i), "run": f"run-{i}"}))
+    path = write_yaml(tmp_path / "recipe.yaml", {"ingredients": "ingredients"})
+    recipe = load_recipe(path)
+    assert recipe.to_merge_kwargs()["models"] == str(root)
+    assert [m.reference for m in plan_merge(recipe).models] == [str(root / "run-0"), str(root / "run-1")]
+    soup = cook(recipe, output_dir=tmp_path / "soup", progress=False)
+    assert len(soup.ingredients) == 2
+    written = load_recipe(tmp_path / "soup")
+    assert [i.model for i in written.ingredients] == [str(root / "run-0"), str(root / "run-1")]
