@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import pickle
 import subprocess
 import sys
@@ -370,7 +371,7 @@ def test_out_of_process_trials_collect_through_the_disk(tmp_path, train_ds):
         [sys.executable, str(script), str(tmp_path / "cb.pkl"), str(tmp_path / "run2"), str(root)],
         check=True,
         cwd=root,
-        env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
         timeout=300,
     )
 
@@ -476,7 +477,7 @@ def test_example_sweep_smoke(tmp_path):
         capture_output=True,
         text=True,
         timeout=600,
-        env={**__import__("os").environ, "OMP_NUM_THREADS": "2"},
+        env={**os.environ, "OMP_NUM_THREADS": "2"},
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     for row in ("best run", "uniform soup", "greedy soup"):
@@ -524,3 +525,85 @@ def test_soup_is_pushed_where_the_trainer_pushes(tmp_path, train_ds, hub_server)
     cb_local = SoupTrainerCallback(ingredients_dir=tmp_path / "ingredients", push_to_hub=False)
     cb_local.set_trainer(cb.trainer)
     assert "push_to_hub" not in cb_local._resolve_options({})
+
+
+_DISTRIBUTED_SCRIPT = """
+import hashlib, json, sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[2])
+from accelerate import PartialState
+from hf_soups import SoupTrainerCallback
+from tests.test_callback import _args, _dataset, _trainer, compute_metrics
+
+out = Path(sys.argv[1])
+eval_ds = _dataset(24, seed=1)
+cb = SoupTrainerCallback(ingredients_dir=out / "ingredients", replace_model=True)
+for i in range(2):
+    args = _args(out / f"run{i}", seed=i, learning_rate=3e-3 * (i + 1), ddp_backend="gloo")
+    trainer = _trainer(args, _dataset(32, seed=0), cb, eval_ds=eval_ds, compute_metrics=compute_metrics)
+    trainer.train()
+soup = cb.cook(method="greedy", metric="accuracy")
+digest = hashlib.sha256()
+for name, tensor in sorted(trainer.model.state_dict().items()):
+    digest.update(name.encode() + tensor.detach().float().numpy().tobytes())
+state = PartialState()
+record = {
+    "rank": state.process_index,
+    "world": state.num_processes,
+    "ingredients": [i.name for i in cb.ingredients],
+    "selected": [bool(i.selected) for i in soup.ingredients],
+    "score": soup.score,
+    "model": digest.hexdigest(),
+    "logged": [e for e in trainer.state.log_history if "soup_num_ingredients" in e],
+}
+(out / f"rank{state.process_index}.json").write_text(json.dumps(record))
+"""
+
+
+@pytest.mark.slow
+def test_distributed_only_the_main_process_writes(tmp_path):
+    """torchrun --nproc_per_node 2 (gloo, CPU): one set of ingredients, the same soup on every rank."""
+    import signal
+    import socket
+
+    root = Path(__file__).resolve().parents[1]
+    script = tmp_path / "ddp_sweep.py"
+    script.write_text(_DISTRIBUTED_SCRIPT)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+    ]
+    command += ["--master_port", str(port), str(script), str(tmp_path), str(root)]
+    log = tmp_path / "torchrun.log"
+    with open(log, "w") as handle:
+        proc = subprocess.Popen(
+            command, cwd=root, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        try:
+            returncode = proc.wait(timeout=420)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both workers
+            proc.wait()
+            pytest.fail("torchrun timed out:\n" + log.read_text()[-5000:])
+    assert returncode == 0, log.read_text()[-5000:]
+    records = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [r["world"] for r in records] == [2, 2]
+    # both ranks agree on the run ids (broadcast from rank 0) and see the same two ingredients
+    assert records[0]["ingredients"] == records[1]["ingredients"]
+    assert len(records[0]["ingredients"]) == 2
+    folders = sorted(p.name for p in (tmp_path / "ingredients").iterdir() if p.is_dir())
+    assert folders == sorted(records[0]["ingredients"])  # no half-written or per-rank duplicates
+    # same greedy decisions, same score, same weights loaded into every rank's model
+    assert records[0]["selected"] == records[1]["selected"]
+    assert records[0]["score"] == records[1]["score"]
+    assert records[0]["model"] == records[1]["model"]
+    assert records[0]["logged"] and records[1]["logged"]
