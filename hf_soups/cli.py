@@ -513,9 +513,9 @@ def _format_error(error: BaseException) -> str:
 
 
 def _exit_code(error: BaseException) -> int:
-    from .errors import InvalidArgumentError
+    from .errors import EvaluationError, InvalidArgumentError
 
-    if isinstance(error, (_UsageError, InvalidArgumentError)):
+    if isinstance(error, (_UsageError, InvalidArgumentError, EvaluationError)):
         return EXIT_USAGE
     return EXIT_FAILURE
 

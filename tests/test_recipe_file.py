@@ -565,3 +565,30 @@ def test_a_folder_of_trainer_ingredients_is_one_recipe_entry(tmp_path):
     assert len(soup.ingredients) == 2
     written = load_recipe(tmp_path / "soup")
     assert [i.model for i in written.ingredients] == [str(root / "run-0"), str(root / "run-1")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("adapter_output", ["merged", "adapter"])
+def test_lora_adapter_soup_recooks_identical_tensors(tmp_path, adapter_output):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import BertForSequenceClassification
+
+    from hf_soups import merge_models
+    from hf_soups.recipe_file import cook
+    from tests.tiny_models import make_tiny_bert_dir
+
+    base = make_tiny_bert_dir(tmp_path / "base", noise=0.0)
+    adapters = []
+    for i in range(2):
+        torch.manual_seed(i)
+        model = BertForSequenceClassification.from_pretrained(base)
+        config = LoraConfig(r=2, lora_alpha=4, target_modules=["query", "value"], init_lora_weights=False)
+        get_peft_model(model, config).save_pretrained(tmp_path / f"lora-{i}")
+        adapters.append(tmp_path / f"lora-{i}")
+    merge_models(adapters, adapter_output=adapter_output, output_dir=tmp_path / "soup", progress=False)
+    written = yaml.safe_load((tmp_path / "soup" / RECIPE_FILENAME).read_text())
+    assert [i["model"] for i in written["ingredients"]] == [str(a) for a in adapters]
+    assert written.get("adapter_output", "merged") == adapter_output
+    cook(tmp_path / "soup", output_dir=tmp_path / "again", progress=False)
+    assert_same_tensors(tmp_path / "soup", tmp_path / "again")
