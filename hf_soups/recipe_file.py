@@ -72,6 +72,7 @@ _DTYPES = {
     "float64": "float64",
     "fp64": "float64",
 }
+_HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
 _SIZE_RE = re.compile(r"^\s*\d+(\.\d+)?\s*([kmgt]i?b|b)\s*$", re.IGNORECASE)
 _DATA_FORMATS = {
     ".csv": "csv",
@@ -295,6 +296,12 @@ def _check_model_reference(value, where, problems, ctx):
     candidate = _resolve_path(value, base_dir)
     if candidate.exists():  # a relative folder such as `runs/a`
         return str(candidate)
+    if not _HUB_ID_RE.match(value.rpartition("@")[0] if "@" in value else value):
+        problems.append(
+            f"{where}: {value!r} is neither an existing folder (relative to {base_dir}) nor a Hub model id "
+            "('org/name' or 'org/name@revision')"
+        )
+        return None
     return value
 
 

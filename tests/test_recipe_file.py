@@ -133,7 +133,7 @@ def test_every_problem_is_reported_at_once(tmp_path):
     [
         ({}, "ingredients: missing"),
         ({"ingredients": []}, "ingredients: expected a non-empty list"),
-        ({"ingredients": "org/a"}, "ingredients: expected a non-empty list"),
+        ({"ingredients": 5}, "ingredients: expected a non-empty list"),
         ({"ingredients": [3]}, "ingredients[0]: expected a model id/path or a mapping"),
         ({"ingredients": [{"weight": 1}]}, "ingredients[0].model: missing"),
         ({"ingredients": ["org/a"], "method": "ties"}, "method: unknown method 'ties'"),
@@ -172,6 +172,10 @@ def test_every_problem_is_reported_at_once(tmp_path):
         ),
         ({"ingredients": ["org/a"], "eval": 3}, "eval: expected a data path"),
         (["org/a"], "<top level>: expected a mapping"),
+        (
+            {"ingredients": ["runs/missing folder"]},
+            "ingredients[0].model: 'runs/missing folder' is neither an existing folder",
+        ),
     ],
 )
 def test_invalid_recipes(tmp_path, data, expected):
