@@ -1066,7 +1066,10 @@ def cook(recipe: Recipe | str | os.PathLike, **overrides: Any) -> Soup:
     kwargs = recipe.to_merge_kwargs()
     kwargs.update(overrides)
     with active_recipe(recipe):
-        return merge_models(**kwargs)
+        soup = merge_models(**kwargs)
+    # later saves (soup.save_pretrained, soup.push_to_hub) record this recipe's eval data and metric too
+    soup._source_recipe = recipe  # type: ignore[attr-defined]
+    return soup
 
 
 def _reference_entry(ingredient: Any) -> dict[str, Any]:
@@ -1111,7 +1114,7 @@ def recipe_from_soup(soup: Soup) -> dict[str, Any]:
     """
     from . import __version__
 
-    source = _ACTIVE_RECIPE.get()
+    source = _ACTIVE_RECIPE.get() or getattr(soup, "_source_recipe", None)
     params = dict(getattr(soup, "params", None) or {})
     method = soup.method
     ingredients = list(soup.ingredients)

@@ -547,6 +547,10 @@ def test_recipe_cooked_from_a_file_replays_the_sweep(tmp_path, synthetic_ingredi
     assert written["eval"] == {"validation": {"data": str(tmp_path / "val.jsonl")}}
     assert "notes" not in written
     assert written["result"]["score"] == pytest.approx(soup.score)
+    # saving the soup again later records the same replayable recipe
+    soup.save_pretrained(tmp_path / "saved-later")
+    later = yaml.safe_load((tmp_path / "saved-later" / RECIPE_FILENAME).read_text())
+    assert later["alpha"] == [0.0, 0.4, 0.8] and later["eval"] == written["eval"]
 
 
 def test_a_folder_of_trainer_ingredients_is_one_recipe_entry(tmp_path):
