@@ -392,6 +392,9 @@ class SoupTrainerCallback(TrainerCallback):
                 "(default) and call cb.cook(keep_ingredients=False) once the sweep is over, or collect "
                 "checkpoints for per-run soups."
             )
+        from .recipes import get_recipe
+
+        get_recipe(method)  # an unknown method fails now, not after the sweep
         if merge_options:
             known = _merge_models_parameters()
             unknown = sorted(set(merge_options) - known)
@@ -400,7 +403,8 @@ class SoupTrainerCallback(TrainerCallback):
                     f"Unknown merge_models option(s) {unknown} for SoupTrainerCallback. Known options: "
                     f"{sorted(known)}."
                 )
-        self._ingredients_dir = Path(ingredients_dir) if ingredients_dir is not None else None
+        # absolute: Ray Tune runs trials in other working directories
+        self._ingredients_dir = _absolute(ingredients_dir) if ingredients_dir is not None else None
         self.collect = collect
         self.last_k = last_k
         self.method = method
@@ -480,7 +484,7 @@ class SoupTrainerCallback(TrainerCallback):
         """
         self._trainer = trainer
         if self._ingredients_dir is None:
-            self._ingredients_dir = Path(trainer.args.output_dir) / DEFAULT_INGREDIENTS_SUBDIR
+            self._ingredients_dir = _absolute(trainer.args.output_dir) / DEFAULT_INGREDIENTS_SUBDIR
 
     def __getstate__(self) -> dict[str, Any]:
         # Ray Tune pickles the trainer and its callbacks: never drag a trainer or a soup model along.
@@ -504,14 +508,14 @@ class SoupTrainerCallback(TrainerCallback):
         if trainer is not None:
             self.set_trainer(trainer)
         elif self._ingredients_dir is None:
-            self._ingredients_dir = Path(args.output_dir) / DEFAULT_INGREDIENTS_SUBDIR
+            self._ingredients_dir = _absolute(args.output_dir) / DEFAULT_INGREDIENTS_SUBDIR
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         trainer = _find_trainer()
         if trainer is not None:
             self.set_trainer(trainer)
         elif self._ingredients_dir is None:
-            self._ingredients_dir = Path(args.output_dir) / DEFAULT_INGREDIENTS_SUBDIR
+            self._ingredients_dir = _absolute(args.output_dir) / DEFAULT_INGREDIENTS_SUBDIR
 
         if self.collect == "checkpoints" and _strategy(args.save_strategy) == "no":
             raise InvalidArgumentError(
@@ -1072,6 +1076,10 @@ def load_soup_into_model(soup: Soup, model: torch.nn.Module, *, trainer: Trainer
                 )
             tensor.copy_(value)
     logger.info("SoupTrainerCallback: loaded the soup's weights into %s", type(model).__name__)
+
+
+def _absolute(path: str | os.PathLike) -> Path:
+    return Path(path).expanduser().absolute()
 
 
 def _strategy(value: Any) -> str:

@@ -421,6 +421,9 @@ def test_defaults_follow_the_trainer(tmp_path, train_ds, eval_ds):
     )
     trainer = _trainer(args, train_ds, cb, eval_ds=eval_ds, compute_metrics=compute_metrics)
     assert cb.trainer is trainer  # bound when the trainer was built
+    assert SoupTrainerCallback(
+        ingredients_dir="relative/dir"
+    ).ingredients_dir.is_absolute()  # Ray changes cwd
     options = cb._resolve_options({})
     assert options["eval_dataset"] is eval_ds
     assert options["compute_metrics"] is compute_metrics
@@ -445,6 +448,8 @@ def test_invalid_options_fail_early(tmp_path):
         SoupTrainerCallback(cook_on="epoch_end")
     with pytest.raises(InvalidArgumentError, match="keep_ingredients"):
         SoupTrainerCallback(cook_on="train_end", keep_ingredients=False)
+    with pytest.raises(InvalidArgumentError, match="Unknown method"):
+        SoupTrainerCallback(method="greedyy")
     with pytest.raises(InvalidArgumentError, match="alhpa"):
         SoupTrainerCallback(alhpa=0.5)
     with pytest.raises(InvalidArgumentError, match="No ingredient|no ingredients_dir"):
