@@ -51,7 +51,7 @@ from _measure import (  # noqa: E402
 HERE = Path(__file__).resolve()
 REPO = HERE.parent.parent
 VOCAB = 32000
-BUFFER_BYTES = 16 * 2**20
+BUFFER_BYTES = 2**20  # 1 MiB: the fastest plain read and write size measured here
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -368,6 +368,18 @@ def page_cache_fraction(paths: list[Path]) -> float | None:
     return res_total / size_total if size_total else None
 
 
+def available_memory() -> int | None:
+    """`MemAvailable` from /proc/meminfo (Linux), in bytes."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def check_imports(env: dict[str, str]) -> dict[str, bool]:
     res = subprocess.run(worker_cmd("imports"), capture_output=True, text=True, check=True, cwd=REPO, env=env)
     line = next(li for li in res.stdout.splitlines() if li.startswith("HEAVY_MODULES "))
@@ -412,6 +424,9 @@ def main(argv: list[str] | None = None) -> int:
         help="a Python with mergekit installed (its own venv); skipped when absent",
     )
     parser.add_argument(
+        "--build-only", action="store_true", help="build (or find) the ingredients, measure nothing"
+    )
+    parser.add_argument(
         "--no-verify", action="store_true", help="skip checking each output against the exact mean"
     )
     parser.add_argument("--json", help="also write every figure to this JSON file")
@@ -448,6 +463,8 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     dirs_all, info = ensure_ingredients(args, max(ns))
+    if args.build_only:
+        return 0
     ckpt_bytes = info["bytes_per_ingredient"]
     mk = find_mergekit(args.mergekit_python) if "mergekit" in methods else None
     if "mergekit" in methods and mk is None:
@@ -522,7 +539,15 @@ def measure_n(
     if "hf_soups" in methods:
         commands["hf_soups"] = lambda: worker_cmd("hf_soups", "--out", str(outs["hf_soups"]), *paths)
     if "naive" in methods and with_baselines:
-        commands["naive"] = lambda: worker_cmd("naive", "--out", str(outs["naive"]), *paths)
+        # the naive soup holds N models (and transformers): skip it rather than push the machine into swap
+        need = int(n * ckpt_bytes * 1.25) + 10**9
+        available = available_memory()
+        if available is not None and available < need:
+            print(
+                f"  naive: skipped, it needs about {fmt_bytes(need)} and {fmt_bytes(available)} is available"
+            )
+        else:
+            commands["naive"] = lambda: worker_cmd("naive", "--out", str(outs["naive"]), *paths)
     if mergekit is not None and with_baselines:
         config = work / f"mergekit-linear-{n}.yml"
         config.write_text(
@@ -560,6 +585,8 @@ def measure_n(
         if label in outs:
             drop_path(outs[label])
 
+    if not commands:
+        return {}
     cached = page_cache_fraction(dirs)
     if cached is not None:
         print(f"  ingredient bytes in page cache before the warm-up: {cached:.0%}")
@@ -614,7 +641,7 @@ def print_goals(report: dict, ns: list[int]) -> None:
     goals = {}
     for n in ns:
         r = res[str(n)]
-        if "hf_soups" not in r:
+        if "hf_soups" not in r or "floor_s" not in r:
             continue
         h = r["hf_soups"]
         if r["floor_s"]:
