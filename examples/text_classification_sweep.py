@@ -65,6 +65,7 @@ def main(argv: list[str] | None = None) -> dict:
     logging.getLogger("hf_soups").setLevel(logging.INFO)
 
     import optuna
+    import torch
     import transformers
     from transformers import AutoModelForSequenceClassification, Trainer, TrainingArguments, set_seed
 
@@ -121,6 +122,7 @@ def main(argv: list[str] | None = None) -> dict:
         report_to="none",
         disable_tqdm=True,
         dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),
     )
     trainer = Trainer(
         model_init=model_init,

@@ -523,11 +523,12 @@ class SoupTrainerCallback(TrainerCallback):
                 "TrainingArguments(save_strategy='steps' or 'epoch'), or use collect='final'."
             )
 
+        resumed_id, resumed_folders = self._resumed_run(args, state)
         self._run = {
-            "id": self._new_run_id(args, state, trainer),
+            "id": resumed_id or self._new_run_id(args, state, trainer),
             "started": time.time(),
             "evals": {},  # global_step -> held-out metrics of this run
-            "ingredients": [],  # folders written for this run, oldest first
+            "ingredients": resumed_folders,  # folders written for this run, oldest first
             "final": None,  # (folder, global_step) of the final-model ingredient
             "replaced": False,  # the model was replaced by a soup: later evaluations are the soup's
         }
@@ -803,6 +804,32 @@ class SoupTrainerCallback(TrainerCallback):
             broadcast_object_list(holder, from_process=0)
             run_id = holder[0]
         return run_id
+
+    def _resumed_run(self, args: TrainingArguments, state: TrainerState) -> tuple[str | None, list[str]]:
+        """When training resumes from a checkpoint this callback collected, continue that run (same id)."""
+        if (
+            state.global_step <= 0
+            or self._ingredients_dir is None
+            or not is_ingredients_dir(self._ingredients_dir)
+        ):
+            return None, []
+        collected = list_ingredients(self._ingredients_dir, kind="checkpoint")
+        resumed = [
+            ing
+            for ing in collected
+            if ing.metadata.get("output_dir") == str(args.output_dir)
+            and ing.metadata.get("global_step") == state.global_step
+        ]
+        if not resumed:
+            return None, []
+        run_id = resumed[-1].metadata.get("run")
+        folders = [
+            str(ing.reference)
+            for ing in collected
+            if ing.metadata.get("run") == run_id and ing.metadata.get("global_step", 0) <= state.global_step
+        ]
+        logger.info("SoupTrainerCallback: resuming run %s at step %d", run_id, state.global_step)
+        return run_id, folders
 
     def _write_manifest(self) -> None:
         root = self._ingredients_dir

@@ -258,6 +258,24 @@ def test_checkpoint_collection_last_k_and_per_run_soups(tmp_path, train_ds):
     assert sorted(i.metadata["global_step"] for i in cb.ingredients) == [4, 4, 6, 6]
 
 
+def test_resuming_from_a_checkpoint_continues_the_run(tmp_path, train_ds):
+    cb = SoupTrainerCallback(ingredients_dir=tmp_path / "ingredients", collect="checkpoints")
+    out = tmp_path / "run"
+    _trainer(_args(out, max_steps=4, save_strategy="steps", save_steps=2), train_ds, cb).train()
+    (first_run,) = {i.metadata["run"] for i in cb.ingredients}
+    # a new process resumes from checkpoint-4 with a fresh trainer (and a fresh callback, read from the same folder)
+    cb2 = SoupTrainerCallback(ingredients_dir=tmp_path / "ingredients", collect="checkpoints", last_k=2)
+    trainer = _trainer(_args(out, max_steps=8, save_strategy="steps", save_steps=2), train_ds, cb2)
+    trainer.train(resume_from_checkpoint=str(out / "checkpoint-4"))
+    ingredients = cb2.ingredients
+    assert [i.metadata["global_step"] for i in ingredients] == [
+        6,
+        8,
+    ]  # last_k counted the resumed run's folders
+    assert len({i.metadata["run"] for i in ingredients}) == 1
+    assert ingredients[0].metadata["run"] == first_run
+
+
 def test_checkpoints_need_a_save_strategy(tmp_path, train_ds):
     cb = SoupTrainerCallback(ingredients_dir=tmp_path / "ingredients", collect="checkpoints")
     trainer = _trainer(_args(tmp_path / "run"), train_ds, cb)
