@@ -154,9 +154,11 @@ def loaded_heavy_modules() -> dict[str, bool]:
 
 def worker_hf_soups(out: str, dirs: list[str]) -> None:
     """hf_soups streaming: merge_models(..., output_dir=...)."""
+    import hf_soups
     from hf_soups import merge_models
 
     merge_models(list(dirs), output_dir=out, progress=False)
+    print(f"hf_soups from {Path(hf_soups.__file__).parent}")
     print("HEAVY_MODULES " + json.dumps(loaded_heavy_modules()))
 
 
@@ -429,6 +431,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--no-verify", action="store_true", help="skip checking each output against the exact mean"
     )
+    parser.add_argument(
+        "--compare-checkout",
+        help="another hf_soups checkout (e.g. a git worktree of an older commit) measured beside this one "
+        "as 'hf_soups@other', for before/after figures of a change",
+    )
     parser.add_argument("--json", help="also write every figure to this JSON file")
     parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -538,6 +545,14 @@ def measure_n(
         commands["import-torch"] = lambda: [sys.executable, "-c", "import torch"]
     if "hf_soups" in methods:
         commands["hf_soups"] = lambda: worker_cmd("hf_soups", "--out", str(outs["hf_soups"]), *paths)
+    if args.compare_checkout:
+        other = str(Path(args.compare_checkout).resolve())
+        outs["hf_soups@other"] = work / "out-hf_soups-other"
+        commands["hf_soups@other"] = lambda: [
+            "env",
+            f"PYTHONPATH={other}",
+            *worker_cmd("hf_soups", "--out", str(outs["hf_soups@other"]), *paths),
+        ]
     if "naive" in methods and with_baselines:
         # the naive soup holds N models (and transformers): skip it rather than push the machine into swap
         need = int(n * ckpt_bytes * 1.25) + 10**9
@@ -575,7 +590,11 @@ def measure_n(
         if label == "hf_soups" and "HEAVY_MODULES " in run.output:
             line = next(li for li in run.output.splitlines() if li.startswith("HEAVY_MODULES "))
             heavy_after_merge.update(json.loads(line.split(" ", 1)[1]))
-        if label in ("hf_soups", "naive", "mergekit") and label not in verified and not args.no_verify:
+        if (
+            label in ("hf_soups", "hf_soups@other", "naive", "mergekit")
+            and label not in verified
+            and not args.no_verify
+        ):
             cmd = ["nice", *worker_cmd("verify", "--out", str(outs[label]), "--label", label, *paths)]
             res = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if res.returncode != 0:
