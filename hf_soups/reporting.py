@@ -201,6 +201,13 @@ def render_report(soup: Soup) -> str:
     for name, value in (soup.report_extra or {}).items():
         if name == "baselines":
             continue
+        if name == "cost" and isinstance(value, Mapping) and "evaluations" in value:
+            lines += [
+                "",
+                f"Cost: {value['evaluations']} held-out evaluations took {value['evaluation_seconds']:.1f} s of the "
+                f"recipe's {value['recipe_seconds']:.1f} s.",
+            ]
+            continue
         lines += ["", f"{name}: {value}"]
     return "\n".join(lines).rstrip() + "\n"
 

@@ -14,6 +14,7 @@ running sum; the live model is restored from the sum, never reloaded.
 from __future__ import annotations
 
 import logging
+import time
 from typing import TYPE_CHECKING, Any
 
 from ..errors import EvaluationError, IncompatibleIngredientsError, InvalidArgumentError, NonFiniteTensorError
@@ -91,8 +92,14 @@ class RunningSoup:
             )
         return t
 
-    def start(self, index: int) -> None:
-        """The soup is ingredient `index` alone (written into the live model too)."""
+    def start(self, index: int, *, running: bool = True) -> None:
+        """The soup is ingredient `index` alone (written into the live model).
+
+        Args:
+            index (`int`): the ingredient.
+            running (`bool`, defaults to `True`): also start the running sum from it (`False`: only load the
+                ingredient into the live model, to score it on its own).
+        """
         import torch
 
         self.sums.clear()
@@ -101,12 +108,12 @@ class RunningSoup:
             for tp in self.plan.tensors:
                 t = self._read(tp, index)
                 target = targets.get(tp.name)
-                if tp.mergeable:
+                if running and tp.mergeable:
                     self.sums[tp.name] = t.to(torch.float32, copy=True)
                 if target is not None:
                     target.copy_(t)
-        self.members = [index]
-        self._live_is_sum = True
+        self.members = [index] if running else []
+        self._live_is_sum = running
 
     def try_candidate(self, index: int) -> None:
         """Write `(sum + candidate) / (n + 1)` into the live model; the running sum is left untouched."""
@@ -208,6 +215,8 @@ def cook_greedy(kitchen: Kitchen) -> Soup:
             f"ensemble_baseline=True needs a classification or token-classification model (task: {evaluator.task})."
         )
     known = _known_scores(kitchen)
+    started = time.perf_counter()
+    first_timing = len(evaluator.timings)
     members = kitchen.ingredients
     names = kitchen.names
     n_total = len(members)
@@ -223,7 +232,7 @@ def cook_greedy(kitchen: Kitchen) -> Soup:
             ing.score = known[i]
             logger.info("Greedy soup: %s scores %.4f (given, not re-evaluated).", names[i], known[i])
             continue
-        soup.start(i)
+        soup.start(i, running=False)
         scores, predictions = evaluator.evaluate_with_predictions(live)
         if want_ensemble:
             ensemble_sum = evaluator.add_predictions(ensemble_sum, predictions)
@@ -301,6 +310,12 @@ def cook_greedy(kitchen: Kitchen) -> Soup:
         )
     soup.restore()
 
+    timings = evaluator.timings[first_timing:]
+    cost = {
+        "evaluations": len(timings),
+        "evaluation_seconds": round(sum(timings), 3),
+        "recipe_seconds": round(time.perf_counter() - started, 3),
+    }
     kept = set(soup.members)
     coefficients = [1.0 / len(kept) if i in kept else 0.0 for i in range(n_total)]
     for i, member in enumerate(members):
@@ -314,7 +329,7 @@ def cook_greedy(kitchen: Kitchen) -> Soup:
         score=current,
         scores=current_scores,
         model=live,
-        report_extra={"baselines": baselines},
+        report_extra={"baselines": baselines, "cost": cost},
     )
     result.metric_name = evaluator.metric_key
     result.select_on = evaluator.select_on

@@ -1,0 +1,171 @@
+"""What a greedy soup costs beyond its evaluations, and whether its memory grows with the number of ingredients.
+
+A greedy soup of N ingredients needs N individual evaluations and N - 1 candidate evaluations (hf_soups adds
+one more: the uniform soup, for the report). Everything else (reading checkpoints, writing candidates into
+the live model, the running sum) is overhead. Goals (docs/benchmarks.md):
+
+- overhead beyond the evaluations <= 15% of the evaluations' time;
+- peak RSS with N = 8 within 10% of N = 4 (one running sum and one live model, whatever N).
+
+Each N runs in a fresh subprocess so that its peak RSS (`ru_maxrss`) is its own. The ingredients are a
+small BERT classifier (large embedding table, so that weights dominate memory: ~11M parameters, 44 MB in
+float32) with independent noise, saved once with `save_pretrained`; the eval set is a few thousand
+pre-tokenized examples.
+
+Usage:
+
+    python benchmarks/greedy_cost.py                 # N = 4 and 8, 3000 examples
+    python benchmarks/greedy_cost.py --n 4 8 16 --examples 2000 --json results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+CONFIG = dict(
+    vocab_size=30522,
+    hidden_size=256,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    intermediate_size=1024,
+    max_position_embeddings=64,
+    num_labels=2,
+)
+SEQ_LEN = 16
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def build_ingredients(root: Path, n: int) -> list[Path]:
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = BertConfig(**CONFIG)
+    base = BertForSequenceClassification(config)
+    paths = []
+    for i in range(n):
+        gen = torch.Generator().manual_seed(i)
+        model = BertForSequenceClassification(config)
+        model.load_state_dict(base.state_dict())
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=gen) * 0.02)
+        path = root / f"ingredient-{i}"
+        model.save_pretrained(path)
+        paths.append(path)
+    return paths
+
+
+def child(n: int, root: Path, examples: int, batch_size: int, threads: int) -> dict:
+    import torch
+    from datasets import Dataset
+
+    from hf_soups import merge_models
+
+    torch.set_num_threads(threads)
+    # one-time import costs (evaluate alone takes ~6 s) are not what this benchmark measures: pay them first
+    started = time.perf_counter()
+    import accelerate  # noqa: F401
+    import evaluate  # noqa: F401
+    import transformers  # noqa: F401
+    from transformers import BertForSequenceClassification  # noqa: F401
+
+    import_seconds = time.perf_counter() - started
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(1000, CONFIG["vocab_size"], (examples, SEQ_LEN), generator=gen)
+    ids[:, 0] = 101
+    labels = (ids[:, 1:].float().mean(1) > CONFIG["vocab_size"] / 2).long()
+    ds = Dataset.from_dict({"input_ids": ids.tolist(), "label": labels.tolist()})
+    paths = sorted(root.glob("ingredient-*"), key=lambda p: int(p.name.split("-")[1]))[:n]
+    rss_before = _peak_rss_mb()
+    start = time.perf_counter()
+    soup = merge_models(
+        [str(p) for p in paths], method="greedy", eval_dataset=ds, batch_size=batch_size, progress=False
+    )
+    total = time.perf_counter() - start
+    cost = soup.report_extra["cost"]
+    return {
+        "n": n,
+        "examples": examples,
+        "total_seconds": total,
+        "evaluations": cost["evaluations"],
+        "evaluation_seconds": cost["evaluation_seconds"],
+        "recipe_seconds": cost["recipe_seconds"],
+        "overhead_seconds": total - cost["evaluation_seconds"],
+        "overhead_ratio": (total - cost["evaluation_seconds"]) / cost["evaluation_seconds"],
+        "kept": sum(1 for i in soup.ingredients if i.selected),
+        "peak_rss_mb": _peak_rss_mb(),
+        "import_seconds": import_seconds,
+        "rss_before_merge_mb": rss_before,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, nargs="+", default=[4, 8], help="numbers of ingredients to compare")
+    parser.add_argument("--examples", type=int, default=3000)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads in each run")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--root", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(args.child, args.root, args.examples, args.batch_size, args.threads)))
+        return 0
+
+    env = dict(
+        os.environ, HF_HUB_OFFLINE="1", HF_HUB_DISABLE_PROGRESS_BARS="1", OMP_NUM_THREADS=str(args.threads)
+    )
+    results = []
+    with tempfile.TemporaryDirectory(prefix="greedy_cost_") as tmp:
+        root = Path(tmp)
+        build_ingredients(root, max(args.n))
+        for n in args.n:
+            cmd = [
+                sys.executable,
+                __file__,
+                "--child",
+                str(n),
+                "--root",
+                str(root),
+                "--examples",
+                str(args.examples),
+            ]
+            cmd += ["--batch-size", str(args.batch_size), "--threads", str(args.threads)]
+            out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
+            results.append(json.loads(out.strip().splitlines()[-1]))
+    print(
+        f"{'N':>3} {'evals':>5} {'eval s':>8} {'total s':>8} {'overhead':>9} {'peak RSS MB':>12} {'kept':>5}"
+    )
+    for r in results:
+        print(
+            f"{r['n']:>3} {r['evaluations']:>5} {r['evaluation_seconds']:>8.1f} {r['total_seconds']:>8.1f} "
+            f"{100 * r['overhead_ratio']:>8.1f}% {r['peak_rss_mb']:>12.0f} {r['kept']:>5}"
+        )
+    ok = all(r["overhead_ratio"] <= 0.15 for r in results)
+    print(f"overhead <= 15% of the evaluations: {'yes' if ok else 'NO'}")
+    by_n = {r["n"]: r for r in results}
+    if 4 in by_n and 8 in by_n:
+        growth = by_n[8]["peak_rss_mb"] / by_n[4]["peak_rss_mb"] - 1
+        print(
+            f"peak RSS N=8 vs N=4: {100 * growth:+.1f}% ({'within' if growth <= 0.10 else 'OVER'} the 10% goal)"
+        )
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
