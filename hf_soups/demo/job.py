@@ -536,7 +536,11 @@ def run(config: DemoConfig) -> DemoResult:
         }
         names = {"uniform": "uniform soup", "greedy": "greedy soup", "wise-ft": "WiSE-FT (LP <-> best)"}
         for method, soup in soups.items():
-            accuracy, correct = score_model(soup.model, eval_encoded)
+            same = _same_weights_as(method, soup, kept, best_row, probe_row)
+            if same is not None:  # identical weights: reuse the scores instead of evaluating again
+                accuracy, correct = same.accuracy, same.correct
+            else:
+                accuracy, correct = score_model(soup.model, eval_encoded)
             soup_rows[method] = Row(names[method], method, accuracy, note=notes[method], correct=correct)
         timings["eval_soups_s"] = time.perf_counter() - t
         table = [
@@ -582,6 +586,19 @@ def run(config: DemoConfig) -> DemoResult:
     )
     _write_outputs(result, config, probe_row, soup_rows["wise-ft"], best_row)
     return result
+
+
+def _same_weights_as(method: str, soup: Any, kept: list[str], best_row: Row, probe_row: Row) -> Row | None:
+    """The row whose model has exactly the soup's weights (greedy keeping only the best, alpha 0 or 1)."""
+    if method == "greedy" and kept == [best_row.name]:
+        return best_row
+    if method == "wise-ft":
+        alpha = float(soup.params["alpha"])
+        if alpha == 1.0:
+            return best_row
+        if alpha == 0.0:
+            return probe_row
+    return None
 
 
 def _accuracy_from_logits(logits: dict[str, Any], sets: dict[str, EncodedSplit]):

@@ -1,0 +1,301 @@
+"""The demo: real data loading, splits and typos; LP-FT mechanics on tiny models; the main job end to end.
+
+The tests check mechanics (identical ingredients average to themselves, WiSE-FT's endpoints are exact, a
+greedy soup's held-out score is at least the best single's); they never assert that a soup beats the best
+single ingredient on test data.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter
+
+import pytest
+import torch
+
+from hf_soups import merge_models
+from hf_soups.demo import data as demo_data
+from hf_soups.demo.job import (
+    DemoConfig,
+    Row,
+    best_on_validation,
+    cook_soups,
+    format_table,
+    parse_args,
+)
+from hf_soups.demo.train import (
+    EncodedSplit,
+    FineTuneConfig,
+    encode,
+    fine_tune,
+    load_classifier,
+    predict,
+    train_linear_probe,
+)
+from hf_soups.errors import InvalidArgumentError
+from tests.tiny_models import make_tiny_bert_dir
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return demo_data.load_rotten_tomatoes()
+
+
+def test_corpus_is_the_12808_fresh_and_rotten_snippets(corpus):
+    assert len(corpus) == demo_data.NUM_ROWS == 12_808
+    assert Counter(corpus["label"]) == {1: 7403, 0: 5405}
+    assert corpus.features["label"].names == ["rotten", "fresh"]
+    assert all(isinstance(t, str) and t for t in corpus["text"][:50])
+
+
+def test_splits_are_deterministic_disjoint_and_sized():
+    a = demo_data.load_splits(seed=3, train_size=500, validation_size=200, test_size=300)
+    b = demo_data.load_splits(seed=3, train_size=500, validation_size=200, test_size=300)
+    c = demo_data.load_splits(seed=4, train_size=500, validation_size=200, test_size=300)
+    assert {k: len(v) for k, v in a.items()} == {"train": 500, "validation": 200, "test": 300}
+    for name in ("train", "validation", "test"):
+        assert list(a[name]["text"]) == list(b[name]["text"])
+    assert list(a["train"]["text"]) != list(c["train"]["text"])
+    texts = {name: {" ".join(t.lower().split()) for t in a[name]["text"]} for name in a}
+    assert not texts["train"] & texts["validation"]
+    assert not texts["train"] & texts["test"]
+    assert not texts["validation"] & texts["test"]
+
+
+def test_test_split_defaults_to_every_remaining_row():
+    splits = demo_data.load_splits(seed=0, train_size=5000, validation_size=2000, test_size=None)
+    assert len(splits["test"]) == demo_data.NUM_ROWS - 7000
+    with pytest.raises(InvalidArgumentError, match="exceeds"):
+        demo_data.load_splits(seed=0, train_size=10_000, validation_size=3000, test_size=None)
+
+
+def test_typos_keep_non_letters_and_are_seeded():
+    text = "A thrilling, beautifully shot film -- 10/10, would watch again!"
+    assert demo_data.add_typos(text, 0.0, 0) == text
+    noisy = demo_data.add_typos(text, 0.3, 7)
+    assert noisy == demo_data.add_typos(text, 0.3, 7)
+    assert noisy != text
+    assert [c for c in noisy if not c.isalpha()] == [c for c in text if not c.isalpha()]
+    with pytest.raises(InvalidArgumentError, match="rate"):
+        demo_data.add_typos(text, 1.5, 0)
+
+
+def test_typo_rate_and_keyboard_neighbours():
+    rng = random.Random(0)
+    text = "abcdefghij" * 200
+    noisy = demo_data.add_typos(text, 0.1, rng)
+    # every error changes the letter count by at most one: the length moves by less than the error count
+    assert abs(len(noisy) - len(text)) < 0.1 * len(text)
+    # substitutions only: a one-letter string hit with rate 1 becomes one neighbouring key or a double/drop
+    outcomes = {demo_data.add_typos("g", 1.0, seed) for seed in range(200)}
+    assert outcomes <= set(demo_data.KEYBOARD_NEIGHBOURS["g"]) | {"gg", ""}
+    assert set(demo_data.KEYBOARD_NEIGHBOURS["g"]) == set("ftyhbv")
+    for key, near in demo_data.KEYBOARD_NEIGHBOURS.items():  # neighbourhood is symmetric
+        for other in near:
+            assert key in demo_data.KEYBOARD_NEIGHBOURS[other]
+
+
+def test_typo_dataset_keeps_labels_and_length():
+    splits = demo_data.load_splits(seed=0, train_size=10, validation_size=10, test_size=200)
+    shifted = demo_data.typo_dataset(splits["test"], 0.15, seed=1)
+    assert len(shifted) == 200
+    assert list(shifted["label"]) == list(splits["test"]["label"])
+    assert shifted.features == splits["test"].features
+    changed = sum(a != b for a, b in zip(shifted["text"], splits["test"]["text"]))
+    assert changed > 180
+    assert list(shifted["text"]) == list(demo_data.typo_dataset(splits["test"], 0.15, seed=1)["text"])
+    assert list(shifted["text"]) != list(demo_data.typo_dataset(splits["test"], 0.15, seed=2)["text"])
+
+
+def test_minilm_tokenizer_and_truncation():
+    tokenizer = demo_data.load_tokenizer()
+    splits = demo_data.load_splits(seed=0, train_size=64, validation_size=8, test_size=8)
+    tokenized = demo_data.tokenize(splits["train"], tokenizer, max_length=16)
+    assert {"input_ids", "attention_mask", "label"} <= set(tokenized.column_names)
+    assert max(len(ids) for ids in tokenized["input_ids"]) == 16
+    encoded = encode(splits["train"], tokenizer)
+    assert len(encoded) == 64 and max(len(ids) for ids in encoded.input_ids) <= demo_data.MAX_LENGTH
+    assert (demo_data.minilm_path() / "model.safetensors").is_file()
+
+
+# ---------------------------------------------------------------------------------------------- LP-FT mechanics
+
+
+def synthetic_split(n: int, seed: int) -> EncodedSplit:
+    """Token ids of a tiny vocabulary; label 1 iff token 3 occurs (learnable by a tiny BERT)."""
+    rng = random.Random(seed)
+    ids, labels = [], []
+    for _ in range(n):
+        label = rng.random() < 0.5
+        seq = [rng.randrange(10, 99) for _ in range(rng.randrange(4, 10))]
+        seq.insert(rng.randrange(len(seq)), 3 if label else 4)
+        ids.append([2, *seq])
+        labels.append(int(label))
+    return EncodedSplit(input_ids=ids, labels=labels)
+
+
+@pytest.fixture(scope="module")
+def lpft(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lpft")
+    base = make_tiny_bert_dir(root / "base", seed=0, noise=0.0, num_labels=2)
+    train, validation = synthetic_split(96, 0), synthetic_split(48, 1)
+    probe = train_linear_probe(train, validation, output_dir=root / "probe", base_model=base)
+    runs = [
+        fine_tune(
+            probe.path,
+            train,
+            FineTuneConfig(learning_rate=lr, steps=4, seed=s, batch_size=16),
+            output_dir=root / f"ft-{i}",
+        )
+        for i, (lr, s) in enumerate([(1e-3, 0), (3e-3, 1), (1e-3, 2)])
+    ]
+    return root, base, probe, runs, train, validation
+
+
+def _state(path):
+    return {k: v.clone() for k, v in load_classifier(path).state_dict().items()}
+
+
+def test_probe_trains_only_the_head(lpft):
+    _, base, probe, _, _, validation = lpft
+    before, after = _state(base), _state(probe.path)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {"classifier.weight", "classifier.bias"}
+    assert set(probe.sweep) == {1e-4, 1e-3, 1e-2}
+    assert probe.validation_accuracy == max(probe.sweep.values())
+    logits = predict(load_classifier(probe.path), validation)
+    assert logits.shape == (48, 2)
+    assert (
+        abs(
+            float((logits.argmax(-1) == torch.tensor(validation.labels).numpy()).mean())
+            - probe.validation_accuracy
+        )
+        < 1e-6
+    )
+
+
+def test_fine_tunes_start_from_the_probe_and_move_every_layer(lpft):
+    root, _, probe, runs, train, _ = lpft
+    start = _state(probe.path)
+    tuned = _state(runs[0].path)
+    moved = [k for k in start if start[k].is_floating_point() and not torch.equal(start[k], tuned[k])]
+    assert "bert.encoder.layer.0.attention.self.query.weight" in moved and "classifier.weight" in moved
+    again = fine_tune(probe.path, train, runs[0].config, output_dir=root / "again")
+    assert all(torch.equal(v, _state(again.path)[k]) for k, v in tuned.items())  # seeded: reproducible
+    assert runs[0].seconds_per_step > 0 and runs[0].name == "ft-lr0.001-s4-seed0"
+
+
+def test_identical_ingredients_average_to_themselves(lpft):
+    root, _, probe, runs, train, _ = lpft
+    twin = fine_tune(probe.path, train, runs[0].config, output_dir=root / "twin")
+    soup = merge_models([str(runs[0].path), str(twin.path)], method="uniform", progress=False)
+    expected = _state(runs[0].path)
+    for name, value in soup.model.state_dict().items():
+        torch.testing.assert_close(value, expected[name], rtol=0, atol=1e-6)
+
+
+def test_wise_ft_endpoints_are_the_probe_and_the_fine_tune(lpft):
+    _, _, probe, runs, _, _ = lpft
+    for alpha, expected in ((0.0, probe.path), (1.0, runs[1].path)):
+        soup = merge_models(
+            [str(runs[1].path)], method="wise-ft", base_model=str(probe.path), alpha=alpha, progress=False
+        )
+        want = _state(expected)
+        for name, value in soup.model.state_dict().items():
+            torch.testing.assert_close(value, want[name], rtol=0, atol=1e-6)
+
+
+def test_cook_soups_greedy_is_at_least_the_best_single_on_validation(lpft, tmp_path):
+    _, _, probe, runs, _, validation = lpft
+    val_scores = {}
+    for run in runs:
+        hits = (
+            predict(load_classifier(run.path), validation).argmax(-1)
+            == torch.tensor(validation.labels).numpy()
+        )
+        val_scores[run.name] = float(hits.mean())
+    best = max(val_scores, key=val_scores.get)
+    soups = cook_soups(probe.path, runs, validation, val_scores, best, [0.0, 0.5, 1.0], tmp_path, None)
+    assert set(soups) == {"uniform", "greedy", "wise-ft"}
+    assert soups["greedy"].score >= max(val_scores.values())
+    assert any(i.selected and i.name == best for i in soups["greedy"].ingredients)
+    curve = {p["alpha"]: p["score"] for p in soups["wise-ft"].history}
+    assert set(curve) == {0.0, 0.5, 1.0}
+    assert soups["wise-ft"].score == max(curve.values())
+    assert curve[1.0] == pytest.approx(val_scores[best])  # alpha=1 is the best single itself
+    assert soups["uniform"].coefficients == pytest.approx([1 / 3] * 3)
+
+
+# ---------------------------------------------------------------------------------------------- job pieces
+
+
+def test_table_and_choice_use_validation():
+    rows = [
+        Row("a", "ingredient", {"validation": 0.7, "test": 0.9}),
+        Row("b", "ingredient", {"validation": 0.8, "test": 0.6}),
+        Row("c", "ingredient", {"validation": 0.8, "test": 0.99}),
+    ]
+    assert best_on_validation(rows).name == "b"  # ties: the first; test never decides
+    text = format_table(rows, ["validation", "test"])
+    assert text.splitlines()[0].split() == ["model", "validation", "test", "note"]
+    assert "80.00" in text and "99.00" in text
+    md = format_table(rows, ["validation", "test"], markdown=True)
+    assert md.startswith("| model | validation | test | note |") and md.count("\n") == 4
+
+
+def test_parse_args_and_smoke_config(tmp_path):
+    config = parse_args(["--smoke", "--output-dir", str(tmp_path)])
+    assert config.smoke and config.output_dir == str(tmp_path) and config.steps == 3
+    config = parse_args(["--learning-rates", "1e-4", "2e-4", "--seeds", "0", "--steps", "10"])
+    assert config.learning_rates == [1e-4, 2e-4] and config.seeds == [0] and config.steps == 10
+    assert DemoConfig().test_size > 0
+
+
+def test_bad_configuration_exits_2_before_any_work(tmp_path, capsys):
+    from hf_soups.demo import main
+
+    code = main(["--learning-rates", "1e-4", "--seeds", "0", "--output-dir", str(tmp_path / "out")])
+    assert code == 2
+    assert "at least two ingredients" in capsys.readouterr().out
+    assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+
+
+@pytest.mark.slow
+def test_demo_smoke_end_to_end(tmp_path, capsys):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from hf_soups.cli import main as cli_main
+
+    out = tmp_path / "demo-output"
+    assert cli_main(["demo", "--smoke", "--output-dir", str(out)]) == 0
+    printed = capsys.readouterr().out
+    for label in (
+        "linear probe (LP)",
+        "best single",
+        "uniform soup",
+        "greedy soup",
+        "WiSE-FT",
+        "test+typos 15%",
+    ):
+        assert label in printed
+    results = json.loads((out / "results.json").read_text())
+    rows = {r["kind"]: r for r in results["rows"]}
+    assert rows["greedy"]["accuracy"]["validation"] >= rows["best single"]["accuracy"]["validation"]
+    assert results["eval_sets"] == ["validation", "test", "test+typos 5%", "test+typos 15%"]
+    assert results["sizes"]["test"] == 64 and results["chosen"] in ("uniform", "greedy", "wise-ft")
+    assert (out / "results.png").stat().st_size > 10_000
+    assert "greedy soup" in (out / "results.md").read_text()
+    card = (out / "soup" / "README.md").read_text()
+    assert "soup" in card.lower()
+    model = AutoModelForSequenceClassification.from_pretrained(out / "soup")
+    tokenizer = AutoTokenizer.from_pretrained(out / "soup")
+    assert model.config.id2label == {0: "rotten", 1: "fresh"}
+    logits = model(**tokenizer(["A triumph."], return_tensors="pt")).logits
+    assert logits.shape == (1, 2)
+    assert not (out / "ingredients").exists()  # intermediates are removed unless --keep-ingredients
