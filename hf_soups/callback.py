@@ -663,6 +663,20 @@ class SoupTrainerCallback(TrainerCallback):
                 "(collect='checkpoints' also needs a save_strategy) before cooking."
             )
         kwargs = self._resolve_options(options)
+        replace = self.replace_model if replace_model is None else replace_model
+        trainer = self._trainer
+        if replace:  # checked before cooking: a soup is expensive
+            if trainer is None:
+                raise InvalidArgumentError(
+                    "replace_model=True needs the trainer: cook from a callback attached to a Trainer (or call "
+                    "cb.set_trainer(trainer) first)."
+                )
+            if getattr(trainer, "model", None) is None:
+                raise InvalidArgumentError(
+                    "replace_model=True, but the trainer holds no model (hyperparameter_search releases it after "
+                    "the last trial). Use soup.model, or cook with replace_model=False."
+                )
+            _check_replaceable(trainer)
         logger.info(
             "SoupTrainerCallback: cooking a %s soup of %d ingredient(s) from %s",
             kwargs.get("method", "uniform"),
@@ -672,14 +686,7 @@ class SoupTrainerCallback(TrainerCallback):
         soup = merge_models(ingredients, **kwargs)
         self.soup = soup
 
-        replace = self.replace_model if replace_model is None else replace_model
-        trainer = self._trainer
         if replace:
-            if trainer is None:
-                raise InvalidArgumentError(
-                    "replace_model=True needs the trainer: cook from a callback attached to a Trainer (or call "
-                    "cb.set_trainer(trainer) first)."
-                )
             load_soup_into_model(soup, trainer.model, trainer=trainer)
             if self._run is not None:
                 self._run["replaced"] = True
@@ -1073,13 +1080,8 @@ def load_soup_into_model(soup: Soup, model: torch.nn.Module, *, trainer: Trainer
     """
     import torch
 
-    if trainer is not None and (
-        getattr(trainer, "is_fsdp_enabled", False) or getattr(trainer, "is_deepspeed_enabled", False)
-    ):
-        raise InvalidArgumentError(
-            "replace_model=True cannot load a soup into FSDP / DeepSpeed sharded parameters. Cook with "
-            "output_dir=... and load the soup with from_pretrained instead."
-        )
+    if trainer is not None:
+        _check_replaceable(trainer)
     source = soup.model.state_dict()
     target = model.state_dict()
     missing = sorted(set(target) - set(source))
@@ -1103,6 +1105,14 @@ def load_soup_into_model(soup: Soup, model: torch.nn.Module, *, trainer: Trainer
                 )
             tensor.copy_(value)
     logger.info("SoupTrainerCallback: loaded the soup's weights into %s", type(model).__name__)
+
+
+def _check_replaceable(trainer: Trainer) -> None:
+    if getattr(trainer, "is_fsdp_enabled", False) or getattr(trainer, "is_deepspeed_enabled", False):
+        raise InvalidArgumentError(
+            "replace_model=True cannot load a soup into FSDP / DeepSpeed sharded parameters. Cook with "
+            "output_dir=... and load the soup with from_pretrained instead."
+        )
 
 
 def _absolute(path: str | os.PathLike) -> Path:

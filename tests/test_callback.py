@@ -181,6 +181,10 @@ def test_hyperparameter_search_optuna_gives_one_ingredient_per_trial(tmp_path, t
     soup = cb.cook()
     assert len(soup.ingredients) == 3
     assert [i.metadata["trial_params"] for i in soup.ingredients] == recorded
+    # the search released trainer.model after the last trial: replacing it is refused before any cooking
+    assert trainer.model is None
+    with pytest.raises(InvalidArgumentError, match="holds no model"):
+        cb.cook(replace_model=True)
 
 
 def test_pruned_trials_are_not_ingredients(tmp_path, train_ds, eval_ds):
