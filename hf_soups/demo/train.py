@@ -175,7 +175,8 @@ def predict(model: PreTrainedModel, split: EncodedSplit, *, batch_size: int = 12
     out = np.zeros((len(split), model.config.num_labels), dtype=np.float32)
     with torch.inference_mode():
         for indices, batch in _inference_batches(split, batch_size):
-            out[indices] = model(**batch).logits.float().numpy()
+            batch = {k: v.to(model.device) for k, v in batch.items()}
+            out[indices] = model(**batch).logits.float().cpu().numpy()
     model.train(was_training)
     return out
 
@@ -197,7 +198,8 @@ def pooled_features(model: PreTrainedModel, split: EncodedSplit, *, batch_size: 
     feats = torch.zeros((len(split), model.config.hidden_size), dtype=torch.float32)
     with torch.inference_mode():
         for indices, batch in _inference_batches(split, batch_size):
-            feats[indices] = model.bert(**batch).pooler_output.float()
+            batch = {k: v.to(model.device) for k, v in batch.items()}
+            feats[indices] = model.bert(**batch).pooler_output.float().cpu()
     return feats
 
 
