@@ -773,7 +773,17 @@ class Evaluator:
         loss_sum = torch.zeros((), dtype=torch.float64)
         loss_count = torch.zeros((), dtype=torch.float64)
         gather_device = acc.device if acc.num_processes > 1 else None
-        for batch in self._loader(name):
+        from huggingface_hub.utils import tqdm
+
+        batches = tqdm(
+            self._loader(name),
+            desc=f"Evaluating on {name}",
+            unit="batch",
+            leave=False,
+            disable=not self.progress or not acc.is_main_process,
+            name="hf_soups",
+        )
+        for batch in batches:
             labels = batch.pop("labels", None)
             inputs = {k: v.to(device) for k, v in batch.items() if accepted is None or k in accepted}
             output = model(**inputs)
@@ -1209,7 +1219,8 @@ def build_evaluator(
         config (`Mapping`, *optional*), model (*optional*):
             The reference model's config dict (or the model); when given, the evaluator is bound at once.
         progress (`bool`, *optional*, defaults to `True`):
-            Reserved for progress reporting.
+            Show a progress bar over each eval set's batches (main process only; also off with
+            `HF_HUB_DISABLE_PROGRESS_BARS=1`).
 
     Returns:
         [`Evaluator`]
