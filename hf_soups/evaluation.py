@@ -1141,15 +1141,22 @@ def _guess_text_columns(columns: Sequence[str]) -> list[str] | None:
     return None
 
 
-def _no_labels_message(name: str, columns: Sequence[str] | None, all_minus_one: bool = False) -> str:
+def _no_labels_message(
+    name: str, columns: Sequence[str] | None, all_minus_one: bool = False, lm_hint: bool = False
+) -> str:
     if all_minus_one:
         return (
             f"Eval set {name!r} has no labels: every label is -1 (a GLUE-style test split?). Use a labelled "
             "validation split for greedy soups and sweeps."
         )
+    hint = (
+        " For a language model scored on its own loss, pass metric='perplexity' (or 'loss')."
+        if lm_hint
+        else ""
+    )
     return (
         f"Eval set {name!r} has no labels (columns: {list(columns or [])}); held-out scoring needs a 'label' or "
-        "'labels' column, or label_column= naming it."
+        f"'labels' column, or label_column= naming it.{hint}"
     )
 
 
@@ -1291,11 +1298,15 @@ def build_evaluator(
         else:
             label_columns[name] = next((c for c in _LABEL_COLUMNS if c in columns), None)
     known_task = task or infer_task(config, model)[0]
-    labels_optional = known_task in ("causal-lm", "masked-lm")
-    if not labels_optional:
-        for name, ds in sets.items():
-            if label_columns[name] is None and (known_task is not None or "input_ids" not in ds.column_names):
-                raise EvaluationError(_no_labels_message(name, ds.column_names))
+    # Language models need no label column (the text is the target). When the task is not known yet (merge_models
+    # builds the evaluator before reading any config), a set without labels is accepted only with a loss metric.
+    lm_metric = metric is None or (isinstance(metric, str) and metric in LOSS_METRICS)
+    for name, ds in sets.items():
+        if label_columns[name] is not None or known_task in ("causal-lm", "masked-lm"):
+            continue
+        if known_task is None and lm_metric and compute_metrics is None:
+            continue
+        raise EvaluationError(_no_labels_message(name, ds.column_names, lm_hint=known_task is None))
 
     if metric is None:
         metric = "perplexity" if known_task in ("causal-lm", "masked-lm") else "accuracy"

@@ -226,6 +226,13 @@ def test_causal_lm_perplexity_is_exp_of_token_loss():
     assert scores["loss"] == pytest.approx(total / count, rel=1e-4)
     assert scores["perplexity"] == pytest.approx(math.exp(total / count), rel=1e-4)
     assert evaluator.better(2.0, 3.0) and not evaluator.better(3.0, 2.0)
+    # raw text, no labels, task unknown until the ingredients are bound (the merge_models order)
+    raw = Dataset.from_dict({"text": ["w0 w1 w2 w3", "w4 w5 w6", "w7 w8 w9 w10 w11"]})
+    late = build_evaluator(raw, metric="perplexity", tokenizer=tiny_tokenizer())
+    late.bind(config=config.to_dict() | {"architectures": ["GPT2LMHeadModel"]}, model=model)
+    assert late.task == "causal-lm" and late.evaluate(model)["eval"]["perplexity"] > 1
+    with pytest.raises(EvaluationError, match="metric='perplexity'"):
+        build_evaluator(raw)  # accuracy needs labels, unless the model turns out to be a language model
     # token accuracy with an evaluate metric, as the transformers language-modelling examples do
     acc = build_evaluator(ds, metric="accuracy", model=model).evaluate(model)["eval"]
     assert set(acc) == {"accuracy", "loss", "perplexity"} and 0 <= acc["accuracy"] <= 1
