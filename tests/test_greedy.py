@@ -270,3 +270,42 @@ def test_greedy_names_a_broken_ingredient(untrained_dirs, tmp_path):
     with pytest.raises(NonFiniteTensorError, match="diverged") as info:
         merge_models([str(untrained_dirs[0]), str(bad)], method="greedy", eval_dataset=ds, progress=False)
     assert info.value.ingredient == "diverged" and "pooler" in info.value.tensor_name
+
+
+def test_greedy_on_a_language_model_minimises_perplexity(tmp_path):
+    from datasets import Dataset
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=99, n_embd=32, n_layer=2, n_head=2, n_positions=32, pad_token_id=0)
+    config.architectures = ["GPT2LMHeadModel"]
+    base = GPT2LMHeadModel(config)
+    paths = []
+    for i, noise in enumerate([0.05, 0.05, 0.05, 3.0]):
+        model = add_noise(base, noise, seed=i)
+        model.config.architectures = ["GPT2LMHeadModel"]
+        paths.append(save(model, tmp_path / f"lm-{i}"))
+    gen = torch.Generator().manual_seed(0)
+    rows = [
+        torch.randint(5, 99, (int(n),), generator=gen).tolist()
+        for n in torch.randint(4, 12, (24,), generator=gen)
+    ]
+    ds = Dataset.from_dict({"input_ids": rows})
+    soup = merge_models(
+        [str(p) for p in paths], method="greedy", eval_dataset=ds, metric="perplexity", progress=False
+    )
+    assert soup.metric_name == "perplexity" and soup.params["greater_is_better"] is False
+    assert soup.history[0]["score"] == min(i.score for i in soup.ingredients)
+    for prev, step in zip(soup.history, soup.history[1:]):
+        assert step["kept"] == (step["candidate_score"] <= prev["score"])
+    assert soup.score <= min(i.score for i in soup.ingredients)
+    assert next(i for i in soup.ingredients if i.name == "lm-3").selected is False
+    with pytest.raises(InvalidArgumentError, match="ensemble_baseline"):
+        merge_models(
+            [str(p) for p in paths[:2]],
+            method="greedy",
+            eval_dataset=ds,
+            metric="perplexity",
+            ensemble_baseline=True,
+            progress=False,
+        )
