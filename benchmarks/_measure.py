@@ -4,9 +4,14 @@ Every measured command runs as its own process: wall time is taken around the pr
 imports included, as a user pays them) and peak resident memory is the child's own `ru_maxrss`,
 read from `os.wait4` on that very child (so one process's peak never leaks into another's figure,
 unlike `getrusage(RUSAGE_CHILDREN)`, which keeps the maximum over every child ever waited for).
-On Linux, a `/proc/<pid>/status` poller can also record the split between anonymous memory and
-mapped file pages (`RssAnon` / `RssFile`), which is what tells a read-into-buffer loop from an
-mmap one.
+
+One trap: Linux counts the image a child had before `exec` (a copy of the parent) in its
+`ru_maxrss`, so a child never reports less than its parent's RSS at spawn time. The driver that
+measures should therefore stay small (the benchmark driver imports no torch); when a child's
+`ru_maxrss` is not above the parent's RSS, the peak is taken from the child's own `VmHWM`, polled
+from `/proc/<pid>/status` while it runs. The same poller records the split between anonymous
+memory and mapped file pages (`RssAnon` / `RssFile`), which is what tells a read-into-buffer loop
+from an mmap one.
 
 This module only needs the standard library: it is imported by the benchmark driver, which must not
 pay for torch itself.
@@ -109,13 +114,15 @@ class _RssPoller(threading.Thread):
         self.interval_s = interval_s
         self.peak_anon = 0
         self.peak_file = 0
+        self.hwm = 0
         self._stop_event = threading.Event()
 
     def run(self) -> None:
         while not self._stop_event.is_set():
-            values = _read_status_kb(self.pid, ("RssAnon", "RssFile", "RssShmem"))
+            values = _read_status_kb(self.pid, ("RssAnon", "RssFile", "RssShmem", "VmHWM"))
             self.peak_anon = max(self.peak_anon, values.get("RssAnon", 0))
             self.peak_file = max(self.peak_file, values.get("RssFile", 0) + values.get("RssShmem", 0))
+            self.hwm = max(self.hwm, values.get("VmHWM", 0))
             self._stop_event.wait(self.interval_s)
 
     def stop(self) -> None:
@@ -146,6 +153,7 @@ def run_once(
     Raises:
         `CommandFailed`: when `check` is set and the command exits with a non-zero status.
     """
+    own_rss = _read_status_kb(os.getpid(), ("VmRSS",)).get("VmRSS", 0)
     out_path = Path(os.environ.get("TMPDIR", "/tmp")) / f".bench-out-{os.getpid()}-{time.monotonic_ns()}"
     with open(out_path, "w+b") as out:
         start = time.perf_counter()
@@ -163,6 +171,8 @@ def run_once(
     out_path.unlink(missing_ok=True)
     # ru_maxrss is in KiB on Linux, in bytes on macOS.
     peak = usage.ru_maxrss if sys.platform == "darwin" else usage.ru_maxrss * 1024
+    if poller is not None and poller.hwm and peak <= own_rss * 1.05:
+        peak = poller.hwm  # ru_maxrss only shows the parent's image copied at spawn: use the child's own mark
     run = Run(
         wall_s=wall,
         peak_rss_bytes=peak,

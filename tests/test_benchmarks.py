@@ -1,0 +1,98 @@
+"""The benchmark harness measures what it claims: per-process peak memory, wall time, and a tiny end-to-end run."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+from _measure import CommandFailed, measure_round_robin, parse_size, run_once  # noqa: E402
+
+
+def _alloc(mb: int) -> list[str]:
+    # touch every page so the memory is resident
+    return [sys.executable, "-c", f"b = bytearray({mb} * 10**6)\nfor i in range(0, len(b), 4096): b[i] = 1"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc and Linux ru_maxrss semantics")
+def test_peak_rss_is_per_process_not_the_maximum_over_all_children():
+    # this pytest process is large (torch is imported): the children's pre-exec image must not count
+    big = run_once(_alloc(500))
+    small = run_once(_alloc(1))
+    assert big.peak_rss_bytes > 500 * 10**6
+    # RUSAGE_CHILDREN would report the 500 MB child again here; wait4 + VmHWM report this child only
+    assert small.peak_rss_bytes < 60 * 10**6
+    assert big.peak_anon_bytes is not None and big.peak_anon_bytes > 400 * 10**6
+
+
+def test_peak_rss_from_a_small_driver():
+    """The benchmark's own set-up: a small driver, where ru_maxrss from wait4 is exact."""
+    driver = (
+        f"import sys; sys.path.insert(0, {str(BENCH)!r}); from _measure import run_once\n"
+        f"print(run_once({_alloc(300)!r}).peak_rss_bytes, run_once({_alloc(1)!r}).peak_rss_bytes)"
+    )
+    res = run_once([sys.executable, "-c", driver])
+    big, small = (int(x) for x in res.output.split())
+    assert big > 300 * 10**6 and small < 60 * 10**6
+
+
+def test_failures_are_reported_with_the_output():
+    with pytest.raises(CommandFailed, match="boom"):
+        run_once([sys.executable, "-c", "import sys; print('boom'); sys.exit(3)"])
+    assert run_once([sys.executable, "-c", "raise SystemExit(2)"], check=False).returncode == 2
+
+
+def test_round_robin_discards_warmup_and_takes_medians():
+    calls = []
+    results = measure_round_robin(
+        {
+            "a": lambda: [sys.executable, "-c", "pass"],
+            "b": lambda: [sys.executable, "-c", "import time; time.sleep(0.2)"],
+        },
+        runs=3,
+        warmup=1,
+        before_each=calls.append,
+        log=lambda _: None,
+    )
+    assert calls == ["a", "b"] * 4
+    assert len(results["a"].runs) == 3 and len(results["b"].runs) == 3
+    assert results["b"].wall_s >= 0.2 > results["a"].wall_s
+
+
+def test_parse_size():
+    assert parse_size("500MB") == 500 * 10**6
+    assert parse_size("400M") == 400 * 10**6
+    assert parse_size("1.5GB") == 15 * 10**8
+    assert parse_size("2B") == 2 * 10**9
+    assert parse_size(7) == 7
+
+
+@pytest.mark.slow
+def test_tiny_end_to_end_run(tmp_path):
+    """Builds 3 tiny sharded ingredients, measures the floor and hf_soups, checks the soup against the exact mean."""
+    import merge_throughput
+
+    out = tmp_path / "bench.json"
+    code = merge_throughput.main(
+        [
+            "--params", "3M", "--n", "3", "--runs", "1", "--warmup", "0", "--methods", "floor,hf_soups",
+            "--work-dir", str(tmp_path / "work"), "--max-shard-size", "4MB", "--json", str(out),
+        ]
+    )  # fmt: skip
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert report["model"]["shape"]["vocab_size"] == 8000
+    built = next((tmp_path / "work").iterdir())
+    assert len(list((built / "ingredient-0").glob("*.safetensors"))) > 1  # sharded ingredients
+    r = report["results"]["3"]
+    assert r["floor_s"] > 0 and r["hf_soups"]["peak_rss_bytes"] > 0
+    assert r["floor-read"]["wall_s"] > 0 and r["floor-write"]["wall_s"] > 0
+    assert r["heavy_modules_after_hf_soups"]["peft"] is False
+    assert r["heavy_modules_after_hf_soups"]["transformers model code"] is False
+    assert report["goals"]["lazy_import"] is True
+    assert report["goals"]["rss_N3"] is True
