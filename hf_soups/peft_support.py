@@ -55,9 +55,33 @@ __all__ = [
 # ------------------------------------------------------------------------------------------ sources
 
 
+def _may_use_conv1d(model_type: str) -> bool:
+    """Whether transformers' modeling file for `model_type` mentions `Conv1D` (True when it cannot be found).
+
+    Reading the file is cheap; importing the model code and building it on the meta device is not (seconds
+    of imports, ~100 MB of memory), so that is only done for architectures that have Conv1D layers.
+    """
+    import importlib.util
+
+    name = model_type.replace("-", "_")
+    try:
+        spec = importlib.util.find_spec(f"transformers.models.{name}.modeling_{name}")
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.origin:
+        return True
+    try:
+        return "Conv1D" in Path(spec.origin).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return True
+
+
 def conv1d_modules(config: dict[str, Any], paths: list[str]) -> dict[str, bool]:
     """Which of `paths` are transformers `Conv1D` layers in the architecture of `config` (built on the meta
     device: no weights are allocated). Empty when the architecture cannot be built."""
+    model_type = config.get("model_type")
+    if model_type and not _may_use_conv1d(str(model_type)):
+        return dict.fromkeys(paths, False)
     try:
         from accelerate import init_empty_weights
         from transformers import AutoConfig
@@ -203,19 +227,26 @@ class AdapterSource(TensorSource):
         changes = self._changes.get(name)
         if not changes:
             return self.base.get(name, buffer)
-        value = None
         shape = tuple(self.base.info(name).shape)
+        value = None
         for adapted in changes:
             replaced = self.adapter.replacement(adapted)
             if replaced is not None:
                 value = replaced
         if value is None:
-            value = self.base.get(name, buffer).to(torch.float32, copy=True)
+            base = self.base.get(name, buffer)
+            # A float32 base read into the caller's scratch buffer is modified in place (the engine consumes
+            # it before its next read); anything else (another dtype, a live model's parameter) is copied.
+            in_buffer = (
+                buffer is not None
+                and base.dtype == torch.float32
+                and base.is_contiguous()
+                and base.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr()
+            )
+            value = base if in_buffer else base.to(torch.float32, copy=True)
         for adapted in changes:
             hit = self.adapter._by_tensor.get(adapted)
-            delta = self.adapter.delta(adapted, shape, self._conv1d.get(hit[0].path) if hit else None)
-            if delta is not None:
-                value += delta
+            self.adapter.add_delta_(value, adapted, shape, self._conv1d.get(hit[0].path) if hit else None)
         return value
 
     def close(self) -> None:

@@ -129,6 +129,13 @@ def test_truncate_pair_error_is_the_svd_tail():
         assert err == pytest.approx(recomputed, rel=1e-4, abs=1e-6)
         assert a_k.shape[0] == min(k, 6)
     assert truncate_pair(a, b, 6)[2] < 1e-6
+    # a rank-deficient stack (the same adapter twice): the numerical rank is kept, the product is exact
+    a2, b2, err = truncate_pair(torch.cat([a, a]), torch.cat([b, b], dim=1) / 2, 12)
+    assert a2.shape[0] == 6 and err < 1e-6
+    torch.testing.assert_close(b2 @ a2, full, rtol=1e-4, atol=1e-4)
+    # more rows than columns: the direct SVD path
+    a3, b3, err3 = truncate_pair(torch.randn(30, 20, generator=gen), torch.randn(15, 30, generator=gen), 20)
+    assert a3.shape[0] == 15 and err3 < 1e-6
     s = torch.linalg.svdvals(full.double())
     assert truncate_pair(a, b, 2)[2] == pytest.approx(
         float((s[2:] ** 2).sum().sqrt() / (s**2).sum().sqrt()), rel=1e-6

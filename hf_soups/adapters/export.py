@@ -20,6 +20,7 @@ import logging
 import math
 import re
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -106,12 +107,13 @@ class AdapterSoup:
 def truncate_pair(a: torch.Tensor, b: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Best rank-`rank` approximation of `b @ a`, as a pair `(a_k, b_k)`, and its relative Frobenius error.
 
-    `a` is `(R, in)` and `b` is `(out, R)`. When `R` is smaller than both sides the SVD is taken of the
-    `R x R` core of the two QR factorisations (float64), so the `(out, in)` product is never formed.
+    `a` is `(R, in)` and `b` is `(out, R)`. When `R` is smaller than both sides, the SVD is computed from
+    `R x R` Gram matrices in float64 (matrix products and two small symmetric eigendecompositions), so the
+    `(out, in)` product is never formed; otherwise the product's SVD is taken directly.
 
     Returns:
-        `(a_k, b_k, error)` with `a_k` `(k, in)`, `b_k` `(out, k)`, `k = min(rank, R, out, in)` and
-        `error = ||b @ a - b_k @ a_k||_F / ||b @ a||_F` (0 for a zero delta).
+        `(a_k, b_k, error)` with `a_k` `(k, in)`, `b_k` `(out, k)`, `k = min(rank, numerical rank of b @ a)`
+        (at least 1) and `error = ||b @ a - b_k @ a_k||_F / ||b @ a||_F` (0 for a zero delta).
 
     Example:
 
@@ -128,19 +130,52 @@ def truncate_pair(a: torch.Tensor, b: torch.Tensor, rank: int) -> tuple[torch.Te
     r_in, n_in = a.shape
     n_out = b.shape[0]
     if r_in <= min(n_out, n_in):
-        qb, rb = torch.linalg.qr(b.double())
-        qa, ra = torch.linalg.qr(a.double().T)
-        u, s, vh = torch.linalg.svd(rb @ ra.T)
-        left, right = qb @ u, qa @ vh.T
-    else:
-        u, s, vh = torch.linalg.svd((b.float() @ a.float()), full_matrices=False)
-        left, right = u, vh.T
-    k = max(1, min(rank, s.numel()))
-    total = float((s.double() ** 2).sum())
-    error = math.sqrt(max(float((s[k:].double() ** 2).sum()), 0.0) / total) if total > 0 else 0.0
-    root = s[:k].sqrt()
-    b_k = (left[:, :k] * root).to(b.dtype)
-    a_k = (right[:, :k] * root).T.contiguous().to(a.dtype)
+        with _one_thread():  # small eigendecompositions: thread start-up costs 100x the work on busy CPUs
+            return _truncate_gram(a, b, rank)
+    u, s_all, vh = torch.linalg.svd(b.float() @ a.float(), full_matrices=False)
+    return _cut(u * s_all, vh, s_all, rank, a.dtype, b.dtype)
+
+
+@contextmanager
+def _one_thread():
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+def _truncate_gram(a: torch.Tensor, b: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """`truncate_pair` for a stacked rank below both sides, from `R x R` Gram matrices in float64."""
+    import torch
+
+    a64, b64 = a.double(), b.double()
+    # a = V diag(sqrt(lam)) Qa^T with orthonormal rows Qa^T = diag(1/sqrt(lam)) V^T a
+    lam, v = torch.linalg.eigh(a64 @ a64.T)
+    keep = lam > max(float(lam.max()), 0.0) * 1e-13
+    v, sq = v[:, keep], lam[keep].clamp_min(0).sqrt()
+    c = b64 @ (v * sq)  # b @ a = c @ Qa^T
+    mu, w = torch.linalg.eigh(c.T @ c)  # c = U diag(s) W^T with s^2 = mu
+    mu, w = mu.flip(0).clamp_min(0), w.flip(1)
+    left = c @ w  # = U diag(s)
+    right = (w.T / sq) @ (v.T @ a64)  # = W^T Qa^T: orthonormal rows
+    return _cut(left, right, mu.sqrt(), rank, a.dtype, b.dtype)
+
+
+def _cut(left, right, s_all, rank: int, a_dtype, b_dtype) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Keep the top `rank` of `left @ right` (`left = U diag(s)`, `right = V^T`), split as sqrt(s) each side."""
+    import torch
+
+    positive = int((s_all > s_all.max() * 1e-12).sum()) if s_all.numel() and float(s_all.max()) > 0 else 0
+    k = max(1, min(rank, positive if positive else 1))
+    total = float((s_all.double() ** 2).sum())
+    error = math.sqrt(max(float((s_all[k:].double() ** 2).sum()), 0.0) / total) if total > 0 else 0.0
+    root = s_all[:k].clamp_min(torch.finfo(s_all.dtype).tiny).sqrt()
+    b_k = (left[:, :k] / root).to(b_dtype)  # U diag(sqrt(s))
+    a_k = (right[:k] * root[:, None]).contiguous().to(a_dtype)  # diag(sqrt(s)) V^T
     return a_k, b_k, error
 
 

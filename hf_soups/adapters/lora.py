@@ -364,9 +364,7 @@ class LoraAdapter:
     def delta_lora(self, module: LoraModule) -> torch.Tensor:
         """`scaling * B @ A` in LoRA layout `(out_features, in_features)`, float32."""
         a, b = self.factors(module)
-        delta = b @ a
-        delta.mul_(module.scaling)
-        return delta
+        return b.mul_(module.scaling) @ a  # scale the small factor, not the product
 
     def is_transposed(
         self, module: LoraModule, base_shape: tuple[int, ...], conv1d: bool | None = None
@@ -428,6 +426,27 @@ class LoraAdapter:
         transposed = self.is_transposed(module, base_shape, conv1d)
         delta = self.delta_lora(module)
         return delta.t().contiguous() if transposed else delta
+
+    def add_delta_(
+        self, out: torch.Tensor, tensor_name: str, base_shape: tuple[int, ...], conv1d: bool | None = None
+    ) -> bool:
+        """Add this adapter's change of `tensor_name` to the float32 tensor `out`, in place, without forming
+        the delta (`out += (scaling * B) @ A` in one `addmm`). Returns whether anything was added."""
+        hit = self._by_tensor.get(tensor_name)
+        if hit is None:
+            return False
+        module, part = hit
+        if part == "bias":
+            out.add_(self.delta(tensor_name, base_shape))  # type: ignore[arg-type]
+            return True
+        transposed = self.is_transposed(module, base_shape, conv1d)
+        a, b = self.factors(module)
+        b.mul_(module.scaling)
+        if transposed:
+            out.addmm_(a.t(), b.t())
+        else:
+            out.addmm_(b, a)
+        return True
 
     def replacement(self, tensor_name: str) -> torch.Tensor | None:
         """The full tensor this adapter stores for `tensor_name` (`modules_to_save`, trained biases), float32."""
