@@ -299,3 +299,31 @@ def test_demo_smoke_end_to_end(tmp_path, capsys):
     logits = model(**tokenizer(["A triumph."], return_tensors="pt")).logits
     assert logits.shape == (1, 2)
     assert not (out / "ingredients").exists()  # intermediates are removed unless --keep-ingredients
+
+
+# ---------------------------------------------------------------------------------------------- paper_repro helpers
+
+
+def test_paper_repro_statistics_and_section_writer(tmp_path):
+    import numpy as np
+
+    from benchmarks.paper_repro import SECTION, bootstrap_ci, mcnemar, write_section
+
+    best = np.ones(100, dtype=bool)
+    soup = best.copy()
+    soup[:10] = False  # the soup loses 10 rows and gains none
+    gain, loss, p = mcnemar(best, soup)
+    assert (gain, loss) == (0, 10) and p == pytest.approx(2 * 0.5**10)
+    assert mcnemar(best, best) == (0, 0, 1.0)
+    lo, hi = bootstrap_ci(best, soup, 500)
+    assert lo <= -10.0 <= hi and hi <= 0.0
+    assert bootstrap_ci(best, best, 100) == (0.0, 0.0)
+
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text(f"# Benchmarks\n\n## Other\n\nkeep me\n\n{SECTION}\n\n_Pending._\n\n## Later\n\nme too\n")
+    write_section(doc, f"{SECTION}\n\nnew table\n")
+    text = doc.read_text()
+    assert "keep me" in text and "me too" in text and "new table" in text and "_Pending._" not in text
+    assert text.index("new table") < text.index("## Later")
+    write_section(doc, f"{SECTION}\n\nnewer\n")
+    assert doc.read_text().count(SECTION) == 1 and "new table" not in doc.read_text()
