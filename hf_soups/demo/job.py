@@ -139,7 +139,8 @@ class DemoResult:
         eval_sets (`list[str]`): the column names, validation first.
         sizes (`dict[str, int]`): rows per split.
         chosen (`str`): the soup saved to `output_dir/soup` (best on validation).
-        soups (`dict[str, Soup]`): the three soups.
+        soups (`dict[str, Soup]`): the three soups (only with `keep_ingredients=True`: otherwise their folders
+            are removed with the temporary working directory; the chosen one is saved in `output_dir/soup`).
         timings (`dict[str, float]`): seconds per phase, and the measured seconds per training step.
         output_dir (`Path`): where everything was written.
         wise_ft_curve (`list[dict]`): WiSE-FT's validation accuracy per alpha.
@@ -578,7 +579,7 @@ def run(config: DemoConfig) -> DemoResult:
         eval_sets=eval_sets,
         sizes=sizes,
         chosen=chosen,
-        soups=soups,
+        soups=soups if config.keep_ingredients else {},  # their folders are gone with the temporary workdir
         timings=timings,
         output_dir=out,
         wise_ft_curve=curve,
