@@ -489,21 +489,24 @@ def _members(kitchen: Kitchen) -> list[LoraAdapter | None]:
     return members
 
 
-def build_kitchen_adapter(kitchen: Kitchen, coefficients) -> Any:
-    """The [`AdapterSoup`] of these coefficients (one per kitchen member)."""
-    from .adapters.export import build_adapter_soup
+def build_kitchen_adapter(kitchen: Kitchen, coefficients, directory: Path | None = None) -> Any:
+    """The [`AdapterSoup`] of these coefficients (one per kitchen member); streamed into `directory` when
+    given (its `tensors` then stay empty), else held in memory."""
+    from .adapters.export import build_adapter_soup, write_adapter_soup
 
     members = _members(kitchen)
     adapters = [r for r in kitchen.members if r.kind == "adapter"]
-    base_source = adapters[0].adapter.shared_base if adapters else None
-    soup = build_adapter_soup(
-        members,
-        kitchen.full_coefficients(coefficients),
-        base=base_source,
+    kwargs = dict(
+        base=adapters[0].adapter.shared_base if adapters else None,
         rank=kitchen.options.get("rank"),
         dtype=kitchen.dtype,
         names=[r.name for r in kitchen.members],
     )
+    full = kitchen.full_coefficients(coefficients)
+    if directory is not None:
+        soup = write_adapter_soup(directory, members, full, **kwargs)
+    else:
+        soup = build_adapter_soup(members, full, **kwargs)
     ranks = sorted(set(soup.module_ranks.values()))
     logger.info(
         "Adapter soup: %d LoRA modules (rank %s), %d full tensors%s.",
@@ -544,13 +547,14 @@ def _make_adapter_kitchen_class():
             return new
 
         def serve(self, coefficients, **kwargs):
-            self._adapter_soup = build_kitchen_adapter(self, coefficients)
             params = dict(kwargs.pop("params", None) or {})
             params["adapter_output"] = "adapter"
             if self.options.get("rank") is not None:
                 params["rank"] = self.options["rank"]
             report_extra = dict(kwargs.pop("report_extra", None) or {})
-            report_extra.update(self._adapter_soup.report())
+            if self.output_dir is None:  # in memory; on disk, write() streams it and fills the report
+                self._adapter_soup = build_kitchen_adapter(self, coefficients)
+                report_extra.update(self._adapter_soup.report())
             soup = super().serve(coefficients, params=params, report_extra=report_extra, **kwargs)
             # In memory: a PeftModel on a fresh base; on disk: loaded lazily from output_dir as a PeftModel.
             soup._model = self._peft_model() if self.output_dir is None else None
@@ -581,10 +585,9 @@ def _make_adapter_kitchen_class():
         def write(self, coefficients, target, soup=None) -> Path:
             from .tensors import AtomicDirectory, copy_companion_files
 
-            adapter_soup = self._adapter_soup or build_kitchen_adapter(self, coefficients)
             base = next(r for r in self.members if r.kind == "adapter").adapter.base
             with AtomicDirectory(target) as tmp:
-                adapter_soup.save(tmp.path)
+                adapter_soup = build_kitchen_adapter(self, coefficients, directory=tmp.path)
                 if base is not None and base.path is not None:
                     copy_companion_files(base.path, tmp.path, skip=lambda name: name == "config.json")
                 if self.tokenizer is not None and not (tmp.path / "tokenizer_config.json").exists():

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,32 +76,79 @@ class AdapterSoup:
             out["adapter_svd_error_max"] = max(self.svd_error.values())
         return out
 
-    def save(self, directory: str | Path) -> Path:
-        """Write `adapter_config.json` and `adapter_model.safetensors` into `directory` (created if needed)."""
-        import os
-
+    def write_config(self, directory: str | Path) -> None:
+        """Write `adapter_config.json` (through `peft.LoraConfig`, so PEFT validates and versions it)."""
         from peft import LoraConfig
 
-        from ..tensors import SAFE_WEIGHTS_NAME, ShardedSafetensorsWriter
+        LoraConfig(**self.config).save_pretrained(str(directory))
 
+    def save(self, directory: str | Path) -> Path:
+        """Write `adapter_config.json` and `adapter_model.safetensors` into `directory` (created if needed)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        LoraConfig(**self.config).save_pretrained(str(directory))
-        # One file, header first, tensors appended (no serialised copy of the whole adapter in memory).
-        writer = ShardedSafetensorsWriter(
-            directory,
-            [(k, tuple(v.shape), v.dtype) for k, v in self.tensors.items()],
-            max_shard_size=2**62,
-        )
+        stream = SafetensorsStream(directory / ADAPTER_SAFETENSORS_NAME)
         try:
             for k, v in self.tensors.items():
-                writer.write(k, v.contiguous())
+                stream.add(k, v)
         except BaseException:
-            writer.abort()
+            stream.abort()
             raise
-        writer.close()
-        os.replace(directory / SAFE_WEIGHTS_NAME, directory / ADAPTER_SAFETENSORS_NAME)
+        stream.close()
+        self.write_config(directory)
         return directory
+
+
+class SafetensorsStream:
+    """Write a safetensors file tensor by tensor, without knowing the tensors in advance.
+
+    Tensor bytes go to a side file as they come; `close` writes the header, then copies the bytes after it
+    in chunks. Memory holds one tensor at a time, never the file.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._data_path = self.path.with_name(f".{self.path.name}.data")
+        self._file = open(self._data_path, "wb")
+        self._header: dict[str, Any] = {}
+        self._pos = 0
+
+    def add(self, key: str, tensor: torch.Tensor) -> None:
+        import torch
+
+        from ..tensors import dtype_to_safetensors
+
+        t = tensor.detach().cpu().contiguous().reshape(-1)
+        nbytes = t.numel() * t.element_size()
+        if nbytes:
+            self._file.write(memoryview(t.view(torch.uint8).numpy()))
+        self._header[key] = {
+            "dtype": dtype_to_safetensors(tensor.dtype),
+            "shape": list(tensor.shape),
+            "data_offsets": [self._pos, self._pos + nbytes],
+        }
+        self._pos += nbytes
+
+    def close(self) -> Path:
+        import json
+        import shutil
+        import struct
+
+        self._file.close()
+        raw = json.dumps({"__metadata__": {"format": "pt"}, **self._header}, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        try:
+            with open(self.path, "wb") as out, open(self._data_path, "rb") as data:
+                out.write(struct.pack("<Q", len(raw)))
+                out.write(raw)
+                shutil.copyfileobj(data, out, 16 * 2**20)
+        finally:
+            self._data_path.unlink(missing_ok=True)
+        return self.path
+
+    def abort(self) -> None:
+        self._file.close()
+        self._data_path.unlink(missing_ok=True)
+        self.path.unlink(missing_ok=True)
 
 
 def truncate_pair(a: torch.Tensor, b: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -202,8 +249,12 @@ def build_adapter_soup(
     rank: int | None = None,
     dtype: torch.dtype | None = None,
     names: Sequence[str] | None = None,
+    sink: Callable[[str, torch.Tensor], None] | None = None,
 ) -> AdapterSoup:
     """One LoRA adapter equal to `sum_i coefficients[i] * member_i` (members over one base model).
+
+    Modules are computed one at a time; with `sink`, each finished tensor is handed to it (and not kept),
+    so memory holds one module, whatever the size of the result (see [`write_adapter_soup`]).
 
     Args:
         members (`Sequence[LoraAdapter | None]`):
@@ -220,6 +271,8 @@ def build_adapter_soup(
             dtype of the written tensors (default: each tensor's own, the factors' for LoRA pairs).
         names (`Sequence[str]`, *optional*):
             Display names of the members, for messages.
+        sink (`Callable[[str, torch.Tensor], None]`, *optional*):
+            Receives every saved-form tensor as it is computed. Default: collect them in `AdapterSoup.tensors`.
 
     Returns:
         [`AdapterSoup`]
@@ -276,8 +329,78 @@ def build_adapter_soup(
         key = base_key(name)
         return base.info(key) if base is not None and key is not None else None
 
+    # ---- LoRA modules: check them all before computing anything
+    paths: list[str] = sorted(
+        {p for _, _, m in adapters for p, mod in m.modules.items() if mod.weight_name not in full}
+    )
+    plans: dict[str, list[tuple[int, float, LoraAdapter, LoraModule]]] = {}
+    for p in paths:
+        parts = [(i, c, m, m.modules[p]) for i, c, m in adapters if p in m.modules]
+        i0, _, _m0, mod0 = parts[0]
+        for i, _, _m, mod in parts[1:]:
+            if (mod.kind, mod.in_features, mod.out_features) != (
+                mod0.kind,
+                mod0.in_features,
+                mod0.out_features,
+            ):
+                raise IncompatibleIngredientsError(
+                    f"Adapters {names[i0]!r} and {names[i]!r} adapt module {p!r} differently ({mod0.kind} "
+                    f"{mod0.out_features}x{mod0.in_features} vs {mod.kind} {mod.out_features}x{mod.in_features}): "
+                    "they were not trained on the same base model.",
+                    ingredient=names[i],
+                    tensor_name=mod.weight_name,
+                )
+        plans[p] = parts
+    lora_bias = any(
+        mod.bias_key is not None and mod.bias_name not in full
+        for parts in plans.values()
+        for *_, mod in parts
+    )
+    embedding_paths = [p for p, parts in plans.items() if parts[0][3].kind == "embedding"]
+    if lora_bias and embedding_paths:
+        raise UnsupportedAdapterError(
+            f"The adapter soup would need lora_bias=True (an adapter trains LoRA biases) and also adapts embedding "
+            f"module {embedding_paths[0]!r}; PEFT does not support LoRA biases on embeddings. Use "
+            'adapter_output="merged".',
+            tensor_name=embedding_paths[0],
+        )
+
     tensors: dict[str, torch.Tensor] = {}
-    full_values: dict[str, torch.Tensor] = {}
+    emit = sink if sink is not None else tensors.__setitem__
+    module_ranks: dict[str, int] = {}
+    svd_error: dict[str, float] = {}
+    factor_dtype = dtype
+    if factor_dtype is None and first.modules:
+        factor_dtype = first.source.info(next(iter(first.modules.values())).a_key).dtype
+    for p, parts in plans.items():
+        a_parts, b_parts = [], []
+        bias_sum = None
+        for _, c, m, mod in parts:
+            a, b = m.factors(mod)
+            a_parts.append(a)
+            b_parts.append(b.mul_(c * mod.scaling))
+            if mod.bias_key is not None and mod.bias_name not in full:
+                bias = m.tensor(mod.bias_key).mul_(c * mod.scaling)
+                bias_sum = bias if bias_sum is None else bias_sum.add_(bias)
+        a_cat, b_cat = torch.cat(a_parts, dim=0), torch.cat(b_parts, dim=1)
+        del a_parts, b_parts
+        if rank is not None:
+            a_cat, b_cat, err = truncate_pair(a_cat, b_cat, rank)
+            svd_error[p] = err
+        module_ranks[p] = int(a_cat.shape[0])
+        a_name, b_name = (
+            ("lora_A.weight", "lora_B.weight")
+            if parts[0][3].kind == "linear"
+            else ("lora_embedding_A", "lora_embedding_B")
+        )
+        emit(f"{PEFT_PREFIX}{p}.{a_name}", a_cat.to(factor_dtype or a_cat.dtype))
+        emit(f"{PEFT_PREFIX}{p}.{b_name}", b_cat.to(factor_dtype or b_cat.dtype))
+        if lora_bias:
+            if bias_sum is None:
+                bias_sum = torch.zeros(b_cat.shape[0], dtype=torch.float32)
+            emit(f"{PEFT_PREFIX}{p}.lora_B.bias", bias_sum.to(factor_dtype or bias_sum.dtype))
+
+    # ---- full tensors, one at a time
     for tname in full:
         info = base_info(tname)
         shape = tuple(info.shape) if info is not None else None
@@ -304,9 +427,7 @@ def build_adapter_soup(
                     m.source.info(m.full_tensors[tname]).dtype if m is not None else None
                 )
             if m is not None:
-                delta = m.delta(tname, shape or tuple(value.shape))
-                if delta is not None:
-                    value += delta
+                m.add_delta_(value, tname, shape or tuple(value.shape))
             if shape is not None and tuple(value.shape) != shape:
                 raise IncompatibleIngredientsError(
                     f"Adapter {names[i]!r} stores tensor {tname!r} with shape {tuple(value.shape)}, but the base "
@@ -315,86 +436,10 @@ def build_adapter_soup(
                     tensor_name=tname,
                 )
             acc = value.mul_(c) if acc is None else acc.add_(value, alpha=c)
-        full_values[tname] = acc.to(out_dtype or torch.float32)  # type: ignore[union-attr]
-
-    # ---- LoRA modules
-    paths: dict[str, None] = {}
-    for _, _, m in adapters:
-        for p, mod in m.modules.items():
-            if mod.weight_name not in full:
-                paths[p] = None
-    module_ranks: dict[str, int] = {}
-    svd_error: dict[str, float] = {}
-    kinds: dict[str, str] = {}
-    biases: dict[str, torch.Tensor] = {}
-    factor_dtype = dtype
-    if factor_dtype is None and first.modules:
-        factor_dtype = first.source.info(next(iter(first.modules.values())).a_key).dtype
-    for p in sorted(paths):
-        parts: list[tuple[int, float, LoraAdapter, LoraModule]] = [
-            (i, c, m, m.modules[p]) for i, c, m in adapters if p in m.modules
-        ]
-        i0, _, _m0, mod0 = parts[0]
-        for i, _, _m, mod in parts[1:]:
-            if (mod.kind, mod.in_features, mod.out_features) != (
-                mod0.kind,
-                mod0.in_features,
-                mod0.out_features,
-            ):
-                raise IncompatibleIngredientsError(
-                    f"Adapters {names[i0]!r} and {names[i]!r} adapt module {p!r} differently ({mod0.kind} "
-                    f"{mod0.out_features}x{mod0.in_features} vs {mod.kind} {mod.out_features}x{mod.in_features}): "
-                    "they were not trained on the same base model.",
-                    ingredient=names[i],
-                    tensor_name=mod.weight_name,
-                )
-        a_parts, b_parts = [], []
-        bias_sum = None
-        for _, c, m, mod in parts:
-            a, b = m.factors(mod)
-            a_parts.append(a)
-            b_parts.append(b.mul_(c * mod.scaling))
-            if mod.bias_key is not None and mod.bias_name not in full:
-                bias = m.tensor(mod.bias_key).mul_(c * mod.scaling)
-                bias_sum = bias if bias_sum is None else bias_sum.add_(bias)
-        a_cat, b_cat = torch.cat(a_parts, dim=0), torch.cat(b_parts, dim=1)
-        if rank is not None:
-            a_cat, b_cat, err = truncate_pair(a_cat, b_cat, rank)
-            svd_error[p] = err
-        module_ranks[p] = int(a_cat.shape[0])
-        kinds[p] = mod0.kind
-        if mod0.kind == "linear":
-            tensors[f"{PEFT_PREFIX}{p}.lora_A.weight"] = a_cat.to(factor_dtype or a_cat.dtype)
-            tensors[f"{PEFT_PREFIX}{p}.lora_B.weight"] = b_cat.to(factor_dtype or b_cat.dtype)
-        else:
-            tensors[f"{PEFT_PREFIX}{p}.lora_embedding_A"] = a_cat.to(factor_dtype or a_cat.dtype)
-            tensors[f"{PEFT_PREFIX}{p}.lora_embedding_B"] = b_cat.to(factor_dtype or b_cat.dtype)
-        if bias_sum is not None:
-            biases[p] = bias_sum
-
-    lora_bias = bool(biases)
-    if lora_bias:
-        embedding_paths = [p for p, k in kinds.items() if k == "embedding"]
-        if embedding_paths:
-            raise UnsupportedAdapterError(
-                f"The adapter soup would need lora_bias=True (an adapter trains LoRA biases) and also adapts embedding "
-                f"module {embedding_paths[0]!r}; PEFT does not support LoRA biases on embeddings. Use "
-                'adapter_output="merged".',
-                tensor_name=embedding_paths[0],
-            )
-        for p in module_ranks:
-            out_features = tensors[f"{PEFT_PREFIX}{p}.lora_B.weight"].shape[0]
-            bias = biases.get(p)
-            if bias is None:
-                bias = torch.zeros(out_features, dtype=torch.float32)
-            tensors[f"{PEFT_PREFIX}{p}.lora_B.bias"] = bias.to(factor_dtype or bias.dtype)
-
-    for tname, value in full_values.items():
         module, _, param = tname.rpartition(".")
-        key = (
-            f"{PEFT_PREFIX}{module}.base_layer.{param}" if module in module_ranks else f"{PEFT_PREFIX}{tname}"
-        )
-        tensors[key] = value
+        key = f"{PEFT_PREFIX}{module}.base_layer.{param}" if module in plans else f"{PEFT_PREFIX}{tname}"
+        emit(key, acc.to(out_dtype or torch.float32))  # type: ignore[union-attr]
+        del acc, base_value
 
     # ---- config
     ranks = list(module_ranks.values())
@@ -431,5 +476,21 @@ def build_adapter_soup(
         config=config,
         module_ranks=module_ranks,
         svd_error=svd_error,
-        full_tensors=list(full_values),
+        full_tensors=list(full),
     )
+
+
+def write_adapter_soup(directory: str | Path, members, coefficients, **kwargs) -> AdapterSoup:
+    """[`build_adapter_soup`] streamed into `directory` (`adapter_model.safetensors` written tensor by tensor,
+    then `adapter_config.json`). Returns the soup's description (its `tensors` dict is empty)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    stream = SafetensorsStream(directory / ADAPTER_SAFETENSORS_NAME)
+    try:
+        soup = build_adapter_soup(members, coefficients, sink=stream.add, **kwargs)
+    except BaseException:
+        stream.abort()
+        raise
+    stream.close()
+    soup.write_config(directory)
+    return soup
