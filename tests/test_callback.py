@@ -218,6 +218,33 @@ def test_pruned_trials_are_not_ingredients(tmp_path, train_ds, eval_ds):
     assert ingredient.metadata["metrics_step"] == 6 and "eval_accuracy" in ingredient.metadata["metrics"]
 
 
+def test_final_model_after_load_best_model_at_end(tmp_path, train_ds, eval_ds):
+    cb = SoupTrainerCallback(ingredients_dir=tmp_path / "ingredients")
+    out = tmp_path / "run"
+    args = _args(
+        out,
+        max_steps=6,
+        learning_rate=5e-3,
+        eval_strategy="steps",
+        eval_steps=2,
+        save_strategy="steps",
+        save_steps=2,
+        load_best_model_at_end=True,
+        metric_for_best_model="loss",
+    )
+    trainer = _trainer(args, train_ds, cb, eval_ds=eval_ds, compute_metrics=compute_metrics)
+    trainer.train()
+    (ing,) = cb.ingredients
+    best_step = trainer.state.best_global_step
+    evals = {e["step"]: e["eval_loss"] for e in trainer.state.log_history if "eval_loss" in e}
+    assert best_step == min(evals, key=evals.get)
+    # the ingredient is the model the trainer ends with (the best checkpoint), with that checkpoint's metrics
+    assert ing.metadata["metrics_step"] == best_step
+    assert ing.metadata["metrics"]["eval_loss"] == pytest.approx(evals[best_step])
+    ours = load_file(Path(ing.reference) / "model.safetensors")
+    _assert_close(ours, load_file(out / f"checkpoint-{best_step}" / "model.safetensors"), atol=0)
+
+
 def test_checkpoint_collection_copies_each_checkpoint(tmp_path, train_ds):
     cb = SoupTrainerCallback(ingredients_dir=tmp_path / "ingredients", collect="checkpoints")
     out = tmp_path / "run"
