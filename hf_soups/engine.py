@@ -183,25 +183,13 @@ def combine(
                 sink.write(tp, _copy_checked(tp, sources, active, plan.names))
                 continue
             if tp.name in streamed:
-                _combine_streamed(tp, sources, active, sink, chunk_acc, chunk_read_buf, plan.names)
-                continue
-            acc = acc_buf[: _numel(tp.shape)].view(tp.shape)
-            first = True
-            for i, c in active:
-                t = read_aligned(tp, i, sources[i], read_buf)
-                if first:
-                    if t.dtype == torch.float32:
-                        torch.mul(t, c, out=acc)
-                    else:
-                        acc.copy_(t)
-                        if c != 1.0:
-                            acc.mul_(c)
-                    first = False
-                else:
-                    acc.add_(t, alpha=c)
-            if not bool(torch.isfinite(acc.sum())) and not bool(torch.isfinite(acc).all()):
-                _raise_non_finite(tp, sources, active, plan.names, read_buf)
-            sink.write(tp, acc)
+                with _single_threaded():
+                    _combine_slices(tp, sources, active, sink, chunk_acc, chunk_read_buf, plan.names)
+            elif _numel(tp.shape) <= CHUNK_ELEMENTS:
+                with _single_threaded():
+                    _combine_whole(tp, sources, active, sink, acc_buf, read_buf, plan.names)
+            else:
+                _combine_whole(tp, sources, active, sink, acc_buf, read_buf, plan.names)
     finish = getattr(sink, "finish", None)
     if finish is not None:
         finish()
@@ -216,19 +204,36 @@ def _streamable(tp: TensorPlan, sources: Sequence[TensorSource], active) -> bool
     return all(sources[i].range_readable(tp.source_keys[i]) for i, _ in active)
 
 
-def _combine_streamed(tp: TensorPlan, sources, active, sink, chunk_acc, read_buf, names) -> None:
-    """`sum_i c_i * ingredient_i` for one large tensor, one slice of `CHUNK_ELEMENTS` at a time."""
-    with _single_threaded():
-        _combine_slices(tp, sources, active, sink, chunk_acc, read_buf, names)
+def _combine_whole(tp: TensorPlan, sources, active, sink, acc_buf, read_buf, names) -> None:
+    """`sum_i c_i * ingredient_i` for one tensor read whole."""
+    import torch
+
+    acc = acc_buf[: _numel(tp.shape)].view(tp.shape)
+    first = True
+    for i, c in active:
+        t = read_aligned(tp, i, sources[i], read_buf)
+        if first:
+            if t.dtype == torch.float32:
+                torch.mul(t, c, out=acc)
+            else:
+                acc.copy_(t)
+                if c != 1.0:
+                    acc.mul_(c)
+            first = False
+        else:
+            acc.add_(t, alpha=c)
+    if not bool(torch.isfinite(acc.sum())) and not bool(torch.isfinite(acc).all()):
+        _raise_non_finite(tp, sources, active, names, read_buf)
+    sink.write(tp, acc)
 
 
 @contextmanager
 def _single_threaded():
-    """Run torch's element-wise ops on one thread.
+    """Run torch's element-wise ops on one thread (for slices and tensors of at most `CHUNK_ELEMENTS`).
 
-    Slices are small and already in the cache: splitting each op across threads costs more in
+    Such ops are short and their data is in the cache: splitting each one across threads costs more in
     synchronisation than it saves, and on a busy machine it is many times slower (threads spin waiting
-    for each other). The previous setting is restored afterwards.
+    for each other). Larger whole tensors keep torch's setting. The previous setting is restored.
     """
     import torch
 
@@ -244,6 +249,7 @@ def _single_threaded():
 
 
 def _combine_slices(tp: TensorPlan, sources, active, sink, chunk_acc, read_buf, names) -> None:
+    """`sum_i c_i * ingredient_i` for one large tensor, one slice of `CHUNK_ELEMENTS` at a time."""
     import torch
 
     keys = [tp.source_keys[i] for i, _ in active]

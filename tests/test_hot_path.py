@@ -134,7 +134,9 @@ def test_thread_setting_is_restored(tmp_path, monkeypatch):
     previous = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        _write(tmp_path, "out", _plan(tensors[0], 2), sources, [0.5, 0.5])
+        _write(tmp_path, "out", _plan(tensors[0], 2), sources, [0.5, 0.5])  # sliced and small tensors
+        assert torch.get_num_threads() == 2
+        combine(_plan(tensors[0], 2), sources, [0.5, 0.5], DictSink(), progress=False)  # whole tensors
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(previous)
