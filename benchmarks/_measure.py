@@ -60,6 +60,7 @@ class Measurement:
 
     label: str
     runs: list[Run] = field(default_factory=list)
+    error: str | None = None
 
     @property
     def wall_s(self) -> float:
@@ -213,6 +214,7 @@ def measure_round_robin(
     after_each: Callable[[str, Run], None] | None = None,
     env: dict[str, str] | None = None,
     log: Callable[[str], None] = print,
+    keep_going: bool = False,
 ) -> dict[str, Measurement]:
     """Measure several commands, interleaved so that slow drifts of a shared machine hit all of them alike.
 
@@ -227,17 +229,30 @@ def measure_round_robin(
         after_each (`Callable[[str, Run], None]`, *optional*): called after each run (untimed): checks, clean-up.
         env (`dict[str, str]`, *optional*): environment for the commands.
         log (`Callable[[str], None]`, *optional*): progress output.
+        keep_going (`bool`, *optional*, defaults to `False`): when a command fails, log it, leave it out of
+            the remaining rounds (its [`Measurement`] keeps the `error`) and go on with the others.
 
     Returns:
         `dict[str, Measurement]`: one measurement per label, in the order given.
     """
     results = {label: Measurement(label) for label in commands}
+    failed: set[str] = set()
     for round_index in range(warmup + runs):
         tag = "warm-up" if round_index < warmup else f"run {round_index - warmup + 1}/{runs}"
         for label, make_cmd in commands.items():
+            if label in failed:
+                continue
             if before_each is not None:
                 before_each(label)
-            run = run_once(make_cmd(), env=env)
+            try:
+                run = run_once(make_cmd(), env=env)
+            except CommandFailed as e:
+                if not keep_going:
+                    raise
+                log(f"  [{tag}] {label:<14} FAILED, left out of the remaining rounds:\n{e}")
+                failed.add(label)
+                results[label].error = str(e).splitlines()[0]
+                continue
             if after_each is not None:
                 after_each(label, run)
             log(f"  [{tag}] {label:<14} {run.wall_s:7.2f} s  peak RSS {fmt_bytes(run.peak_rss_bytes)}")

@@ -490,8 +490,13 @@ def main(argv: list[str] | None = None) -> int:
         import_hf_soups_loads=imports,
         mergekit_version=mk_version,
         results={},
+        command=" ".join(
+            [Path(sys.executable).name, "benchmarks/merge_throughput.py", *(argv or sys.argv[1:])]
+        ),
+        load_average_start=os.getloadavg()[0],
     )
     for n in ns:
+        report.setdefault("load_average", {})[str(n)] = os.getloadavg()[0]
         print(
             f"\n== N = {n}: {n} x {fmt_bytes(ckpt_bytes)} ({info['params'] / 1e6:.0f}M params, float32), "
             f"load average {os.getloadavg()[0]:.1f}"
@@ -511,7 +516,42 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
         print(f"\nfigures written to {args.json}")
+    print("\n== Markdown (for docs/benchmarks.md)\n")
+    print(markdown_table(report, ns))
     return 0
+
+
+def markdown_table(report: dict, ns: list[int]) -> str:
+    """The results as a Markdown table: one row per N and command, ratios to that N's floor."""
+    model = report["model"]
+    head = (
+        f"{report['date']}, {report['cpus']} CPUs, {model['params'] / 1e6:.0f}M params x "
+        f"{fmt_bytes(model['bytes_per_ingredient'])} per ingredient, median of {report['runs']} runs "
+        f"(load average at each N: {', '.join(f'{v:.1f}' for v in report.get('load_average', {}).values())}); "
+        f"`{report.get('command', '')}`"
+    )
+    rows = [
+        "| N | command | wall (median) | x floor | peak RSS | anon / file | runs (s) |",
+        "| --- " * 7 + "|",
+    ]
+    for n in ns:
+        r = report["results"].get(str(n)) or {}
+        floor = r.get("floor_s")
+        if floor:
+            rows.append(f"| {n} | **floor** (read + write + import torch) | {floor:.2f} s | 1.00 | | | |")
+        for label, m in r.items():
+            if not isinstance(m, dict) or "wall_s" not in m:
+                continue
+            ratio = f"{m['x_floor']:.2f}" if m.get("x_floor") else ""
+            name = label if label not in ("hf_soups",) else "**hf_soups**"
+            if label == "mergekit" and report.get("mergekit_version"):
+                name += f" {report['mergekit_version']}"
+            rows.append(
+                f"| {n} | {name} | {m['wall_s']:.2f} s | {ratio} | {fmt_bytes(m['peak_rss_bytes'])} | "
+                f"{fmt_bytes(m['peak_anon_bytes'])} / {fmt_bytes(m['peak_file_bytes'])} | "
+                f"{' '.join(f'{w:.2f}' for w in m['walls'])} |"
+            )
+    return head + "\n\n" + "\n".join(rows)
 
 
 def measure_n(
@@ -610,7 +650,13 @@ def measure_n(
     if cached is not None:
         print(f"  ingredient bytes in page cache before the warm-up: {cached:.0%}")
     results = measure_round_robin(
-        commands, runs=args.runs, warmup=args.warmup, before_each=before_each, after_each=after_each, env=env
+        commands,
+        runs=args.runs,
+        warmup=args.warmup,
+        before_each=before_each,
+        after_each=after_each,
+        env=env,
+        keep_going=True,
     )
     cached = page_cache_fraction(dirs)
     if cached is not None:
@@ -619,15 +665,20 @@ def measure_n(
 
 
 def summarise(n: int, results: dict[str, Measurement], heavy_after_merge: dict, cached: float | None) -> dict:
+    failed = {label: m for label, m in results.items() if not m.runs}
+    results = {label: m for label, m in results.items() if m.runs}
     floor_parts = [results[k] for k in ("floor-read", "floor-write", "import-torch") if k in results]
     floor = sum(m.wall_s for m in floor_parts) if len(floor_parts) == 3 else None
-    print(f"\n  N = {n}: median of {len(next(iter(results.values())).runs)} runs")
+    print(f"\n  N = {n}: median of {max((len(m.runs) for m in results.values()), default=0)} runs")
     print(f"  {'command':<14} {'wall':>8} {'x floor':>8} {'peak RSS':>10} {'anon':>9} {'file':>9}   runs (s)")
     if floor is not None:
         print(f"  {'floor (sum)':<14} {floor:7.2f}s {1.0:8.2f}")
     out: dict = dict(
         floor_s=floor, page_cache_after=cached, heavy_modules_after_hf_soups=heavy_after_merge or None
     )
+    for label, m in failed.items():
+        print(f"  {label:<14} FAILED: {m.error}")
+        out[label] = dict(error=m.error)
     for label, m in results.items():
         ratio = m.wall_s / floor if floor else None
         print(
@@ -660,7 +711,7 @@ def print_goals(report: dict, ns: list[int]) -> None:
     goals = {}
     for n in ns:
         r = res[str(n)]
-        if "hf_soups" not in r or "floor_s" not in r:
+        if "wall_s" not in r.get("hf_soups", {}) or "floor_s" not in r:
             continue
         h = r["hf_soups"]
         if r["floor_s"]:
@@ -675,12 +726,12 @@ def print_goals(report: dict, ns: list[int]) -> None:
         goals[f"rss_N{n}"] = ok
         line(ok, f"N={n}: hf_soups peak RSS {fmt_bytes(h['max_peak_rss_bytes'])} (worst run); goal < 600 MB")
         for other in ("naive", "mergekit"):
-            if other in r:
+            if "wall_s" in r.get(other, {}):
                 print(
                     f"         N={n}: hf_soups is {r[other]['wall_s'] / h['wall_s']:.1f} x faster than {other} "
                     f"and uses {r[other]['peak_rss_bytes'] / h['peak_rss_bytes']:.1f} x less peak memory"
                 )
-    with_h = [n for n in ns if "hf_soups" in res[str(n)]]
+    with_h = [n for n in ns if "wall_s" in res[str(n)].get("hf_soups", {})]
     if len(with_h) >= 2:
         lo, hi = min(with_h), max(with_h)
         a, b = res[str(lo)]["hf_soups"]["peak_rss_bytes"], res[str(hi)]["hf_soups"]["peak_rss_bytes"]

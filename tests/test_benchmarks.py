@@ -64,6 +64,27 @@ def test_round_robin_discards_warmup_and_takes_medians():
     assert results["b"].wall_s >= 0.2 > results["a"].wall_s
 
 
+def test_round_robin_keeps_going_past_a_failing_command():
+    lines = []
+    results = measure_round_robin(
+        {
+            "bad": lambda: [sys.executable, "-c", "raise SystemExit('no memory')"],
+            "ok": lambda: [sys.executable, "-c", "pass"],
+        },
+        runs=2,
+        warmup=0,
+        log=lines.append,
+        keep_going=True,
+    )
+    assert results["bad"].runs == [] and "exit status 1" in results["bad"].error
+    assert len(results["ok"].runs) == 2
+    assert sum("FAILED" in line for line in lines) == 1  # left out after its first failure
+    with pytest.raises(CommandFailed):
+        measure_round_robin(
+            {"bad": lambda: [sys.executable, "-c", "raise SystemExit(1)"]}, runs=1, log=lambda _: None
+        )
+
+
 def test_parse_size():
     assert parse_size("500MB") == 500 * 10**6
     assert parse_size("400M") == 400 * 10**6
