@@ -147,6 +147,7 @@ def run_once(args, sweep_seed: int, workdir: Path, device) -> dict:
         output_dir=workdir / "probe",
         tokenizer=tokenizer,
         seed=sweep_seed,
+        device=device,
     )
     probe_logits = logits_on(to_device(probe.model), {s: encoded[s] for s in sets})
     probe_acc, probe_hits = _accuracy_from_logits(probe_logits, {s: encoded[s] for s in sets})
@@ -161,7 +162,12 @@ def run_once(args, sweep_seed: int, workdir: Path, device) -> dict:
                 cfg = FineTuneConfig(learning_rate=lr, steps=steps, seed=1000 * sweep_seed + seed)
                 t = time.perf_counter()
                 run = fine_tune(
-                    probe.path, encoded["train"], cfg, output_dir=workdir / cfg.name, tokenizer=tokenizer
+                    probe.path,
+                    encoded["train"],
+                    cfg,
+                    output_dir=workdir / cfg.name,
+                    tokenizer=tokenizer,
+                    device=device,
                 )
                 train_s += time.perf_counter() - t
                 model = to_device(load_classifier(run.path))

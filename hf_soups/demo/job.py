@@ -59,6 +59,7 @@ class DemoConfig:
         keep_ingredients (`bool`): keep the probe and the ingredients under `output_dir/ingredients`.
         plot (`bool`): write `results.png` (needs matplotlib).
         smoke (`bool`): the tiny configuration used by the tests.
+        device (`str`, *optional*): `"cpu"`, `"cuda"`, ...; default: CUDA when available, else CPU.
     """
 
     output_dir: str = "demo-output"
@@ -75,6 +76,7 @@ class DemoConfig:
     keep_ingredients: bool = False
     plot: bool = True
     smoke: bool = False
+    device: str | None = None
 
     @classmethod
     def smoke_config(cls, output_dir: str = "demo-output") -> DemoConfig:
@@ -366,7 +368,12 @@ def train_ingredients(
     from .train import FineTuneConfig, fine_tune, train_linear_probe
 
     probe = train_linear_probe(
-        encoded["train"], encoded["validation"], output_dir=workdir / "probe", tokenizer=tokenizer, seed=0
+        encoded["train"],
+        encoded["validation"],
+        output_dir=workdir / "probe",
+        tokenizer=tokenizer,
+        seed=0,
+        device=config.device,
     )
     print(
         f"Linear probe: validation accuracy {100 * probe.validation_accuracy:.2f} "
@@ -380,7 +387,12 @@ def train_ingredients(
             learning_rate=lr, steps=config.steps, seed=seed, batch_size=config.batch_size
         )
         run = fine_tune(
-            probe.path, encoded["train"], ft_config, output_dir=workdir / ft_config.name, tokenizer=tokenizer
+            probe.path,
+            encoded["train"],
+            ft_config,
+            output_dir=workdir / ft_config.name,
+            tokenizer=tokenizer,
+            device=config.device,
         )
         print(
             f"Fine-tune {k}/{len(grid)} {run.name}: {run.seconds_per_step:.2f} s/step, "
@@ -400,13 +412,20 @@ def cook_soups(
     alphas: Sequence[float],
     workdir: Path,
     tokenizer: Any,
+    device: str | None = None,
 ) -> dict[str, Soup]:
     """Uniform, greedy and WiSE-FT soups with `merge_models`; greedy and alpha are chosen on validation."""
     from .. import Ingredient, merge_models
 
     refs = [Ingredient(str(r.path), name=r.name, metadata=asdict(r.config)) for r in runs]
     eval_set = {"validation": evaluation_dataset(validation)}
-    common = {"metric": "accuracy", "batch_size": 128, "progress": False, "tokenizer": tokenizer}
+    common = {
+        "metric": "accuracy",
+        "batch_size": 128,
+        "progress": False,
+        "tokenizer": tokenizer,
+        "device": device,
+    }
     soups: dict[str, Soup] = {}
     soups["uniform"] = merge_models(
         refs, method="uniform", output_dir=workdir / "uniform-soup", progress=False
@@ -447,6 +466,11 @@ def run(config: DemoConfig) -> DemoResult:
     """
     config.check()
     from .data import load_tokenizer
+
+    if config.device is None:
+        import torch
+
+        config.device = "cuda" if torch.cuda.is_available() else None
 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -497,7 +521,7 @@ def run(config: DemoConfig) -> DemoResult:
         probe_logits = logits_on(probe.model, eval_encoded)
         ingredient_logits = []
         for run_ in runs:
-            model = load_classifier(run_.path)
+            model = _on(load_classifier(run_.path), config.device)
             logits = logits_on(model, eval_encoded)
             ingredient_logits.append(logits)
             accuracy, correct = _accuracy_from_logits(logits, eval_encoded)
@@ -523,6 +547,7 @@ def run(config: DemoConfig) -> DemoResult:
             config.alphas,
             workdir,
             tokenizer,
+            config.device,
         )
         timings["cook_s"] = time.perf_counter() - t
 
@@ -541,7 +566,7 @@ def run(config: DemoConfig) -> DemoResult:
             if same is not None:  # identical weights: reuse the scores instead of evaluating again
                 accuracy, correct = same.accuracy, same.correct
             else:
-                accuracy, correct = score_model(soup.model, eval_encoded)
+                accuracy, correct = score_model(_on(soup.model, config.device), eval_encoded)
             soup_rows[method] = Row(names[method], method, accuracy, note=notes[method], correct=correct)
         timings["eval_soups_s"] = time.perf_counter() - t
         table = [
@@ -587,6 +612,10 @@ def run(config: DemoConfig) -> DemoResult:
     )
     _write_outputs(result, config, probe_row, soup_rows["wise-ft"], best_row)
     return result
+
+
+def _on(model: Any, device: str | None) -> Any:
+    return model.to(device) if device is not None else model
 
 
 def _same_weights_as(method: str, soup: Any, kept: list[str], best_row: Row, probe_row: Row) -> Row | None:
@@ -680,6 +709,7 @@ def build_parser(prog: str = "hf-soups demo") -> argparse.ArgumentParser:
     parser.add_argument("--typo-rates", type=float, nargs="+", default=defaults.typo_rates)
     parser.add_argument("--keep-ingredients", action="store_true", help="keep probe + ingredients on disk")
     parser.add_argument("--no-plot", action="store_true", help="skip results.png")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: CUDA when available)")
     return parser
 
 
@@ -704,6 +734,7 @@ def parse_args(argv: Sequence[str] | None = None) -> DemoConfig:
     config.data_seed = args.data_seed
     config.keep_ingredients = args.keep_ingredients
     config.plot = not args.no_plot
+    config.device = args.device
     return config
 
 

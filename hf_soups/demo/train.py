@@ -253,6 +253,7 @@ def train_linear_probe(
     base_model: str | os.PathLike | None = None,
     weight_decays: Sequence[float] = (1e-4, 1e-3, 1e-2),
     seed: int = 0,
+    device: str | None = None,
 ) -> ProbeResult:
     """Train the classification head on the frozen encoder (the LP of LP-FT) and save the classifier.
 
@@ -268,6 +269,7 @@ def train_linear_probe(
         base_model (`str` or `os.PathLike`, *optional*): encoder to probe; defaults to the bundled MiniLM.
         weight_decays (`Sequence[float]`, *optional*): L2 strengths tried.
         seed (`int`, *optional*, defaults to `0`): seed of the head's initialisation.
+        device (`str`, *optional*): where the encoder runs (`"cuda"`, ...); default CPU.
 
     Returns:
         [`ProbeResult`]: the saved probe, its validation accuracy and the L2 sweep.
@@ -283,6 +285,8 @@ def train_linear_probe(
         raise InvalidArgumentError("weight_decays must list at least one L2 strength, e.g. (1e-3,).")
     start = time.perf_counter()
     model = load_classifier(base_model)
+    if device is not None:
+        model.to(device)
     train_x = pooled_features(model, train)
     val_x = pooled_features(model, validation)
     train_y = torch.tensor(train.labels)
@@ -403,6 +407,7 @@ def fine_tune(
     *,
     output_dir: str | os.PathLike,
     tokenizer: Any = None,
+    device: str | None = None,
 ) -> FineTuneResult:
     """Fine-tune every weight of the classifier saved in `start` (the FT of LP-FT) and save the result.
 
@@ -412,6 +417,7 @@ def fine_tune(
         config ([`FineTuneConfig`]): learning rate, steps, seed, batch size.
         output_dir (`str` or `os.PathLike`): folder for `save_pretrained`.
         tokenizer (`PreTrainedTokenizerBase`, *optional*): saved beside the model when given.
+        device (`str`, *optional*): where to train (`"cuda"`, ...); default CPU.
 
     Returns:
         [`FineTuneResult`]: the saved ingredient and its training speed.
@@ -423,6 +429,8 @@ def fine_tune(
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
     model = load_classifier(start)
+    if device is not None:
+        model.to(device)
     model.train()
     decay = [p for n, p in model.named_parameters() if not (n.endswith("bias") or "LayerNorm" in n)]
     no_decay = [p for n, p in model.named_parameters() if n.endswith("bias") or "LayerNorm" in n]
@@ -447,7 +455,8 @@ def fine_tune(
             queue = _length_grouped_batches(train, config.batch_size, rng)
         indices = queue.pop(0)
         _, batch = next(train.batches(len(indices), indices))
-        loss = model(**batch, labels=labels[indices]).loss
+        batch = {k: v.to(model.device) for k, v in batch.items()}
+        loss = model(**batch, labels=labels[indices].to(model.device)).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -461,7 +470,7 @@ def fine_tune(
     seconds_per_step = (time.perf_counter() - start_time) / config.steps
     model.eval()
     path = Path(output_dir)
-    model.save_pretrained(path)
+    model.cpu().save_pretrained(path)
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
     tail = losses[-max(1, len(losses) // 10) :]
