@@ -103,7 +103,7 @@ class MergePlan:
         return biggest
 
 
-def _label_list(config: dict[str, Any]) -> list[str] | None:
+def label_list(config: dict[str, Any]) -> list[str] | None:
     id2label = config.get("id2label")
     if not id2label:
         return None
@@ -128,7 +128,7 @@ def check_configs(
     ref = ingredients[reference_index]
     ref_cfg = ref.config
     ref_arch = (ref_cfg.get("architectures") or [None])[0]
-    ref_labels = _label_list(ref_cfg)
+    ref_labels = label_list(ref_cfg)
     perms: list[list[int] | None] = []
     for ing in ingredients:
         cfg = ing.config
@@ -155,7 +155,7 @@ def check_configs(
             raise IncompatibleIngredientsError(
                 _vocab_message(ref.name, ref_cfg["vocab_size"], ing.name, cfg["vocab_size"])
             )
-        labels = _label_list(cfg)
+        labels = label_list(cfg)
         perm = None
         if ref_labels is not None and labels is not None and ref_labels != labels:
             if sorted(ref_labels) != sorted(labels):
@@ -270,7 +270,7 @@ def build_plan(
             )
         resolved_keys.append(mapping)
 
-    num_labels = len(_label_list(ref.config) or [])
+    num_labels = len(label_list(ref.config) or [])
     head_keys = set(_head_keys(ref_keys, ref_info, num_labels)) if any(perms) else set()
     if any(perms) and not head_keys:
         raise IncompatibleIngredientsError(

@@ -24,6 +24,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .align import label_list
+
 if TYPE_CHECKING:  # pragma: no cover
     from .recipe_file import Recipe
 
@@ -249,16 +251,6 @@ def _matrix(names: list[str], values: list[list[float]], fmt: str) -> list[str]:
     return _table(rows)
 
 
-def _labels(config: dict[str, Any]) -> list[str] | None:
-    id2label = config.get("id2label")
-    if not id2label:
-        return None
-    try:
-        return [str(id2label[k]) for k in sorted(id2label, key=lambda k: int(k))]
-    except (TypeError, ValueError):
-        return None
-
-
 def tokenizer_vocab_hash(folder: Path | None) -> str | None:
     """A short hash of a tokenizer's vocabulary (token -> id), or None when the folder holds no tokenizer.
 
@@ -321,7 +313,7 @@ def _summarize(resolved: Any, source: Any) -> ModelSummary:
         num_tensors=len(keys),
         num_parameters=num_params,
         dtypes=dtypes,
-        labels=_labels(cfg),
+        labels=label_list(cfg),
         vocab_size=cfg.get("vocab_size"),
         tokenizer_vocab=tokenizer_vocab_hash(folder),
         adapter_base=adapter_base,
