@@ -28,13 +28,13 @@ from .errors import (
     InvalidArgumentError,
     UnsupportedAdapterError,
 )
+from .kitchen import Kitchen
 from .tensors import TensorInfo, TensorSource
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
     from .ingredients import Ingredient, ResolvedIngredient
-    from .kitchen import Kitchen
     from .recipes.base import Recipe
     from .soup import Soup
 
@@ -526,91 +526,73 @@ def cook_adapter_soup(kitchen: Kitchen, recipe: Recipe) -> Soup:
     atomically (`adapter_config.json`, `adapter_model.safetensors`, the base's tokenizer files, the
     model card); without it, `soup.model` is a `PeftModel` on a freshly loaded base.
     """
-    adapter_kitchen = _AdapterKitchen.wrap(kitchen)
-    return recipe.cook(adapter_kitchen)
+    return recipe.cook(AdapterKitchen.wrap(kitchen))
 
 
-def _make_adapter_kitchen_class():
-    from .kitchen import Kitchen
+class AdapterKitchen(Kitchen):
+    """A kitchen whose served soup is a LoRA adapter instead of a full model."""
 
-    class AdapterKitchen(Kitchen):
-        """A kitchen whose served soup is a LoRA adapter instead of a full model."""
+    _adapter_soup: Any = None
 
-        _adapter_soup: Any = None
+    @classmethod
+    def wrap(cls, kitchen: Kitchen) -> AdapterKitchen:
+        import dataclasses
 
-        @classmethod
-        def wrap(cls, kitchen: Kitchen) -> AdapterKitchen:
-            import dataclasses
+        new = cls(**{f.name: getattr(kitchen, f.name) for f in dataclasses.fields(kitchen)})
+        _members(new)  # refuse mixed soups before any work
+        return new
 
-            new = cls(**{f.name: getattr(kitchen, f.name) for f in dataclasses.fields(kitchen)})
-            _members(new)  # refuse mixed soups before any work
-            return new
+    def serve(self, coefficients, **kwargs):
+        params = dict(kwargs.pop("params", None) or {})
+        params["adapter_output"] = "adapter"
+        if self.options.get("rank") is not None:
+            params["rank"] = self.options["rank"]
+        report_extra = dict(kwargs.pop("report_extra", None) or {})
+        if self.output_dir is None:  # in memory; on disk, write() streams it and fills the report
+            self._adapter_soup = build_kitchen_adapter(self, coefficients)
+            report_extra.update(self._adapter_soup.report())
+        soup = super().serve(coefficients, params=params, report_extra=report_extra, **kwargs)
+        # In memory: a PeftModel on a fresh base; on disk: loaded lazily from output_dir as a PeftModel.
+        soup._model = self._peft_model() if self.output_dir is None else None
+        return soup
 
-        def serve(self, coefficients, **kwargs):
-            params = dict(kwargs.pop("params", None) or {})
-            params["adapter_output"] = "adapter"
-            if self.options.get("rank") is not None:
-                params["rank"] = self.options["rank"]
-            report_extra = dict(kwargs.pop("report_extra", None) or {})
-            if self.output_dir is None:  # in memory; on disk, write() streams it and fills the report
-                self._adapter_soup = build_kitchen_adapter(self, coefficients)
-                report_extra.update(self._adapter_soup.report())
-            soup = super().serve(coefficients, params=params, report_extra=report_extra, **kwargs)
-            # In memory: a PeftModel on a fresh base; on disk: loaded lazily from output_dir as a PeftModel.
-            soup._model = self._peft_model() if self.output_dir is None else None
-            return soup
+    def _peft_model(self):
+        import tempfile
 
-        def _peft_model(self):
-            import tempfile
+        from peft import PeftModel
 
-            from peft import PeftModel
+        with tempfile.TemporaryDirectory(prefix="hf_soups_adapter_") as tmp:
+            self._adapter_soup.save(tmp)
+            base = load_base_model(next(r for r in self.members if r.kind == "adapter"))
+            model = PeftModel.from_pretrained(base, tmp)
+        model.eval()
+        return model
 
-            with tempfile.TemporaryDirectory(prefix="hf_soups_adapter_") as tmp:
-                self._adapter_soup.save(tmp)
-                base = load_base_model(next(r for r in self.members if r.kind == "adapter"))
-                model = PeftModel.from_pretrained(base, tmp)
-            model.eval()
-            return model
+    def new_live_model(self):
+        if self.output_dir is None and self._adapter_soup is not None and not self.evaluator:
+            return None  # serve() builds the PeftModel itself
+        return super().new_live_model()
 
-        def new_live_model(self):
-            if self.output_dir is None and self._adapter_soup is not None and not self.evaluator:
-                return None  # serve() builds the PeftModel itself
-            return super().new_live_model()
+    def load_into(self, model, coefficients, *, progress: bool = False) -> None:
+        if model is None:
+            return
+        super().load_into(model, coefficients, progress=progress)
 
-        def load_into(self, model, coefficients, *, progress: bool = False) -> None:
-            if model is None:
-                return
-            super().load_into(model, coefficients, progress=progress)
+    def write(self, coefficients, target, soup=None) -> Path:
+        from .tensors import AtomicDirectory, copy_companion_files
 
-        def write(self, coefficients, target, soup=None) -> Path:
-            from .tensors import AtomicDirectory, copy_companion_files
-
-            base = next(r for r in self.members if r.kind == "adapter").adapter.base
-            with AtomicDirectory(target) as tmp:
-                adapter_soup = build_kitchen_adapter(self, coefficients, directory=tmp.path)
-                if base is not None and base.path is not None:
-                    copy_companion_files(base.path, tmp.path, skip=lambda name: name == "config.json")
-                if self.tokenizer is not None and not (tmp.path / "tokenizer_config.json").exists():
-                    self.tokenizer.save_pretrained(tmp.path)
-                if soup is not None:
-                    soup.report_extra.update(adapter_soup.report())
-                    soup.params["adapter_output"] = "adapter"
-                    soup._write_extras(tmp.path)
-                return tmp.commit()
-
-    return AdapterKitchen
-
-
-class _AdapterKitchenProxy:
-    _cls = None
-
-    def wrap(self, kitchen):
-        if self._cls is None:
-            type(self)._cls = _make_adapter_kitchen_class()
-        return self._cls.wrap(kitchen)
-
-
-_AdapterKitchen = _AdapterKitchenProxy()
+        base = next(r for r in self.members if r.kind == "adapter").adapter.base
+        with AtomicDirectory(target) as tmp:
+            adapter_soup = build_kitchen_adapter(self, coefficients, directory=tmp.path)
+            if base is not None and base.path is not None:
+                copy_companion_files(base.path, tmp.path, skip=lambda name: name == "config.json")
+            if self.tokenizer is not None and not (tmp.path / "tokenizer_config.json").exists():
+                self.tokenizer.save_pretrained(tmp.path)
+            if soup is not None:
+                soup.report_extra.update(adapter_soup.report())
+                soup.params["adapter_output"] = "adapter"
+                soup._write_extras(tmp.path)
+            return tmp.commit()
 
 
 def load_adapter_soup(directory: str | os.PathLike, base_model: Any = None):
