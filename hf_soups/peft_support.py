@@ -207,6 +207,16 @@ class AdapterSource(TensorSource):
                 alias,
             )
             return alias
+        if self.adapter.is_module_to_save(name):
+            task = self.adapter.task_type or "the adapter's task"
+            raise IncompatibleIngredientsError(
+                f"Adapter {self.adapter.name!r} saves {name!r} (modules_to_save: a task head), but its base model "
+                f"({self.base.description}) has no such tensor: the adapter was trained on the base loaded with a "
+                f"new head for {task}. Save that model once (e.g. AutoModelForSequenceClassification.from_pretrained"
+                "(base, num_labels=N).save_pretrained(dir)) and pass base_model=dir.",
+                ingredient=self.adapter.name,
+                tensor_name=name,
+            )
         raise IncompatibleIngredientsError(
             f"Adapter {self.adapter.name!r} changes tensor {name!r}, which the base model "
             f"({self.base.description}) does not have. The adapter was trained on another base model: pass its "

@@ -629,3 +629,23 @@ def test_adapters_of_different_task_types_or_rank_without_adapter_form_are_refus
     assert "SEQ_CLS" in str(info.value) and "TOKEN_CLS" in str(info.value)
     with pytest.raises(InvalidArgumentError, match="adapter_output='adapter'"):
         merge_models([str(a) for a in adapters], rank=4, progress=False)
+
+
+def test_head_missing_from_the_base_names_the_fix(bert_setup, tmp_path):
+    """A classification adapter on a base checkpoint without the head: refused with the way out."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    base_dir, adapters = bert_setup
+    headless = tmp_path / "encoder-only"
+    headless.mkdir()
+    shutil.copy(base_dir / "config.json", headless / "config.json")
+    state = load_file(str(base_dir / "model.safetensors"))
+    save_file(
+        {k: v for k, v in state.items() if not k.startswith("classifier.")},
+        str(headless / "model.safetensors"),
+    )
+    with pytest.raises(IncompatibleIngredientsError, match="modules_to_save") as info:
+        merge_models([str(adapters[2])], base_model=str(tmp_path / "encoder-only"), progress=False)
+    assert info.value.tensor_name == "classifier.weight" or info.value.tensor_name == "classifier.bias"
