@@ -605,12 +605,27 @@ class AdapterKitchen(Kitchen):
             return tmp.commit()
 
 
-def load_adapter_soup(directory: str | os.PathLike, base_model: Any = None):
+def load_adapter_soup(directory: str | os.PathLike, base_model: Any = None, revision: str | None = None):
     """Load a soup written with `adapter_output="adapter"` as a `peft.PeftModel` on its base model.
 
     Args:
-        directory (`str` or `os.PathLike`): the soup folder (holds `adapter_config.json`).
-        base_model (*optional*): a base model instance or path; default: the adapter's `base_model_name_or_path`.
+        directory (`str` or `os.PathLike`):
+            The soup folder (holds `adapter_config.json`).
+        base_model (`str`, `os.PathLike` or `PreTrainedModel`, *optional*):
+            The base model (instance, folder or Hub ID). Default: the adapter's `base_model_name_or_path` at
+            its recorded `revision`.
+        revision (`str`, *optional*):
+            Revision of a Hub `base_model`.
+
+    Returns:
+        `peft.PeftModel` in eval mode.
+
+    Example:
+
+    ```python
+    >>> from hf_soups.peft_support import load_adapter_soup
+    >>> model = load_adapter_soup("./soup-lora")  # doctest: +SKIP
+    ```
     """
     import json
 
@@ -621,15 +636,16 @@ def load_adapter_soup(directory: str | os.PathLike, base_model: Any = None):
     directory = Path(directory)
     cfg = json.loads((directory / "adapter_config.json").read_text())
     if base_model is None or isinstance(base_model, (str, os.PathLike)):
-        ref = base_model or cfg.get("base_model_name_or_path")
-        if not ref:
+        if base_model is None:
+            base_model, revision = cfg.get("base_model_name_or_path"), cfg.get("revision")
+        if not base_model:
             raise IngredientNotFoundError(
                 f"{directory} is an adapter soup without base_model_name_or_path; pass base_model=."
             )
         from transformers import AutoConfig
 
-        config = AutoConfig.from_pretrained(ref, revision=cfg.get("revision"))
-        base_model = model_class_for(config.to_dict()).from_pretrained(ref, revision=cfg.get("revision"))
+        config = AutoConfig.from_pretrained(base_model, revision=revision)
+        base_model = model_class_for(config.to_dict()).from_pretrained(base_model, revision=revision)
     model = PeftModel.from_pretrained(base_model, str(directory))
     model.eval()
     return model

@@ -76,7 +76,13 @@ class Soup:
             if (Path(self.output_dir) / "adapter_config.json").is_file():
                 from .peft_support import load_adapter_soup
 
-                self._model = load_adapter_soup(self.output_dir)
+                # the base this soup was cooked on (a folder, or a Hub ID at its resolved commit)
+                base = self.base.reference if self.base is not None else None
+                if isinstance(base, str):
+                    revision = self.base.revision
+                    self._model = load_adapter_soup(self.output_dir, base_model=base, revision=revision)
+                else:
+                    self._model = load_adapter_soup(self.output_dir)
                 return self._model
             import json
 
