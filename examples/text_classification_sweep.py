@@ -98,6 +98,10 @@ def main(argv: list[str] | None = None) -> dict:
     )
 
     def model_init(trial=None):
+        # Trainer.train seeds with args.seed *before* it applies the trial's hyperparameters, so a `seed` in the
+        # search space would only take effect one trial late (transformers 5.x): seed here, from the trial.
+        if trial is not None:
+            set_seed(trial.suggest_categorical("seed", args.seeds))
         return copy.deepcopy(start)
 
     # ---- the callback: every run's final model becomes an ingredient
