@@ -51,7 +51,7 @@ PRESETS = {
         train_size=5000,
     ),
     "reduced": dict(
-        learning_rates=[3e-5, 1e-4, 3e-4], steps=[15, 30], seeds=[0, 1], sweep_seeds=[0], train_size=5000
+        learning_rates=[3e-5, 1e-4, 3e-4], steps=[40, 80], seeds=[0, 1], sweep_seeds=[0, 1, 2], train_size=5000
     ),
 }
 SECTION = "## Paper reproduction on real data (`benchmarks/paper_repro.py`)"
@@ -292,7 +292,7 @@ def render(args, results: list[dict], device_name: str, elapsed: float) -> str:
     sets = results[0]["sets"]
     test_sets = [s for s in sets if s != "validation"]
     n_ing = len(results[0]["ingredients"])
-    reduced = args.preset == "reduced" or len(args.sweep_seeds) < 3
+    reduced = args.preset == "reduced" or len(results) < 3
     lines = [
         SECTION,
         "",
@@ -305,7 +305,7 @@ def render(args, results: list[dict], device_name: str, elapsed: float) -> str:
     if reduced:
         lines += [
             f"**Reduced setting**: {n_ing} ingredients (learning rates {args.learning_rates} x steps {args.steps} "
-            f"x seeds {args.seeds}), {len(args.sweep_seeds)} sweep seed(s). The full setting "
+            f"x seeds {args.seeds}), {len(results)} of {len(args.sweep_seeds)} sweep seed(s) done. The full setting "
             "(`python benchmarks/paper_repro.py --sweep-seeds 0 1 2`: 100 / 200 steps, three independent "
             "repetitions) did not fit this task's shared 2-core CPU and remains to be run.",
             "",
@@ -519,13 +519,14 @@ def main(argv=None) -> int:
                     default=float,
                 )
             )
-    elapsed = time.perf_counter() - start
-    text = render(args, results, device_name, elapsed)
+        # the record is rewritten after every sweep seed, so an interrupted run still leaves its seeds on record
+        elapsed = time.perf_counter() - start
+        text = render(args, results, device_name, elapsed)
+        if args.img:
+            plot(results, Path(args.img))
+        if args.docs:
+            write_section(Path(args.docs), text)
     print(text)
-    if args.img:
-        plot(results, Path(args.img))
-    if args.docs:
-        write_section(Path(args.docs), text)
     return 0 if all(math.isfinite(r["soups"]["greedy"]["accuracy"]["test"]) for r in results) else 1
 
 
