@@ -51,7 +51,11 @@ PRESETS = {
         train_size=5000,
     ),
     "reduced": dict(
-        learning_rates=[3e-5, 1e-4, 3e-4], steps=[40, 80], seeds=[0, 1], sweep_seeds=[0, 1, 2], train_size=5000
+        learning_rates=[3e-5, 1e-4, 3e-4],
+        steps=[40, 80],
+        seeds=[0, 1],
+        sweep_seeds=[0, 1, 2],
+        train_size=5000,
     ),
 }
 SECTION = "## Paper reproduction on real data (`benchmarks/paper_repro.py`)"
