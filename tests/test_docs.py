@@ -126,8 +126,6 @@ def test_doc_code_blocks_run(path: Path, tmp_path, monkeypatch, request):
     if any(b.marker == HUB for b in blocks):
         hub = request.getfixturevalue("hub_server")
         monkeypatch.setenv("HF_TOKEN", hub.token)
-    else:
-        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     namespace: dict = {"__name__": "__doc__"}
     for block in blocks:
         try:
