@@ -31,6 +31,7 @@ import json
 import math
 import platform
 import re
+import shlex
 import shutil
 import sys
 import tempfile
@@ -84,6 +85,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--docs", default=str(ROOT / "docs" / "benchmarks.md"), help="'' to skip")
     parser.add_argument("--img", default=str(ROOT / "docs" / "img" / "paper_repro.png"))
     parser.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "paper_repro.json"))
+    parser.add_argument("--render-json", default=None, help="only re-write the record from this --json file")
     parser.add_argument("--workdir", default=None, help="keep ingredients here (default: a temp folder)")
     args = parser.parse_args(argv)
     for key, value in PRESETS[args.preset].items():
@@ -285,7 +287,13 @@ def run_once(args, sweep_seed: int, workdir: Path, device) -> dict:
 # ------------------------------------------------------------------------------------------- reporting
 
 
+def _p(p: float) -> str:
+    return "< 0.001" if p < 0.001 else f"{p:.3f}"
+
+
 def _pm(values: list[float]) -> str:
+    if any(v is None or not math.isfinite(v) for v in values):
+        return "–"
     values = [100 * v for v in values]
     if len(values) == 1:
         return f"{values[0]:.2f}"
@@ -327,9 +335,7 @@ def render(args, results: list[dict], device_name: str, elapsed: float) -> str:
 
     def row(name, getter):
         lines.append(
-            f"| {name} | "
-            + " | ".join(_pm([getter(r).get(s, float("nan")) for r in results]) for s in sets)
-            + " |"
+            f"| {name} | " + " | ".join(_pm([getter(r).get(s) for r in results]) for s in sets) + " |"
         )
 
     row("linear probe (WiSE-FT alpha=0)", lambda r: r["probe"])
@@ -344,7 +350,7 @@ def render(args, results: list[dict], device_name: str, elapsed: float) -> str:
     )
     if all(set(sets) <= set(r["ensemble"]) for r in results):
         row(f"logit ensemble ({n_ing}x inference cost)", lambda r: r["ensemble"])
-    else:
+    else:  # only validation logits were kept for every ingredient (no --ingredient-test)
         row(f"logit ensemble ({n_ing}x inference cost; validation only)", lambda r: r["ensemble"])
     lines += [
         "",
@@ -360,7 +366,7 @@ def render(args, results: list[dict], device_name: str, elapsed: float) -> str:
                 c = r["comparisons"][f"{key}|{s}"]
                 lines.append(
                     f"| {key} | {s} | {r['sweep_seed']} | {c['diff']:+.2f} | {c['gain']} / {c['loss']} | "
-                    f"{c['p']:.3f} | [{c['ci'][0]:+.2f}, {c['ci'][1]:+.2f}] |"
+                    f"{_p(c['p'])} | [{c['ci'][0]:+.2f}, {c['ci'][1]:+.2f}] |"
                 )
     lines += ["", f"Ingredients (accuracy, sweep seed {results[0]['sweep_seed']}):", ""]
     ing = results[0]["ingredients"]
@@ -390,9 +396,7 @@ def summarise(results: list[dict], test_sets: list[str]) -> list[str]:
                 verdict = "worse, p < 0.05 in every seed"
             else:
                 verdict = "within noise"
-            parts.append(
-                f"{s}: {np.mean(diffs):+.2f} points ({verdict}, p = {', '.join(f'{p:.2f}' for p in ps)})"
-            )
+            parts.append(f"{s}: {np.mean(diffs):+.2f} points ({verdict}, p {', '.join(_p(p) for p in ps)})")
         out.append(f"- {label} vs best single: " + "; ".join(parts) + ".")
     return out
 
@@ -474,7 +478,7 @@ def plot(results: list[dict], path: Path) -> None:
 
 def write_section(doc: Path, text: str) -> None:
     """Replace the "Paper reproduction" section of docs/benchmarks.md (up to the next `## ` heading)."""
-    content = doc.read_text()
+    content = doc.read_text() if doc.exists() else ""
     start = content.find(SECTION)
     if start < 0:
         content = content.rstrip() + "\n\n" + text
@@ -485,8 +489,27 @@ def write_section(doc: Path, text: str) -> None:
     doc.write_text(content)
 
 
+def _clean_command(command: str) -> str:
+    """The command as a reader would type it: output redirections (--docs/--img/--json/--workdir) dropped."""
+    return re.sub(r" --(docs|img|json|workdir|render-json) \S+", "", command).strip()
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.render_json:  # re-write the record from a finished (or interrupted) run, without recomputing
+        record = json.loads(Path(args.render_json).read_text())
+        results = record["results"]
+        run_args = parse_args(shlex.split(_clean_command(record["command"]))[2:])  # the run's own options
+        run_args.sweep_seeds = record.get("sweep_seeds", run_args.sweep_seeds)
+        elapsed = sum(r["timings"]["total_s"] for r in results)
+        text = render(run_args, results, record["device"], elapsed)
+        if args.img:
+            plot(results, Path(args.img))
+        if args.docs:
+            write_section(Path(args.docs), text)
+        print(text)
+        return 0
+    args.command = _clean_command(args.command)
     import torch
     from datasets.utils.logging import disable_progress_bar
     from transformers.utils import logging as hf_logging
@@ -498,7 +521,9 @@ def main(argv=None) -> int:
     if device == "cuda":
         device_name = f"GPU {torch.cuda.get_device_name(0)}"
     else:
-        device_name = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+        device_name = (
+            f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} torch thread(s))"
+        )
     start = time.perf_counter()
     results = []
     for sweep_seed in args.sweep_seeds:
@@ -518,7 +543,12 @@ def main(argv=None) -> int:
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
             Path(args.json).write_text(
                 json.dumps(
-                    {"command": args.command, "device": device_name, "results": results},
+                    {
+                        "command": args.command,
+                        "device": device_name,
+                        "sweep_seeds": args.sweep_seeds,
+                        "results": results,
+                    },
                     indent=1,
                     default=float,
                 )
