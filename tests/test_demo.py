@@ -327,3 +327,21 @@ def test_paper_repro_statistics_and_section_writer(tmp_path):
     assert text.index("new table") < text.index("## Later")
     write_section(doc, f"{SECTION}\n\nnewer\n")
     assert doc.read_text().count(SECTION) == 1 and "new table" not in doc.read_text()
+
+
+def test_paper_repro_record_renders_from_its_json(tmp_path):
+    from benchmarks.paper_repro import ROOT, SECTION, _clean_command, main
+
+    cmd = (
+        "python benchmarks/paper_repro.py --preset reduced --docs /tmp/d.md --json /tmp/r.json --steps 40 80"
+    )
+    assert _clean_command(cmd) == "python benchmarks/paper_repro.py --preset reduced --steps 40 80"
+    record = ROOT / "benchmarks" / "results" / "paper_repro.json"
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text(f"# Benchmarks\n\n{SECTION}\n\n_Pending._\n")
+    argv = ["--render-json", str(record), "--docs", str(doc), "--img", str(tmp_path / "p.png")]
+    assert main(argv) == 0
+    text = doc.read_text()
+    assert "| greedy soup (kept" in text and "McNemar" in text and "_Pending._" not in text
+    assert "--docs" not in text.split("Command:")[1].splitlines()[0]
+    assert (tmp_path / "p.png").stat().st_size > 10_000
