@@ -470,21 +470,28 @@ def plot(results: list[dict], path: Path) -> None:
     ax2.grid(alpha=0.3)
     ax2.legend(fontsize=8)
     fig.suptitle("all-MiniLM-L6-v2 LP-FT on Rotten Tomatoes: soups vs. best single", fontsize=10)
+    save_figure(fig, path)
+
+
+def save_figure(fig, path: Path) -> None:
+    """Write a benchmark figure (the folder made if needed) and free it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def write_section(doc: Path, text: str) -> None:
-    """Replace the "Paper reproduction" section of docs/benchmarks.md (up to the next `## ` heading)."""
+def write_section(doc: Path, text: str, section: str = SECTION) -> None:
+    """Replace `section` of docs/benchmarks.md (up to the next `## ` heading), or append it."""
     content = doc.read_text() if doc.exists() else ""
-    start = content.find(SECTION)
+    start = content.find(section)
     if start < 0:
         content = content.rstrip() + "\n\n" + text
     else:
-        nxt = re.search(r"^## ", content[start + len(SECTION) :], flags=re.M)
-        end = len(content) if nxt is None else start + len(SECTION) + nxt.start()
+        nxt = re.search(r"^## ", content[start + len(section) :], flags=re.M)
+        end = len(content) if nxt is None else start + len(section) + nxt.start()
         content = content[:start] + text + ("\n" if nxt is not None else "") + content[end:]
     doc.write_text(content)
 
@@ -492,6 +499,22 @@ def write_section(doc: Path, text: str) -> None:
 def _clean_command(command: str) -> str:
     """The command as a reader would type it: output redirections (--docs/--img/--json/--workdir) dropped."""
     return re.sub(r" --(docs|img|json|workdir|render-json) \S+", "", command).strip()
+
+
+def quiet_device(requested: str | None) -> tuple[str | None, str]:
+    """Silence datasets/transformers progress and warnings; the device to run on and its name for the record."""
+    import torch
+    from datasets.utils.logging import disable_progress_bar
+    from transformers.utils import logging as hf_logging
+
+    disable_progress_bar()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    device = requested or ("cuda" if torch.cuda.is_available() else None)
+    if device == "cuda":
+        return device, f"GPU {torch.cuda.get_device_name(0)}"
+    cpu = platform.processor() or platform.machine()
+    return device, f"CPU ({cpu}, {torch.get_num_threads()} torch thread(s))"
 
 
 def main(argv=None) -> int:
@@ -510,20 +533,7 @@ def main(argv=None) -> int:
         print(text)
         return 0
     args.command = _clean_command(args.command)
-    import torch
-    from datasets.utils.logging import disable_progress_bar
-    from transformers.utils import logging as hf_logging
-
-    disable_progress_bar()
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-    device = args.device or ("cuda" if torch.cuda.is_available() else None)
-    if device == "cuda":
-        device_name = f"GPU {torch.cuda.get_device_name(0)}"
-    else:
-        device_name = (
-            f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} torch thread(s))"
-        )
+    device, device_name = quiet_device(args.device)
     start = time.perf_counter()
     results = []
     for sweep_seed in args.sweep_seeds:

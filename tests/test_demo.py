@@ -345,3 +345,52 @@ def test_paper_repro_record_renders_from_its_json(tmp_path):
     assert "| greedy soup (kept" in text and "McNemar" in text and "_Pending._" not in text
     assert "--docs" not in text.split("Command:")[1].splitlines()[0]
     assert (tmp_path / "p.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_soup_failure_runs_end_to_end_and_writes_its_section(tmp_path):
+    """The failure-mode benchmark's mechanics on a tiny run; a 1e-1 learning rate stands in for "too high"."""
+    from benchmarks.paper_repro import SECTION as REPRO
+    from benchmarks.soup_failure import SECTION, main
+
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text(f"# Benchmarks\n\n{REPRO}\n\nkeep me\n")
+    record = tmp_path / "r.json"
+    argv = [
+        "--learning-rates",
+        "1e-4",
+        "1e-1",
+        "--steps",
+        "2",
+        "--train-size",
+        "128",
+        "--validation-size",
+        "64",
+    ]
+    argv += ["--test-size", "64", "--bootstrap", "50", "--device", "cpu", "--docs", str(doc)]
+    argv += ["--img", str(tmp_path / "f.png"), "--json", str(record)]
+    assert main(argv) == 0
+    result = json.loads(record.read_text())["result"]
+    assert [p["lr"] for p in result["pairs"]] == [1e-4, 1e-1]
+    # one row per learning-rate cap, each souping every trained ingredient up to it
+    trained = [i for i in result["ingredients"] if i["accuracy"] is not None]
+    assert [row["n"] for row in result["nested"]] == [
+        sum(1 for i in trained if i["lr"] <= cap) for cap in (1e-4, 1e-1)
+    ]
+    for pair in result["pairs"]:
+        if pair["midpoint"] is not None:
+            ends = [i["accuracy"]["test"] for i in trained if i["name"] in pair["runs"]]
+            assert pair["barrier"]["test"] == pytest.approx(sum(ends) / 2 - pair["midpoint"]["test"])
+    # greedy starts from the best single (on validation) and never lowers its validation score
+    best = max(trained, key=lambda i: i["accuracy"]["validation"])
+    assert result["greedy"]["accuracy"]["validation"] >= best["accuracy"]["validation"]
+    top = best["accuracy"]["validation"]
+    assert any(i["accuracy"]["validation"] == top for i in trained if i["name"] in result["greedy"]["kept"])
+    text = doc.read_text()
+    assert "keep me" in text and SECTION in text and text.index(REPRO) < text.index(SECTION)
+    assert "| uniform, lr <= 0.1 |" in text and "--docs" not in text
+    assert (tmp_path / "f.png").stat().st_size > 10_000
+    # the record re-renders without recomputing
+    doc.write_text(f"{SECTION}\n\n_Pending._\n")
+    assert main(["--render-json", str(record), "--docs", str(doc), "--img", ""]) == 0
+    assert "_Pending._" not in doc.read_text() and "| greedy, all" in doc.read_text()
