@@ -14,12 +14,20 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import EvaluationError
+from .errors import EvaluationError, InvalidArgumentError
 
 if TYPE_CHECKING:  # pragma: no cover
     from .soup import Soup
 
-_PRETTY = {"uniform": "Uniform soup", "greedy": "Greedy soup", "wise-ft": "WiSE-FT"}
+
+def _title(method: str) -> str:
+    """The recipe's display name (as in model cards), or the method itself for an unregistered one."""
+    from .recipes import get_recipe
+
+    try:
+        return get_recipe(method).pretty_name
+    except InvalidArgumentError:
+        return method
 
 
 def _fmt(value: Any) -> str:
@@ -97,7 +105,7 @@ def render_report(soup: Soup) -> str:
     sets = _sets(soup)
     greater = _greater(soup)
     kept = [i for i in soup.ingredients if i.selected is not False]
-    title = _PRETTY.get(soup.method, soup.method)
+    title = _title(soup.method)
     head = f"{title}: {len(kept)} of {len(soup.ingredients)} ingredients kept"
     if soup.method == "wise-ft" and "alpha" in soup.params:
         head = f"{title}: alpha={soup.params['alpha']:g}, {len(soup.ingredients)} fine-tuned ingredient(s)"
@@ -295,7 +303,7 @@ def plot(soup: Soup, path: str | os.PathLike) -> Path:
         values = [i.score if i.score is not None else math.nan for i in soup.ingredients] + [soup.score]
         ax.bar(range(len(names)), values, color=["C0"] * (len(names) - 1) + ["C1"])
         ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
-        ax.set_title(f"{_PRETTY.get(soup.method, soup.method)} against its ingredients")
+        ax.set_title(f"{_title(soup.method)} against its ingredients")
     if history and "alpha" in history[0]:
         ax.set_ylabel(f"{key} (alpha chosen on {soup.select_on})" if soup.select_on else key)
     else:
