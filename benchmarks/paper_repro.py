@@ -91,7 +91,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    args.command = "python benchmarks/paper_repro.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    args.command = "python benchmarks/paper_repro.py " + shlex.join(
+        argv if argv is not None else sys.argv[1:]
+    )
     return args
 
 
@@ -300,26 +302,39 @@ def _pm(values: list[float]) -> str:
     return f"{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f}"
 
 
-def render(args, results: list[dict], device_name: str, elapsed: float) -> str:
+def render(
+    args,
+    results: list[dict],
+    device_name: str,
+    elapsed: float,
+    note: str | None = None,
+    reading: str | None = None,
+) -> str:
     sets = results[0]["sets"]
     test_sets = [s for s in sets if s != "validation"]
     n_ing = len(results[0]["ingredients"])
-    reduced = args.preset == "reduced" or len(results) < 3
     lines = [
         SECTION,
         "",
         f"Command: `{args.command.strip()}`  ",
-        f"Machine: {device_name}; {elapsed / 60:.0f} min wall time in all "
+        f"Machine: {device_name}; {elapsed / 60:.0f} min of run time in all "
         f"(mean {np.mean([r['timings']['s_per_step'] for r in results]):.2f} s per training step, batch 32, "
         "max length 48; the machine was shared with other jobs, so times are pessimistic).",
         "",
     ]
-    if reduced:
+    if note:
+        lines += [note, ""]
+    if args.preset == "reduced":
         lines += [
             f"**Reduced setting**: {n_ing} ingredients (learning rates {args.learning_rates} x steps {args.steps} "
-            f"x seeds {args.seeds}), {len(results)} of {len(args.sweep_seeds)} sweep seed(s) done. The full setting "
-            "(`python benchmarks/paper_repro.py --sweep-seeds 0 1 2`: 100 / 200 steps, three independent "
-            "repetitions) did not fit this task's shared 2-core CPU and remains to be run.",
+            f"x seeds {args.seeds}): short fine-tunes, so that three sweep seeds fit a 2-core CPU. The full "
+            "preset (`python benchmarks/paper_repro.py`: 100 / 200 steps) remains to be run (a GPU run, or "
+            "about three CPU hours).",
+            "",
+        ]
+    if len(results) < len(args.sweep_seeds):
+        lines += [
+            f"**Incomplete**: {len(results)} of {len(args.sweep_seeds)} sweep seeds done; the rest remain to be run.",
             "",
         ]
     lines += [
@@ -368,19 +383,48 @@ def render(args, results: list[dict], device_name: str, elapsed: float) -> str:
                     f"| {key} | {s} | {r['sweep_seed']} | {c['diff']:+.2f} | {c['gain']} / {c['loss']} | "
                     f"{_p(c['p'])} | [{c['ci'][0]:+.2f}, {c['ci'][1]:+.2f}] |"
                 )
-    lines += ["", f"Ingredients (accuracy, sweep seed {results[0]['sweep_seed']}):", ""]
-    ing = results[0]["ingredients"]
-    cols = [s for s in sets if all(s in r["accuracy"] for r in ing)]
     lines += [
-        "| lr | steps | seed | " + " | ".join(cols) + " |",
-        "| ---: | ---: | ---: |" + " ---: |" * len(cols),
+        "",
+        "Ingredients (validation accuracy, one column per sweep seed; the fine-tuning seed is "
+        "1000 x sweep seed + grid seed):",
+        "",
     ]
-    for r in ing:
-        accs = " | ".join(f"{100 * r['accuracy'][s]:.2f}" for s in cols)
-        lines.append(f"| {r['lr']:g} | {r['steps']} | {r['seed']} | {accs} |")
+    lines += [
+        "| lr | steps | grid seed | " + " | ".join(f"sweep seed {r['sweep_seed']}" for r in results) + " |",
+        "| ---: | ---: | ---: |" + " ---: |" * len(results),
+    ]
+    for i, ing in enumerate(results[0]["ingredients"]):
+        accs = " | ".join(f"{100 * r['ingredients'][i]['accuracy']['validation']:.2f}" for r in results)
+        lines.append(f"| {ing['lr']:g} | {ing['steps']} | {ing['seed'] % 1000} | {accs} |")
     lines += ["", "![paper reproduction](img/paper_repro.png)", "", "### What this shows", ""]
     lines += summarise(results, test_sets)
+    if reading:
+        lines += [
+            "",
+            "How to read this (written by hand for this record, kept in its `reading` field):",
+            "",
+            reading,
+        ]
     return "\n".join(lines) + "\n"
+
+
+def verdict(comparisons: list[dict]) -> str:
+    """One soup against the best single over sweep seeds: better / worse / mixed, counting p < 0.05 seeds."""
+    n = len(comparisons)
+    better = sum(1 for c in comparisons if c["p"] < 0.05 and c["diff"] > 0)
+    worse = sum(1 for c in comparisons if c["p"] < 0.05 and c["diff"] < 0)
+    same = sum(1 for c in comparisons if c["gain"] + c["loss"] == 0)
+    if better == n:
+        return "better, p < 0.05 in every seed" if n > 1 else "better, p < 0.05"
+    if worse == n:
+        return "worse, p < 0.05 in every seed" if n > 1 else "worse, p < 0.05"
+    if better == worse == 0:
+        return "within noise"
+    parts = [f"better in {better}", f"worse in {worse}", f"within noise in {n - better - worse}"]
+    text = "mixed: " + ", ".join(p for p in parts if not p.endswith(" 0")) + f" of {n} seeds (p < 0.05)"
+    if same:
+        text += f"; the same predictions as the best single in {same}"
+    return text
 
 
 def summarise(results: list[dict], test_sets: list[str]) -> list[str]:
@@ -388,15 +432,11 @@ def summarise(results: list[dict], test_sets: list[str]) -> list[str]:
     for key, label in (("uniform", "Uniform soup"), ("greedy", "Greedy soup"), ("wise-ft", "WiSE-FT")):
         parts = []
         for s in test_sets:
-            diffs = [r["comparisons"][f"{key}|{s}"]["diff"] for r in results]
-            ps = [r["comparisons"][f"{key}|{s}"]["p"] for r in results]
-            if all(p < 0.05 for p in ps) and all(d > 0 for d in diffs):
-                verdict = "better, p < 0.05 in every seed"
-            elif all(p < 0.05 for p in ps) and all(d < 0 for d in diffs):
-                verdict = "worse, p < 0.05 in every seed"
-            else:
-                verdict = "within noise"
-            parts.append(f"{s}: {np.mean(diffs):+.2f} points ({verdict}, p {', '.join(_p(p) for p in ps)})")
+            comps = [r["comparisons"][f"{key}|{s}"] for r in results]
+            diffs = ", ".join(f"{c['diff']:+.2f}" for c in comps)
+            ps = ", ".join(_p(c["p"]) for c in comps)
+            mean = np.mean([c["diff"] for c in comps])
+            parts.append(f"{s}: {mean:+.2f} points on average ({verdict(comps)}; per seed {diffs}, p {ps})")
         out.append(f"- {label} vs best single: " + "; ".join(parts) + ".")
     return out
 
@@ -460,13 +500,29 @@ def plot(results: list[dict], path: Path) -> None:
     ax1.set_title("In distribution vs. shifted (one point per sweep seed)")
     ax1.grid(alpha=0.3)
     ax1.legend(fontsize=8, loc="lower right")
-    for s in [s for s in sets if s in r["wise_ft_curve"][0]]:
-        alphas = [p["alpha"] for p in r["wise_ft_curve"]]
-        ax2.plot(alphas, [100 * p[s] for p in r["wise_ft_curve"]], marker="o", label=s)
-    ax2.axvline(r["wise_ft_alpha"], color="black", linestyle=":", label="alpha chosen on validation")
+    linestyles = {"validation": "-"}
+    for i, res in enumerate(results):
+        curve = res["wise_ft_curve"]
+        alphas = [p["alpha"] for p in curve]
+        color = f"C{i}"
+        for s in [s for s in sets if s in curve[0]]:
+            style = linestyles.setdefault(s, "--")
+            label = f"sweep seed {res['sweep_seed']}" + ("" if s == "validation" else f", {s}")
+            ax2.plot(
+                alphas, [100 * p[s] for p in curve], marker="o", color=color, linestyle=style, label=label
+            )
+        chosen = next(p for p in curve if p["alpha"] == res["wise_ft_alpha"])
+        ax2.scatter(
+            res["wise_ft_alpha"],
+            100 * chosen["validation"],
+            s=200,
+            facecolors="none",
+            edgecolors="black",
+            label="alpha chosen on validation" if i == 0 else None,
+        )
     ax2.set_xlabel("alpha (0 = linear probe, 1 = best fine-tune)")
     ax2.set_ylabel("accuracy (%)")
-    ax2.set_title(f"WiSE-FT curve (sweep seed {r['sweep_seed']})")
+    ax2.set_title("WiSE-FT curve, probe <-> best single (validation)")
     ax2.grid(alpha=0.3)
     ax2.legend(fontsize=8)
     fig.suptitle("all-MiniLM-L6-v2 LP-FT on Rotten Tomatoes: soups vs. best single", fontsize=10)
@@ -525,7 +581,7 @@ def main(argv=None) -> int:
         run_args = parse_args(shlex.split(_clean_command(record["command"]))[2:])  # the run's own options
         run_args.sweep_seeds = record.get("sweep_seeds", run_args.sweep_seeds)
         elapsed = sum(r["timings"]["total_s"] for r in results)
-        text = render(run_args, results, record["device"], elapsed)
+        text = render(run_args, results, record["device"], elapsed, record.get("note"), record.get("reading"))
         if args.img:
             plot(results, Path(args.img))
         if args.docs:

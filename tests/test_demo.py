@@ -345,6 +345,32 @@ def test_paper_repro_record_renders_from_its_json(tmp_path):
     assert "| greedy soup (kept" in text and "McNemar" in text and "_Pending._" not in text
     assert "--docs" not in text.split("Command:")[1].splitlines()[0]
     assert (tmp_path / "p.png").stat().st_size > 10_000
+    # the hand-written reading belongs to its record: rendered with it, absent for a record without one
+    assert "How to read this" in text
+    bare = json.loads(record.read_text())
+    bare.pop("reading", None)
+    (tmp_path / "bare.json").write_text(json.dumps(bare))
+    assert main(["--render-json", str(tmp_path / "bare.json"), "--docs", str(doc), "--img", ""]) == 0
+    assert "How to read this" not in doc.read_text()
+
+
+def test_paper_repro_verdict_counts_significant_seeds_each_way():
+    from benchmarks.paper_repro import verdict
+
+    def c(diff, p, gain=5, loss=3):
+        return {"diff": diff, "p": p, "gain": gain, "loss": loss}
+
+    assert verdict([c(2.0, 0.001), c(1.0, 0.01)]) == "better, p < 0.05 in every seed"
+    assert verdict([c(-2.0, 0.001), c(-1.0, 0.01)]) == "worse, p < 0.05 in every seed"
+    assert verdict([c(0.3, 0.4), c(-0.2, 0.6)]) == "within noise"
+    # significant both ways is not "within noise"
+    assert (
+        verdict([c(3.7, 0.001), c(5.9, 0.001), c(-4.4, 0.001)])
+        == "mixed: better in 2, worse in 1 of 3 seeds (p < 0.05)"
+    )
+    mixed = verdict([c(1.5, 0.001), c(0.0, 1.0, 0, 0), c(0.0, 1.0, 0, 0)])
+    assert mixed.startswith("mixed: better in 1, within noise in 2 of 3 seeds")
+    assert mixed.endswith("the same predictions as the best single in 2")
 
 
 @pytest.mark.slow
