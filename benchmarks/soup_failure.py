@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
 import shutil
 import sys
 import tempfile
@@ -71,7 +72,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if len(args.seeds) < 2:
         parser.error("--seeds needs at least two seeds: the basin test averages two runs per learning rate")
     args.command = _clean_command(
-        "python benchmarks/soup_failure.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        "python benchmarks/soup_failure.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     )
     return args
 
@@ -250,6 +251,10 @@ def render(record: dict) -> str:
         f"Machine: {record['device']}; {r['timings']['total_s'] / 60:.0f} min wall time "
         f"({r['timings']['s_per_step']:.2f} s per training step, batch 32, max length 48).",
         "",
+    ]
+    if record.get("note"):
+        lines += [record["note"], ""]
+    lines += [
         "Setting: the paper reproduction's (all-MiniLM-L6-v2 + LP-FT on Rotten Tomatoes; sweep seed "
         f"{r['sweep_seed']}: train {r['sizes']['train']}, validation {r['sizes']['validation']} for every "
         f"decision, test {r['sizes']['test']}), {r['ingredients'][0]['steps']} steps per fine-tune, "
@@ -306,6 +311,13 @@ def render(record: dict) -> str:
         "![where a soup loses](img/soup_failure.png)",
         "",
     ]
+    if record.get("reading"):  # written by hand for one record; a new run writes a new record without it
+        lines += [
+            "How to read this (written by hand for this record, kept in its `reading` field):",
+            "",
+            record["reading"],
+            "",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -324,6 +336,7 @@ def plot(record: dict, path: Path) -> None:
                 100 * ing["accuracy"]["test"],
                 color="tab:blue",
                 s=30,
+                zorder=3,
                 label="fine-tune" if i == 0 else None,
             )
     done = [p for p in r["pairs"] if p["midpoint"] is not None]
