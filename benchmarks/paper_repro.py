@@ -12,8 +12,8 @@ it; the probe is WiSE-FT's robust end):
   kept set, WiSE-FT alpha, best single) on validation only, never on a test set;
 - accuracy on test and on typo-shifted copies of test; each soup against the best single ingredient with
   McNemar's exact test and a paired bootstrap 95% interval of the accuracy difference;
-- the table and the plot go into `docs/benchmarks.md` ("Paper reproduction" section) and
-  `docs/img/paper_repro.png`; the raw numbers into `--json`.
+- the table and the plot go into `docs/benchmarks.md` (one section per preset) and `docs/img/`; the raw
+  numbers into `benchmarks/results/` (`--json`). `--render-json` re-writes a record's section and plot.
 
 Full setting (hours of CPU; minutes on a GPU):
 
@@ -60,6 +60,15 @@ PRESETS = {
     ),
 }
 SECTION = "## Paper reproduction on real data (`benchmarks/paper_repro.py`)"
+# each preset keeps its own record: section of docs/benchmarks.md, JSON under benchmarks/results/, plot
+RECORDS = {
+    "reduced": (SECTION, "paper_repro.json", "paper_repro.png"),
+    "full": (
+        "## Paper reproduction, full preset (`benchmarks/paper_repro.py`)",
+        "paper_repro_full.json",
+        "paper_repro_full.png",
+    ),
+}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -83,14 +92,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--bootstrap", type=int, default=2000, help="paired bootstrap resamples")
     parser.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")
     parser.add_argument("--docs", default=str(ROOT / "docs" / "benchmarks.md"), help="'' to skip")
-    parser.add_argument("--img", default=str(ROOT / "docs" / "img" / "paper_repro.png"))
-    parser.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "paper_repro.json"))
+    parser.add_argument("--img", default=None, help="default: the preset's plot under docs/img/; '' to skip")
+    parser.add_argument("--json", default=None, help="default: the preset's record under benchmarks/results/")
     parser.add_argument("--render-json", default=None, help="only re-write the record from this --json file")
     parser.add_argument("--workdir", default=None, help="keep ingredients here (default: a temp folder)")
     args = parser.parse_args(argv)
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    _, json_name, img_name = RECORDS[args.preset]
+    args.img_given = args.img is not None
+    if args.img is None:
+        args.img = str(ROOT / "docs" / "img" / img_name)
+    if args.json is None:
+        args.json = str(ROOT / "benchmarks" / "results" / json_name)
     args.command = "python benchmarks/paper_repro.py " + shlex.join(
         argv if argv is not None else sys.argv[1:]
     )
@@ -313,8 +328,9 @@ def render(
     sets = results[0]["sets"]
     test_sets = [s for s in sets if s != "validation"]
     n_ing = len(results[0]["ingredients"])
+    section, _, img_name = RECORDS[args.preset]
     lines = [
-        SECTION,
+        section,
         "",
         f"Command: `{args.command.strip()}`  ",
         f"Machine: {device_name}; {elapsed / 60:.0f} min of run time in all "
@@ -328,8 +344,8 @@ def render(
         lines += [
             f"**Reduced setting**: {n_ing} ingredients (learning rates {args.learning_rates} x steps {args.steps} "
             f"x seeds {args.seeds}): short fine-tunes, so that three sweep seeds fit a 2-core CPU. The full "
-            "preset (`python benchmarks/paper_repro.py`: 100 / 200 steps) remains to be run (a GPU run, or "
-            "about three CPU hours).",
+            "preset (`python benchmarks/paper_repro.py`: 100 / 200 steps) keeps its own record, in the "
+            "section below where it has been run.",
             "",
         ]
     if len(results) < len(args.sweep_seeds):
@@ -396,7 +412,13 @@ def render(
     for i, ing in enumerate(results[0]["ingredients"]):
         accs = " | ".join(f"{100 * r['ingredients'][i]['accuracy']['validation']:.2f}" for r in results)
         lines.append(f"| {ing['lr']:g} | {ing['steps']} | {ing['seed'] % 1000} | {accs} |")
-    lines += ["", "![paper reproduction](img/paper_repro.png)", "", "### What this shows", ""]
+    lines += [
+        "",
+        f"![paper reproduction, {args.preset} preset](img/{img_name})",
+        "",
+        "### What this shows",
+        "",
+    ]
     lines += summarise(results, test_sets)
     if reading:
         lines += [
@@ -582,10 +604,11 @@ def main(argv=None) -> int:
         run_args.sweep_seeds = record.get("sweep_seeds", run_args.sweep_seeds)
         elapsed = sum(r["timings"]["total_s"] for r in results)
         text = render(run_args, results, record["device"], elapsed, record.get("note"), record.get("reading"))
-        if args.img:
-            plot(results, Path(args.img))
+        img = args.img if args.img_given else run_args.img  # the record's own plot unless told otherwise
+        if img:
+            plot(results, Path(img))
         if args.docs:
-            write_section(Path(args.docs), text)
+            write_section(Path(args.docs), text, section=RECORDS[run_args.preset][0])
         print(text)
         return 0
     args.command = _clean_command(args.command)
@@ -625,7 +648,7 @@ def main(argv=None) -> int:
         if args.img:
             plot(results, Path(args.img))
         if args.docs:
-            write_section(Path(args.docs), text)
+            write_section(Path(args.docs), text, section=RECORDS[args.preset][0])
     print(text)
     return 0 if all(math.isfinite(r["soups"]["greedy"]["accuracy"]["test"]) for r in results) else 1
 

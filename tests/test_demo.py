@@ -352,6 +352,17 @@ def test_paper_repro_record_renders_from_its_json(tmp_path):
     (tmp_path / "bare.json").write_text(json.dumps(bare))
     assert main(["--render-json", str(tmp_path / "bare.json"), "--docs", str(doc), "--img", ""]) == 0
     assert "How to read this" not in doc.read_text()
+    # each preset keeps its own section: a full-preset record lands beside the reduced one, not over it
+    from benchmarks.paper_repro import RECORDS
+
+    full = dict(bare, command=bare["command"].replace(" --preset reduced", ""))
+    (tmp_path / "full.json").write_text(json.dumps(full))
+    assert main(["--render-json", str(tmp_path / "full.json"), "--docs", str(doc), "--img", ""]) == 0
+    text = doc.read_text()
+    assert text.count(SECTION) == 1 and text.count(RECORDS["full"][0]) == 1
+    assert "**Reduced setting**" in text.split(RECORDS["full"][0])[0]
+    assert "**Reduced setting**" not in text.split(RECORDS["full"][0])[1]
+    assert "img/paper_repro_full.png" in text
 
 
 def test_paper_repro_verdict_counts_significant_seeds_each_way():
