@@ -62,11 +62,11 @@ PRESETS = {
 SECTION = "## Paper reproduction on real data (`benchmarks/paper_repro.py`)"
 # each preset keeps its own record: section of docs/benchmarks.md, JSON under benchmarks/results/, plot
 RECORDS = {
-    "reduced": (SECTION, "paper_repro.json", "paper_repro.png"),
-    "full": (
-        "## Paper reproduction, full preset (`benchmarks/paper_repro.py`)",
-        "paper_repro_full.json",
-        "paper_repro_full.png",
+    "full": (SECTION, "paper_repro_full.json", "paper_repro_full.png"),
+    "reduced": (
+        "## Paper reproduction, reduced preset (`benchmarks/paper_repro.py --preset reduced`)",
+        "paper_repro.json",
+        "paper_repro.png",
     ),
 }
 
@@ -345,7 +345,7 @@ def render(
             f"**Reduced setting**: {n_ing} ingredients (learning rates {args.learning_rates} x steps {args.steps} "
             f"x seeds {args.seeds}): short fine-tunes, so that three sweep seeds fit a 2-core CPU. The full "
             "preset (`python benchmarks/paper_repro.py`: 100 / 200 steps) keeps its own record, in the "
-            "section below where it has been run.",
+            "section above where it has been run.",
             "",
         ]
     if len(results) < len(args.sweep_seeds):
@@ -521,7 +521,7 @@ def plot(results: list[dict], path: Path) -> None:
     ax1.set_ylabel(f"{shifted} accuracy (%)")
     ax1.set_title("In distribution vs. shifted (one point per sweep seed)")
     ax1.grid(alpha=0.3)
-    ax1.legend(fontsize=8, loc="lower right")
+    ax1.legend(fontsize=8, loc="upper left")
     linestyles = {"validation": "-"}
     for i, res in enumerate(results):
         curve = res["wise_ft_curve"]

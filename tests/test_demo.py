@@ -330,7 +330,9 @@ def test_paper_repro_statistics_and_section_writer(tmp_path):
 
 
 def test_paper_repro_record_renders_from_its_json(tmp_path):
-    from benchmarks.paper_repro import ROOT, SECTION, _clean_command, main
+    from benchmarks.paper_repro import RECORDS, ROOT, _clean_command, main
+
+    SECTION = RECORDS["reduced"][0]
 
     cmd = (
         "python benchmarks/paper_repro.py --preset reduced --docs /tmp/d.md --json /tmp/r.json --steps 40 80"
@@ -353,8 +355,6 @@ def test_paper_repro_record_renders_from_its_json(tmp_path):
     assert main(["--render-json", str(tmp_path / "bare.json"), "--docs", str(doc), "--img", ""]) == 0
     assert "How to read this" not in doc.read_text()
     # each preset keeps its own section: a full-preset record lands beside the reduced one, not over it
-    from benchmarks.paper_repro import RECORDS
-
     full = dict(bare, command=bare["command"].replace(" --preset reduced", ""))
     (tmp_path / "full.json").write_text(json.dumps(full))
     assert main(["--render-json", str(tmp_path / "full.json"), "--docs", str(doc), "--img", ""]) == 0
