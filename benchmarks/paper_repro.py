@@ -37,6 +37,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -60,10 +61,19 @@ PRESETS = {
     ),
 }
 SECTION = "## Paper reproduction on real data (`benchmarks/paper_repro.py`)"
-# each preset keeps its own record: section of docs/benchmarks.md, JSON under benchmarks/results/, plot
+
+
+class Record(NamedTuple):
+    """Where one preset's record lives: its docs/benchmarks.md section, JSON (benchmarks/results/), plot (docs/img/)."""
+
+    section: str
+    json: str
+    img: str
+
+
 RECORDS = {
-    "full": (SECTION, "paper_repro_full.json", "paper_repro_full.png"),
-    "reduced": (
+    "full": Record(SECTION, "paper_repro_full.json", "paper_repro_full.png"),
+    "reduced": Record(
         "## Paper reproduction, reduced preset (`benchmarks/paper_repro.py --preset reduced`)",
         "paper_repro.json",
         "paper_repro.png",
@@ -100,12 +110,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    _, json_name, img_name = RECORDS[args.preset]
+    record = RECORDS[args.preset]
     args.img_given = args.img is not None
     if args.img is None:
-        args.img = str(ROOT / "docs" / "img" / img_name)
+        args.img = str(ROOT / "docs" / "img" / record.img)
     if args.json is None:
-        args.json = str(ROOT / "benchmarks" / "results" / json_name)
+        args.json = str(ROOT / "benchmarks" / "results" / record.json)
     args.command = "python benchmarks/paper_repro.py " + shlex.join(
         argv if argv is not None else sys.argv[1:]
     )
@@ -132,6 +142,18 @@ def bootstrap_ci(a: np.ndarray, b: np.ndarray, n: int, seed: int = 0) -> tuple[f
     idx = rng.integers(0, len(diff), size=(n, len(diff)))
     means = diff[idx].mean(axis=1) * 100
     return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def compare(best: np.ndarray, soup: np.ndarray, n_bootstrap: int, seed: int = 0) -> dict:
+    """A soup against the best single on the same rows: difference in points, McNemar counts and p, 95% CI."""
+    gain, loss, p = mcnemar(best, soup)
+    lo, hi = bootstrap_ci(best, soup, n_bootstrap, seed=seed)
+    return {"diff": 100 * (soup.mean() - best.mean()), "gain": gain, "loss": loss, "p": p, "ci": [lo, hi]}
+
+
+def best_on_validation(rows: list[dict]) -> dict:
+    """The row with the highest validation accuracy (ties: the first, as `max` keeps it)."""
+    return max(rows, key=lambda r: r["accuracy"]["validation"])
 
 
 # ------------------------------------------------------------------------------------------- one repetition
@@ -219,7 +241,7 @@ def run_once(args, sweep_seed: int, workdir: Path, device) -> dict:
                     flush=True,
                 )
 
-    best = max(rows, key=lambda r: (r["accuracy"]["validation"], -rows.index(r)))
+    best = best_on_validation(rows)
     best_model = to_device(load_classifier(workdir / best["name"]))
     best_logits = logits_on(best_model, {s: encoded[s] for s in sets})
     best["accuracy"], best["hits"] = _accuracy_from_logits(best_logits, {s: encoded[s] for s in sets})
@@ -260,19 +282,11 @@ def run_once(args, sweep_seed: int, workdir: Path, device) -> dict:
     ens_logits = {s: np.mean([r["logits"][s] for r in rows], axis=0) for s in ens_sets}
     ens_acc, ens_hits = _accuracy_from_logits(ens_logits, {s: encoded[s] for s in ens_sets})
 
-    comparisons = {}
-    for key in ("uniform", "greedy", "wise-ft"):
-        for s in test_sets:
-            a, b = best["hits"][s], out[key]["hits"][s]
-            gain, loss, p = mcnemar(a, b)
-            lo, hi = bootstrap_ci(a, b, args.bootstrap, seed=sweep_seed)
-            comparisons[f"{key}|{s}"] = {
-                "diff": 100 * (b.mean() - a.mean()),
-                "gain": gain,
-                "loss": loss,
-                "p": p,
-                "ci": [lo, hi],
-            }
+    comparisons = {
+        f"{key}|{s}": compare(best["hits"][s], out[key]["hits"][s], args.bootstrap, seed=sweep_seed)
+        for key in ("uniform", "greedy", "wise-ft")
+        for s in test_sets
+    }
     kept = [i.name for i in greedy.ingredients if i.selected]
     curve = [{"alpha": 0.0, **{s: probe_acc[s] for s in curve_sets}}]
     for point in wise.history:
@@ -328,9 +342,9 @@ def render(
     sets = results[0]["sets"]
     test_sets = [s for s in sets if s != "validation"]
     n_ing = len(results[0]["ingredients"])
-    section, _, img_name = RECORDS[args.preset]
+    record = RECORDS[args.preset]
     lines = [
-        section,
+        record.section,
         "",
         f"Command: `{args.command.strip()}`  ",
         f"Machine: {device_name}; {elapsed / 60:.0f} min of run time in all "
@@ -414,7 +428,7 @@ def render(
         lines.append(f"| {ing['lr']:g} | {ing['steps']} | {ing['seed'] % 1000} | {accs} |")
     lines += [
         "",
-        f"![paper reproduction, {args.preset} preset](img/{img_name})",
+        f"![paper reproduction, {args.preset} preset](img/{record.img})",
         "",
         "### What this shows",
         "",
@@ -574,6 +588,14 @@ def write_section(doc: Path, text: str, section: str = SECTION) -> None:
     doc.write_text(content)
 
 
+def publish(text: str, section: str, *, docs: str, img: str, draw) -> None:
+    """Draw the plot into `img` and replace `section` of `docs` with `text`; an empty path skips either."""
+    if img:
+        draw(Path(img))
+    if docs:
+        write_section(Path(docs), text, section=section)
+
+
 def _clean_command(command: str) -> str:
     """The command as a reader would type it: output redirections (--docs/--img/--json/--workdir) dropped."""
     return re.sub(r" --(docs|img|json|workdir|render-json) \S+", "", command).strip()
@@ -605,10 +627,9 @@ def main(argv=None) -> int:
         elapsed = sum(r["timings"]["total_s"] for r in results)
         text = render(run_args, results, record["device"], elapsed, record.get("note"), record.get("reading"))
         img = args.img if args.img_given else run_args.img  # the record's own plot unless told otherwise
-        if img:
-            plot(results, Path(img))
-        if args.docs:
-            write_section(Path(args.docs), text, section=RECORDS[run_args.preset][0])
+        publish(
+            text, RECORDS[run_args.preset].section, docs=args.docs, img=img, draw=lambda p: plot(results, p)
+        )
         print(text)
         return 0
     args.command = _clean_command(args.command)
@@ -645,10 +666,9 @@ def main(argv=None) -> int:
         # the record is rewritten after every sweep seed, so an interrupted run still leaves its seeds on record
         elapsed = time.perf_counter() - start
         text = render(args, results, device_name, elapsed)
-        if args.img:
-            plot(results, Path(args.img))
-        if args.docs:
-            write_section(Path(args.docs), text, section=RECORDS[args.preset][0])
+        publish(
+            text, RECORDS[args.preset].section, docs=args.docs, img=args.img, draw=lambda p: plot(results, p)
+        )
     print(text)
     return 0 if all(math.isfinite(r["soups"]["greedy"]["accuracy"]["test"]) for r in results) else 1
 

@@ -43,11 +43,11 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.paper_repro import (  # noqa: E402
     _clean_command,
     _p,
-    bootstrap_ci,
-    mcnemar,
+    best_on_validation,
+    compare,
+    publish,
     quiet_device,
     save_figure,
-    write_section,
 )
 
 SECTION = "## Where a soup loses: high learning rates (`benchmarks/soup_failure.py`)"
@@ -77,24 +77,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def _compare(best_hits: np.ndarray, soup_hits: np.ndarray, n_boot: int, seed: int) -> dict:
-    gain, loss, p = mcnemar(best_hits, soup_hits)
-    lo, hi = bootstrap_ci(best_hits, soup_hits, n_boot, seed=seed)
-    return {
-        "diff": 100 * (soup_hits.mean() - best_hits.mean()),
-        "gain": gain,
-        "loss": loss,
-        "p": p,
-        "ci": [lo, hi],
-    }
-
-
 def run(args, workdir: Path, device) -> dict:
     from hf_soups import Ingredient, merge_models
     from hf_soups.demo.data import load_tokenizer
     from hf_soups.demo.job import _accuracy_from_logits, evaluation_dataset, logits_on, prepare_data
-    from hf_soups.demo.train import FineTuneConfig, fine_tune, load_classifier, train_linear_probe
-    from hf_soups.errors import InvalidArgumentError
+    from hf_soups.demo.train import (
+        DivergedError,
+        FineTuneConfig,
+        fine_tune,
+        load_classifier,
+        train_linear_probe,
+    )
 
     t0 = time.perf_counter()
     tokenizer = load_tokenizer()
@@ -135,7 +128,7 @@ def run(args, workdir: Path, device) -> dict:
                 result = fine_tune(
                     probe.path, encoded["train"], cfg, output_dir=workdir / cfg.name, device=device
                 )
-            except InvalidArgumentError as err:  # a diverged run is a result too: record it, soup the rest
+            except DivergedError as err:  # a diverged run is a result too: record it, soup the rest
                 row.update(diverged=str(err), accuracy=None)
                 ingredients.append(row)
                 print(f"{cfg.name}: diverged", flush=True)
@@ -148,14 +141,18 @@ def run(args, workdir: Path, device) -> dict:
             print(f"{cfg.name}: {acc} (loss {result.final_loss:.3f})", flush=True)
     trained = [r for r in ingredients if r["accuracy"] is not None]
 
-    def uniform(rows):
-        soup = merge_models(
-            [Ingredient(r["path"], name=r["name"]) for r in rows], method="uniform", progress=False
-        )
-        return score(soup.model)
+    cooked: dict[tuple[str, ...], tuple[dict, dict]] = {}
 
-    def best_of(rows):
-        return max(rows, key=lambda r: (r["accuracy"]["validation"], -rows.index(r)))
+    def uniform(rows):
+        """Accuracy and hits of the uniform soup of `rows`; a set already cooked (a pair that is also the
+        lowest cap) is not cooked and scored again."""
+        key = tuple(r["name"] for r in rows)
+        if key not in cooked:
+            soup = merge_models(
+                [Ingredient(r["path"], name=r["name"]) for r in rows], method="uniform", progress=False
+            )
+            cooked[key] = score(soup.model)
+        return cooked[key]
 
     # the basin test: the midpoint of two seeds of one learning rate
     pairs = []
@@ -164,7 +161,7 @@ def run(args, workdir: Path, device) -> dict:
         if len(runs) < 2:
             pairs.append({"lr": lr, "midpoint": None})
             continue
-        acc, h = uniform(runs)
+        acc, _ = uniform(runs)
         endpoints = {s: float(np.mean([r["accuracy"][s] for r in runs])) for s in sets}
         pairs.append(
             {
@@ -183,7 +180,7 @@ def run(args, workdir: Path, device) -> dict:
         members = [r for r in trained if r["lr"] <= cap]
         if not members:
             continue
-        best = best_of(members)
+        best = best_on_validation(members)
         acc, h = uniform(members)
         nested.append(
             {
@@ -192,14 +189,12 @@ def run(args, workdir: Path, device) -> dict:
                 "best": best["name"],
                 "best_accuracy": best["accuracy"],
                 "uniform": acc,
-                "comparison": _compare(
-                    hits[best["name"]]["test"], h["test"], args.bootstrap, args.sweep_seed
-                ),
+                "comparison": compare(hits[best["name"]]["test"], h["test"], args.bootstrap, args.sweep_seed),
             }
         )
         print(f"lr <= {cap:g}: uniform {acc} vs best {best['name']} {best['accuracy']}", flush=True)
 
-    best = best_of(trained)
+    best = best_on_validation(trained)
     greedy = merge_models(
         [Ingredient(r["path"], name=r["name"]) for r in trained],
         method="greedy",
@@ -224,7 +219,7 @@ def run(args, workdir: Path, device) -> dict:
             "kept": kept,
             "accuracy": g_acc,
             "best": best["name"],
-            "comparison": _compare(
+            "comparison": compare(
                 hits[best["name"]]["test"], g_hits["test"], args.bootstrap, args.sweep_seed
             ),
         },
@@ -318,7 +313,7 @@ def render(record: dict) -> str:
             record["reading"],
             "",
         ]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines).rstrip("\n") + "\n"
 
 
 def plot(record: dict, path: Path) -> None:
@@ -392,10 +387,7 @@ def main(argv=None) -> int:
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
             Path(args.json).write_text(json.dumps(record, indent=1, default=float))
     text = render(record)
-    if args.img:
-        plot(record, Path(args.img))
-    if args.docs:
-        write_section(Path(args.docs), text, section=SECTION)
+    publish(text, SECTION, docs=args.docs, img=args.img, draw=lambda p: plot(record, p))
     print(text)
     return 0
 

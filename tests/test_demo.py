@@ -307,7 +307,7 @@ def test_demo_smoke_end_to_end(tmp_path, capsys):
 def test_paper_repro_statistics_and_section_writer(tmp_path):
     import numpy as np
 
-    from benchmarks.paper_repro import SECTION, bootstrap_ci, mcnemar, write_section
+    from benchmarks.paper_repro import SECTION, bootstrap_ci, compare, mcnemar, write_section
 
     best = np.ones(100, dtype=bool)
     soup = best.copy()
@@ -318,6 +318,8 @@ def test_paper_repro_statistics_and_section_writer(tmp_path):
     lo, hi = bootstrap_ci(best, soup, 500)
     assert lo <= -10.0 <= hi and hi <= 0.0
     assert bootstrap_ci(best, best, 100) == (0.0, 0.0)
+    c = compare(best, soup, 500)
+    assert c["diff"] == pytest.approx(-10.0) and (c["gain"], c["loss"]) == (0, 10) and c["ci"][1] <= 0.0
 
     doc = tmp_path / "benchmarks.md"
     doc.write_text(f"# Benchmarks\n\n## Other\n\nkeep me\n\n{SECTION}\n\n_Pending._\n\n## Later\n\nme too\n")
@@ -332,7 +334,7 @@ def test_paper_repro_statistics_and_section_writer(tmp_path):
 def test_paper_repro_record_renders_from_its_json(tmp_path):
     from benchmarks.paper_repro import RECORDS, ROOT, _clean_command, main
 
-    SECTION = RECORDS["reduced"][0]
+    section = RECORDS["reduced"].section
 
     cmd = (
         "python benchmarks/paper_repro.py --preset reduced --docs /tmp/d.md --json /tmp/r.json --steps 40 80"
@@ -340,7 +342,7 @@ def test_paper_repro_record_renders_from_its_json(tmp_path):
     assert _clean_command(cmd) == "python benchmarks/paper_repro.py --preset reduced --steps 40 80"
     record = ROOT / "benchmarks" / "results" / "paper_repro.json"
     doc = tmp_path / "benchmarks.md"
-    doc.write_text(f"# Benchmarks\n\n{SECTION}\n\n_Pending._\n")
+    doc.write_text(f"# Benchmarks\n\n{section}\n\n_Pending._\n")
     argv = ["--render-json", str(record), "--docs", str(doc), "--img", str(tmp_path / "p.png")]
     assert main(argv) == 0
     text = doc.read_text()
@@ -359,9 +361,9 @@ def test_paper_repro_record_renders_from_its_json(tmp_path):
     (tmp_path / "full.json").write_text(json.dumps(full))
     assert main(["--render-json", str(tmp_path / "full.json"), "--docs", str(doc), "--img", ""]) == 0
     text = doc.read_text()
-    assert text.count(SECTION) == 1 and text.count(RECORDS["full"][0]) == 1
-    assert "**Reduced setting**" in text.split(RECORDS["full"][0])[0]
-    assert "**Reduced setting**" not in text.split(RECORDS["full"][0])[1]
+    assert text.count(section) == 1 and text.count(RECORDS["full"].section) == 1
+    assert "**Reduced setting**" in text.split(RECORDS["full"].section)[0]
+    assert "**Reduced setting**" not in text.split(RECORDS["full"].section)[1]
     assert "img/paper_repro_full.png" in text
 
 
@@ -431,3 +433,18 @@ def test_soup_failure_runs_end_to_end_and_writes_its_section(tmp_path):
     doc.write_text(f"{SECTION}\n\n_Pending._\n")
     assert main(["--render-json", str(record), "--docs", str(doc), "--img", ""]) == 0
     assert "_Pending._" not in doc.read_text() and "| greedy, all" in doc.read_text()
+
+
+def test_a_diverging_fine_tune_raises_its_own_error(lpft):
+    """soup_failure.py records diverged runs and goes on; it must tell them from bad arguments."""
+    from hf_soups.demo.train import DivergedError
+
+    root, _, probe, _, train, _ = lpft
+    with pytest.raises(DivergedError, match="diverged"):
+        fine_tune(probe.path, train, FineTuneConfig(learning_rate=1e30, steps=6), output_dir=root / "boom")
+    with pytest.raises(
+        InvalidArgumentError
+    ) as info:  # an empty split is a caller's mistake, not a divergence
+        empty = EncodedSplit(input_ids=[], labels=[])
+        fine_tune(probe.path, empty, FineTuneConfig(learning_rate=1e-3, steps=1), output_dir=root / "x")
+    assert not isinstance(info.value, DivergedError)

@@ -47,6 +47,7 @@ if TYPE_CHECKING:  # pragma: no cover
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "DivergedError",
     "EncodedSplit",
     "FineTuneConfig",
     "FineTuneResult",
@@ -383,6 +384,10 @@ class FineTuneResult:
         }
 
 
+class DivergedError(InvalidArgumentError):
+    """A fine-tune whose training loss became NaN or infinite (too high a learning rate)."""
+
+
 def _length_grouped_batches(split: EncodedSplit, batch_size: int, rng: random.Random) -> list[list[int]]:
     """One epoch of batches of similar lengths (less padding), in random order.
 
@@ -464,7 +469,7 @@ def fine_tune(
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
         if not math.isfinite(losses[-1]):
-            raise InvalidArgumentError(
+            raise DivergedError(
                 f"Fine-tune {config.name} diverged (loss {losses[-1]} at step {step}); lower the learning rate."
             )
     seconds_per_step = (time.perf_counter() - start_time) / config.steps
