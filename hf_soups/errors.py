@@ -30,6 +30,24 @@ class InvalidArgumentError(SoupError, ValueError):
     """An argument of `merge_models` (or a recipe file) is invalid: weights, alpha, method, options."""
 
 
+class UntrustedCodeError(InvalidArgumentError):
+    """Running what an argument names would execute code the user has not trusted (a metric script, an import).
+
+    Raised unless `trust_remote_code=True` (CLI: `--trust-remote-code`) is passed, as in `transformers`.
+
+    Args:
+        argument (`str`, *optional*):
+            The argument or recipe key concerned (`metric`, `compute_metrics`).
+        value (`str`, *optional*):
+            Its value.
+    """
+
+    def __init__(self, message: str, *, argument: str | None = None, value: str | None = None, **kwargs):
+        super().__init__(message, **kwargs)
+        self.argument = argument
+        self.value = value
+
+
 class IngredientNotFoundError(SoupError, FileNotFoundError):
     """An ingredient cannot be found: missing local folder, Hub repository, revision or weight file."""
 

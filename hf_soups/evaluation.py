@@ -207,6 +207,7 @@ class Evaluator:
         task: str | None,
         max_length: int | None,
         progress: bool,
+        trust_remote_code: bool = False,
     ):
         self._datasets = datasets
         self._metric = metric
@@ -229,6 +230,7 @@ class Evaluator:
         self.num_labels: int | None = None
         self.max_length = max_length
         self.progress = progress
+        self._trust_remote_code = trust_remote_code is True
         self._examples: dict[str, list[dict[str, Any]]] | None = None
         self._loaders: dict[str, Any] = {}
         self._accelerator = None
@@ -559,7 +561,9 @@ class Evaluator:
             config_name = None
             if self.problem_type == "multi_label_classification" and spec in _MULTILABEL_METRICS:
                 config_name = "multilabel"
-            self._metric = load_metric(spec, config_name=config_name)
+            self._metric = load_metric(
+                spec, config_name=config_name, trust_remote_code=self._trust_remote_code
+            )
             n_classes = self._n_classes()
             multi = self.problem_type == "multi_label_classification"
             if (
@@ -1182,6 +1186,7 @@ def build_evaluator(
     config: Mapping[str, Any] | None = None,
     model: Any = None,
     progress: bool = True,
+    trust_remote_code: bool = False,
 ) -> Evaluator:
     """Check the evaluation set-up and build an [`Evaluator`], before any model is loaded.
 
@@ -1190,8 +1195,9 @@ def build_evaluator(
             Held-out data: pre-tokenized (model input columns such as `input_ids` plus `label`/`labels`) or raw
             text (see `text_columns`). A dict (or `DatasetDict`) names several sets; every set is scored.
         metric (`str`, `tuple`, `evaluate.EvaluationModule`, callable or `None`, *optional*, defaults to `"accuracy"`):
-            An `evaluate` metric name (`"f1"`, `("glue", "mrpc")`; accuracy, f1, precision, recall,
-            matthews_correlation, pearsonr and spearmanr work offline), a loaded module or `evaluate.combine(...)`,
+            An `evaluate` metric name (`"f1"`; the bundled accuracy, f1, precision, recall, matthews_correlation,
+            pearsonr and spearmanr work offline; others, such as `("glue", "mrpc")` or a local metric folder, run
+            the metric's script and need `trust_remote_code=True`), a loaded module or `evaluate.combine(...)`,
             a callable `fn(predictions, references) -> dict | float`, or `"loss"` / `"perplexity"` (the model's
             own loss; the default scores of language models). `None` picks the task's default.
         metric_key (`str`, *optional*):
@@ -1228,11 +1234,16 @@ def build_evaluator(
         progress (`bool`, *optional*, defaults to `True`):
             Show a progress bar over each eval set's batches (main process only; also off with
             `HF_HUB_DISABLE_PROGRESS_BARS=1`).
+        trust_remote_code (`bool`, *optional*, defaults to `False`):
+            Allow a `metric` that runs code: a local metric folder or script, or a Hub metric that is not bundled
+            with hf_soups (`evaluate.load` imports its Python). Bundled metrics, `"loss"`/`"perplexity"`, modules
+            and callables passed from Python need no opt-in.
 
     Returns:
         [`Evaluator`]
 
     Raises:
+        [`~errors.UntrustedCodeError`]: a `metric` whose code would run, without `trust_remote_code=True`.
         [`EvaluationError`]: no eval set, an empty set, a set without labels, an unknown `select_on`, a metric
             that cannot be loaded online or offline, or a `metric_key` the metric does not return.
 
@@ -1312,7 +1323,8 @@ def build_evaluator(
         metric = "perplexity" if known_task in ("causal-lm", "masked-lm") else "accuracy"
     loaded = None
     if compute_metrics is None and not (isinstance(metric, str) and metric in LOSS_METRICS):
-        loaded = load_metric(metric)  # EvaluationError now if it cannot be loaded online or offline
+        # UntrustedCodeError now for a metric script without the opt-in; EvaluationError if it cannot be loaded
+        loaded = load_metric(metric, trust_remote_code=trust_remote_code)
     evaluator = Evaluator(
         sets,
         metric=loaded,
@@ -1330,6 +1342,7 @@ def build_evaluator(
         task=task,
         max_length=max_length,
         progress=progress,
+        trust_remote_code=trust_remote_code,
     )
     if config is not None or model is not None:
         evaluator.bind(config=config, model=model)

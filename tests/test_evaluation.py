@@ -348,7 +348,7 @@ def test_string_labels_are_mapped_with_label2id(model, data):
             "select_on='test'",
         ),
         (
-            {"metric": "no_such_metric_xyz"},
+            {"metric": "no_such_metric_xyz", "trust_remote_code": True},  # trusted, but not loadable offline
             Dataset.from_dict({"input_ids": [[2]], "label": [0]}),
             "no_such_metric",
         ),
@@ -380,7 +380,7 @@ def test_merge_models_checks_evaluation_before_touching_ingredients(tmp_path):
 
     ds = Dataset.from_dict({"input_ids": [[2, 5]], "label": [0]})
     missing = [str(tmp_path / "does-not-exist")] * 2
-    with pytest.raises(EvaluationError, match="no_such_metric"):
+    with pytest.raises(InvalidArgumentError, match="no_such_metric"):
         merge_models(missing, method="greedy", eval_dataset=ds, metric="no_such_metric")
     with pytest.raises(EvaluationError, match="metric_key"):
         merge_models(missing, method="greedy", eval_dataset=ds, metric_key="bleu")

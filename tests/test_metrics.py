@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import logging
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-from hf_soups.errors import EvaluationError
+from hf_soups.errors import EvaluationError, InvalidArgumentError
 from hf_soups.metrics import BUNDLED_METRICS, bundled_metric_path, clear_cache, load_metric
 
 
@@ -100,9 +99,12 @@ def test_multilabel_configs(offline):
     assert macro == pytest.approx(float(np.mean(per_label)))
 
 
-def test_offline_env_uses_bundled_copy_with_one_log_line(offline, caplog, monkeypatch):
+def test_bundled_names_use_the_bundled_copy_without_trying_the_hub(monkeypatch):
+    """Online or offline: the Hub's script would be downloaded code, the bundled copy is ours."""
     import evaluate
 
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_EVALUATE_OFFLINE", raising=False)
     seen = []
     real_load = evaluate.load
 
@@ -111,44 +113,21 @@ def test_offline_env_uses_bundled_copy_with_one_log_line(offline, caplog, monkey
         return real_load(path, *args, **kwargs)
 
     monkeypatch.setattr(evaluate, "load", recording_load)
-    with caplog.at_level(logging.INFO, logger="hf_soups.metrics"):
-        metric = load_metric("recall")
+    metric = load_metric("recall")
     assert seen == [str(bundled_metric_path("recall"))]  # the Hub was never tried
-    lines = [r.getMessage() for r in caplog.records if r.name == "hf_soups.metrics"]
-    assert len(lines) == 1 and "bundled" in lines[0] and "recall" in lines[0]
     assert metric.compute(predictions=[1, 0, 1], references=[1, 1, 1])["recall"] == pytest.approx(2 / 3)
+    assert load_metric("recall") is metric  # cached: loaded once per process
+    assert len(seen) == 1
 
 
-def test_connection_error_falls_back_to_bundled_copy(monkeypatch, caplog):
-    import evaluate
-
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.delenv("HF_EVALUATE_OFFLINE", raising=False)
-    real_load = evaluate.load
-    tried = []
-
-    def hub_unreachable(path, *args, **kwargs):
-        tried.append(path)
-        if path == "accuracy":
-            raise ConnectionError("Couldn't reach 'evaluate-metric/accuracy' on the Hub")
-        return real_load(path, *args, **kwargs)
-
-    monkeypatch.setattr(evaluate, "load", hub_unreachable)
-    with caplog.at_level(logging.INFO, logger="hf_soups.metrics"):
-        metric = load_metric("accuracy")
-    assert tried == ["accuracy", str(bundled_metric_path("accuracy"))]
-    lines = [r.getMessage() for r in caplog.records if r.name == "hf_soups.metrics"]
-    assert len(lines) == 1 and "ConnectionError" in lines[0]
-    assert metric.compute(predictions=[0, 1], references=[0, 0]) == {"accuracy": 0.5}
-    assert load_metric("accuracy") is metric  # cached: no second attempt
-    assert len(tried) == 2
-
-
-def test_unknown_metric_is_an_evaluation_error(offline):
+def test_unknown_metric_is_refused_with_what_works(offline):
+    with pytest.raises(InvalidArgumentError, match="no_such_metric_xyz") as info:
+        load_metric("no_such_metric_xyz")  # not bundled: loading it would run a downloaded script
+    assert "accuracy" in str(info.value) and "trust_remote_code=True" in str(info.value)
     with pytest.raises(EvaluationError, match="no_such_metric_xyz") as info:
-        load_metric("no_such_metric_xyz")
+        load_metric("no_such_metric_xyz", trust_remote_code=True)
     assert "accuracy" in str(info.value)  # lists what works offline
-    with pytest.raises(EvaluationError, match="glue"):
+    with pytest.raises(InvalidArgumentError, match="glue"):
         load_metric(("glue", "mrpc"))
     with pytest.raises(EvaluationError, match="tuple"):
         load_metric(("f1", "multilabel", "extra"))
@@ -171,7 +150,7 @@ def test_modules_and_callables_pass_through(offline, tmp_path):
         return {"hits": sum(p == r for p, r in zip(predictions, references))}
 
     assert load_metric(fn) is fn
-    # a local folder (e.g. a copy of a metric) is loaded from disk
+    # the folder of a bundled metric is the bundled metric (a local copy elsewhere needs trust_remote_code)
     assert load_metric(bundled_metric_path("spearmanr")).compute(
         predictions=[1, 2, 3], references=[3, 4, 5]
     ) == {"spearmanr": pytest.approx(1.0)}

@@ -1,10 +1,11 @@
 """Metrics for held-out evaluation, with offline copies of the common classification metrics.
 
 `evaluate.load("accuracy")` downloads the metric script from the Hugging Face Hub, so it fails on an air-gapped
-machine. hf_soups ships real `evaluate.Metric` modules for the metrics a soup is most often selected on
-(accuracy, f1, precision, recall, matthews_correlation, pearsonr, spearmanr) in this package, one folder per
-metric, with the same inputs, outputs and options as the Hub versions. [`load_metric`] tries the Hub first
-(unless `HF_HUB_OFFLINE` or `HF_EVALUATE_OFFLINE` is set) and falls back to the bundled copy, logging one line.
+machine, and it runs a script downloaded from the Hub. hf_soups ships real `evaluate.Metric` modules for the
+metrics a soup is most often selected on (accuracy, f1, precision, recall, matthews_correlation, pearsonr,
+spearmanr) in this package, one folder per metric, with the same inputs, outputs and options as the Hub versions.
+[`load_metric`] always uses the bundled copy for those names; any other metric script (a local folder, another Hub
+metric) runs only with `trust_remote_code=True` (see `hf_soups.remote_code`).
 
 Importing this module is cheap: `evaluate` (about 6 s to import) is imported only when a metric is loaded.
 """
@@ -77,31 +78,44 @@ def is_evaluation_module(obj: Any) -> bool:
     return any(cls.__name__ in ("EvaluationModule", "CombinedEvaluations") for cls in type(obj).__mro__)
 
 
-def load_metric(spec: MetricSpec, *, config_name: str | None = None) -> Any:
-    """Load a metric the way `evaluate` users expect, working offline for the common metrics.
+def load_metric(
+    spec: MetricSpec, *, config_name: str | None = None, trust_remote_code: bool = False, key: str = "metric"
+) -> Any:
+    """Load a metric the way `evaluate` users expect, running no code the user has not trusted.
+
+    `evaluate.load` runs the Python script of a metric (from a local folder or downloaded from the Hub), so only
+    the metrics bundled with hf_soups ([`BUNDLED_METRICS`], always loaded from this package, never from the Hub or
+    the working directory) load without `trust_remote_code=True`.
 
     Args:
         spec (`str`, `tuple`, `evaluate.EvaluationModule`, `evaluate.CombinedEvaluations` or callable):
-            - a metric name on the Hub (`"accuracy"`, `"f1"`, `"glue"`), or a local metric folder / script;
-            - a `(name, config_name)` tuple such as `("glue", "mrpc")`;
+            - a bundled metric name (`"accuracy"`, `"f1"`, ...): the bundled copy, offline;
+            - another metric name on the Hub (`"bleu"`, `"glue"`, `"evaluate-metric/accuracy"`), or a local metric
+              folder / script: needs `trust_remote_code=True`;
+            - a `(name, config_name)` tuple such as `("f1", "multilabel")` or `("glue", "mrpc")`;
             - an already loaded `evaluate.EvaluationModule` or `evaluate.combine([...])` (returned as is);
             - a callable `fn(predictions, references) -> dict[str, float] | float` (returned as is).
         config_name (`str`, *optional*):
             Configuration of a named metric (e.g. `"multilabel"`); the tuple form sets it too.
+        trust_remote_code (`bool`, *optional*, defaults to `False`):
+            Allow loading (hence running) a metric script that is not bundled with hf_soups.
+        key (`str`, *optional*, defaults to `"metric"`):
+            The argument or recipe key named in errors.
 
     Returns:
         The evaluation module (or the callable). Named metrics are cached per process and loaded with
         `keep_in_memory=True`, so nothing is written to the evaluate cache while scoring.
 
     Raises:
-        [`EvaluationError`]: the metric cannot be loaded from the Hub, from a local path or from the bundled
-            copies (with the reason and what to pass instead).
+        [`~errors.UntrustedCodeError`]: a metric that is not bundled, without `trust_remote_code=True` (its code
+            is neither downloaded nor run).
+        [`EvaluationError`]: the metric cannot be loaded (with the reason and what to pass instead).
 
     Example:
 
     ```python
     >>> from hf_soups.metrics import load_metric
-    >>> accuracy = load_metric("accuracy")  # the Hub's, or the bundled copy when offline
+    >>> accuracy = load_metric("accuracy")  # the bundled copy: no network, no downloaded code
     >>> accuracy.compute(predictions=[0, 1, 1], references=[0, 1, 0])["accuracy"]
     0.666...
     ```
@@ -119,46 +133,72 @@ def load_metric(spec: MetricSpec, *, config_name: str | None = None) -> Any:
             f"metric must be a name, a (name, config) tuple, an evaluate.EvaluationModule or a callable; "
             f"got {type(spec).__name__}."
         )
-    key = (spec, config_name)
+    path = _bundled_path_of(spec)
+    if path is None:
+        _refuse_untrusted_metric(spec, key=key, trust_remote_code=trust_remote_code)
+    cache_key = (str(path) if path is not None else spec, config_name)
     with _cache_lock:
-        if key not in _cache:
-            _cache[key] = _load_named(spec, config_name)
-        return _cache[key]
+        if cache_key not in _cache:
+            _cache[cache_key] = _load(spec, path, config_name)
+        return _cache[cache_key]
 
 
-def _load_named(name: str, config_name: str | None) -> Any:
+def _bundled_path_of(spec: str) -> Path | None:
+    """The bundled folder `spec` names (a bundled name, or the path of a bundled folder), else `None`."""
+    if spec in BUNDLED_METRICS:
+        return bundled_metric_path(spec)
+    try:
+        resolved = Path(spec).expanduser().resolve()
+    except (OSError, ValueError):
+        return None
+    for name in BUNDLED_METRICS:
+        folder = bundled_metric_path(name)
+        if resolved in (folder, folder / f"{name}.py"):
+            return folder
+    return None
+
+
+def _refuse_untrusted_metric(spec: str, *, key: str, trust_remote_code: bool) -> None:
+    from ..remote_code import refuse_untrusted
+
+    local = Path(spec).expanduser()
+    if local.exists():
+        what = f"the Python code of the evaluate metric at {local.resolve()} (evaluate.load imports it)"
+    else:
+        what = (
+            "the Python code of an evaluate metric script downloaded from the Hugging Face Hub "
+            f"(it is not one of the metrics bundled with hf_soups: {', '.join(BUNDLED_METRICS)})"
+        )
+    refuse_untrusted(
+        key,
+        spec,
+        what,
+        trust_remote_code=trust_remote_code,
+        hint=(
+            "Otherwise use a bundled metric, or pass from Python an evaluate.EvaluationModule you loaded yourself, "
+            "a callable fn(predictions, references) -> dict, or compute_metrics=."
+        ),
+    )
+
+
+def _load(name: str, bundled: Path | None, config_name: str | None) -> Any:
     import evaluate
 
     kwargs: dict[str, Any] = {"keep_in_memory": True}
     if config_name is not None:
         kwargs["config_name"] = config_name
+    if bundled is not None:
+        logger.debug("Metric %r: hf_soups' bundled copy (%s).", name, bundled)
+        return evaluate.load(str(bundled), **kwargs)
     local = Path(name).expanduser()
-    if local.exists():
-        try:
-            return evaluate.load(str(local), **kwargs)
-        except Exception as err:
-            raise EvaluationError(f"Cannot load the metric at {local}: {err}") from err
-
-    bundled = name in BUNDLED_METRICS
-    if bundled and is_offline():
-        logger.info("Offline mode: using hf_soups' bundled copy of metric %r.", name)
-        return evaluate.load(str(bundled_metric_path(name)), **kwargs)
     try:
-        return evaluate.load(name, **kwargs)
+        return evaluate.load(str(local) if local.exists() else name, **kwargs)
     except Exception as err:  # evaluate turns a connection failure into FileNotFoundError
-        if bundled:
-            logger.info(
-                "Could not load metric %r from the Hugging Face Hub (%s: %s); using hf_soups' bundled copy.",
-                name,
-                type(err).__name__,
-                str(err).splitlines()[0] if str(err) else "",
-            )
-            return evaluate.load(str(bundled_metric_path(name)), **kwargs)
         where = "offline mode is set" if is_offline() else f"{type(err).__name__}: {err}"
         raise EvaluationError(
             f"Cannot load metric {name!r}{f' (config {config_name!r})' if config_name else ''}: {where}. "
-            f"Available offline: {', '.join(BUNDLED_METRICS)}. Otherwise pass an evaluate.EvaluationModule loaded "
-            "from a local folder, a callable fn(predictions, references) -> dict, or compute_metrics=."
+            f"Bundled with hf_soups (offline, no opt-in): {', '.join(BUNDLED_METRICS)}. Otherwise pass an "
+            "evaluate.EvaluationModule, a callable fn(predictions, references) -> dict, or compute_metrics=."
         ) from err
 
 
