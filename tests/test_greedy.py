@@ -162,7 +162,11 @@ def test_strict_keeps_only_improvements_and_known_scores_are_reused(kitchen_dirs
     )
     assert [h["candidate"] for h in soup.history] == ["ruined", "good-0", "good-1"]
     assert {i.name: i.score for i in soup.ingredients} == given  # not re-evaluated
-    assert soup.history[0]["scores"]["val"]["accuracy"] < 0.8  # the start point was scored for the history
+    # the start is measured, and the candidates are compared with that measure, never with the given 0.99
+    assert soup.history[0]["scores"]["val"]["accuracy"] < 0.8
+    assert soup.history[0]["score"] == soup.history[0]["scores"]["val"]["accuracy"]
+    for prev, step in zip(soup.history, soup.history[1:]):
+        assert step["kept"] == (step["candidate_score"] >= prev["score"])
 
 
 @pytest.mark.slow
@@ -272,7 +276,8 @@ def test_greedy_names_a_broken_ingredient(untrained_dirs, tmp_path):
     assert info.value.ingredient == "diverged" and "pooler" in info.value.tensor_name
 
 
-def test_greedy_on_a_language_model_minimises_perplexity(tmp_path):
+def _language_models(tmp_path):
+    """Three GPT-2s with small noise around one init and one ruined (noise 3.0), plus token rows to score."""
     from datasets import Dataset
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -290,7 +295,53 @@ def test_greedy_on_a_language_model_minimises_perplexity(tmp_path):
         torch.randint(5, 99, (int(n),), generator=gen).tolist()
         for n in torch.randint(4, 12, (24,), generator=gen)
     ]
-    ds = Dataset.from_dict({"input_ids": rows})
+    return paths, Dataset.from_dict({"input_ids": rows}), rows
+
+
+def _perplexity_f64(model, rows) -> float:
+    """exp(mean next-token cross-entropy) over every row, one unpadded row at a time, in float64."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for row in rows:
+            ids = torch.tensor([row])
+            logits = model(input_ids=ids).logits[0, :-1].double()
+            total += float(torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum"))
+            count += len(row) - 1
+    return float(torch.exp(torch.tensor(total / count, dtype=torch.float64)))
+
+
+def test_a_given_start_score_is_not_compared_with_measured_candidates(tmp_path):
+    """scores= orders the ingredients; the soup the candidates must beat is measured like they are."""
+    from transformers import GPT2LMHeadModel
+
+    paths, ds, rows = _language_models(tmp_path)
+    # the ruined model is given a perfect perplexity: it starts the soup, but 1.0 is not what it measures
+    soup = merge_models(
+        [str(p) for p in paths],
+        method="greedy",
+        eval_dataset=ds,
+        metric="perplexity",
+        scores={"lm-3": 1.0},
+        progress=False,
+    )
+    measured = _perplexity_f64(GPT2LMHeadModel.from_pretrained(paths[3]).eval(), rows)
+    assert measured > 50.0  # far from the given 1.0
+    start = soup.history[0]
+    assert start["candidate"] == "lm-3"
+    assert start["score"] == pytest.approx(measured, rel=1e-4)
+    assert start["given_score"] == 1.0
+    assert next(i for i in soup.ingredients if i.name == "lm-3").score == 1.0  # the given number is kept
+    for prev, step in zip(soup.history, soup.history[1:]):
+        assert step["kept"] == (step["candidate_score"] <= prev["score"])
+    # compared with 1.0, every candidate was dropped; compared with what lm-3 measures, averaging helps
+    assert any(step["kept"] for step in soup.history[1:])
+    assert soup.score == pytest.approx(_perplexity_f64(soup.model, rows), rel=1e-4)
+    assert soup.score < measured
+    assert soup.report_extra["baselines"]["best_single"]["score"] == pytest.approx(measured, rel=1e-4)
+
+
+def test_greedy_on_a_language_model_minimises_perplexity(tmp_path):
+    paths, ds, _ = _language_models(tmp_path)
     soup = merge_models(
         [str(p) for p in paths], method="greedy", eval_dataset=ds, metric="perplexity", progress=False
     )

@@ -1,7 +1,8 @@
 """Greedy soup (Wortsman et al. 2022, Recipe 1): add ingredients best-first while the held-out score holds.
 
 Every ingredient is scored once on the selection set (scores already known are reused), the ingredients are
-sorted best first, and the soup starts as the best one. Each next ingredient is tried as
+sorted best first, and the soup starts as the best one. Known scores only decide the order: the start is scored
+on the selection set like every candidate, so the keep/drop comparisons are between measured numbers. Each next ingredient is tried as
 `(n * soup + candidate) / (n + 1)` and kept when the held-out score does not drop (`>=`, the paper's rule;
 `strict=True` keeps only strict improvements, like the paper's reference code).
 
@@ -262,20 +263,33 @@ def cook_greedy(kitchen: Kitchen) -> Soup:
     # 3. greedy additions
     soup.start(best)
     current_scores = members[best].ingredient.scores
-    if not current_scores:  # the best score was given: score the start point for the history
+    if not current_scores:  # the best score was given: measure the start point
         current_scores = evaluator.evaluate(live)
-    current = members[best].ingredient.score
-    history: list[dict[str, Any]] = [
-        {
-            "step": 0,
-            "candidate": names[best],
-            "candidate_score": current,
-            "kept": True,
-            "score": current,
-            "n_ingredients": 1,
-            "scores": current_scores,
-        }
-    ]
+    # Candidates are measured here, so the soup they must beat is measured here too: a given score (scores=, a
+    # Trainer metric) only orders the ingredients, it is never compared with a measured one.
+    current = evaluator.primary(current_scores)
+    step0: dict[str, Any] = {
+        "step": 0,
+        "candidate": names[best],
+        "candidate_score": current,
+        "kept": True,
+        "score": current,
+        "n_ingredients": 1,
+        "scores": current_scores,
+    }
+    if best in known:
+        step0["given_score"] = known[best]
+        baselines["best_single"].update(score=current, scores=current_scores, given_score=known[best])
+        if known[best] != current:
+            logger.info(
+                "Greedy soup: %s was given %.4f but measures %.4f on %s; candidates are compared with %.4f.",
+                names[best],
+                known[best],
+                current,
+                evaluator.select_on,
+                current,
+            )
+    history: list[dict[str, Any]] = [step0]
     members[best].ingredient.selected = True
     for step, i in enumerate(order[1:], start=1):
         soup.try_candidate(i)
