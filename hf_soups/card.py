@@ -2,7 +2,8 @@
 
 The metadata follows the Hub's conventions for merged models: `base_model` lists the Hub IDs the soup
 was made from, `base_model_relation: merge`, `tags` include `model-soup` and `merge`, `license` is set
-when every ingredient that declares one agrees, and `model-index` holds the held-out results when the
+only when every ingredient (and the base) declares the same one (otherwise the card says it is unknown and lists
+each ingredient's), and `model-index` holds the held-out results when the
 soup was evaluated. The body (from `hf_soups/templates/modelcard_template.md`) describes the recipe,
 the ingredients, the soup against its best ingredient, the WiSE-FT curve or greedy steps, how to load
 the soup and how to cook it again, and cites the two papers.
@@ -174,35 +175,39 @@ class _LicenseVerdict:
     note: str | None
 
 
+def _declared_license(meta: dict[str, Any]) -> tuple[str, str | None, str | None] | None:
+    """`(license, license_name, license_link)` one ingredient's card declares, or `None`."""
+    lic = meta.get("license")
+    if isinstance(lic, list):
+        lic = lic[0] if len(lic) == 1 else None
+    if isinstance(lic, str) and lic:
+        return lic, meta.get("license_name"), meta.get("license_link")
+    return None
+
+
 def _license_verdict(members: list[tuple[str, dict[str, Any]]]) -> _LicenseVerdict:
-    known = {}
-    for name, meta in members:
-        lic = meta.get("license")
-        if isinstance(lic, list):
-            lic = lic[0] if len(lic) == 1 else None
-        if isinstance(lic, str) and lic:
-            known[name] = (lic, meta.get("license_name"), meta.get("license_link"))
-    if not known:
-        return _LicenseVerdict(None, None, None, None)
-    distinct = sorted({k[:2] for k in known.values()}, key=str)
-    if len(distinct) > 1:
-        listing = ", ".join(f"{n}: {v[1] or v[0]}" for n, v in known.items())
-        note = (
-            f"**License:** the ingredients carry different licenses ({listing}), so this card sets none. "
-            "A soup is a derivative of every ingredient: check each license before using or sharing it."
-        )
-        return _LicenseVerdict(None, None, None, note)
-    lic, lic_name, lic_link = next(iter(known.values()))
-    note = None
-    missing = [n for n, _ in members if n not in known]
-    if missing:
-        note = (
-            f"**License:** `{lic_name or lic}` is the license of every ingredient that declares one; "
-            f"{', '.join(missing)} declare{'s' if len(missing) == 1 else ''} none. Check it before use."
-        )
-    return _LicenseVerdict(
-        lic, lic_name if lic == "other" else None, lic_link if lic == "other" else None, note
+    """The soup's license: known only when every member (ingredients and base) declares the same one.
+
+    Otherwise the card sets none and its note says the license is unknown, listing each member's.
+    """
+    declared = {name: _declared_license(meta) for name, meta in members}
+    distinct = {d[:2] for d in declared.values() if d is not None}
+    if len(distinct) == 1 and all(d is not None for d in declared.values()):
+        lic, lic_name, lic_link = next(iter(declared.values()))
+        other = lic == "other"
+        return _LicenseVerdict(lic, lic_name if other else None, lic_link if other else None, None)
+    listing = ", ".join(f"{name}: {d[1] or d[0] if d else 'none declared'}" for name, d in declared.items())
+    if not distinct:
+        why = "no ingredient declares one"
+    elif len(distinct) > 1:
+        why = "the ingredients carry different licenses"
+    else:
+        why = "not every ingredient declares one"
+    note = (
+        f"**License:** unknown: {why} ({listing}), so this card sets none. A soup is a derivative of every "
+        "ingredient: check each license before using or sharing it."
     )
+    return _LicenseVerdict(None, None, None, note)
 
 
 def _agreed(values: list[Any]) -> Any:

@@ -81,9 +81,10 @@ def test_in_memory_soup_save_pretrained_writes_the_card(hub_server, tiny_bert_di
     "licenses, expected, note",
     [
         (["mit", "mit", "mit"], "mit", None),
-        (["mit", "apache-2.0", "mit"], None, "different licenses"),
-        (["mit", None, "mit"], "mit", "declares none"),
-        ([None, None, None], None, None),
+        (["mit", "apache-2.0", "mit"], None, "the ingredients carry different licenses"),
+        # one ingredient without a license: the soup's license is unknown, not the others'
+        (["mit", None, "mit"], None, "not every ingredient declares one"),
+        ([None, None, None], None, "no ingredient declares one"),
     ],
 )
 def test_license_agreement(hub_server, tmp_path, licenses, expected, note):
@@ -95,9 +96,21 @@ def test_license_agreement(hub_server, tmp_path, licenses, expected, note):
     card = check_card(build_model_card(Soup("uniform", ingredients, _kitchen_config=BERT_CONFIG)))
     assert card.data.license == expected
     if note:
-        assert note in card.text
+        assert "**License:** unknown: " + note in card.text
+        listing = ", ".join(f"ft-{i}: {lic or 'none declared'}" for i, lic in enumerate(licenses))
+        assert f"({listing})" in card.text  # each ingredient's license, by name
     else:
         assert "**License:**" not in card.text
+
+
+def test_license_counts_the_base_too(hub_server, tmp_path):
+    """WiSE-FT: the zero-shot base is an ingredient of the weights, so its license counts."""
+    ingredients = [Ingredient(str(with_readme(tmp_path / "ft", "license: mit")), weight=1.0, selected=True)]
+    base = Ingredient(str(with_readme(tmp_path / "zero-shot", "tags:\n- demo")))
+    soup = Soup("wise-ft", ingredients, base=base, params={"alpha": 0.5}, _kitchen_config=BERT_CONFIG)
+    card = check_card(build_model_card(soup))
+    assert card.data.license is None
+    assert "ft: mit, zero-shot: none declared" in card.text
 
 
 def test_other_license_keeps_its_name(hub_server, tmp_path):
