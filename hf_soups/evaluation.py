@@ -238,6 +238,9 @@ class Evaluator:
         self._pad_token_id = 0
         self._label2id: dict[str, int] | None = None
         self._key_checked = False
+        self._config_limits: dict[str, int] = {}
+        self._input_ranges: dict[str, dict[str, tuple[int, int]]] = {}
+        self._models_checked: Any = None  # weakref.WeakSet of the models whose embeddings were checked
         self.timings: list[float] = []
 
     # -------------------------------------------------------------------------------- description
@@ -363,6 +366,7 @@ class Evaluator:
         self._label2id = {str(k): int(v) for k, v in (config.get("label2id") or {}).items()} or None
         self.problem_type = problem if task == "classification" else None
         self._pad_token_id = config.get("pad_token_id")
+        self._config_limits = _input_limits(config)
         self._members = members
         self._examples = None
         self._loaders = {}
@@ -373,6 +377,8 @@ class Evaluator:
             self.problem_type = (
                 "multi_label_classification" if kind.startswith("vector") else "single_label_classification"
             )
+        for name, examples in self._examples.items():
+            self._check_label_ranges(name, examples)
         self._finish_metric_setup()
         return self
 
@@ -433,6 +439,7 @@ class Evaluator:
         if task == "masked-lm" and not label_col:
             examples = self._mask_tokens(examples)
         self._check_labels(name, examples)
+        self._check_inputs(name, examples)
         return examples
 
     def _max_length(self, tokenizer) -> int:
@@ -549,6 +556,170 @@ class Evaluator:
                         f"Eval set {name!r} has labels {bad[:5]} outside the model's {self.num_labels} classes "
                         "(0 .. num_labels - 1); check label_column= and the label encoding."
                     )
+
+    def _check_inputs(self, name: str, examples: list[dict[str, Any]]) -> None:
+        """Refuse, before any model runs, ids and labels that would crash it (or be silently misread).
+
+        Records each id column's range for [`_check_model_inputs`] and checks it against the config's
+        `vocab_size` / `type_vocab_size` / `n_positions`, and the labels against the task.
+        """
+        import itertools
+
+        import numpy as np
+
+        ranges: dict[str, tuple[int, int]] = {}
+        for column in ("input_ids", "decoder_input_ids", "token_type_ids"):
+            rows = [ex[column] for ex in examples if column in ex]
+            if not rows:
+                continue
+            rows = [r.tolist() if hasattr(r, "tolist") else r for r in rows]
+            for i, row in enumerate(rows):
+                if not isinstance(row, (list, tuple)):
+                    raise EvaluationError(
+                        f"Eval set {name!r}: column {column!r} of example {i} is {type(row).__name__}; each example "
+                        "must hold one list of integer token ids."
+                    )
+                if column == "input_ids" and not row:
+                    raise EvaluationError(
+                        f"Eval set {name!r}: example {i} has no input_ids (an empty text?); drop empty examples."
+                    )
+            try:
+                flat = np.array(list(itertools.chain.from_iterable(rows)))
+            except ValueError:
+                flat = np.array([], dtype=object)
+            if flat.dtype.kind not in "iub" and not (flat.dtype.kind == "f" and np.all(np.mod(flat, 1) == 0)):
+                raise EvaluationError(
+                    f"Eval set {name!r}: column {column!r} holds values that are not integer token ids (nested lists, "
+                    "fractions or strings); each example must hold one list of integers."
+                )
+            if flat.size:
+                ranges[column] = (int(flat.min()), int(flat.max()))
+            if column == "input_ids":
+                lengths = [len(r) for r in rows]
+                ranges["length"] = (min(lengths), max(lengths))
+        self._input_ranges[name] = ranges
+        self._check_ranges(name, self._config_limits, "the model config")
+
+    def _check_ranges(self, name: str, limits: Mapping[str, int], where: str) -> None:
+        ranges = self._input_ranges.get(name, {})
+        for column, limit_key in (
+            ("input_ids", "vocab_size"),
+            ("decoder_input_ids", "vocab_size"),
+            ("token_type_ids", "type_vocab_size"),
+        ):
+            if column not in ranges:
+                continue
+            lo, hi = ranges[column]
+            limit = limits.get(limit_key)
+            if lo < 0 or (limit is not None and hi >= limit):
+                held = f"the negative id {lo}" if lo < 0 else f"ids up to {hi}"
+                size = (
+                    f"{limit_key} is {limit} (ids 0 .. {limit - 1})"
+                    if limit is not None
+                    else "ids start at 0"
+                )
+                if column == "token_type_ids":
+                    fix = (
+                        "this model takes fewer segment types: drop the token_type_ids column or re-tokenize the set "
+                        "with the ingredients' tokenizer."
+                    )
+                else:
+                    fix = (
+                        "the set was tokenized with a different tokenizer than the ingredients' (a tokenizer "
+                        "mismatch): re-tokenize it with the ingredients' tokenizer, or pass the raw text with "
+                        "text_columns= and let hf_soups tokenize it."
+                    )
+                raise EvaluationError(
+                    f"Eval set {name!r}: column {column!r} holds {held}, but {where}'s {size}; {fix}"
+                )
+        positions = limits.get("positions")
+        if "length" in ranges and positions is not None and ranges["length"][1] > positions:
+            raise EvaluationError(
+                f"Eval set {name!r}: an example has {ranges['length'][1]} tokens, more than the {positions} positions "
+                f"of {where}; truncate the input_ids to {positions} tokens (or pass raw text with text_columns=, "
+                "which is truncated to the model's limit)."
+            )
+
+    def _check_label_ranges(self, name: str, examples: list[dict[str, Any]]) -> None:
+        if not examples or "labels" not in examples[0]:
+            return
+        labels = [ex.get("labels") for ex in examples]
+        missing = [i for i, lab in enumerate(labels) if lab is None]
+        if missing:
+            raise EvaluationError(
+                f"Eval set {name!r}: examples {missing[:5]} have no label (None); drop them or fill them in."
+            )
+        task = self.task
+        if task == "classification" and self.problem_type == "single_label_classification":
+            bad = [x for x in labels if not isinstance(x, (int, float)) or not float(x).is_integer()]
+            if bad:
+                raise EvaluationError(
+                    f"Eval set {name!r}: labels {bad[:5]} are not class ids (0 .. num_labels - 1); for a regression "
+                    "model the config needs num_labels=1 or problem_type='regression'."
+                )
+        elif (
+            task == "classification" and self.problem_type == "multi_label_classification" and self.num_labels
+        ):
+            widths = sorted({len(x) for x in labels if hasattr(x, "__len__")})
+            if widths != [int(self.num_labels)]:
+                raise EvaluationError(
+                    f"Eval set {name!r}: multi-label targets have {widths} entries, but the model has "
+                    f"{self.num_labels} labels; give one 0/1 entry per label."
+                )
+        elif task in ("token-classification", "causal-lm", "masked-lm"):
+            if task == "token-classification":
+                limit, what = self.num_labels, "the model's num_labels"
+            else:
+                limit, what = self._config_limits.get("vocab_size"), "the model config's vocab_size"
+            import numpy as np
+
+            rows = []
+            for i, (ex, lab) in enumerate(zip(examples, labels)):
+                lab = lab.tolist() if hasattr(lab, "tolist") else lab
+                if not isinstance(lab, (list, tuple)):
+                    raise EvaluationError(
+                        f"Eval set {name!r}: the label of example {i} is {lab!r}; {task} needs one label per token "
+                        "(-100 for tokens that are not scored)."
+                    )
+                if "input_ids" in ex and len(lab) != len(ex["input_ids"]):
+                    raise EvaluationError(
+                        f"Eval set {name!r}: example {i} has {len(lab)} labels for {len(ex['input_ids'])} tokens; "
+                        "give one label per token of input_ids (-100 for tokens that are not scored)."
+                    )
+                rows.append(lab)
+            flat = np.array([v for row in rows for v in row] if rows else [], dtype=np.float64)
+            scored = flat[flat != -100]
+            bad = scored[(scored < 0) | ((scored >= int(limit)) if limit is not None else False)]
+            if bad.size:
+                size = f"{what} ({limit})" if limit is not None else "ids from 0"
+                fix = (
+                    "check label_column= and the label encoding"
+                    if task == "token-classification"
+                    else "the labels were tokenized with another tokenizer than the ingredients' (a tokenizer mismatch)"
+                )
+                shown = sorted({int(v) for v in bad})[:5]
+                raise EvaluationError(
+                    f"Eval set {name!r}: column 'labels' holds {shown}, outside {size}; {fix}."
+                )
+
+    def _check_model_inputs(self, model: Any) -> None:
+        """The eval sets' id ranges against the model's own embedding tables (once per model, no forward pass)."""
+        import weakref
+
+        if self._models_checked is None:
+            self._models_checked = weakref.WeakSet()
+        try:
+            if model in self._models_checked:
+                return
+        except TypeError:  # not weak-referenceable: check every time (cheap)
+            pass
+        limits = _model_limits(model)
+        for name in self._datasets:
+            self._check_ranges(name, limits, "the model's embeddings")
+        try:
+            self._models_checked.add(model)
+        except TypeError:
+            pass
 
     # -------------------------------------------------------------------------------- metric set-up
 
@@ -748,6 +919,7 @@ class Evaluator:
         import torch
 
         self._ensure_bound(model)
+        self._check_model_inputs(model)
         acc = self._get_accelerator()
         device = self.device
         model_device = (
@@ -1133,6 +1305,52 @@ def _forward_arguments(model: Any) -> set[str] | None:
     if any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params.values()) and "input_ids" not in params:
         return None
     return set(params)
+
+
+def _input_limits(config: Mapping[str, Any]) -> dict[str, int]:
+    """`vocab_size`, `type_vocab_size` and (absolute positions only: `n_positions`) from a config dict."""
+    limits: dict[str, int] = {}
+    nested = config.get("text_config") if isinstance(config.get("text_config"), Mapping) else {}
+    for key in ("vocab_size", "type_vocab_size"):
+        value = config.get(key, nested.get(key))
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            limits[key] = value
+    if (
+        isinstance(config.get("n_positions"), int) and config["n_positions"] > 0
+    ):  # GPT-2 style learned positions
+        limits["positions"] = config["n_positions"]
+    return limits
+
+
+def _model_limits(model: Any) -> dict[str, int]:
+    """Rows of the model's token embeddings and of their token-type and learned-position siblings."""
+    get = getattr(model, "get_input_embeddings", None)
+    try:
+        emb = get() if get is not None else None
+    except (NotImplementedError, AttributeError):
+        emb = None
+    if emb is None or not isinstance(getattr(emb, "num_embeddings", None), int):
+        return {}
+    limits = {"vocab_size": emb.num_embeddings}
+    parent = None
+    for module_name, module in model.named_modules():
+        if module is emb:
+            parent = module_name.rpartition(".")[0]
+            break
+    if parent is None:
+        return limits
+    siblings = dict(model.get_submodule(parent).named_children()) if parent else dict(model.named_children())
+    types = siblings.get("token_type_embeddings")
+    if isinstance(getattr(types, "num_embeddings", None), int):
+        limits["type_vocab_size"] = types.num_embeddings
+    # learned absolute positions beside the token embeddings (BERT family, GPT-2); position ids start after
+    # padding_idx when there is one (RoBERTa family)
+    positions = siblings.get("position_embeddings", siblings.get("wpe"))
+    rows = getattr(positions, "num_embeddings", None)
+    if isinstance(rows, int) and type(positions).__name__ == "Embedding":
+        pad = getattr(positions, "padding_idx", None)
+        limits["positions"] = rows - (pad + 1) if isinstance(pad, int) and pad >= 0 else rows
+    return limits
 
 
 def _guess_text_columns(columns: Sequence[str]) -> list[str] | None:

@@ -423,3 +423,77 @@ def test_cuda_matches_cpu(model, data):
     gpu = build_evaluator(as_dataset(ids, labels), device="cuda").evaluate(model)
     assert gpu["eval"]["accuracy"] == pytest.approx(cpu["eval"]["accuracy"])
     assert np.isclose(gpu["eval"]["loss"], cpu["eval"]["loss"], rtol=1e-3)
+
+
+# ---------------------------------------------------------------------------------------- inputs that crash models
+
+
+def _token_models():
+    from transformers import BertForTokenClassification, GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    token_config = tiny_config(3)
+    token_config.architectures = ["BertForTokenClassification"]
+    gpt2 = GPT2Config(vocab_size=99, n_embd=32, n_layer=2, n_head=2, n_positions=32)
+    gpt2.architectures = ["GPT2LMHeadModel"]
+    return BertForTokenClassification(token_config).eval(), GPT2LMHeadModel(gpt2).eval()
+
+
+def test_token_ids_beyond_the_vocabulary_are_named_before_the_model_runs(model, monkeypatch):
+    """A set tokenized with another tokenizer: an EvaluationError with the set, column, id, size and fix."""
+    calls = []
+    monkeypatch.setattr(type(model), "forward", lambda self, *a, **k: calls.append(1))
+    ds = Dataset.from_dict({"input_ids": [[2, 5, 150], [2, 7, 3]], "label": [0, 1]})
+    with pytest.raises(EvaluationError) as info:
+        build_evaluator({"val": ds}, model=model)  # bound to the config: refused at once
+    message = str(info.value)
+    for text in ("'val'", "'input_ids'", "150", "vocab_size is 99", "tokenizer"):
+        assert text in message, (text, message)
+    # a config without vocab_size: the model's own embedding rows decide, still before any forward pass
+    evaluator = build_evaluator({"val": ds}, config={"architectures": ["BertForSequenceClassification"]})
+    with pytest.raises(EvaluationError, match=r"'input_ids' holds ids up to 150, but the model's embeddings"):
+        evaluator.evaluate(model)
+    with pytest.raises(EvaluationError, match="negative id -1"):
+        build_evaluator(Dataset.from_dict({"input_ids": [[2, -1]], "label": [0]}), model=model)
+    assert calls == []
+
+
+@pytest.mark.parametrize(
+    "which, columns, match",
+    [
+        ("cls", {"input_ids": [[2] * 40, [2, 7]], "label": [0, 1]}, "40 tokens, more than the 32 positions"),
+        (
+            "cls",
+            {"input_ids": [[2, 5], [2, 7]], "token_type_ids": [[0, 5], [0, 0]], "label": [0, 1]},
+            "type_vocab",
+        ),
+        ("cls", {"input_ids": [[2, 5], [2, 7]], "label": [0.5, 1.0]}, "not class ids"),
+        ("cls", {"input_ids": [[2, 5], [2, 7]], "label": [[0, 1, 1], [1, 0, 0]]}, "model has 2 labels"),
+        ("cls", {"input_ids": [[2, 5], [2, 7]], "label": [0, None]}, r"examples \[1\] have no label"),
+        ("cls", {"input_ids": [[], [2, 7]], "label": [0, 1]}, "example 0 has no input_ids"),
+        (
+            "tok",
+            {"input_ids": [[2, 5, 6], [2, 7, 8]], "labels": [[0, 7, 1], [1, 2, -100]]},
+            r"\[7\], outside",
+        ),
+        (
+            "tok",
+            {"input_ids": [[2, 5, 6], [2, 7, 8]], "labels": [[0, 1], [1, 2, 0]]},
+            "2 labels for 3 tokens",
+        ),
+        ("lm", {"input_ids": [[2, 5, 150], [2, 7, 3]]}, "ids up to 150"),
+        ("lm", {"input_ids": [[2, 5, 6], [2, 7, 3]], "labels": [[2, 5, 600], [2, 7, 3]]}, r"\[600\]"),
+        ("lm", {"input_ids": [[5] * 40, [2, 7, 3]]}, "40 tokens, more than the 32 positions"),
+    ],
+)
+def test_inputs_that_would_crash_the_model_are_named_errors(model, which, columns, match):
+    """Each of these raised a raw IndexError / RuntimeError / TypeError from torch (or scored silently)."""
+    token_model, lm = _token_models()
+    target = {"cls": model, "tok": token_model, "lm": lm}[which]
+    kwargs = {"metric": "perplexity"} if which == "lm" else {}
+    with pytest.raises(EvaluationError, match=match) as info:
+        evaluator = build_evaluator(
+            {"val": Dataset.from_dict(columns)}, model=target, progress=False, **kwargs
+        )
+        evaluator.evaluate(target)
+    assert "'val'" in str(info.value)
