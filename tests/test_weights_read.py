@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import zipfile
 
 import pytest
 import torch
@@ -86,3 +87,219 @@ def test_nan_ingredient_is_still_named_with_a_narrow_dtype(tmp_path, tiny_bert_d
     with pytest.raises(NonFiniteTensorError) as e:
         merge_models([tiny_bert_dirs[0], bad], dtype="float16", output_dir=tmp_path / "soup", progress=False)
     assert e.value.ingredient == "bad" and e.value.tensor_name == BIG
+
+
+# ------------------------------------------------------------------------ defect 7: which files are read
+
+
+def _from_pretrained_mean(dirs) -> dict[str, torch.Tensor]:
+    """The independent reference: each ingredient loaded by transformers itself, averaged in float64."""
+    from transformers import BertForSequenceClassification
+
+    sds = [BertForSequenceClassification.from_pretrained(d).state_dict() for d in dirs]
+    return {k: sum(sd[k].double() for sd in sds) / len(sds) for k in sds[0]}
+
+
+def _assert_soup_is(out_dir, expected):
+    got = {}
+    for f in sorted(out_dir.glob("*.safetensors")):
+        got.update(load_file(f))
+    assert got and set(got) <= set(expected)
+    for k, v in got.items():
+        if v.is_floating_point():
+            torch.testing.assert_close(v.double(), expected[k], rtol=0, atol=1e-6, msg=k)
+        else:
+            assert torch.equal(v, expected[k].to(v.dtype)), k
+
+
+def _save_bin_sharded(model, folder):
+    """`pytorch_model-0000i-of-00002.bin` shards and their index, as older transformers wrote them."""
+    folder.mkdir(parents=True, exist_ok=True)
+    sd = model.state_dict()
+    keys = list(sd)
+    shards = {
+        "pytorch_model-00001-of-00002.bin": keys[: len(keys) // 2],
+        "pytorch_model-00002-of-00002.bin": keys[len(keys) // 2 :],
+    }
+    for name, ks in shards.items():
+        torch.save({k: sd[k].clone() for k in ks}, folder / name)
+    weight_map = {k: name for name, ks in shards.items() for k in ks}
+    (folder / "pytorch_model.bin.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map})
+    )
+
+
+def _two_forms(root, seed: int, stale: str):
+    """A checkpoint folder holding a single weights file and an index with shards, one of them stale.
+
+    stale="index": an index + shards of older weights beside the current model.safetensors.
+    stale="single": an older model.safetensors beside the current index + shards.
+    stale="bin-index": an index + .bin shards of older weights beside the current pytorch_model.bin.
+    """
+    folder = root / f"{stale}-{seed}"
+    current, old = make_tiny_bert(seed=seed), make_tiny_bert(seed=seed + 50)
+    if stale == "index":
+        old.save_pretrained(folder, max_shard_size="20KB")
+        current.save_pretrained(root / "tmp-single")
+        shutil.copy(root / "tmp-single" / "model.safetensors", folder)
+    elif stale == "single":
+        current.save_pretrained(folder, max_shard_size="20KB")
+        old.save_pretrained(root / "tmp-single")
+        shutil.copy(root / "tmp-single" / "model.safetensors", folder)
+    else:
+        current.config.save_pretrained(folder)
+        torch.save(current.state_dict(), folder / "pytorch_model.bin")
+        _save_bin_sharded(old, folder)
+    shutil.rmtree(root / "tmp-single", ignore_errors=True)
+    return folder
+
+
+@pytest.mark.parametrize("stale", ["index", "single", "bin-index"])
+def test_soup_reads_what_from_pretrained_reads_and_warns(tmp_path, caplog, stale):
+    dirs = [_two_forms(tmp_path, seed, stale) for seed in (0, 1)]
+    with caplog.at_level(logging.WARNING):
+        merge_models(dirs, output_dir=tmp_path / "soup", progress=False)
+    _assert_soup_is(tmp_path / "soup", _from_pretrained_mean(dirs))
+    single, index = (
+        ("pytorch_model.bin", "pytorch_model.bin.index.json")
+        if stale == "bin-index"
+        else ("model.safetensors", "model.safetensors.index.json")
+    )
+    warnings = [
+        r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and index in r.getMessage()
+    ]
+    assert any(str(dirs[0]) in w and single in w and "from_pretrained" in w for w in warnings), warnings
+
+
+def test_config_transformers_weights_names_the_file(tmp_path):
+    """transformers honours config.json's `transformers_weights`; so does the soup, confined to the folder."""
+    dirs = []
+    for seed in (0, 1):
+        d = make_tiny_bert_dir(tmp_path / f"named-{seed}", seed=seed)
+        (d / "model.safetensors").rename(d / "weights.safetensors")
+        shutil.copy(make_tiny_bert_dir(tmp_path / f"decoy-{seed}", seed=seed + 50) / "model.safetensors", d)
+        config = json.loads((d / "config.json").read_text())
+        (d / "config.json").write_text(json.dumps({**config, "transformers_weights": "weights.safetensors"}))
+        dirs.append(d)
+    merge_models(dirs, output_dir=tmp_path / "soup", progress=False)
+    _assert_soup_is(tmp_path / "soup", _from_pretrained_mean(dirs))
+
+    config = json.loads((dirs[1] / "config.json").read_text())
+    (dirs[1] / "config.json").write_text(
+        json.dumps({**config, "transformers_weights": "../decoy-1/model.safetensors"})
+    )
+    with pytest.raises(CorruptCheckpointError, match="transformers_weights") as e:
+        merge_models(dirs, progress=False)
+    assert str(dirs[1] / "config.json") in str(e.value)
+
+
+# ----------------------------------------------------------------------- defect 5: confined, unambiguous index
+
+
+def _sharded(root, name, seed=0):
+    folder = root / name
+    make_tiny_bert(seed=seed).save_pretrained(folder, max_shard_size="20KB")
+    index = folder / "model.safetensors.index.json"
+    assert index.is_file()
+    return folder, index
+
+
+@pytest.mark.parametrize("escape", ["parent", "absolute", "nested-parent", "backslash"])
+def test_index_naming_a_file_outside_its_folder_is_refused(tmp_path, escape):
+    outside, _ = _sharded(tmp_path, "other", seed=9)
+    folder, index = _sharded(tmp_path, "ft")
+    data = json.loads(index.read_text())
+    shard = sorted(set(data["weight_map"].values()))[-1]
+    target = {
+        "parent": f"../other/{shard}",
+        "absolute": str(outside / shard),
+        "nested-parent": f"sub/../../other/{shard}",
+        "backslash": f"..\\other\\{shard}",
+    }[escape]
+    (folder / shard).unlink()  # the folder's own shard is gone: only the outside file could be read
+    entry = next(k for k, v in data["weight_map"].items() if v == shard)
+    data["weight_map"] = {k: (target if v == shard else v) for k, v in data["weight_map"].items()}
+    index.write_text(json.dumps(data))
+    with pytest.raises(CorruptCheckpointError) as e:
+        merge_models([folder, tmp_path / "other"], progress=False)
+    msg = str(e.value)
+    assert str(index) in msg and entry in msg and repr(target) in msg and "inside" in msg
+    assert e.value.path == str(index)
+
+
+def test_index_listing_a_tensor_twice_is_refused(tmp_path):
+    folder, index = _sharded(tmp_path, "ft")
+    data = json.loads(index.read_text())
+    shards = sorted(set(data["weight_map"].values()))
+    name = next(iter(data["weight_map"]))
+    body = json.dumps(data["weight_map"])[1:-1]
+    # JSON with the same key twice: json.loads would silently keep the last
+    index.write_text('{"metadata": {}, "weight_map": {' + body + f', "{name}": "{shards[-1]}"' + "}}")
+    with pytest.raises(CorruptCheckpointError, match="twice") as e:
+        merge_models([folder, make_tiny_bert(seed=1)], progress=False)
+    assert str(index) in str(e.value) and e.value.tensor_name == name
+
+
+def test_tensor_stored_in_two_shards_is_refused(tmp_path):
+    folder, index = _sharded(tmp_path, "ft")
+    shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    first = load_file(folder / shards[0])
+    name = next(iter(first))
+    last = load_file(folder / shards[-1])
+    last[name] = first[name] + 1.0  # a stale copy in another shard: loaders keep whichever comes last
+    save_file(last, folder / shards[-1], metadata={"format": "pt"})
+    with pytest.raises(CorruptCheckpointError, match="twice") as e:
+        merge_models([folder, make_tiny_bert(seed=1)], progress=False)
+    assert e.value.tensor_name == name and shards[0] in str(e.value) and shards[-1] in str(e.value)
+
+
+# ---------------------------------------------------------------------------------- defect 6: legacy .bin
+
+
+def _bin_dir(root, name, seed, *, legacy: bool):
+    folder = root / name
+    model = make_tiny_bert(seed=seed)
+    model.config.save_pretrained(folder)
+    torch.save(model.state_dict(), folder / "pytorch_model.bin", _use_new_zipfile_serialization=not legacy)
+    return folder
+
+
+def test_legacy_non_zip_bin_is_loaded_like_from_pretrained(tmp_path):
+    dirs = [_bin_dir(tmp_path, "legacy", 0, legacy=True), _bin_dir(tmp_path, "zip", 1, legacy=False)]
+    assert not zipfile.is_zipfile(dirs[0] / "pytorch_model.bin")
+    merge_models(dirs, output_dir=tmp_path / "soup", progress=False)
+    _assert_soup_is(tmp_path / "soup", _from_pretrained_mean(dirs))
+
+
+class _RunsCode:
+    """A pickle payload that would create `marker` when unpickled."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.parametrize("legacy", [True, False])
+def test_bin_holding_code_is_refused_without_running_it(tmp_path, legacy):
+    folder = _bin_dir(tmp_path, "evil", 0, legacy=legacy)
+    marker = tmp_path / "pwned"
+    sd = make_tiny_bert(seed=0).state_dict()
+    sd["payload"] = _RunsCode(marker)
+    torch.save(sd, folder / "pytorch_model.bin", _use_new_zipfile_serialization=not legacy)
+    with pytest.raises(CorruptCheckpointError) as e:
+        merge_models([folder, make_tiny_bert(seed=1)], progress=False)
+    msg = str(e.value)
+    assert "pytorch_model.bin" in msg and "other than tensors" in msg and "safety" in msg
+    assert "truncated" not in msg
+    assert not marker.exists()
+
+
+def test_truncated_legacy_bin_is_named(tmp_path):
+    folder = _bin_dir(tmp_path, "cut", 0, legacy=True)
+    f = folder / "pytorch_model.bin"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(CorruptCheckpointError, match="truncated") as e:
+        merge_models([folder, make_tiny_bert(seed=1)], progress=False)
+    assert e.value.path == str(f)
