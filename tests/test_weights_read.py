@@ -303,3 +303,34 @@ def test_truncated_legacy_bin_is_named(tmp_path):
     with pytest.raises(CorruptCheckpointError, match="truncated") as e:
         merge_models([folder, make_tiny_bert(seed=1)], progress=False)
     assert e.value.path == str(f)
+
+
+@pytest.mark.parametrize("stale", ["index", "single", "bin-index", None])
+def test_hub_download_fetches_only_the_files_from_pretrained_reads(hub_server, tmp_path, monkeypatch, stale):
+    """Pulled from the (local) Hub: the same files as from_pretrained, and never the shards of a stale index."""
+    from huggingface_hub import HfApi
+
+    from hf_soups.ingredients import Ingredient, resolve
+
+    monkeypatch.setenv("DISABLE_SAFETENSORS_CONVERSION", "1")  # no conversion thread in from_pretrained
+    api = HfApi(token=hub_server.token)
+    ids = []
+    for seed in (0, 1):
+        if stale is None:  # index + shards only: every shard is fetched
+            folder, _ = _sharded(tmp_path, f"sharded-{seed}", seed=seed)
+        else:
+            folder = _two_forms(tmp_path, seed, stale)
+        repo_id = f"{hub_server.user}/weights-read-{stale}-{seed}-{tmp_path.name[-12:]}"
+        api.create_repo(repo_id, exist_ok=True)
+        api.upload_folder(folder_path=folder, repo_id=repo_id)
+        ids.append(repo_id)
+    merge_models(ids, output_dir=tmp_path / "soup", progress=False)
+    _assert_soup_is(tmp_path / "soup", _from_pretrained_mean(ids))
+    snapshot = resolve(Ingredient(ids[0])).path
+    downloaded = {p.name for p in snapshot.iterdir()}
+    shards = {n for n in downloaded if "-of-" in n}
+    if stale is None:
+        assert len(shards) > 1
+    else:
+        assert not shards, downloaded
+        assert ("pytorch_model.bin" if stale == "bin-index" else "model.safetensors") in downloaded
