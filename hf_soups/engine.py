@@ -310,10 +310,14 @@ def _combine_slices(
 
 
 def _finite(t: torch.Tensor) -> bool:
-    """Whether every value of `t` is finite: one sum (fast path), a full test only when the sum is not finite."""
+    """Whether every value of `t` is finite, with one sum: a NaN or an inf makes any sum non-finite.
+
+    The sum in `t`'s dtype is the fast path; when it overflows (a float16 slice whose values add up past
+    65504), a float64 sum, which finite values cannot overflow, decides.
+    """
     import torch
 
-    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t.sum(dtype=torch.float64)))
 
 
 def _numel(shape: tuple[int, ...]) -> int:

@@ -334,3 +334,15 @@ def test_hub_download_fetches_only_the_files_from_pretrained_reads(hub_server, t
     else:
         assert not shards, downloaded
         assert ("pytorch_model.bin" if stale == "bin-index" else "model.safetensors") in downloaded
+
+
+def test_float16_tensor_whose_sum_exceeds_65504_is_not_refused(tmp_path, tiny_bert_dirs, monkeypatch):
+    """Every value fits float16 but the slice adds up past 65504: the fast check's overflow is no false alarm."""
+    monkeypatch.setattr(engine_module, "CHUNK_ELEMENTS", 100)
+    a = _with_values(tiny_bert_dirs[0], tmp_path / "a", {})
+    sd = load_file(a / "model.safetensors")
+    sd[BIG] = torch.full_like(sd[BIG], 60000.0)
+    save_file(sd, a / "model.safetensors", metadata={"format": "pt"})
+    merge_models([a, a], dtype="float16", output_dir=tmp_path / "soup", progress=False)
+    got = load_file(tmp_path / "soup" / "model.safetensors")[BIG]
+    assert torch.equal(got, torch.full(got.shape, 60000.0, dtype=torch.float16))
