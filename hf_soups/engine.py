@@ -5,9 +5,10 @@ files, in-memory tensors) and the sink can append one (the sharded writer): each
 from the page cache into a small buffer, summed while it is still in the CPU cache and written out, so
 memory holds a few small buffers whatever the number and the size of the ingredients. Other tensors
 (adapter deltas, permuted classification heads, sinks that need whole tensors) use one float32
-accumulator of the largest such tensor and one read buffer. Non-finite values are detected on the
-accumulated result (one cheap reduction per slice or tensor); only then are the ingredients searched for
-the culprit.
+accumulator of the largest such tensor and one read buffer. Non-finite values are detected on what is
+written: the result cast to the dtype the sink stores (one cheap reduction per slice or tensor, on the
+cast the sink makes anyway), so NaN in an ingredient, a float32 overflow and a value too large for the
+output dtype (float16 above 65504) are all refused; only then are the ingredients searched for the culprit.
 """
 
 from __future__ import annotations
@@ -33,7 +34,18 @@ CHUNK_ELEMENTS = 1 << 17
 
 
 class TensorSink:
-    """Receives the soup's tensors in plan order."""
+    """Receives the soup's tensors in plan order.
+
+    The engine first asks [`cast`] for the values exactly as they will be stored, checks that they are
+    finite, then hands that result to `write` (or `write_chunk`), which then stores it without a second cast.
+    """
+
+    def cast(self, plan: TensorPlan, tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor` (a whole tensor or a flat slice) converted to the dtype in which it will be stored.
+
+        The result may live in a buffer of the sink, valid until the next call.
+        """
+        return tensor.to(plan.dtype)
 
     def write(self, plan: TensorPlan, tensor: torch.Tensor) -> None:
         raise NotImplementedError
@@ -48,20 +60,19 @@ class WriterSink(TensorSink):
         self.writer = writer
         self._buf = torch.empty(max(max_bytes, 1), dtype=torch.uint8)
 
+    def cast(self, plan: TensorPlan, tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.dtype == plan.dtype:
+            return tensor
+        out = self._buf[: tensor.numel() * plan.dtype.itemsize].view(plan.dtype).view(tensor.shape)
+        out.copy_(tensor)
+        return out
+
     def write(self, plan: TensorPlan, tensor: torch.Tensor) -> None:
-        if tensor.dtype != plan.dtype:
-            out = self._buf[: plan.nbytes].view(plan.dtype).view(plan.shape)
-            out.copy_(tensor)
-            tensor = out
-        self.writer.write(plan.name, tensor)
+        self.writer.write(plan.name, self.cast(plan, tensor))
 
     def write_chunk(self, plan: TensorPlan, piece: torch.Tensor) -> None:
         """Append the next flat slice of `plan`'s tensor (cast to the planned dtype)."""
-        if piece.dtype != plan.dtype:
-            out = self._buf[: piece.numel() * plan.dtype.itemsize].view(plan.dtype)
-            out.copy_(piece)
-            piece = out
-        self.writer.write_chunk(plan.name, piece)
+        self.writer.write_chunk(plan.name, self.cast(plan, piece))
 
 
 class ModelSink(TensorSink):
@@ -76,6 +87,17 @@ class ModelSink(TensorSink):
         self._targets = model.state_dict()
         self._missing: list[str] = []
 
+    def cast(self, plan: TensorPlan, tensor: torch.Tensor) -> torch.Tensor:
+        """Copy `tensor` into the model's own parameter (its dtype and device) and return that parameter."""
+        import torch
+
+        target = self._targets.get(plan.name)
+        if target is None:
+            return tensor
+        with torch.no_grad():
+            target.copy_(tensor)
+        return target
+
     def write(self, plan: TensorPlan, tensor: torch.Tensor) -> None:
         import torch
 
@@ -83,8 +105,9 @@ class ModelSink(TensorSink):
         if target is None:
             self._missing.append(plan.name)
             return
-        with torch.no_grad():
-            target.copy_(tensor)
+        if tensor is not target:
+            with torch.no_grad():
+                target.copy_(tensor)
 
     def finish(self) -> None:
         if self._missing:
@@ -102,7 +125,7 @@ class DictSink(TensorSink):
         self.tensors: dict[str, torch.Tensor] = {}
 
     def write(self, plan: TensorPlan, tensor: torch.Tensor) -> None:
-        self.tensors[plan.name] = tensor.to(plan.dtype, copy=True)
+        self.tensors[plan.name] = tensor.to(plan.dtype, copy=True)  # the engine reuses its buffers
 
 
 def read_aligned(
@@ -141,7 +164,8 @@ def combine(
         progress (`bool`): show a progress bar over tensors (honours `HF_HUB_DISABLE_PROGRESS_BARS`).
 
     Raises:
-        [`NonFiniteTensorError`]: an ingredient tensor holds NaN or inf.
+        [`NonFiniteTensorError`]: an ingredient tensor holds NaN or inf, or the soup's value would be written as
+            inf (a float32 overflow, or a value too large for the output dtype, e.g. above 65504 in float16).
         [`IncompatibleIngredientsError`]: an integer buffer differs between ingredients.
     """
     import torch
@@ -222,9 +246,10 @@ def _combine_whole(tp: TensorPlan, sources, active, sink, acc_buf, read_buf, nam
             first = False
         else:
             acc.add_(t, alpha=c)
-    if not bool(torch.isfinite(acc.sum())) and not bool(torch.isfinite(acc).all()):
-        _raise_non_finite(tp, sources, active, names, read_buf)
-    sink.write(tp, acc)
+    out = sink.cast(tp, acc)
+    if not _finite(out):
+        _raise_non_finite(tp, sources, active, names, read_buf, acc, out.dtype)
+    sink.write(tp, out)
 
 
 @contextmanager
@@ -248,8 +273,13 @@ def _single_threaded():
         torch.set_num_threads(previous)
 
 
-def _combine_slices(tp: TensorPlan, sources, active, sink, chunk_acc, read_buf, names) -> None:
-    """`sum_i c_i * ingredient_i` for one large tensor, one slice of `CHUNK_ELEMENTS` at a time."""
+def _combine_slices(
+    tp: TensorPlan, sources, active, sink, chunk_acc, read_buf, names, check: bool = True
+) -> None:
+    """`sum_i c_i * ingredient_i` for one large tensor, one slice of `CHUNK_ELEMENTS` at a time.
+
+    `check=False` skips the finiteness check (only for measuring a result already known to be refused).
+    """
     import torch
 
     keys = [tp.source_keys[i] for i, _ in active]
@@ -273,9 +303,21 @@ def _combine_slices(tp: TensorPlan, sources, active, sink, chunk_acc, read_buf, 
                 acc.mul_(first_c)
         for (i, c), key in zip(active[1:], keys[1:]):
             acc.add_(sources[i].get_range(key, start, count, read_buf), alpha=c)
-        if not bool(torch.isfinite(acc.sum())) and not bool(torch.isfinite(acc).all()):
-            _raise_non_finite(tp, sources, active, names, None)
-        sink.write_chunk(tp, acc)
+        out = sink.cast(tp, acc)
+        if check and not _finite(out):
+            _raise_non_finite(tp, sources, active, names, None, None, out.dtype)
+        sink.write_chunk(tp, out)
+
+
+def _finite(t: torch.Tensor) -> bool:
+    """Whether every value of `t` is finite, with one sum: a NaN or an inf makes any sum non-finite.
+
+    The sum in `t`'s dtype is the fast path; when it overflows (a float16 slice whose values add up past
+    65504), a float64 sum, which finite values cannot overflow, decides.
+    """
+    import torch
+
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t.sum(dtype=torch.float64)))
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -303,7 +345,27 @@ def _copy_checked(tp: TensorPlan, sources, active, names) -> torch.Tensor:
     return ref
 
 
-def _raise_non_finite(tp: TensorPlan, sources, active, names, buf) -> None:
+class _MaxMagnitudeSink(TensorSink):
+    """Keeps the largest magnitude of the float32 values it receives (for the overflow message)."""
+
+    def __init__(self):
+        self.max = 0.0
+
+    def cast(self, plan: TensorPlan, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+    def write(self, plan: TensorPlan, tensor: torch.Tensor) -> None:
+        if tensor.numel():
+            self.max = max(self.max, float(tensor.abs().max()))
+
+    write_chunk = write
+
+
+def _raise_non_finite(tp: TensorPlan, sources, active, names, buf, acc, dtype) -> None:
+    """Name the cause of a non-finite result: an ingredient, the float32 sum, or the cast to `dtype`.
+
+    `acc` is the whole float32 result when the caller has it (None for sliced tensors, which are re-read).
+    """
     import torch
 
     for i, _ in active:
@@ -316,6 +378,28 @@ def _raise_non_finite(tp: TensorPlan, sources, active, names, buf) -> None:
                 ingredient=names[i],
                 tensor_name=tp.name,
             )
+    if acc is None:  # a sliced tensor: sum it again, slice by slice, keeping only the largest magnitude
+        probe = _MaxMagnitudeSink()
+        chunk_acc = torch.empty(CHUNK_ELEMENTS, dtype=torch.float32)
+        read_buf = torch.empty(CHUNK_ELEMENTS * 8, dtype=torch.uint8)
+        _combine_slices(tp, sources, active, probe, chunk_acc, read_buf, names, check=False)
+        magnitude = probe.max
+    else:
+        magnitude = float(acc.abs().max())
+    if (
+        dtype != torch.float32
+        and dtype.is_floating_point
+        and magnitude == magnitude
+        and magnitude != float("inf")
+    ):
+        limit = torch.finfo(dtype).max
+        dtype_name = str(dtype).removeprefix("torch.")
+        raise NonFiniteTensorError(
+            f"Tensor {tp.name!r} of the soup has values of magnitude up to {magnitude:.6g}, beyond the largest "
+            f"{dtype_name} ({limit:.6g}): written as {dtype_name} they would be inf. Use a wider output dtype, "
+            "such as dtype='bfloat16' or dtype='float32'.",
+            tensor_name=tp.name,
+        )
     raise NonFiniteTensorError(
         f"Tensor {tp.name!r} overflowed while averaging (every ingredient is finite but the float32 sum is not).",
         tensor_name=tp.name,

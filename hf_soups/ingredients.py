@@ -7,6 +7,7 @@ A reference may be a Hub model ID with an optional `@revision`, a local folder s
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
@@ -16,7 +17,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Union
 
 from .errors import IngredientNotFoundError, InvalidArgumentError
-from .tensors import StateDictSource, TensorSource, find_weight_files, open_weight_files
+from .tensors import (
+    SAFE_WEIGHTS_INDEX_NAME,
+    SAFE_WEIGHTS_NAME,
+    WEIGHTS_INDEX_NAME,
+    WEIGHTS_NAME,
+    StateDictSource,
+    TensorSource,
+    find_weight_files,
+    open_weight_files,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import PreTrainedModel
@@ -439,11 +449,29 @@ def _download(
             )
         )
 
+    def fetch_chosen(snapshot: Path) -> Path:
+        """Fetch what find_weight_files (transformers' rule) reads: an explicitly named file, then shards."""
+        for _ in range(3):
+            weights = find_weight_files(snapshot, require_files=False)
+            missing = weights.missing() if weights is not None else []
+            if not missing:
+                break
+            snapshot = fetch([glob.escape(p.relative_to(snapshot).as_posix()) for p in missing])
+        return snapshot
+
     name = ingredient.name
     try:
-        snapshot = fetch(HUB_CONFIG_PATTERNS + HUB_SAFETENSORS_PATTERNS + HUB_ADAPTER_PATTERNS)
-        if find_weight_files(snapshot) is None and not (snapshot / "adapter_config.json").is_file():
-            snapshot = fetch(HUB_CONFIG_PATTERNS + HUB_BIN_PATTERNS)
+        # the small files first: configs, model.safetensors or the safetensors index (never shards of an
+        # index that model.safetensors makes stale), adapters; then only the shards the rule picks
+        snapshot = fetch(
+            HUB_CONFIG_PATTERNS + [SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME] + HUB_ADAPTER_PATTERNS
+        )
+        snapshot = fetch_chosen(snapshot)
+        if (
+            find_weight_files(snapshot, require_files=False) is None
+            and not (snapshot / "adapter_config.json").is_file()
+        ):
+            snapshot = fetch_chosen(fetch(HUB_CONFIG_PATTERNS + [WEIGHTS_NAME, WEIGHTS_INDEX_NAME]))
     except RevisionNotFoundError:
         raise IngredientNotFoundError(
             f"Ingredient {name!r}: revision {revision!r} does not exist in Hub repository {repo_id!r}.",

@@ -2,8 +2,10 @@
 
 Reading never maps whole checkpoints into memory: safetensors files are read one tensor at a time with
 plain reads into a caller-provided, reused buffer, so the resident memory of a soup does not grow with
-the number or the size of the ingredients. Legacy `pytorch_model.bin` files are loaded memory-mapped
-with `weights_only=True`; in-memory models are read through their state dict, without copies.
+the number or the size of the ingredients. `pytorch_model.bin` files are loaded with `weights_only=True`
+(memory-mapped when they use torch's zip format); in-memory models are read through their state dict,
+without copies. Which files of a folder are read follows `transformers`' `from_pretrained`
+([`find_weight_files`]); weight indexes name files inside their folder only, each tensor once.
 
 Writing knows every tensor's shape and dtype before the first byte: each shard's header is written
 first, then tensor bytes are appended as they are computed, into a temporary directory that is renamed
@@ -191,7 +193,14 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, dict], int]:
             )
         raw = f.read(n)
     try:
-        header = json.loads(raw)
+        header = json.loads(raw, object_pairs_hook=_refuse_duplicate_keys)
+    except _DuplicateKey as e:
+        raise CorruptCheckpointError(
+            f"{path}: the safetensors header lists tensor {e.key!r} twice; which entry is meant is ambiguous. "
+            "Download or save the file again.",
+            path=str(path),
+            tensor_name=e.key,
+        ) from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CorruptCheckpointError(
             f"{path} has an unreadable safetensors header ({e}). Download or save the file again.",
@@ -247,6 +256,8 @@ class SafetensorsSource(TensorSource):
         for path in files:
             header, data_start = read_safetensors_header(path)
             for name, entry in header.items():
+                if name in self._entries:
+                    _refuse_duplicate_tensor(name, self._entries[name][0], path)
                 begin, end = entry["data_offsets"]
                 self._entries[name] = (
                     path,
@@ -356,78 +367,294 @@ class StateDictSource(TensorSource):
 
 
 class TorchBinSource(StateDictSource):
-    """Tensors of legacy `pytorch_model.bin` files, memory-mapped and loaded with `weights_only=True`."""
+    """Tensors of `pytorch_model.bin` files, loaded with `weights_only=True` as `from_pretrained` loads them.
+
+    Files in torch's zip format are memory-mapped; legacy (non-zip) files, which torch cannot map, are read
+    into memory. A file whose pickle holds anything but tensors and plain containers (code, custom classes)
+    is refused without running it.
+    """
 
     def __init__(self, files: Sequence[Path], description: str = ""):
-        import pickle
-        import zipfile
-
-        import torch
-
         state: dict[str, torch.Tensor] = {}
+        origin: dict[str, Path] = {}
         for path in files:
-            if not path.exists():
-                raise IngredientNotFoundError(f"Weight file {path} does not exist.")
-            try:
-                loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as e:
-                first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                raise CorruptCheckpointError(
-                    f"{path} cannot be loaded as a PyTorch checkpoint ({first_line}). The file is truncated, "
-                    "corrupted or not a weights-only state dict: download or save it again (preferably as "
-                    "safetensors).",
-                    path=str(path),
-                ) from None
-            if not isinstance(loaded, dict):
-                raise CorruptCheckpointError(f"{path} does not hold a state dict.", path=str(path))
-            state.update({k: v for k, v in loaded.items() if hasattr(v, "shape")})
+            loaded = _torch_load_weights(path)
+            for k, v in loaded.items():
+                if not hasattr(v, "shape"):
+                    continue
+                if k in origin:
+                    _refuse_duplicate_tensor(k, origin[k], path)
+                state[k], origin[k] = v, path
         super().__init__(state, description or str(files[0].parent))
+
+
+def _torch_load_weights(path: Path) -> dict[str, Any]:
+    """`torch.load(path, weights_only=True)`, memory-mapped for zip files, with errors that say what to do."""
+    import pickle
+    import zipfile
+
+    import torch
+
+    if not path.exists():
+        raise IngredientNotFoundError(f"Weight file {path} does not exist.")
+    try:
+        zipped = zipfile.is_zipfile(path)
+        return_value = torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
+    except pickle.UnpicklingError as e:
+        if "weights only load failed" not in str(e).lower():
+            raise _corrupt_bin(path, e) from None
+        detail = next((line.strip() for line in str(e).splitlines() if "Unsupported" in line), "")
+        detail = detail.split(". Please use")[0].removeprefix("WeightsUnpickler error: ")
+        raise CorruptCheckpointError(
+            f"{path} holds objects other than tensors ({detail or 'a pickled object'}), which could run code "
+            "when loaded: it is not loaded, for safety (torch.load(weights_only=True), as transformers does). "
+            "Convert the checkpoint to safetensors where you trust it (load it with weights_only=False, then "
+            "save_pretrained), and use that copy.",
+            path=str(path),
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise _corrupt_bin(path, e) from None
+    if not isinstance(return_value, dict):
+        raise CorruptCheckpointError(
+            f"{path} holds a {type(return_value).__name__}, not a state dict (tensor names to tensors). Save the "
+            "model with save_pretrained.",
+            path=str(path),
+        )
+    return return_value
+
+
+def _corrupt_bin(path: Path, e: BaseException) -> CorruptCheckpointError:
+    first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return CorruptCheckpointError(
+        f"{path} cannot be loaded as a PyTorch checkpoint ({first_line}). The file is truncated or corrupted: "
+        "download or save it again (preferably as safetensors).",
+        path=str(path),
+    )
+
+
+def _refuse_duplicate_tensor(name: str, first: Path, second: Path) -> None:
+    raise CorruptCheckpointError(
+        f"Tensor {name!r} is stored twice, in {first} and in {second}; which copy is meant is ambiguous (loaders "
+        "keep whichever they read last). The checkpoint folder mixes two saves: save the model again into an "
+        "empty folder (or remove the stale shard).",
+        path=str(second),
+        tensor_name=name,
+    )
 
 
 @dataclass(frozen=True)
 class WeightFiles:
-    """The weight files of a checkpoint folder."""
+    """The weight files of a checkpoint folder: what `from_pretrained` would read.
+
+    Attributes:
+        format (`str`): `"safetensors"` or `"bin"`.
+        files (`tuple[Path, ...]`): the files to read (the shards of `index`, or one file).
+        index (`Path`, *optional*): the weight index the shards come from.
+        ignored (`tuple[Path, ...]`): other weight files of the folder, which are not read.
+    """
 
     format: str  # "safetensors" | "bin"
     files: tuple[Path, ...]
     index: Path | None = None
+    ignored: tuple[Path, ...] = ()
+
+    def missing(self) -> list[Path]:
+        """The files to read that are not in the folder (yet): the index first, then shards."""
+        wanted = ([self.index] if self.index is not None else []) + list(self.files)
+        return [f for f in wanted if not f.is_file()]
 
 
-def find_weight_files(folder: Path, prefix: str = "model") -> WeightFiles | None:
-    """Locate the weights of a `save_pretrained` folder (sharded or not, safetensors first).
+def weight_file_names(prefix: str = "model") -> list[tuple[str, str, bool]]:
+    """`(format, file name, is_index)` in the order in which `from_pretrained` looks for them.
 
-    Returns `None` when the folder holds no known weight file.
+    transformers (`modeling_utils._get_resolved_checkpoint_files`) takes the first that exists of
+    `model.safetensors`, `model.safetensors.index.json`, `pytorch_model.bin`, `pytorch_model.bin.index.json`
+    (a single file before an index, safetensors before pickles). Adapters (`prefix="adapter_model"`) follow
+    the same order with their own names.
+    """
+    bin_prefix = "pytorch_model" if prefix == "model" else prefix
+    return [
+        ("safetensors", f"{prefix}.safetensors", False),
+        ("safetensors", f"{prefix}.safetensors.index.json", True),
+        ("bin", f"{bin_prefix}.bin", False),
+        ("bin", f"{bin_prefix}.bin.index.json", True),
+    ]
+
+
+_warned_folders: set[tuple[str, str]] = set()
+
+
+def find_weight_files(
+    folder: Path, prefix: str = "model", *, require_files: bool = True
+) -> WeightFiles | None:
+    """The weights of a `save_pretrained` folder, chosen exactly as `from_pretrained` chooses them.
+
+    The first present of [`weight_file_names`] is read, unless `config.json` names the weights file
+    (`transformers_weights`, as transformers honours it). When the folder also holds another form of the same
+    weights (a stale index beside `model.safetensors`, or a stale `model.safetensors` beside an index and its
+    shards), the files are read as transformers reads them and a warning names both.
+
+    Args:
+        folder (`Path`): the checkpoint folder.
+        prefix (`str`, defaults to `"model"`): `"adapter_model"` for PEFT adapters.
+        require_files (`bool`, defaults to `True`): raise when a shard named by the index is absent. The Hub
+            download passes `False` to learn which shards to fetch ([`WeightFiles.missing`]).
+
+    Returns:
+        [`WeightFiles`], or `None` when the folder holds no known weight file.
 
     Raises:
-        [`CorruptCheckpointError`]: an index file is unreadable.
-        [`IngredientNotFoundError`]: an index names a shard that does not exist.
+        [`CorruptCheckpointError`]: an index is unreadable, names a file outside its folder or a tensor twice,
+            or `config.json`'s `transformers_weights` is not a weights file inside the folder.
+        [`IngredientNotFoundError`]: an index names a shard that does not exist (with `require_files`).
     """
-    candidates = [
-        ("safetensors", f"{prefix}.safetensors.index.json", f"{prefix}.safetensors"),
-        ("bin", WEIGHTS_INDEX_NAME if prefix == "model" else f"{prefix}.bin.index.json", None),
-    ]
-    for fmt, index_name, single_name in candidates:
-        index = folder / index_name
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
-                raise CorruptCheckpointError(
-                    f"{index} is not a valid weight index ({type(e).__name__}: {e}).", path=str(index)
-                ) from None
-            shards = sorted(set(weight_map.values()))
-            missing = [s for s in shards if not (folder / s).is_file()]
+    folder = Path(folder)
+    candidates = weight_file_names(prefix)
+    present = [c for c in candidates if (folder / c[1]).is_file()]
+    explicit = _explicit_weights_name(folder) if prefix == "model" else None
+    if explicit is not None:
+        is_index = explicit.endswith(".index.json")
+        chosen = ("safetensors" if ".safetensors" in explicit else "bin", explicit, is_index)
+        if not (folder / explicit).is_file():
+            if require_files:
+                raise IngredientNotFoundError(
+                    f"{folder / 'config.json'} names the weights file {explicit!r} (transformers_weights), which is "
+                    f"not in {folder}. Download or save the checkpoint again."
+                )
+            return WeightFiles(
+                chosen[0], () if is_index else (folder / explicit,), folder / explicit if is_index else None
+            )
+    elif present:
+        chosen = present[0]
+    else:
+        return None
+    fmt, name, is_index = chosen
+    ignored = tuple(folder / c[1] for c in present if c[1] != name)
+    if is_index:
+        index = folder / name
+        files = tuple(folder / shard for shard in _read_weight_index(index))
+        if require_files:
+            missing = [f.relative_to(folder).as_posix() for f in files if not f.is_file()]
             if missing:
                 raise IngredientNotFoundError(
                     f"{index} names shard(s) {missing} that are not in {folder}. The download or save is "
                     "incomplete: download or save the checkpoint again."
                 )
-            return WeightFiles(fmt, tuple(folder / s for s in shards), index)
-        if single_name and (folder / single_name).is_file():
-            return WeightFiles(fmt, (folder / single_name,))
-    if prefix == "model" and (folder / WEIGHTS_NAME).is_file():
-        return WeightFiles("bin", (folder / WEIGHTS_NAME,))
-    return None
+        weights = WeightFiles(fmt, files, index, ignored)
+    else:
+        weights = WeightFiles(fmt, (folder / name,), None, ignored)
+    _warn_about_ignored(folder, weights)
+    return weights
+
+
+def _warn_about_ignored(folder: Path, weights: WeightFiles) -> None:
+    """Warn (once per folder) when another form of the same weights sits beside the files that are read."""
+    read_name = (weights.index or weights.files[0]).name if (weights.index or weights.files) else ""
+    same_format = [
+        p.name for p in weights.ignored if p.name.endswith((".safetensors", ".safetensors.index.json"))
+    ]
+    if weights.format == "bin":
+        same_format = [p.name for p in weights.ignored if p.name.endswith((".bin", ".bin.index.json"))]
+    if not same_format:
+        if weights.ignored:
+            logger.debug(
+                "%s: reading %s; not reading %s", folder, read_name, [p.name for p in weights.ignored]
+            )
+        return
+    key = (str(folder), read_name)
+    if key in _warned_folders:
+        return
+    _warned_folders.add(key)
+    logger.warning(
+        "%s holds both %s and %s, which may hold different weights (one is left over from an earlier save). "
+        "Reading %s, as transformers' from_pretrained does; delete the stale file(s) to silence this warning.",
+        folder,
+        read_name,
+        " and ".join(same_format),
+        read_name,
+    )
+
+
+def _explicit_weights_name(folder: Path) -> str | None:
+    """`transformers_weights` of the folder's `config.json` (validated as transformers does), if any."""
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        return None
+    try:
+        config = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+        return None  # reported by whoever reads the config
+    name = config.get("transformers_weights") if isinstance(config, dict) else None
+    if name is None:
+        return None
+    if not isinstance(name, str) or not name.endswith((".safetensors", ".safetensors.index.json")):
+        raise CorruptCheckpointError(
+            f"{config_file}: transformers_weights={name!r} is neither a safetensors file nor a safetensors index "
+            "(transformers refuses it too). Remove the key or name the weights file.",
+            path=str(config_file),
+        )
+    _check_relative_name(name, config_file, "transformers_weights")
+    return name
+
+
+def _check_relative_name(name: Any, source: Path, entry: str) -> None:
+    """Refuse a file name read from `source` that is not a plain relative path inside `source`'s folder."""
+    reason = None
+    if not isinstance(name, str) or not name:
+        reason = "is not a file name"
+    elif "\\" in name or "\x00" in name:
+        reason = "holds a backslash or a NUL character"
+    elif name.startswith("/") or (len(name) > 1 and name[1] == ":"):
+        reason = "is an absolute path"
+    elif any(part in ("..", "") for part in name.split("/")):
+        reason = "leaves the folder (a '..' or empty path component)"
+    if reason is not None:
+        raise CorruptCheckpointError(
+            f"{source}: {entry} names the file {name!r}, which {reason}. Weight files must be named relative to "
+            f"the checkpoint folder {source.parent} and lie inside it; hf_soups does not follow such names. Fix or "
+            "regenerate the index (save_pretrained writes a correct one).",
+            path=str(source),
+        )
+
+
+def _refuse_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise _DuplicateKey(key, seen[key], value)
+        seen[key] = value
+    return seen
+
+
+class _DuplicateKey(ValueError):
+    def __init__(self, key: str, first: Any, second: Any):
+        super().__init__(key)
+        self.key, self.first, self.second = key, first, second
+
+
+def _read_weight_index(index: Path) -> list[str]:
+    """The shard names of a weight index, sorted, each a plain relative path inside the index's folder."""
+    try:
+        data = json.loads(index.read_text(), object_pairs_hook=_refuse_duplicate_keys)
+        weight_map = data["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError(f"weight_map is a {type(weight_map).__name__}, not an object")
+    except _DuplicateKey as e:
+        raise CorruptCheckpointError(
+            f"{index} lists {e.key!r} twice ({e.first!r} and {e.second!r}); which file holds it is ambiguous. "
+            "Fix or regenerate the index (save_pretrained writes a correct one).",
+            path=str(index),
+            tensor_name=e.key,
+        ) from None
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise CorruptCheckpointError(
+            f"{index} is not a valid weight index ({type(e).__name__}: {e}).", path=str(index)
+        ) from None
+    for tensor, shard in weight_map.items():
+        _check_relative_name(shard, index, f"weight_map[{tensor!r}]")
+    return sorted(set(weight_map.values()))
 
 
 def open_weight_files(weights: WeightFiles, description: str = "") -> TensorSource:

@@ -110,3 +110,45 @@ def test_atomic_directory_replaces_only_on_commit(tmp_path):
             raise RuntimeError("boom")
     assert (target / "config.json").read_text() == "new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+@pytest.mark.parametrize(
+    "present, chosen",
+    [
+        (["model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"], "model.safetensors"),
+        (["model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json"], "index"),
+        (["pytorch_model.bin", "pytorch_model.bin.index.json"], "pytorch_model.bin"),
+        (["pytorch_model.bin.index.json"], "index"),
+        ([], None),
+    ],
+)
+def test_find_weight_files_follows_from_pretrained_order(tmp_path, present, chosen):
+    """transformers' order: model.safetensors, its index, pytorch_model.bin, its index (first present)."""
+    for name in present:
+        if name.endswith(".index.json"):
+            shard = name.replace(".index.json", "").replace(".", "-00001-of-00001.", 1)
+            (tmp_path / shard).write_bytes(b"")
+            (tmp_path / name).write_text(json.dumps({"weight_map": {"w": shard}}))
+        else:
+            (tmp_path / name).write_bytes(b"")
+    weights = find_weight_files(tmp_path)
+    if chosen is None:
+        assert weights is None
+        return
+    if chosen == "index":
+        assert weights.index == tmp_path / present[0] and len(weights.files) == 1
+    else:
+        assert weights.files == (tmp_path / chosen,) and weights.index is None
+    assert set(weights.ignored) == {tmp_path / n for n in present} - {weights.index or weights.files[0]}
+
+
+def test_index_shards_are_plain_names_inside_the_folder(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "a.safetensors").write_bytes(b"")
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": {"w": "sub/a.safetensors"}}))
+    assert find_weight_files(tmp_path).files == (tmp_path / "sub" / "a.safetensors",)
+    for bad in ["../a.safetensors", "/etc/passwd", "sub/../../a.safetensors", "", "C:/x.safetensors", "a\\b"]:
+        index.write_text(json.dumps({"weight_map": {"w": bad}}))
+        with pytest.raises(CorruptCheckpointError, match="weight_map"):
+            find_weight_files(tmp_path)
