@@ -373,7 +373,6 @@ def as_write_error(error: BaseException, target: Path, temp: Path | None) -> Out
     )
     wrapped = OutputWriteError(message, path=where)
     wrapped.errno = error.errno
-    wrapped.strerror = error.strerror
     return wrapped
 
 

@@ -393,7 +393,7 @@ def test_interrupted_write_leaves_target_absent_or_unchanged(tmp_path, tiny_bert
     with pytest.raises(KeyboardInterrupt):
         merge_models(tiny_bert_dirs, output_dir=tmp_path / "soup", progress=False)
     assert not (tmp_path / "soup").exists()
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".soup")] == []
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".hfsoups")] == []
 
     monkeypatch.setattr(tensors.ShardedSafetensorsWriter, "write", original)
     merge_models(tiny_bert_dirs[:2], output_dir=tmp_path / "soup", progress=False)
