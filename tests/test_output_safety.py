@@ -207,15 +207,16 @@ def test_cli_merge_into_a_trainer_folder_exits_nonzero_and_keeps_everything(trai
 
 def test_recipe_file_into_a_user_folder_is_refused(tmp_path, tiny_bert_dirs, capsys):
     mine = tmp_path / "mine"
-    mine.mkdir()
-    (mine / "thesis.tex").write_text("\\section{Soups}")
+    shutil.copytree(tiny_bert_dirs[2], mine)  # a saved model of the user's ...
+    (mine / "thesis.tex").write_text("\\section{Soups}")  # ... beside their own work
+    before = _snapshot(mine)
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(
         f"method: uniform\ningredients: [{tiny_bert_dirs[0]}, {tiny_bert_dirs[1]}]\noutput_dir: mine\n"
     )
     assert cli_main(["cook", str(recipe), "--quiet"]) == 2
     assert "was not written by hf_soups" in capsys.readouterr().err
-    assert [p.name for p in mine.iterdir()] == ["thesis.tex"]
+    assert _snapshot(mine) == before
 
 
 # ------------------------------------------------------------------------------------- signals (defect 8)
@@ -273,12 +274,15 @@ def test_sigterm_during_a_multi_shard_write_removes_the_temp_folder_and_keeps_th
     merge_models(tiny_bert_dirs[:2], output_dir=out, progress=False)
     before = _snapshot(out)
     child, _ = _start_writer(tmp_path, out, tiny_bert_dirs)
-    temps = [p for p in tmp_path.iterdir() if p.name.startswith(".hfsoups-tmp-")]
-    assert (
-        len(temps) == 1 and len(list(temps[0].glob("model-*-of-*.safetensors"))) > 1
-    )  # mid multi-shard write
-    child.send_signal(signal.SIGTERM)
-    stdout, stderr = child.communicate(timeout=60)
+    try:
+        temps = [p for p in tmp_path.iterdir() if p.name.startswith(".hfsoups-tmp-")]
+        assert len(temps) == 1 and len(list(temps[0].glob("model-*-of-*.safetensors"))) > 1  # mid multi-shard
+        child.send_signal(signal.SIGTERM)
+        stdout, stderr = child.communicate(timeout=60)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.communicate()
     assert child.returncode == 143, stderr  # as SIGTERM's default would end it (128 + 15)
     assert "finished" not in stdout
     assert _leftovers(tmp_path) == []
@@ -290,7 +294,7 @@ def test_sigkill_leftover_is_swept_by_the_next_write(tmp_path, tiny_bert_dirs):
     out = tmp_path / "soup"
     child, _ = _start_writer(tmp_path, out, tiny_bert_dirs)
     child.kill()  # SIGKILL cannot be caught: the temporary folder stays
-    child.communicate(timeout=60)
+    child.communicate()
     assert len(_leftovers(tmp_path)) == 1 and not out.exists()
     merge_models(tiny_bert_dirs[:2], output_dir=tmp_path / "other-soup", progress=False)
     assert _leftovers(tmp_path) == []
