@@ -110,20 +110,22 @@ def _display_name(reference: Any) -> str:
 
 
 def _protected_folders(ingredients: Iterable[Any], base: Any) -> list[tuple[str, Path]]:
+    """(how to name it, resolved folder) of every local ingredient, of the base, and of adapters' bases."""
     folders: list[tuple[str, Path]] = []
-    members = [(None, i) for i in ingredients] + ([("base_model", base)] if base is not None else [])
+    members = [("ingredient", i) for i in ingredients] + (
+        [("the base model", base)] if base is not None else []
+    )
     for label, ref in members:
         if ref is None:
             continue
-        refs = [ref]
+        refs = [(label, ref)]
         adapter_base = getattr(getattr(ref, "adapter", None), "base", None)  # an adapter's own base
         if adapter_base is not None:
-            refs.append(adapter_base)
-        for r in refs:
+            refs.append(("the base model", adapter_base))
+        for what, r in refs:
             folder = _local_folder(r)
             if folder is not None:
-                name = label or _display_name(r)
-                folders.append((f"{name!r}" if label is None else f"{label} ({_display_name(r)!r})", folder))
+                folders.append((f"{what} {_display_name(r)!r}", folder))
     return folders
 
 
@@ -182,17 +184,18 @@ def check_output_dir(
     shown = f"{argument}={os.fspath(output_dir)!r}" + (f" (-> {target})" if str(target) != str(given) else "")
     for name, folder in _protected_folders(ingredients, base):
         if target == folder:
-            how = "is the folder of ingredient"
+            how = "is the folder of"
         elif target.is_relative_to(folder):
-            how = "lies inside the folder of ingredient"
+            how = "lies inside the folder of"
         elif folder.is_relative_to(target):
-            how = "contains the folder of ingredient"
+            how = "contains the folder of"
         else:
             continue
+        suggestion = target / "soup" if how.startswith("contains") else folder.parent / f"{folder.name}-soup"
         raise OutputDirError(
-            f"{shown} {how} {name} ({folder}): writing the soup there could replace the ingredient itself, "
-            "so nothing was done. Choose an output_dir outside every ingredient's folder "
-            f"(e.g. {folder.parent / (folder.name + '-soup')}).",
+            f"{shown} {how} {name} ({folder}). hf_soups never writes where it could replace or mix with an "
+            "ingredient's files, so nothing was done. Choose a new or empty folder outside every ingredient's folder, "
+            f"e.g. {suggestion}.",
             path=str(target),
         )
     check_replaceable(target, shown=shown)

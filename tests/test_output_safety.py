@@ -113,7 +113,7 @@ def test_output_dir_inside_an_ingredient_or_the_base_is_refused(tmp_path, tiny_b
     before = _snapshot(tiny_bert_dirs[0])
     with pytest.raises(OutputDirError, match="lies inside the folder of ingredient 'ft-0'"):
         merge_models(tiny_bert_dirs, output_dir=tiny_bert_dirs[0] / "soup", progress=False)
-    with pytest.raises(OutputDirError, match="base_model"):
+    with pytest.raises(OutputDirError, match="lies inside the folder of the base model 'ft-0'"):
         merge_models(
             tiny_bert_dirs[1:],
             method="wise-ft",
