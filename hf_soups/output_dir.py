@@ -80,21 +80,27 @@ def write_marker(directory: str | os.PathLike, **fields: Any) -> Path:
 # --------------------------------------------------------------------------------------------- checks
 
 
-def _local_folder(reference: Any) -> Path | None:
-    """The local folder of an ingredient reference (path, `Ingredient`, resolved ingredient, model), if any."""
+def _local_folder(reference: Any) -> tuple[Path, bool] | None:
+    """The local folder of an ingredient reference (path, `Ingredient`, resolved ingredient, model), if any.
+
+    Returns the resolved folder and whether the ingredient is read from it (`False` for an in-memory model,
+    whose folder is only where it was loaded from: only that exact folder is protected).
+    """
     if hasattr(reference, "ingredient") and hasattr(reference, "kind"):  # a resolved ingredient
         reference = reference.path if reference.path is not None else reference.model
     elif hasattr(reference, "reference") and not isinstance(reference, (str, os.PathLike)):  # an Ingredient
         reference = reference.reference
+    read_from = True
     if reference is not None and not isinstance(reference, (str, os.PathLike)):
         # an in-memory model: the folder it was loaded from, if it is one
         config = getattr(reference, "config", None)
         reference = getattr(config, "_name_or_path", None) or getattr(reference, "name_or_path", None)
+        read_from = False
     if not isinstance(reference, (str, os.PathLike)) or not os.fspath(reference):
         return None
     path = Path(os.fspath(reference)).expanduser()
     try:
-        return path.resolve() if path.is_dir() else None
+        return (path.resolve(), read_from) if path.is_dir() else None
     except OSError:
         return None
 
@@ -109,9 +115,9 @@ def _display_name(reference: Any) -> str:
     return os.fspath(reference) if isinstance(reference, (str, os.PathLike)) else type(reference).__name__
 
 
-def _protected_folders(ingredients: Iterable[Any], base: Any) -> list[tuple[str, Path]]:
-    """(how to name it, resolved folder) of every local ingredient, of the base, and of adapters' bases."""
-    folders: list[tuple[str, Path]] = []
+def _protected_folders(ingredients: Iterable[Any], base: Any) -> list[tuple[str, Path, bool]]:
+    """(how to name it, resolved folder, read from it) of every local ingredient, the base, adapters' bases."""
+    folders: list[tuple[str, Path, bool]] = []
     members = [("ingredient", i) for i in ingredients] + (
         [("the base model", base)] if base is not None else []
     )
@@ -123,9 +129,9 @@ def _protected_folders(ingredients: Iterable[Any], base: Any) -> list[tuple[str,
         if adapter_base is not None:
             refs.append(("the base model", adapter_base))
         for what, r in refs:
-            folder = _local_folder(r)
-            if folder is not None:
-                folders.append((f"{what} {_display_name(r)!r}", folder))
+            found = _local_folder(r)
+            if found is not None:
+                folders.append((f"{what} {_display_name(r)!r}", *found))
     return folders
 
 
@@ -182,9 +188,11 @@ def check_output_dir(
     given = Path(os.fspath(output_dir)).expanduser()
     target = given.resolve()
     shown = f"{argument}={os.fspath(output_dir)!r}" + (f" (-> {target})" if str(target) != str(given) else "")
-    for name, folder in _protected_folders(ingredients, base):
+    for name, folder, read_from in _protected_folders(ingredients, base):
         if target == folder:
             how = "is the folder of"
+        elif not read_from:
+            continue  # an in-memory model: writing beside or inside the folder it came from harms nothing
         elif target.is_relative_to(folder):
             how = "lies inside the folder of"
         elif folder.is_relative_to(target):

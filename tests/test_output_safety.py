@@ -101,6 +101,12 @@ def test_output_dir_that_is_an_ingredient_is_refused_even_when_hf_soups_wrote_it
     with pytest.raises(OutputDirError, match="is the folder of ingredient 'soup'"):
         merge_models([soup_dir, tiny_bert_dirs[2]], output_dir=soup_dir, progress=False)
     assert _snapshot(soup_dir) == before
+    # the same soup loaded in memory: the folder it was loaded from is protected too
+    loaded = merge_models(tiny_bert_dirs[:2], output_dir=soup_dir, progress=False).model
+    before = _snapshot(soup_dir)
+    with pytest.raises(OutputDirError, match="is the folder of ingredient 'BertForSequenceClassification"):
+        merge_models([loaded, tiny_bert_dirs[2]], output_dir=soup_dir, progress=False)
+    assert _snapshot(soup_dir) == before
     # through a symlink to it, too
     link = tmp_path / "link"
     link.symlink_to(soup_dir)
