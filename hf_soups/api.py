@@ -129,9 +129,7 @@ def merge_models(
 
     recipe = get_recipe(method)
     ingredients = as_ingredients(models)
-    check_output_dir(
-        output_dir, ingredients, base=base_model
-    )  # before any download: nothing of theirs is replaced
+    check_output_dir(output_dir, ingredients, base=base_model)  # before any download or tensor read
     has_eval = eval_dataset is not None
     if weights is None and any(i.weight is not None for i in ingredients):
         weights = [1.0 if i.weight is None else i.weight for i in ingredients]
