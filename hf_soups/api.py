@@ -123,11 +123,13 @@ def merge_models(
     """
     from .ingredients import as_ingredients, resolve
     from .kitchen import Kitchen
+    from .output_dir import check_output_dir
     from .recipes import get_recipe
     from .tensors import parse_dtype, parse_size
 
     recipe = get_recipe(method)
     ingredients = as_ingredients(models)
+    check_output_dir(output_dir, ingredients, base=base_model)  # before any download or tensor read
     has_eval = eval_dataset is not None
     if weights is None and any(i.weight is not None for i in ingredients):
         weights = [1.0 if i.weight is None else i.weight for i in ingredients]

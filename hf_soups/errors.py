@@ -83,3 +83,31 @@ class UnsupportedAdapterError(SoupError, NotImplementedError):
 
 class HubError(SoupError, RuntimeError):
     """Pushing to or pulling from the Hub failed (authentication, missing repository, network)."""
+
+
+class OutputDirError(InvalidArgumentError):
+    """An `output_dir` (or `save_directory`) that hf_soups must not write: it is, holds or lies inside an
+    ingredient, or it exists and holds something hf_soups did not write. Nothing was changed.
+
+    Args:
+        path (`str`, *optional*):
+            The folder concerned.
+    """
+
+    def __init__(self, message: str, *, path: str | None = None, **kwargs):
+        super().__init__(message, **kwargs)
+        self.path = path
+
+
+class OutputWriteError(SoupError, OSError):
+    """Writing the soup failed (disk full, read-only location). The partial soup was removed and the
+    previous folder left as it was.
+
+    Args:
+        path (`str`, *optional*):
+            The file or folder being written.
+    """
+
+    def __init__(self, message: str, *, path: str | None = None, **kwargs):
+        super().__init__(message, **kwargs)
+        self.path = path

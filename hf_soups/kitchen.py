@@ -218,7 +218,7 @@ class Kitchen:
         """Stream the soup into `target` through a temporary directory renamed into place at the end."""
         plan = self.plan
         ref = self.members[self.reference_index]
-        with AtomicDirectory(target) as tmp:
+        with AtomicDirectory(target, ingredients=self.members) as tmp:
             writer = ShardedSafetensorsWriter(
                 tmp.path,
                 [(t.name, t.shape, t.dtype) for t in plan.tensors],

@@ -105,14 +105,23 @@ class Soup:
     ) -> Path:
         """Save the soup (weights, config, tokenizer, model card and recipe) into `save_directory`, atomically.
 
+        The folder is written under a temporary name beside it and renamed into place once complete. An
+        existing `save_directory` is replaced only when it is empty or holds a soup hf_soups wrote (its
+        `.hf_soups` marker, and nothing else); a folder with anything else in it, or one that is, holds or
+        lies inside an ingredient's folder, is refused and left untouched.
+
         Args:
             save_directory (`str` or `os.PathLike`):
-                Target folder. It is written under a temporary name and renamed into place.
+                Target folder. A symlink is written through (the folder it points to is replaced).
             max_shard_size (`int` or `str`, *optional*, defaults to `"50GB"`):
                 Shard size limit for an in-memory soup (a streamed soup is copied as written).
 
         Returns:
             `Path`: the folder.
+
+        Raises:
+            [`OutputDirError`]: `save_directory` holds something hf_soups did not write, or an ingredient.
+            [`OutputWriteError`]: the disk is full or the location is not writable (nothing was replaced).
         """
         from .kitchen import is_main_process
         from .tensors import AtomicDirectory
@@ -120,13 +129,8 @@ class Soup:
         target = Path(save_directory).expanduser().absolute()
         if not is_main_process():
             return target
-        if self.output_dir is not None and Path(self.output_dir).absolute() == target:
-            with AtomicDirectory(target.parent / f"{target.name}") as tmp:
-                shutil.copytree(target, tmp.path, dirs_exist_ok=True)
-                self._write_extras(tmp.path)
-                tmp.commit()
-            return target
-        with AtomicDirectory(target) as tmp:
+        protected = [*self.ingredients, *([self.base] if self.base is not None else [])]
+        with AtomicDirectory(target, ingredients=protected, argument="save_directory") as tmp:
             if self.output_dir is not None:
                 shutil.copytree(self.output_dir, tmp.path, dirs_exist_ok=True)
             else:

@@ -705,58 +705,153 @@ class _Slot:
 
 
 class AtomicDirectory:
-    """A temporary directory beside `target` that replaces `target` only on [`commit`].
+    """A temporary folder beside `target` that replaces `target` only on [`commit`].
 
-    An exception before `commit` (or `abort`) removes the temporary directory and leaves `target` as it
-    was. An existing `target` is replaced only if it is empty or looks like a saved model (it holds a
-    `config.json`, weights or an adapter); anything else is refused rather than deleted.
+    The ownership rules of [`hf_soups.output_dir`] apply: an existing `target` is replaced only when it is
+    empty or was written by hf_soups (it holds the `.hf_soups` marker and nothing else); an `output_dir`
+    that is, holds or lies inside one of `ingredients` is refused. Both are checked before anything is
+    created. A symlinked `target` is written through: the folder it points to is replaced, the link stays.
+
+    An exception before `commit` (Ctrl-C and SIGTERM included) removes the temporary folder and leaves
+    `target` as it was; after SIGTERM the process then exits with status 143, as it would have by default.
+    Disk-full and read-only errors become an [`OutputWriteError`] naming the path and the fix. Temporary
+    folders that earlier killed writes left in the same parent are removed first.
+
+    Args:
+        target (`str` or `os.PathLike`):
+            The folder to write.
+        ingredients (`Iterable`, *optional*):
+            Ingredients (references or resolved) whose folders must not be written.
+        argument (`str`, *optional*, defaults to `"output_dir"`):
+            How to name `target` in messages.
+
+    Raises:
+        [`OutputDirError`]: `target` must not be written (see above).
+        [`OutputWriteError`]: the temporary folder cannot be created (read-only location, disk full).
     """
 
-    def __init__(self, target: str | os.PathLike):
-        self.target = Path(target).expanduser().absolute()
-        if self.target.exists():
-            if not self.target.is_dir():
-                raise SoupError(f"output_dir {self.target} exists and is not a directory.")
-            entries = {p.name for p in self.target.iterdir()}
-            model_like = {"config.json", "adapter_config.json", SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME}
-            if entries and not (entries & model_like):
-                raise SoupError(
-                    f"output_dir {self.target} is not empty and does not hold a saved model; refusing to replace "
-                    "it. Choose a new or empty directory."
-                )
-        self.target.parent.mkdir(parents=True, exist_ok=True)
-        self.path = self.target.parent / f".{self.target.name}.tmp-{uuid.uuid4().hex[:10]}"
-        self.path.mkdir()
+    def __init__(
+        self, target: str | os.PathLike, *, ingredients: Iterable[Any] = (), argument: str = "output_dir"
+    ):
+        from .output_dir import (
+            TEMP_PREFIX,
+            Terminated,
+            TerminationGuard,
+            as_write_error,
+            check_output_dir,
+            owner_fields,
+            sweep_stale_work_dirs,
+            write_marker,
+        )
+
+        self.given = Path(target).expanduser().absolute()
+        self.target = check_output_dir(self.given, ingredients, argument=argument)
+        self._argument = argument
         self._done = False
+        self._guard = TerminationGuard()
+        parent = self.target.parent
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+            sweep_stale_work_dirs(parent)
+            self._guard.install()
+            while True:
+                self.token = uuid.uuid4().hex[:8]
+                self.path = parent / f"{TEMP_PREFIX}{self.token}"
+                try:
+                    self.path.mkdir()
+                    break
+                except FileExistsError:
+                    continue
+            write_marker(self.path, state="writing", id=self.token, target=self.target.name, **owner_fields())
+        except BaseException as e:
+            if getattr(self, "path", None) is not None:
+                shutil.rmtree(self.path, ignore_errors=True)
+            self._guard.uninstall()
+            if isinstance(e, Terminated):
+                self._guard.deliver(e.signum)
+            wrapped = as_write_error(e, self.target, None)
+            if wrapped is not None:
+                raise wrapped from e
+            raise
 
     def commit(self) -> Path:
-        """Move the finished directory into place; returns the target path."""
-        old = None
-        if self.target.exists():
-            old = self.target.parent / f".{self.target.name}.old-{uuid.uuid4().hex[:10]}"
-            os.replace(self.target, old)
+        """Move the finished folder into place (synced to disk first); returns the target path."""
+        from .output_dir import (
+            MARKER_NAME,
+            OLD_PREFIX,
+            check_replaceable,
+            fsync_dir,
+            fsync_tree,
+            owner_fields,
+            write_marker,
+        )
+
+        files = sorted(p.name for p in self.path.iterdir() if p.name != MARKER_NAME)
+        write_marker(
+            self.path, state="complete", id=self.token, target=self.target.name, files=files, **owner_fields()
+        )
+        fsync_tree(self.path)
+        # the target may have changed since the write started: check it again, right before replacing it
+        check_replaceable(self.target, shown=f"{self._argument}={str(self.given)!r}")
+        parent = self.target.parent
+        self._guard.defer = True  # a SIGTERM now waits until the renames are done
         try:
-            os.replace(self.path, self.target)
-        except BaseException:
+            old = None
+            if self.target.is_dir() and not any(self.target.iterdir()):
+                self.target.rmdir()  # an empty folder: nothing to keep
+            elif os.path.lexists(self.target):
+                old = parent / f"{OLD_PREFIX}{self.token}"
+                os.replace(self.target, old)
+            try:
+                os.replace(self.path, self.target)
+            except BaseException:
+                if old is not None:
+                    os.replace(old, self.target)
+                raise
+            fsync_dir(parent)
+            self._done = True
             if old is not None:
-                os.replace(old, self.target)
-            raise
-        self._done = True
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+                shutil.rmtree(old, ignore_errors=True)
+        finally:
+            self._guard.defer = False
+        self._guard.uninstall()
+        if self._guard.pending is not None:
+            self._guard.deliver(self._guard.pending)  # the soup is in place; now do what SIGTERM asked
         return self.target
 
     def abort(self) -> None:
+        """Remove the temporary folder (the target is left as it was)."""
         if not self._done:
-            shutil.rmtree(self.path, ignore_errors=True)
-            self._done = True
+            self._guard.defer = True
+            try:
+                shutil.rmtree(self.path, ignore_errors=True)
+                self._done = True
+            finally:
+                self._guard.defer = False
+        self._guard.uninstall()
 
     def __enter__(self) -> AtomicDirectory:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        from .output_dir import Terminated, as_write_error
+
         if exc_type is not None or not self._done:
             self.abort()
+        signum = exc.signum if isinstance(exc, Terminated) else self._guard.pending
+        if signum is not None:
+            self._guard.deliver(signum)  # cleaned up: now end as SIGTERM would have
+        if exc is not None:
+            wrapped = as_write_error(exc, self.target, self.path)
+            if wrapped is not None:
+                raise wrapped from exc
+
+
+def _name_file(error: OSError, path: Path) -> OSError:
+    """Record which file an I/O error happened on (a failed `write` does not say)."""
+    if error.filename is None:
+        error.filename = str(path)
+    return error
 
 
 class ShardedSafetensorsWriter:
@@ -821,14 +916,19 @@ class ShardedSafetensorsWriter:
                 pos += nbytes
             raw = json.dumps(header, separators=(",", ":")).encode()
             raw += b" " * (-len(raw) % 8)
-            f = open(self.directory / self.filenames[i], "wb")
-            f.write(struct.pack("<Q", len(raw)))
-            f.write(raw)
+            path = self.directory / self.filenames[i]
+            try:
+                f = open(path, "wb")
+                self._files.append(f)
+                f.write(struct.pack("<Q", len(raw)))
+                f.write(raw)
+            except OSError as e:
+                self.abort()
+                raise _name_file(e, path) from None
             start = 8 + len(raw)
             for name, _, _, nbytes in shard:
                 begin = header[name]["data_offsets"][0]
                 self._slots[name] = _Slot(i, start + begin, nbytes)
-            self._files.append(f)
             self.total_size += pos
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
@@ -876,13 +976,22 @@ class ShardedSafetensorsWriter:
             import torch
 
             t = tensor.contiguous()
-            self._files[slot.shard].write(memoryview(t.view(-1).view(torch.uint8).numpy()))
+            f = self._files[slot.shard]
+            try:
+                f.write(memoryview(t.view(-1).view(torch.uint8).numpy()))
+            except OSError as e:
+                raise _name_file(e, Path(f.name)) from None
 
     def close(self) -> None:
         """Close the files and write the index (sharded output). Checks that every tensor was written."""
-        for f in self._files:
-            f.close()
-        self._files = []
+        files, self._files = self._files, []
+        for i, f in enumerate(files):
+            try:
+                f.close()  # flushes the last buffered bytes: a full disk may show only now
+            except OSError as e:
+                for rest in files[i + 1 :]:
+                    rest.close()
+                raise _name_file(e, Path(f.name)) from None
         if self._next != len(self._order):
             raise SoupError(f"internal error: {len(self._order) - self._next} tensors were never written.")
         if len(self.filenames) > 1:
@@ -895,9 +1004,12 @@ class ShardedSafetensorsWriter:
             )
 
     def abort(self) -> None:
-        for f in self._files:
-            f.close()
-        self._files = []
+        files, self._files = self._files, []
+        for f in files:
+            try:
+                f.close()
+            except OSError:  # a full disk fails the final flush too; the folder is removed anyway
+                pass
 
 
 # Files copied next to the soup's weights from the reference ingredient.

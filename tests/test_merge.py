@@ -247,7 +247,7 @@ def test_nan_is_an_error_naming_ingredient_and_tensor(tmp_path, tiny_bert_dirs):
     assert e.value.ingredient == "diverged"
     assert e.value.tensor_name == "bert.encoder.layer.1.output.dense.weight"
     assert not (tmp_path / "soup").exists()
-    assert not list(tmp_path.glob(".soup.tmp-*"))
+    assert not list(tmp_path.glob(".hfsoups-*"))
 
 
 @pytest.mark.parametrize("damage", ["truncate", "bad_header", "tiny"])
@@ -393,7 +393,7 @@ def test_interrupted_write_leaves_target_absent_or_unchanged(tmp_path, tiny_bert
     with pytest.raises(KeyboardInterrupt):
         merge_models(tiny_bert_dirs, output_dir=tmp_path / "soup", progress=False)
     assert not (tmp_path / "soup").exists()
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".soup")] == []
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".hfsoups")] == []
 
     monkeypatch.setattr(tensors.ShardedSafetensorsWriter, "write", original)
     merge_models(tiny_bert_dirs[:2], output_dir=tmp_path / "soup", progress=False)
@@ -410,7 +410,7 @@ def test_refuses_to_replace_a_folder_that_is_not_a_model(tmp_path, tiny_bert_dir
     target = tmp_path / "mine"
     target.mkdir()
     (target / "notes.txt").write_text("precious")
-    with pytest.raises(Exception, match="refusing to replace"):
+    with pytest.raises(InvalidArgumentError, match="was not written by hf_soups"):
         merge_models(tiny_bert_dirs, output_dir=target, progress=False)
     assert (target / "notes.txt").read_text() == "precious"
 

@@ -97,8 +97,9 @@ def test_parse_size():
 
 def test_atomic_directory_replaces_only_on_commit(tmp_path):
     target = tmp_path / "out"
-    target.mkdir()
-    (target / "config.json").write_text("old")
+    with AtomicDirectory(target) as tmp:  # a folder hf_soups wrote (marked): it may be replaced
+        (tmp.path / "config.json").write_text("old")
+        tmp.commit()
     with AtomicDirectory(target) as tmp:
         (tmp.path / "config.json").write_text("new")
         assert (target / "config.json").read_text() == "old"
