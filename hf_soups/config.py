@@ -174,13 +174,14 @@ class SoupConfig:
     file_checks: Mapping[str, Callable] | None = field(default=None, repr=False, metadata={"internal": True})
     """Set when the options come from a recipe file: each option is checked with its file kind, by these checks
     (paths resolved against the file's folder, code-running values gated)."""
+    _skip_cross_checks: bool = field(default=False, repr=False, metadata={"internal": True})
 
     def __post_init__(self) -> None:
         problems: list[str] = []
         for obj in (self, self.eval, self.params):
             for f in option_fields(type(obj)):
                 setattr(obj, f.name, _checked(obj, f, problems, self.file_checks))
-        if not problems:
+        if not problems and not self._skip_cross_checks:
             problems.extend(self._cross_problems())
         if problems:
             raise config_error(problems)
@@ -242,20 +243,25 @@ class SoupConfig:
                     )
             else:
                 problems.append(f"{key}: unknown option{did_you_mean(key, known)}")
-        if problems:
-            raise config_error(problems)
         top = {k: v for k, v in top.items() if v is not None}
         ev = {k: v for k, v in ev.items() if v is not None}
         params = {k: v for k, v in params.items() if v is not None}
-        return cls(
-            method=method,
-            eval=EvalConfig(**ev),
-            params=params_cls(**params),
-            n_models=n_models,
-            has_eval=has_eval,
-            file_checks=file_checks,
-            **top,
-        )
+        try:
+            config = cls(
+                method=method if recipe is not None else "uniform",
+                eval=EvalConfig(**ev),
+                params=params_cls(**params),
+                n_models=n_models,
+                has_eval=has_eval,
+                file_checks=file_checks,
+                _skip_cross_checks=bool(problems),
+                **top,
+            )
+        except InvalidArgumentError as e:  # every problem at once: the unknown keys and the invalid values
+            raise config_error(problems + list(getattr(e, "problems", [str(e)]))) from None
+        if problems:
+            raise config_error(problems)
+        return config
 
     def to_options(self) -> dict[str, Any]:
         """The flat options again (what `merge_models` takes), every field included."""

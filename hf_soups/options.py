@@ -187,7 +187,7 @@ def check_alpha(value: Any, meta: Mapping) -> float | list[float]:
         values = list(value)
         if not values:
             raise OptionProblem("expected a number or a non-empty list of numbers, got an empty list")
-        return [one(a, f"[{i}] ") for i, a in enumerate(values)]
+        return [one(a, f"[{i}]: ") for i, a in enumerate(values)]
     return one(value, "")
 
 
@@ -332,6 +332,7 @@ def check_value(
     """Check one option's value (None always passes: it means "not set")."""
     if value is None:
         return None
-    kind = kind or f.metadata.get("kind", "any")
+    meta = f.metadata if f is not None else {}
+    kind = kind or meta.get("kind", "any")
     check = (kinds or {}).get(kind) or KINDS[kind]
-    return check(value, f.metadata)
+    return check(value, meta)
