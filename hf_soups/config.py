@@ -56,7 +56,12 @@ class EvalConfig:
     greater_is_better: bool | None = option(
         help="Whether a higher metric value is better (False for losses).",
         kind="bool",
-        cli={"flag": "--lower-is-better", "action": "store_const", "const": False},
+        cli={
+            "flag": "--lower-is-better",
+            "action": "store_const",
+            "const": False,
+            "help": "The metric is a loss (greater_is_better=False).",
+        },
     )
     select_on: str | None = option(
         help="Name of the eval set that drives the choices when several are given.", kind="str"

@@ -466,11 +466,7 @@ class Recipe:
             if key not in ("method", "base_model") and key in self.options:
                 out[key] = self.options[key]
         if self.eval:
-            out["eval"] = (
-                _spec_to_dict(next(iter(self.eval.values())))
-                if self.single_eval
-                else {k: _spec_to_dict(v) for k, v in self.eval.items()}
-            )
+            out["eval"] = {k: _spec_to_dict(v) for k, v in self.eval.items()}
         for key in ("metric_config", "notes", "result"):
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)
