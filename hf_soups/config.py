@@ -200,6 +200,7 @@ class SoupConfig:
         n_models: int | None = None,
         has_eval: bool | None = None,
         file_checks: Mapping[str, Callable] | None = None,
+        cross_checks: bool = True,
     ) -> SoupConfig:
         """Build and check a configuration from flat options (the keyword arguments of `merge_models`).
 
@@ -259,7 +260,7 @@ class SoupConfig:
                 n_models=n_models,
                 has_eval=has_eval,
                 file_checks=file_checks,
-                _skip_cross_checks=bool(problems),
+                _skip_cross_checks=bool(problems) or not cross_checks,
                 **top,
             )
         except InvalidArgumentError as e:  # every problem at once: the unknown keys and the invalid values
