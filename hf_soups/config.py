@@ -210,6 +210,8 @@ class SoupConfig:
             has_eval (`bool`, *optional*): whether held-out data is given (recipe files give it by path).
             file_checks (`Mapping`, *optional*): the options come from a recipe file: check each with its file
                 kind, by these checks (see [`SoupConfig.file_checks`]).
+            cross_checks (`bool`, *optional*, defaults to `True`): also run the checks across options (the method's
+                own `check`); `False` checks each value alone (options given in parts, as the callback does).
 
         Raises:
             [`InvalidArgumentError`]: unknown keys (with "did you mean"), invalid values, options the method does
