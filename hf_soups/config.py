@@ -20,7 +20,8 @@ lists options.
 >>> SoupConfig.from_options({"method": "uniform", "alpha": 0.5})
 Traceback (most recent call last):
 ...
-hf_soups.errors.InvalidArgumentError: alpha: only wise-ft takes alpha, not 'uniform'
+hf_soups.errors.InvalidArgumentError: alpha: only wise-ft takes alpha, not 'uniform'; drop it, or use method='wise-ft'
+
 ```
 """
 
