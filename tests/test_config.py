@@ -315,6 +315,7 @@ def test_pushed_recipe_names_hub_ingredients_by_id_and_commit_and_local_ones_by_
     }
     assert pushed["ingredients"][1]["model"] == "ft-b"
     assert any("ingredients[1].model was a local path" in n for n in pushed["notes"])
+    assert str(tmp_path) not in Path(api.hf_hub_download(target, "README.md")).read_text()  # the card neither
 
 
 def _cli(*args, cwd):
