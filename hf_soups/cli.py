@@ -172,8 +172,19 @@ def _group(parser: argparse.ArgumentParser, title: str) -> Any:
     return parser.add_argument_group(title)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The `hf-soups` argument parser (sub-commands: cook, merge, inspect, demo)."""
+def build_parser(command: str | None = "*") -> argparse.ArgumentParser:
+    """The `hf-soups` argument parser (sub-commands: cook, merge, inspect, demo).
+
+    Args:
+        command (`str`, *optional*, defaults to `"*"`): the sub-command whose option flags are built (`"*"`: all;
+            `None`: none). The flags are derived from the configuration fields, which `hf-soups --help` need not
+            import.
+    """
+
+    def flags(sub: argparse.ArgumentParser, name: str, **kwargs: Any) -> None:
+        if command in ("*", name):
+            add_config_flags(sub, **kwargs)
+
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Model soups for the Hugging Face ecosystem: average fine-tuned models into one better model.",
@@ -191,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_Formatter,
     )
     cook.add_argument("recipe", help="The recipe file, or a soup folder holding soup_recipe.yaml.")
-    add_config_flags(cook, only=COOK_OVERRIDES, note=" (overrides the recipe)")
+    flags(cook, "cook", only=COOK_OVERRIDES, note=" (overrides the recipe)")
     _group(cook, "output").add_argument(
         "--dry-run",
         action="store_true",
@@ -220,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="Held-out data: csv/tsv/json/jsonl/parquet file or save_to_disk folder. Repeat for several named sets.",
     )
     ev.add_argument("--split", help="Split of a saved DatasetDict.")
-    add_config_flags(merge)
+    flags(merge, "merge")
     out = _group(merge, "output")
     out.add_argument(
         "--print-recipe",
@@ -254,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-tensors", action="store_true", help="Skip streaming the tensors (metadata checks only)."
     )
     inspect.add_argument("--top", type=int, default=5, help="How many of the most different tensors to list.")
-    add_config_flags(inspect, only=("token", "cache_dir", "revision"))
+    flags(inspect, "inspect", only=("token", "cache_dir", "revision"))
     _common(inspect)
     inspect.set_defaults(func=_cmd_inspect)
 
@@ -536,7 +547,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv and argv[0] == "demo":  # the demo parses its own arguments (hf-soups demo --help)
         command, run = "demo", (lambda: _cmd_demo(argv[1:]))
     else:
-        parser = build_parser()
+        parser = build_parser(argv[0] if argv and argv[0] in ("cook", "merge", "inspect") else None)
         try:
             args = parser.parse_args(argv)
         except SystemExit as e:  # argparse: --help (0) or bad usage (2)
