@@ -8,8 +8,6 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import InvalidArgumentError
-
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
@@ -51,6 +49,7 @@ def merge_models(
     cache_dir: str | os.PathLike | None = None,
     revision: str | None = None,
     progress: bool = True,
+    trust_remote_code: bool = False,
 ) -> Soup:
     """Cook a model soup from fine-tuned models.
 
@@ -102,6 +101,13 @@ def merge_models(
         revision (`str`, *optional*): revision for Hub references that name none.
         progress (`bool`, *optional*, defaults to `True`): progress bars (also off with
             `HF_HUB_DISABLE_PROGRESS_BARS=1`).
+        trust_remote_code (`bool`, *optional*, defaults to `False`): allow metric scripts (local folders or Hub
+            metrics that are not bundled with hf_soups) to run, like `trust_remote_code` in transformers.
+
+    Every option is declared once, in [`SoupConfig`] / [`EvalConfig`] / the recipe's parameters
+    (`hf_soups.config`): the same checks run for this function, `hf-soups`, recipe files and
+    [`SoupTrainerCallback`]. Options the chosen method does not take (`alpha=` with `method="uniform"`) are
+    refused by name.
 
     Returns:
         [`Soup`]: `.model`, `.ingredients`, `.score`, `.save_pretrained()`, `.push_to_hub()`, `.report()`.
@@ -121,65 +127,43 @@ def merge_models(
     >>> soup.model  # doctest: +SKIP
     ```
     """
+    options = {name: value for name, value in locals().items() if name != "models"}  # every keyword argument
+    from .config import SoupConfig, check_models
     from .ingredients import as_ingredients, resolve
     from .kitchen import Kitchen
     from .output_dir import check_output_dir
     from .recipes import get_recipe
-    from .tensors import parse_dtype, parse_size
+    from .tensors import parse_dtype
 
-    recipe = get_recipe(method)
+    check_models(models)
     ingredients = as_ingredients(models)
-    check_output_dir(output_dir, ingredients, base=base_model)  # before any download or tensor read
-    has_eval = eval_dataset is not None
     if weights is None and any(i.weight is not None for i in ingredients):
-        weights = [1.0 if i.weight is None else i.weight for i in ingredients]
-    options: dict[str, Any] = {
-        "weights": list(weights) if weights is not None else None,
-        "alpha": alpha,
-        "base_model": base_model,
-        "scores": dict(scores) if scores else {},
-        "strict": bool(strict),
-        "ensemble_baseline": bool(ensemble_baseline),
-        "adapter_output": adapter_output,
-        "rank": rank,
-        "has_eval": has_eval,
-        "n_ingredients": len(ingredients),
-    }
-    if recipe.check is not None:
-        recipe.check(options)
-    if adapter_output not in ("merged", "adapter"):
-        raise InvalidArgumentError(f"adapter_output={adapter_output!r}: use 'merged' or 'adapter'.")
-    if rank is not None and (not isinstance(rank, int) or rank < 1):
-        raise InvalidArgumentError(f"rank={rank!r} must be a positive integer.")
-    if rank is not None and adapter_output != "adapter":
-        raise InvalidArgumentError(
-            f"rank={rank} truncates an adapter soup written as an adapter; pass adapter_output='adapter' with it "
-            "(a merged soup is exact and has no rank)."
-        )
-    if batch_size < 1:
-        raise InvalidArgumentError(f"batch_size={batch_size} must be >= 1.")
-    out_dtype = parse_dtype(dtype)
-    parse_size(max_shard_size)
-    if output_dir is not None:
-        output_dir = Path(output_dir).expanduser()
+        options["weights"] = [1.0 if i.weight is None else i.weight for i in ingredients]
+    config = SoupConfig.from_options(options, n_models=len(ingredients))
+    recipe = get_recipe(config.method)
+    out_dtype = parse_dtype(config.dtype)
+    output_dir = Path(config.output_dir).expanduser() if config.output_dir is not None else None
+    check_output_dir(output_dir, ingredients, base=config.base_model)  # before any download or tensor read
+    ev = config.eval
 
     evaluator = None
-    if has_eval:
+    if ev.eval_dataset is not None:
         from .evaluation import build_evaluator
 
         evaluator = build_evaluator(
-            eval_dataset,
-            metric=metric,
-            metric_key=metric_key,
-            greater_is_better=greater_is_better,
-            select_on=select_on,
-            compute_metrics=compute_metrics,
-            tokenizer=tokenizer,
-            text_columns=text_columns,
-            label_column=label_column,
-            batch_size=batch_size,
-            device=device,
+            ev.eval_dataset,
+            metric=ev.metric,
+            metric_key=ev.metric_key,
+            greater_is_better=ev.greater_is_better,
+            select_on=ev.select_on,
+            compute_metrics=ev.compute_metrics,
+            tokenizer=ev.tokenizer,
+            text_columns=ev.text_columns,
+            label_column=ev.label_column,
+            batch_size=ev.batch_size,
+            device=ev.device,
             progress=progress,
+            trust_remote_code=config.trust_remote_code,
         )
 
     hub_kwargs = {"token": token, "cache_dir": cache_dir, "revision": revision}
@@ -200,17 +184,17 @@ def merge_models(
     kitchen = Kitchen(
         ingredients=resolved,
         base=base,
-        options=options,
+        options=config.recipe_options(),
         evaluator=evaluator,
         output_dir=output_dir,
         dtype=out_dtype,
-        max_shard_size=max_shard_size,
+        max_shard_size=config.max_shard_size,
         progress=progress,
         reference_index=len(resolved) if (recipe.needs_base and base is not None) else 0,
         tokenizer=tokenizer,
     )
     try:
-        if any(r.kind == "adapter" for r in resolved) and adapter_output == "adapter":
+        if any(r.kind == "adapter" for r in resolved) and config.adapter_output == "adapter":
             from .peft_support import cook_adapter_soup
 
             soup = cook_adapter_soup(kitchen, recipe)

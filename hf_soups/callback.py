@@ -25,7 +25,6 @@ such a directory back.
 from __future__ import annotations
 
 import datetime
-import inspect
 import json
 import logging
 import math
@@ -267,10 +266,18 @@ def _find_trainer() -> Trainer | None:
         del frame
 
 
-def _merge_models_parameters() -> set[str]:
-    from .api import merge_models
+def _check_option_names(options: Mapping[str, Any], where: str) -> None:
+    """Unknown merge_models options are refused by name, with a suggestion (the configuration's fields)."""
+    from .config import option_names
+    from .options import did_you_mean
 
-    return set(inspect.signature(merge_models).parameters) - {"models"}
+    known = option_names()
+    unknown = [key for key in options if key not in known]
+    if unknown:
+        raise InvalidArgumentError(
+            "; ".join(f"{key}: unknown merge_models option{did_you_mean(key, known)}" for key in unknown)
+            + f" ({where})."
+        )
 
 
 def _strip_eval_prefix(name: str) -> str:
@@ -395,14 +402,14 @@ class SoupTrainerCallback(TrainerCallback):
         from .recipes import get_recipe
 
         get_recipe(method)  # an unknown method fails now, not after the sweep
-        if merge_options:
-            known = _merge_models_parameters()
-            unknown = sorted(set(merge_options) - known)
-            if unknown:
-                raise InvalidArgumentError(
-                    f"Unknown merge_models option(s) {unknown} for SoupTrainerCallback. Known options: "
-                    f"{sorted(known)}."
-                )
+        _check_option_names(merge_options, "SoupTrainerCallback")
+        from .config import SoupConfig
+
+        # the values too, the same way merge_models checks them (ingredient counts are not known yet)
+        SoupConfig.from_options(
+            {"method": method, "metric": metric, "greater_is_better": greater_is_better, **merge_options},
+            cross_checks=False,
+        )
         # absolute: Ray Tune runs trials in other working directories
         self._ingredients_dir = _absolute(ingredients_dir) if ingredients_dir is not None else None
         self.collect = collect
@@ -642,9 +649,7 @@ class SoupTrainerCallback(TrainerCallback):
         """
         from .api import merge_models
 
-        unknown = sorted(set(options) - _merge_models_parameters())
-        if unknown:
-            raise InvalidArgumentError(f"Unknown merge_models option(s) {unknown} passed to cook().")
+        _check_option_names(options, "cook()")
         if self._ingredients_dir is None:
             raise InvalidArgumentError(
                 "This SoupTrainerCallback has no ingredients_dir yet: add it to a Trainer and train, or build it "

@@ -17,6 +17,7 @@ transformers and datasets load when a command needs them. Exit codes: 0 success,
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -108,32 +109,82 @@ def _common(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _hub(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("hub")
-    group.add_argument("--token", help="Hugging Face token (default: HF_TOKEN or the stored login).")
-    group.add_argument("--cache-dir", help="Hugging Face cache folder (default: HF_HUB_CACHE).")
-    group.add_argument("--revision", help="Revision for Hub models given without @revision.")
+COOK_OVERRIDES = ("output_dir", "push_to_hub", "private", "token", "trust_remote_code")
+"""The options `hf-soups cook` takes as flags (everything else comes from the recipe file)."""
+
+_GROUPS = {
+    "SoupConfig": "recipe",
+    "EvalConfig": "evaluation (greedy soups, WiSE-FT sweeps, reporting)",
+}
 
 
-def _output(parser: argparse.ArgumentParser, *, recipe: bool) -> None:
-    group = parser.add_argument_group("output")
-    where = " (overrides the recipe's output_dir)" if recipe else ""
-    group.add_argument("-o", "--output-dir", help=f"Folder the soup is written to, atomically{where}.")
-    group.add_argument(
-        "--push-to-hub", metavar="REPO_ID", help="Push the soup with its model card to this repo."
-    )
-    group.add_argument(
-        "--private", action="store_true", default=None, help="Create the Hub repository as private."
-    )
-    group.add_argument(
-        "--dry-run",
-        action="store_true",
-        help="Print the plan (downloads, disk and memory needed) and exit without downloading or writing.",
-    )
+def add_config_flags(
+    parser: argparse.ArgumentParser, *, only: Sequence[str] | None = None, note: str = ""
+) -> None:
+    """Add one flag per option of the configuration (`hf_soups.config`): name, help and default come from the field.
+
+    A field's `cli` metadata may rename the flag (`flag`), add a short form (`short`), choose its argument group
+    (`group`) or pass `argparse.add_argument` settings (`nargs`, `type`, `action`, `metavar`); `cli=False` leaves it
+    out. Recipe parameters say which methods take them.
+    """
+    from .config import EvalConfig, SoupConfig, recipe_parameter_owners
+    from .options import option_fields
+    from .recipes import all_recipes
+
+    owners = recipe_parameter_owners()
+    sources: list[tuple[str, Any]] = [("recipe", f) for f in option_fields(SoupConfig)]
+    sources += [(_GROUPS["EvalConfig"], f) for f in option_fields(EvalConfig)]
+    seen = {f.name for _, f in sources}
+    for recipe in all_recipes().values():
+        for f in option_fields(recipe.params):
+            if f.name not in seen:
+                seen.add(f.name)
+                sources.append(("recipe", f))
+    for default_group, f in sources:
+        cli = f.metadata.get("cli", True)
+        if cli is False or (only is not None and f.name not in only):
+            continue
+        settings = dict(cli) if isinstance(cli, dict) else {}
+        flag = settings.pop("flag", "--" + f.name.replace("_", "-"))
+        short = settings.pop("short", None)
+        group_name = settings.pop("group", default_group)
+        help_text = settings.pop("help", f.metadata["help"])
+        if f.name in owners:
+            help_text = f"{', '.join(owners[f.name][0])}: {help_text}"
+        if f.metadata.get("choices"):
+            settings.setdefault("choices", f.metadata["choices"])
+        if f.metadata.get("kind") == "bool" and "action" not in settings:
+            settings["action"] = "store_true"
+        default = f.default if f.default is not dataclasses.MISSING else None
+        if default not in (None, False, True) and "default:" not in help_text:
+            help_text = f"{help_text} (default: {default})"
+        settings.setdefault("default", None)
+        flags = [short, flag] if short else [flag]
+        note_here = note if f.metadata.get("file") is not False else ""
+        _group(parser, group_name).add_argument(*flags, dest=f.name, help=help_text + note_here, **settings)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The `hf-soups` argument parser (sub-commands: cook, merge, inspect, demo)."""
+def _group(parser: argparse.ArgumentParser, title: str) -> Any:
+    """The parser's argument group with this title (created once)."""
+    for group in parser._action_groups:
+        if group.title == title:
+            return group
+    return parser.add_argument_group(title)
+
+
+def build_parser(command: str | None = "*") -> argparse.ArgumentParser:
+    """The `hf-soups` argument parser (sub-commands: cook, merge, inspect, demo).
+
+    Args:
+        command (`str`, *optional*, defaults to `"*"`): the sub-command whose option flags are built (`"*"`: all;
+            `None`: none). The flags are derived from the configuration fields, which `hf-soups --help` need not
+            import.
+    """
+
+    def flags(sub: argparse.ArgumentParser, name: str, **kwargs: Any) -> None:
+        if command in ("*", name):
+            add_config_flags(sub, **kwargs)
+
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Model soups for the Hugging Face ecosystem: average fine-tuned models into one better model.",
@@ -151,9 +202,12 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_Formatter,
     )
     cook.add_argument("recipe", help="The recipe file, or a soup folder holding soup_recipe.yaml.")
-    _output(cook, recipe=True)
-    hub = cook.add_argument_group("hub")
-    hub.add_argument("--token", help="Hugging Face token (default: HF_TOKEN or the stored login).")
+    flags(cook, "cook", only=COOK_OVERRIDES, note=" (overrides the recipe)")
+    _group(cook, "output").add_argument(
+        "--dry-run",
+        action="store_true",
+        help="Print the plan (downloads, disk and memory needed) and exit without downloading or writing.",
+    )
     _common(cook)
     cook.set_defaults(func=_cmd_cook)
 
@@ -168,32 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument(
         "models", nargs="+", metavar="MODEL", help="Ingredients: Hub ids (org/name[@rev]) or folders."
     )
-    recipe = merge.add_argument_group("recipe")
-    recipe.add_argument(
-        "-m",
-        "--method",
-        default="uniform",
-        help="uniform (mean), greedy (chosen on eval data) or wise-ft (interpolation with --base-model).",
-    )
-    recipe.add_argument(
-        "--weights", nargs="+", type=float, metavar="W", help="Uniform/WiSE-FT: one weight per MODEL."
-    )
-    recipe.add_argument(
-        "--base-model", help="WiSE-FT: the zero-shot / pre-trained end. Adapters: their base model."
-    )
-    recipe.add_argument(
-        "--alpha",
-        nargs="+",
-        type=float,
-        metavar="A",
-        help="WiSE-FT: alpha in [0, 1]; several values are a sweep.",
-    )
-    recipe.add_argument(
-        "--strict", action="store_true", default=None, help="Greedy: keep only strict improvements."
-    )
-    recipe.add_argument("--adapter-output", choices=("merged", "adapter"), help="Adapter soups: output form.")
-    recipe.add_argument("--rank", type=int, help="Adapter form: truncated SVD rank.")
-    ev = merge.add_argument_group("evaluation (greedy soups, WiSE-FT sweeps, reporting)")
+    merge.add_argument_group("recipe")
+    ev = _group(merge, _GROUPS["EvalConfig"])
     ev.add_argument(
         "--eval-file",
         action="append",
@@ -201,32 +231,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="Held-out data: csv/tsv/json/jsonl/parquet file or save_to_disk folder. Repeat for several named sets.",
     )
     ev.add_argument("--split", help="Split of a saved DatasetDict.")
-    ev.add_argument(
-        "--text-column", nargs="+", metavar="COLUMN", help="Text column(s) (two for sentence pairs)."
-    )
-    ev.add_argument("--label-column", help="Label column (default: label).")
-    ev.add_argument(
-        "--metric", help="evaluate metric name (default: accuracy) or a local metric module folder."
-    )
-    ev.add_argument("--metric-key", help="Which value of the metric's result to maximise.")
-    ev.add_argument(
-        "--lower-is-better", action="store_true", help="The metric is a loss (greater_is_better=False)."
-    )
-    ev.add_argument("--select-on", help="Eval set NAME that drives the choices when several are given.")
-    ev.add_argument("--batch-size", type=int, help="Evaluation batch size (default: 32).")
-    ev.add_argument("--device", help="Evaluation device (cpu, cuda, cuda:1, mps).")
-    out = merge.add_argument_group("output")
-    out.add_argument(
-        "--dtype", help="Output dtype: float32, float16 or bfloat16 (default: the first model's)."
-    )
-    out.add_argument("--max-shard-size", help="Largest safetensors shard, e.g. 5GB (default: 50GB).")
+    flags(merge, "merge")
+    out = _group(merge, "output")
     out.add_argument(
         "--print-recipe",
         action="store_true",
         help="Print the equivalent YAML recipe and exit (nothing is cooked).",
     )
-    _output(merge, recipe=False)
-    _hub(merge)
+    _group(merge, "output").add_argument(
+        "--dry-run",
+        action="store_true",
+        help="Print the plan (downloads, disk and memory needed) and exit without downloading or writing.",
+    )
     _common(merge)
     merge.set_defaults(func=_cmd_merge)
 
@@ -249,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-tensors", action="store_true", help="Skip streaming the tensors (metadata checks only)."
     )
     inspect.add_argument("--top", type=int, default=5, help="How many of the most different tensors to list.")
-    _hub(inspect)
+    flags(inspect, "inspect", only=("token", "cache_dir", "revision"))
     _common(inspect)
     inspect.set_defaults(func=_cmd_inspect)
 
@@ -300,27 +316,37 @@ def _split_eval_file(value: str, index: int) -> tuple[str, str]:
 
 
 def merge_args_to_recipe(args: argparse.Namespace) -> dict[str, Any]:
-    """The recipe mapping that `hf-soups merge` flags stand for (paths made absolute)."""
-    data: dict[str, Any] = {"method": args.method}
+    """The recipe mapping that `hf-soups merge` flags stand for (paths made absolute).
+
+    Every configuration option with a flag maps to the recipe key of the same name; only the file's own
+    structure is built here (ingredients with their weights, eval sets).
+    """
+    from .recipe_file import option_keys
+
+    data: dict[str, Any] = {}
     models: list[Any] = []
+    weights = getattr(args, "weights", None)
+    if weights is not None and len(weights) != len(args.models):
+        raise _usage(
+            f"--weights: {len(weights)} value(s) for {len(args.models)} model(s); give one per model"
+        )
     for i, ref in enumerate(args.models):
-        entry: dict[str, Any] = {"model": _absolute(ref) if os.path.exists(os.path.expanduser(ref)) else ref}
-        if args.weights is not None:
-            if len(args.weights) != len(args.models):
-                raise _usage(
-                    f"--weights: {len(args.weights)} value(s) for {len(args.models)} model(s); give one per model"
-                )
-            entry["weight"] = args.weights[i]
+        entry: dict[str, Any] = {"model": _absolute_if_exists(ref)}
+        if weights is not None:
+            entry["weight"] = weights[i]
         models.append(entry if len(entry) > 1 else entry["model"])
     data["ingredients"] = models
-    if args.base_model:
-        data["base_model"] = (
-            _absolute(args.base_model)
-            if os.path.exists(os.path.expanduser(args.base_model))
-            else args.base_model
-        )
-    if args.alpha is not None:
-        data["alpha"] = args.alpha[0] if len(args.alpha) == 1 else list(args.alpha)
+    for key in option_keys():
+        value = getattr(args, key, None)
+        if value is None:
+            continue
+        if key in ("alpha", "text_columns") and isinstance(value, list) and len(value) == 1:
+            value = value[0]
+        elif key in ("output_dir", "cache_dir"):
+            value = _absolute(value)
+        elif key in ("base_model", "metric", "tokenizer"):
+            value = _absolute_if_exists(value)
+        data[key] = value
     if args.eval_file:
         sets: dict[str, dict[str, Any]] = {}
         for i, value in enumerate(args.eval_file):
@@ -329,36 +355,12 @@ def merge_args_to_recipe(args: argparse.Namespace) -> dict[str, Any]:
             if args.split:
                 spec["split"] = args.split
             sets[name or ("eval" if len(args.eval_file) == 1 else f"eval_{i}")] = spec
-        if len(sets) == 1 and "eval" in sets:
-            data["eval"] = sets["eval"]
-        else:
-            data["eval"] = sets
-    if args.text_column:
-        data["text_columns"] = args.text_column[0] if len(args.text_column) == 1 else list(args.text_column)
-    simple = {
-        "label_column": args.label_column,
-        "metric": args.metric,
-        "metric_key": args.metric_key,
-        "select_on": args.select_on,
-        "batch_size": args.batch_size,
-        "device": args.device,
-        "strict": args.strict,
-        "adapter_output": args.adapter_output,
-        "rank": args.rank,
-        "dtype": args.dtype,
-        "max_shard_size": args.max_shard_size,
-        "output_dir": _absolute(args.output_dir),
-        "push_to_hub": args.push_to_hub,
-        "private": args.private,
-        "revision": args.revision,
-        "cache_dir": _absolute(args.cache_dir),
-    }
-    if args.lower_is_better:
-        simple["greater_is_better"] = False
-    if simple["metric"] and os.path.exists(os.path.expanduser(simple["metric"])):
-        simple["metric"] = _absolute(simple["metric"])
-    data.update({k: v for k, v in simple.items() if v is not None})
+        data["eval"] = sets["eval"] if len(sets) == 1 and "eval" in sets else sets
     return data
+
+
+def _absolute_if_exists(value: str) -> str:
+    return _absolute(value) if os.path.exists(os.path.expanduser(value)) else value
 
 
 class _UsageError(Exception):
@@ -380,11 +382,9 @@ def _run_recipe(recipe: Any, args: argparse.Namespace, overrides: dict[str, Any]
             "nothing would be written: pass --output-dir DIR or --push-to-hub REPO_ID (or set output_dir: in the recipe)"
         )
     if args.dry_run:
-        import dataclasses
-
         from .diagnose import plan_merge
 
-        planned = dataclasses.replace(recipe, output_dir=output_dir, push_to_hub=push)
+        planned = recipe.with_options(output_dir=output_dir, push_to_hub=push)
         print(plan_merge(planned, token=overrides.get("token")).format())
         return EXIT_OK
     from .recipe_file import cook
@@ -433,33 +433,37 @@ def _print_soup(soup: Any) -> None:
 # ================================================================================================ commands
 
 
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The `merge_models` options given as flags that are not recipe keys (or override the recipe's)."""
+    out: dict[str, Any] = {}
+    if getattr(args, "output_dir", None):
+        out["output_dir"] = _absolute(args.output_dir)
+    for key in ("push_to_hub", "private", "token"):
+        if getattr(args, key, None) is not None:
+            out[key] = getattr(args, key)
+    return out
+
+
 def _cmd_cook(args: argparse.Namespace) -> int:
     from .recipe_file import load_recipe
 
-    recipe = load_recipe(args.recipe)
-    overrides: dict[str, Any] = {}
-    if args.output_dir:
-        overrides["output_dir"] = _absolute(args.output_dir)
-    if args.push_to_hub:
-        overrides["push_to_hub"] = args.push_to_hub
-    if args.private is not None:
-        overrides["private"] = args.private
-    if args.token:
-        overrides["token"] = args.token
-    return _run_recipe(recipe, args, overrides)
+    recipe = load_recipe(args.recipe, trust_remote_code=bool(args.trust_remote_code))
+    return _run_recipe(recipe, args, _overrides(args))
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
     from .recipe_file import Recipe
 
     data = merge_args_to_recipe(args)
-    recipe = Recipe.from_dict(data, base_dir=os.getcwd(), source="command line")
+    recipe = Recipe.from_dict(
+        data, base_dir=os.getcwd(), source="command line", trust_remote_code=bool(args.trust_remote_code)
+    )
     if args.print_recipe:
         import yaml
 
         print(yaml.safe_dump(recipe.to_dict(), sort_keys=False), end="")
         return EXIT_OK
-    overrides: dict[str, Any] = {"token": args.token} if args.token else {}
+    overrides = {"token": args.token} if args.token else {}
     return _run_recipe(recipe, args, overrides)
 
 
@@ -543,7 +547,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv and argv[0] == "demo":  # the demo parses its own arguments (hf-soups demo --help)
         command, run = "demo", (lambda: _cmd_demo(argv[1:]))
     else:
-        parser = build_parser()
+        parser = build_parser(argv[0] if argv and argv[0] in ("cook", "merge", "inspect") else None)
         try:
             args = parser.parse_args(argv)
         except SystemExit as e:  # argparse: --help (0) or bad usage (2)

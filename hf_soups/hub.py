@@ -192,10 +192,10 @@ def push_soup(
 
             extras = tmp_dir / "extras"
             files["README.md"] = write_model_card(soup, extras, repo_id=repo_id)
-            if "soup_recipe.yaml" not in files:
-                from .recipe_file import write_recipe
+            from .recipe_file import write_recipe
 
-                files["soup_recipe.yaml"] = write_recipe(soup, extras)
+            # the recipe on disk names this machine's folders; the pushed one does not (issue 12, defect 13)
+            files["soup_recipe.yaml"] = write_recipe(soup, extras, portable=True)
             operations = [
                 CommitOperationAdd(path_in_repo=p, path_or_fileobj=str(f)) for p, f in files.items()
             ]

@@ -1,4 +1,4 @@
-"""YAML recipe files: the schema of `soup_recipe.yaml`, its validation, and the round trip with [`Soup`].
+"""YAML recipe files (`soup_recipe.yaml`): reading, checking and writing them, and the round trip with [`Soup`].
 
 A recipe file names everything [`merge_models`] needs to cook a soup: the ingredients (with revisions and
 weights), the method and its parameters, the held-out data (by path), the metric, the output dtype, the
@@ -22,9 +22,18 @@ dtype: bfloat16
 output_dir: ./soup
 ```
 
-Relative paths are relative to the recipe file's folder. Unknown keys and wrong types are errors that
-name the key path (`ingredients[2].weight: expected a number, got 'abc'`), reported all at once before
-any work starts.
+The top-level keys are the options of [`SoupConfig`], [`EvalConfig`] and the recipes' parameters (`hf_soups.config`,
+where each is declared once, with its help), except those a file cannot hold (`token`, `trust_remote_code`,
+in-memory objects), plus the file's own structure: `format_version`, `ingredients`, `base_model`, `eval`,
+`metric_config`, `notes`, `result`. Values go through the same checks as `merge_models` arguments; unknown keys
+and wrong values are reported all at once with their key path (`ingredients[2].weight: expected a number, got
+'abc'`) before any work starts.
+
+Safety: a recipe is data. It is read with `yaml.safe_load` (no tags, no aliases), refused when larger than
+[`MAX_RECIPE_BYTES`] or not UTF-8 text. Relative paths are relative to the file's folder and may not leave it
+(`../x` is refused: write an absolute path if you mean one; absolute paths are honoured as written). Nothing in
+it runs code unless the caller opts in with `trust_remote_code=True` (`--trust-remote-code`): a
+`compute_metrics: pkg.mod:fn` import or a local metric script folder is refused otherwise, naming the key.
 
 Importing this module is cheap: `datasets`, `torch` and `transformers` are imported only by
 [`Recipe.to_merge_kwargs`] and [`cook`].
@@ -35,18 +44,26 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
-import difflib
 import importlib
 import logging
-import math
 import os
 import re
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .config import SoupConfig, all_option_fields
 from .errors import InvalidArgumentError
+from .options import (
+    OptionProblem,
+    check_import_string,
+    check_value,
+    describe,
+    did_you_mean,
+    option,
+    option_fields,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from .soup import Soup
@@ -59,21 +76,10 @@ FORMAT_VERSION = 1
 RECIPE_FILENAME = "soup_recipe.yaml"
 """Name of the recipe file written next to every saved soup."""
 
-_KNOWN_METHODS = ("uniform", "greedy", "wise-ft")
-_DTYPES = {
-    "float32": "float32",
-    "fp32": "float32",
-    "float": "float32",
-    "float16": "float16",
-    "fp16": "float16",
-    "half": "float16",
-    "bfloat16": "bfloat16",
-    "bf16": "bfloat16",
-    "float64": "float64",
-    "fp64": "float64",
-}
+MAX_RECIPE_BYTES = 1 << 20
+"""Largest recipe file read (1 MiB; a real one is a few hundred bytes)."""
+
 _HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
-_SIZE_RE = re.compile(r"^\s*\d+(\.\d+)?\s*([kmgt]i?b|b)\s*$", re.IGNORECASE)
 _DATA_FORMATS = {
     ".csv": "csv",
     ".tsv": "tsv",
@@ -85,6 +91,9 @@ _DATA_FORMATS = {
     ".txt": "text",
 }
 _COMPRESSION_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".zip")
+_TRUST_HINT = (
+    "pass trust_remote_code=True (hf-soups cook/merge --trust-remote-code) only if you trust this recipe"
+)
 
 
 class RecipeError(InvalidArgumentError):
@@ -106,163 +115,8 @@ class RecipeError(InvalidArgumentError):
 
 
 # --------------------------------------------------------------------------------------------------------
-# value checks: each takes (value, key path, problems, context) and returns the normalised value
+# the checks that only a file needs: paths against the file's folder, and code it may name
 # --------------------------------------------------------------------------------------------------------
-
-
-def _describe(value: Any) -> str:
-    if isinstance(value, dict):
-        return "a mapping"
-    if isinstance(value, list):
-        return "a list"
-    return repr(value)
-
-
-def _check_str(value, where, problems, ctx):
-    if isinstance(value, str) and value.strip():
-        return value
-    problems.append(f"{where}: expected a non-empty string, got {_describe(value)}")
-    return None
-
-
-def _check_number(value, where, problems, ctx):
-    # YAML 1.1 (PyYAML) reads `1e-3` as a string: accept numeric strings, refuse anything else.
-    if isinstance(value, str):
-        try:
-            value = float(value)
-        except ValueError:
-            pass
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        if not math.isfinite(value):
-            problems.append(f"{where}: expected a finite number, got {value!r}")
-            return None
-        return float(value)
-    problems.append(f"{where}: expected a number, got {_describe(value)}")
-    return None
-
-
-def _check_int(value, where, problems, ctx):
-    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-        return value
-    problems.append(f"{where}: expected a positive integer, got {_describe(value)}")
-    return None
-
-
-def _check_bool(value, where, problems, ctx):
-    if isinstance(value, bool):
-        return value
-    problems.append(f"{where}: expected true or false, got {_describe(value)}")
-    return None
-
-
-def _check_format_version(value, where, problems, ctx):
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
-        return value
-    problems.append(f"{where}: expected a positive integer, got {_describe(value)}")
-    return None
-
-
-def _check_method(value, where, problems, ctx):
-    if not isinstance(value, str):
-        problems.append(f"{where}: expected one of {', '.join(_KNOWN_METHODS)}, got {_describe(value)}")
-        return None
-    name = value.strip().lower().replace("_", "-")
-    known = _known_methods()
-    if name not in known:
-        problems.append(f"{where}: unknown method {value!r}; expected one of {', '.join(known)}")
-        return None
-    return name
-
-
-def _known_methods() -> tuple[str, ...]:
-    """The registered recipe names (the static list when the registry cannot be read cheaply)."""
-    try:
-        from .recipes import base as recipes_base
-
-        names = getattr(recipes_base, "available_recipes", None)
-        if callable(names):
-            found = tuple(sorted(set(names()) | set(_KNOWN_METHODS)))
-            return found
-    except Exception:  # noqa: BLE001 - the registry is optional at validation time
-        pass
-    return _KNOWN_METHODS
-
-
-def _check_str_or_str_list(value, where, problems, ctx):
-    if isinstance(value, str) and value.strip():
-        return value
-    if isinstance(value, list) and value and all(isinstance(v, str) and v.strip() for v in value):
-        return list(value)
-    problems.append(f"{where}: expected a column name or a list of column names, got {_describe(value)}")
-    return None
-
-
-def _check_alpha(value, where, problems, ctx):
-    if isinstance(value, list):
-        if not value:
-            problems.append(f"{where}: expected a number or a non-empty list of numbers, got an empty list")
-            return None
-        out = []
-        for i, v in enumerate(value):
-            out.append(_check_number(v, f"{where}[{i}]", problems, ctx))
-        return out
-    return _check_number(value, where, problems, ctx)
-
-
-def _check_dtype(value, where, problems, ctx):
-    if isinstance(value, str) and value.strip().lower().removeprefix("torch.") in _DTYPES:
-        return _DTYPES[value.strip().lower().removeprefix("torch.")]
-    problems.append(f"{where}: expected one of float32, float16, bfloat16, float64, got {_describe(value)}")
-    return None
-
-
-def _check_size(value, where, problems, ctx):
-    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-        return value
-    if isinstance(value, str) and _SIZE_RE.match(value):
-        return value.strip()
-    problems.append(f"{where}: expected a size such as '5GB' or a number of bytes, got {_describe(value)}")
-    return None
-
-
-def _check_choice(*choices: str) -> Callable:
-    def check(value, where, problems, ctx):
-        if isinstance(value, str) and value in choices:
-            return value
-        problems.append(f"{where}: expected one of {', '.join(choices)}, got {_describe(value)}")
-        return None
-
-    return check
-
-
-def _check_scores(value, where, problems, ctx):
-    if not isinstance(value, dict):
-        problems.append(f"{where}: expected a mapping of ingredient name to score, got {_describe(value)}")
-        return None
-    return {str(k): _check_number(v, f"{where}.{k}", problems, ctx) for k, v in value.items()}
-
-
-def _check_dotted_callable(value, where, problems, ctx):
-    if isinstance(value, str) and re.match(r"^[\w.]+:[\w.]+$", value.strip()):
-        return value.strip()
-    problems.append(f"{where}: expected 'package.module:function', got {_describe(value)}")
-    return None
-
-
-def _check_notes(value, where, problems, ctx):
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, list) and all(isinstance(v, str) for v in value):
-        return list(value)
-    problems.append(f"{where}: expected a list of strings, got {_describe(value)}")
-    return None
-
-
-def _check_mapping(value, where, problems, ctx):
-    if isinstance(value, dict):
-        return value
-    problems.append(f"{where}: expected a mapping, got {_describe(value)}")
-    return None
 
 
 def _looks_like_path(value: str) -> bool:
@@ -273,87 +127,110 @@ def _looks_like_path(value: str) -> bool:
     )
 
 
-def _resolve_path(value: str, base_dir: Path) -> Path:
-    path = Path(os.path.expanduser(value))
-    if not path.is_absolute():
-        path = base_dir / path
-    return Path(os.path.abspath(path))
+@dataclass
+class _FileContext:
+    """What checking one recipe needs: its folder, and whether the caller trusts it to run code."""
 
+    base_dir: Path
+    trust_remote_code: bool = False
+    newer_format: int | None = None
 
-def _check_model_reference(value, where, problems, ctx):
-    """A Hub id (`org/name`, `org/name@rev`) or a local folder (made absolute, checked to exist)."""
-    if not isinstance(value, str) or not value.strip():
-        problems.append(f"{where}: expected a Hub repository id or a local folder, got {_describe(value)}")
-        return None
-    value = value.strip()
-    base_dir: Path = ctx["base_dir"]
-    if _looks_like_path(value):
-        path = _resolve_path(value, base_dir)
+    def path(self, value: str) -> Path:
+        """`value` resolved against the recipe's folder; a relative path may not leave it (absolute: as written)."""
+        path = Path(os.path.expanduser(value))
+        if path.is_absolute():
+            return Path(os.path.abspath(path))
+        resolved = Path(os.path.abspath(self.base_dir / path))
+        base = os.path.realpath(self.base_dir)
+        if (
+            not os.path.realpath(resolved).startswith(base.rstrip(os.sep) + os.sep)
+            and os.path.realpath(resolved) != base
+        ):
+            raise OptionProblem(
+                f"{value!r} points outside the recipe's folder ({self.base_dir}); paths in a recipe stay in its "
+                "folder: write an absolute path if you mean that place"
+            )
+        return resolved
+
+    def gate(self, what: str) -> None:
+        """The one place a recipe's request to run code is refused without `trust_remote_code`."""
+        if not self.trust_remote_code:
+            raise OptionProblem(f"{what}, which runs code named by the recipe file; {_TRUST_HINT}")
+
+    # checks by file kind -------------------------------------------------------------------------------
+    def model_reference(self, value: Any, meta: Mapping) -> str:
+        """A Hub id (`org/name`, `org/name@rev`) or a local folder (made absolute, checked to exist)."""
+        if not isinstance(value, str) or not value.strip():
+            raise OptionProblem(f"expected a Hub repository id or a local folder, got {describe(value)}")
+        value = value.strip()
+        if _looks_like_path(value):
+            path = self.path(value)
+            if not path.exists():
+                raise OptionProblem(f"no such folder {str(path)!r}")
+            return str(path)
+        candidate = Path(os.path.abspath(self.base_dir / value))
+        if candidate.exists():  # a relative folder such as `runs/a`
+            return str(self.path(value))
+        if not _HUB_ID_RE.match(value.rpartition("@")[0] if "@" in value else value):
+            raise OptionProblem(
+                f"{value!r} is neither an existing folder (relative to {self.base_dir}) nor a Hub model id "
+                "('org/name' or 'org/name@revision')"
+            )
+        return value
+
+    def data_path(self, value: Any, meta: Mapping) -> str:
+        if not isinstance(value, str) or not value.strip():
+            raise OptionProblem(
+                f"expected the path of a data file or a saved dataset folder, got {describe(value)}"
+            )
+        path = self.path(value.strip())
         if not path.exists():
-            problems.append(f"{where}: no such folder {str(path)!r}")
-            return None
+            raise OptionProblem(f"no such file or folder {str(path)!r}")
         return str(path)
-    candidate = _resolve_path(value, base_dir)
-    if candidate.exists():  # a relative folder such as `runs/a`
-        return str(candidate)
-    if not _HUB_ID_RE.match(value.rpartition("@")[0] if "@" in value else value):
-        problems.append(
-            f"{where}: {value!r} is neither an existing folder (relative to {base_dir}) nor a Hub model id "
-            "('org/name' or 'org/name@revision')"
-        )
-        return None
-    return value
 
+    def output_path(self, value: Any, meta: Mapping) -> str:
+        if not isinstance(value, str) or not value.strip():
+            raise OptionProblem(f"expected a folder path, got {describe(value)}")
+        return str(self.path(value.strip()))
 
-def _check_data_path(value, where, problems, ctx):
-    if not isinstance(value, str) or not value.strip():
-        problems.append(
-            f"{where}: expected the path of a data file or a saved dataset folder, got {_describe(value)}"
-        )
-        return None
-    path = _resolve_path(value.strip(), ctx["base_dir"])
-    if not path.exists():
-        problems.append(f"{where}: no such file or folder {str(path)!r}")
-        return None
-    return str(path)
+    def name_or_path(self, value: Any, meta: Mapping) -> str:
+        """A tokenizer id or folder."""
+        if not isinstance(value, str) or not value.strip():
+            raise OptionProblem(f"expected a name or a path, got {describe(value)}")
+        value = value.strip()
+        if _looks_like_path(value):
+            path = self.path(value)
+            if not path.exists():
+                raise OptionProblem(f"no such file or folder {str(path)!r}")
+            return str(path)
+        return value
 
+    def metric(self, value: Any, meta: Mapping) -> str:
+        """A metric name (bundled ones need no opt-in), or a local metric script folder (code: gated)."""
+        value = self.name_or_path(value, meta)
+        if os.path.isabs(value):
+            self.gate(f"{value!r} is a local metric script")
+        return value
 
-def _check_local_or_hub(value, where, problems, ctx):
-    """A metric name (`accuracy`), a local metric module folder, or a tokenizer id/folder."""
-    if not isinstance(value, str) or not value.strip():
-        problems.append(f"{where}: expected a name or a path, got {_describe(value)}")
-        return None
-    value = value.strip()
-    if _looks_like_path(value):
-        path = _resolve_path(value, ctx["base_dir"])
-        if not path.exists():
-            problems.append(f"{where}: no such file or folder {str(path)!r}")
-            return None
-        return str(path)
-    return value
+    def import_string(self, value: Any, meta: Mapping) -> str:
+        value = check_import_string(value, meta)
+        self.gate(f"{value!r} is an import")
+        return value
 
-
-def _check_output_path(value, where, problems, ctx):
-    if not isinstance(value, str) or not value.strip():
-        problems.append(f"{where}: expected a folder path, got {_describe(value)}")
-        return None
-    return str(_resolve_path(value.strip(), ctx["base_dir"]))
-
-
-def _check_repo_id(value, where, problems, ctx):
-    if isinstance(value, str) and re.match(r"^[\w.\-]+(/[\w.\-]+)?$", value.strip()):
-        return value.strip()
-    problems.append(f"{where}: expected a Hub repository id such as 'user/my-soup', got {_describe(value)}")
-    return None
-
-
-def _opt(check: Callable, help: str, default: Any = None, **extra) -> Any:
-    """A dataclass field holding an optional recipe key, with its help and value check (peft-config style)."""
-    return field(default=default, metadata={"help": help, "check": check, **extra})
+    def checks(self) -> dict[str, Callable[[Any, Mapping], Any]]:
+        return {
+            "model_ref": self.model_reference,
+            "ingredient": self.model_reference,
+            "data_path": self.data_path,
+            "output_path": self.output_path,
+            "name_or_path": self.name_or_path,
+            "metric": self.metric,
+            "import_string": self.import_string,
+        }
 
 
 # --------------------------------------------------------------------------------------------------------
-# schema
+# schema: the file's own structure (the options themselves are the configuration's fields)
 # --------------------------------------------------------------------------------------------------------
 
 
@@ -364,24 +241,23 @@ class IngredientSpec:
     A plain string is the short form of `{model: <string>}`; `org/name@rev` sets the revision.
     """
 
-    model: str | None = _opt(
-        _check_model_reference,
-        "Hub repository id (`org/name`, optionally `@revision`) or local folder (a save_pretrained folder, "
+    model: str | None = option(
+        help="Hub repository id (`org/name`, optionally `@revision`) or local folder (a save_pretrained folder, "
         "a Trainer checkpoint or a PEFT adapter folder). Relative paths are relative to the recipe file.",
+        kind="model_ref",
     )
-    revision: str | None = _opt(
-        _check_str,
-        "Hub revision: a branch, tag or commit hash. Written soups record the resolved commit hash.",
+    revision: str | None = option(
+        help="Hub revision: a branch, tag or commit hash. Written soups record the resolved commit hash.",
+        kind="str",
     )
-    weight: float | None = _opt(
-        _check_number,
-        "Uniform and WiSE-FT soups: this ingredient's relative weight (weights are normalised).",
+    weight: float | None = option(
+        help="Uniform and WiSE-FT soups: this ingredient's relative weight (weights are normalised).",
+        kind="number",
     )
-    name: str | None = _opt(_check_str, "Display name (defaults from the reference).")
+    name: str | None = option(help="Display name (defaults from the reference).", kind="str")
 
     def reference(self) -> str:
         """The reference string passed to `merge_models` (`model@revision` for Hub ids with a revision)."""
-        assert self.model is not None
         if self.revision and not os.path.exists(self.model):
             return f"{self.model}@{self.revision}"
         return self.model
@@ -391,126 +267,147 @@ class IngredientSpec:
 class EvalSetSpec:
     """One held-out set under `eval:`. A plain string is the short form of `{data: <string>}`."""
 
-    data: str | None = _opt(
-        _check_data_path,
-        "Local data file (csv, tsv, json, jsonl, parquet, arrow; compressed files too) or a folder written by "
+    data: str | None = option(
+        help="Local data file (csv, tsv, json, jsonl, parquet, arrow; compressed files too) or a folder written by "
         "`Dataset.save_to_disk` / `DatasetDict.save_to_disk`.",
+        kind="data_path",
     )
-    format: str | None = _opt(
-        _check_choice("csv", "tsv", "json", "parquet", "arrow", "text", "disk"),
-        "File format when the file name does not say it (csv, tsv, json, parquet, arrow, text, disk).",
+    format: str | None = option(
+        help="File format when the file name does not say it (csv, tsv, json, parquet, arrow, text, disk).",
+        kind="choice",
+        choices=("csv", "tsv", "json", "parquet", "arrow", "text", "disk"),
     )
-    split: str | None = _opt(_check_str, "Split to use when `data` holds several (a saved DatasetDict).")
-    text_columns: str | list[str] | None = _opt(
-        _check_str_or_str_list,
-        "Text column, or two columns for sentence pairs (defaults to the top-level one).",
+    split: str | None = option(
+        help="Split to use when `data` holds several (a saved DatasetDict).", kind="str"
     )
-    label_column: str | None = _opt(_check_str, "Label column (defaults to the top-level one, else `label`).")
-    max_samples: int | None = _opt(_check_int, "Use only the first N rows (quick runs).")
+    text_columns: str | list[str] | None = option(
+        help="Text column, or two columns for sentence pairs (defaults to the top-level one).", kind="columns"
+    )
+    label_column: str | None = option(
+        help="Label column (defaults to the top-level one, else `label`).", kind="str"
+    )
+    max_samples: int | None = option(help="Use only the first N rows (quick runs).", kind="positive_int")
 
 
-@dataclass
+FILE_KEYS: dict[str, str] = {
+    "format_version": "Recipe file format version.",
+    "hf_soups_version": "Version of hf_soups that wrote the file (informational).",
+    "ingredients": "The fine-tuned models to soup: strings or {model, revision, weight, name} mappings; or one "
+    "folder of ingredients written by SoupTrainerCallback.",
+    "base_model": "WiSE-FT: the zero-shot / pre-trained end. Adapters: their base model (string or {model, revision}).",
+    "eval": "Held-out data: one set ({data, split, text_columns, label_column, max_samples}) or named sets "
+    "({validation: {...}, shifted: {...}}).",
+    "metric_config": "Metric configuration name (`evaluate.load(metric, config)`).",
+    "notes": "Free text notes (ignored when cooking).",
+    "result": "Written with the soup: the scores and choices it got (ignored when cooking).",
+}
+"""The keys of a recipe file that are not options of the configuration (the file's own structure)."""
+
+
+def option_keys() -> dict[str, dataclasses.Field]:
+    """The configuration options a recipe file may hold, by key (derived from the configuration's fields)."""
+    return {
+        name: f
+        for name, f in all_option_fields().items()
+        if f.metadata.get("file") is not False and name not in FILE_KEYS
+    }
+
+
+def recipe_keys() -> dict[str, str]:
+    """Every top-level key of a recipe file, with its help (for docs and `--help`)."""
+    out = {k: FILE_KEYS[k] for k in ("format_version", "hf_soups_version", "ingredients", "base_model")}
+    out.update({name: f.metadata["help"] for name, f in option_keys().items() if name != "base_model"})
+    out.update({k: v for k, v in FILE_KEYS.items() if k not in out})
+    return out
+
+
 class Recipe:
-    """A validated recipe file: every key mirrors a keyword argument of [`merge_models`].
+    """A checked recipe file: its ingredients, eval sets and options (the configuration's fields, by name).
 
     Build one with [`load_recipe`] (or [`Recipe.from_dict`]), turn it into `merge_models` arguments with
-    [`Recipe.to_merge_kwargs`], or cook it with [`cook`]. Keys left out keep `merge_models`' defaults.
+    [`Recipe.to_merge_kwargs`], or cook it with [`cook`]. Options left out keep `merge_models`' defaults and read
+    as `None` (`recipe.alpha`, `recipe.output_dir`, ...).
+
+    Args:
+        ingredients (`list[IngredientSpec]`): the ingredients.
+        options (`dict`): the options set in the file, checked, by name.
+        base_model ([`IngredientSpec`], *optional*): the base model.
+        eval (`dict[str, EvalSetSpec]`, *optional*): the held-out sets, by name.
+        trust_remote_code (`bool`, *optional*): the caller's opt-in (never read from the file).
     """
 
-    format_version: int = _opt(_check_format_version, "Recipe file format version.", default=FORMAT_VERSION)
-    hf_soups_version: str | None = _opt(
-        _check_str, "Version of hf_soups that wrote the file (informational)."
-    )
-    method: str = _opt(_check_method, "Soup recipe: uniform, greedy or wise-ft.", default="uniform")
-    ingredients: list[IngredientSpec] = field(
-        default_factory=list,
-        metadata={
-            "help": "The fine-tuned models to soup: strings or {model, revision, weight, name} mappings."
-        },
-    )
-    base_model: IngredientSpec | None = field(
-        default=None,
-        metadata={"help": "WiSE-FT: the zero-shot / pre-trained end. Adapters: their base model."},
-    )
-    alpha: float | list[float] | None = _opt(
-        _check_alpha, "WiSE-FT: mixing coefficient, or a list of them swept and chosen on the eval data."
-    )
-    eval: dict[str, EvalSetSpec] | None = field(
-        default=None,
-        metadata={
-            "help": "Held-out data: one set ({data, split, text_columns, label_column}) or named sets "
-            "({validation: {...}, shifted: {...}})."
-        },
-    )
-    metric: str | None = _opt(
-        _check_local_or_hub, "`evaluate` metric name (accuracy, f1, ...) or a local metric module folder."
-    )
-    metric_config: str | None = _opt(
-        _check_str, "Metric configuration name (`evaluate.load(metric, config)`)."
-    )
-    metric_key: str | None = _opt(_check_str, "Key of the metric's result used to compare soups.")
-    greater_is_better: bool | None = _opt(_check_bool, "Whether a higher metric value is better.")
-    select_on: str | None = _opt(_check_str, "Name of the eval set the greedy choice / alpha sweep uses.")
-    compute_metrics: str | None = _opt(
-        _check_dotted_callable, "Trainer-style compute_metrics function, as 'package.module:function'."
-    )
-    tokenizer: str | None = _opt(
-        _check_local_or_hub, "Tokenizer id or folder (defaults to the reference ingredient's tokenizer)."
-    )
-    text_columns: str | list[str] | None = _opt(
-        _check_str_or_str_list, "Default text column(s) of the eval sets."
-    )
-    label_column: str | None = _opt(_check_str, "Default label column of the eval sets.")
-    batch_size: int | None = _opt(_check_int, "Evaluation batch size.")
-    device: str | None = _opt(_check_str, "Evaluation device (cpu, cuda, cuda:1, mps).")
-    scores: dict[str, float] | None = _opt(
-        _check_scores, "Greedy: held-out scores already known, by ingredient name (skips their evaluation)."
-    )
-    strict: bool | None = _opt(_check_bool, "Greedy: keep an ingredient only on strict improvement.")
-    ensemble_baseline: bool | None = _opt(_check_bool, "Also evaluate the output ensemble, for comparison.")
-    adapter_output: str | None = _opt(
-        _check_choice("merged", "adapter"),
-        "Adapter soups: a merged model or an adapter ('merged' | 'adapter').",
-    )
-    rank: int | None = _opt(_check_int, "Adapter form: truncated SVD rank of the souped deltas.")
-    dtype: str | None = _opt(
-        _check_dtype, "Output dtype (float32, float16, bfloat16); default: the first ingredient's."
-    )
-    max_shard_size: int | str | None = _opt(_check_size, "Largest safetensors shard ('5GB' or bytes).")
-    output_dir: str | None = _opt(_check_output_path, "Folder the soup is written to (sharded safetensors).")
-    push_to_hub: str | None = _opt(
-        _check_repo_id, "Hub repository the soup is pushed to, with its model card."
-    )
-    private: bool | None = _opt(_check_bool, "Create the Hub repository as private.")
-    revision: str | None = _opt(_check_str, "Default revision for Hub ingredients given without one.")
-    cache_dir: str | None = _opt(_check_output_path, "Hugging Face cache folder (default: HF_HUB_CACHE).")
-    notes: list[str] | None = _opt(_check_notes, "Free text notes (ignored when cooking).")
-    result: dict | None = _opt(
-        _check_mapping, "Written with the soup: the scores and choices it got (ignored when cooking)."
-    )
+    def __init__(
+        self,
+        ingredients: list[IngredientSpec] | None = None,
+        options: Mapping[str, Any] | None = None,
+        *,
+        base_model: IngredientSpec | None = None,
+        eval: dict[str, EvalSetSpec] | None = None,
+        format_version: int = FORMAT_VERSION,
+        hf_soups_version: str | None = None,
+        metric_config: str | None = None,
+        notes: list[str] | None = None,
+        result: dict | None = None,
+        single_eval: bool = False,
+        trust_remote_code: bool = False,
+        source_path: Path | None = None,
+    ):
+        self.ingredients = list(ingredients or [])
+        self.options = {k: v for k, v in dict(options or {}).items() if v is not None}
+        self.base_model = base_model
+        self.eval = eval
+        self.format_version = format_version
+        self.hf_soups_version = hf_soups_version
+        self.metric_config = metric_config
+        self.notes = notes
+        self.result = result
+        self.single_eval = single_eval
+        self.trust_remote_code = trust_remote_code
+        self.source_path = source_path
 
-    source_path: Path | None = field(default=None, repr=False, compare=False, metadata={"internal": True})
-    """The file this recipe was read from (not a key of the file)."""
+    def __getattr__(self, name: str) -> Any:
+        if not name.startswith("_") and name in all_option_fields():
+            return self.__dict__.get("options", {}).get(name)
+        raise AttributeError(name)
 
-    _single_eval: bool = field(default=False, repr=False, compare=False, metadata={"internal": True})
+    @property
+    def method(self) -> str:
+        return self.options.get("method", "uniform")
+
+    def __repr__(self) -> str:
+        return f"Recipe({self.to_dict()!r})"
+
+    def with_options(self, **options: Any) -> Recipe:
+        """A copy with these options replaced (`None` removes one)."""
+        copy = Recipe.__new__(Recipe)
+        copy.__dict__.update(self.__dict__)
+        copy.options = {k: v for k, v in {**self.options, **options}.items() if v is not None}
+        return copy
 
     # -------------------------------------------------------------------------------------------------
     @classmethod
     def from_dict(
-        cls, data: Any, *, base_dir: str | os.PathLike | None = None, source: str | None = None
+        cls,
+        data: Any,
+        *,
+        base_dir: str | os.PathLike | None = None,
+        source: str | None = None,
+        trust_remote_code: bool = False,
     ) -> Recipe:
-        """Validates a recipe mapping (as read from YAML) and returns a [`Recipe`].
+        """Checks a recipe mapping (as read from YAML) and returns a [`Recipe`].
 
         Args:
             data (`dict`):
                 The recipe mapping.
             base_dir (`str` or `os.PathLike`, *optional*):
-                Folder relative paths are resolved against (defaults to the current directory).
+                The folder relative paths are resolved against and may not leave (defaults to the current one).
             source (`str`, *optional*):
                 The file name used in error messages.
+            trust_remote_code (`bool`, *optional*, defaults to `False`):
+                Allow the recipe to name code (`compute_metrics` imports, local metric scripts).
 
         Returns:
-            [`Recipe`]: the validated recipe, local paths made absolute.
+            [`Recipe`]: the checked recipe, local paths made absolute.
 
         Raises:
             [`RecipeError`]: listing every problem with its key path.
@@ -523,35 +420,34 @@ class Recipe:
         'uniform'
         ```
         """
-        ctx = {"base_dir": Path(base_dir) if base_dir is not None else Path.cwd()}
+        ctx = _FileContext(Path(base_dir) if base_dir is not None else Path.cwd(), trust_remote_code)
         problems: list[str] = []
         recipe = _parse_recipe(data, problems, ctx)
         if problems:
             prefix = f"{source}: " if source else ""
             raise RecipeError(
-                f"{prefix}invalid recipe: " + "; ".join(problems),
-                problems=problems,
-                path=source,
+                f"{prefix}invalid recipe: " + "; ".join(problems), problems=problems, path=source
             )
-        assert recipe is not None
+        recipe.trust_remote_code = trust_remote_code
         return recipe
 
     def to_dict(self) -> dict[str, Any]:
         """The recipe as a plain mapping, ready for `yaml.safe_dump` (keys left unset are omitted)."""
-        out: dict[str, Any] = {}
-        for f in dataclasses.fields(self):
-            if f.metadata.get("internal"):
-                continue
-            value = getattr(self, f.name)
-            if value is None or (f.name == "ingredients" and not value):
-                continue
-            if f.name == "ingredients":
-                value = [_spec_to_dict(s) for s in value]
-            elif f.name == "base_model":
-                value = _spec_to_dict(value)
-            elif f.name == "eval":
-                value = {k: _spec_to_dict(v) for k, v in value.items()}
-            out[f.name] = value
+        out: dict[str, Any] = {"format_version": self.format_version}
+        if self.hf_soups_version:
+            out["hf_soups_version"] = self.hf_soups_version
+        out["method"] = self.method
+        out["ingredients"] = [_spec_to_dict(s) for s in self.ingredients]
+        if self.base_model is not None:
+            out["base_model"] = _spec_to_dict(self.base_model)
+        for key in option_keys():
+            if key not in ("method", "base_model") and key in self.options:
+                out[key] = self.options[key]
+        if self.eval:
+            out["eval"] = {k: _spec_to_dict(v) for k, v in self.eval.items()}
+        for key in ("metric_config", "notes", "result"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
         return out
 
     # -------------------------------------------------------------------------------------------------
@@ -572,7 +468,7 @@ class Recipe:
 
         Raises:
             [`RecipeError`]: an eval file cannot be read, lacks a column or split, or `compute_metrics` cannot
-                be imported.
+                be imported (or is not trusted).
 
         Example:
 
@@ -587,58 +483,36 @@ class Recipe:
             kwargs["models"] = self.ingredients[
                 0
             ].model  # merge_models expands the folder into its ingredients
-        kwargs["method"] = self.method
         weights = [spec.weight for spec in self.ingredients]
         if any(w is not None for w in weights):
             kwargs["weights"] = [1.0 if w is None else w for w in weights]
+        special = ("base_model", "metric", "compute_metrics", "tokenizer", "text_columns", "label_column")
+        kwargs.update({k: v for k, v in self.options.items() if k not in special})
+        kwargs["method"] = self.method
         if self.base_model is not None:
             kwargs["base_model"] = self.base_model.reference()
-        simple = (
-            "alpha",
-            "metric_key",
-            "greater_is_better",
-            "select_on",
-            "batch_size",
-            "device",
-            "scores",
-            "strict",
-            "ensemble_baseline",
-            "adapter_output",
-            "rank",
-            "dtype",
-            "max_shard_size",
-            "output_dir",
-            "push_to_hub",
-            "private",
-            "revision",
-            "cache_dir",
-        )
-        for key in simple:
-            value = getattr(self, key)
-            if value is not None:
-                kwargs[key] = value
         if self.metric is not None:
             kwargs["metric"] = (self.metric, self.metric_config) if self.metric_config else self.metric
-        if self.eval:
-            text_columns, label_column = self._columns()
-            if text_columns is not None:
-                kwargs["text_columns"] = text_columns
-            if label_column is not None:
-                kwargs["label_column"] = label_column
-            if load_data:
-                sets = {name: self._load_eval_set(name, spec) for name, spec in self.eval.items()}
-                kwargs["eval_dataset"] = next(iter(sets.values())) if self._single_eval else sets
-        else:
-            if self.text_columns is not None:
-                kwargs["text_columns"] = self.text_columns
-            if self.label_column is not None:
-                kwargs["label_column"] = self.label_column
+        text_columns, label_column = self._columns()
+        if text_columns is not None:
+            kwargs["text_columns"] = text_columns
+        if label_column is not None:
+            kwargs["label_column"] = label_column
+        if self.eval and load_data:
+            sets = {name: self._load_eval_set(name, spec) for name, spec in self.eval.items()}
+            kwargs["eval_dataset"] = next(iter(sets.values())) if self.single_eval else sets
         if load_data and self.compute_metrics:
-            kwargs["compute_metrics"] = _import_callable(self.compute_metrics)
+            from .remote_code import import_callable
+
+            kwargs["compute_metrics"] = import_callable(
+                self.compute_metrics, trust_remote_code=self.trust_remote_code, key="compute_metrics"
+            )
         if load_data and self.tokenizer:
             from transformers import AutoTokenizer
 
             kwargs["tokenizer"] = AutoTokenizer.from_pretrained(self.tokenizer)
+        if self.trust_remote_code:
+            kwargs["trust_remote_code"] = True
         return kwargs
 
     def ingredients_dir(self) -> str | None:
@@ -674,7 +548,7 @@ class Recipe:
         return text, label
 
     def _load_eval_set(self, name: str, spec: EvalSetSpec):
-        where = "eval" if self._single_eval else f"eval.{name}"
+        where = "eval" if self.single_eval else f"eval.{name}"
         dataset = load_eval_data(spec.data, format=spec.format, split=spec.split, where=f"{where}.data")
         if spec.max_samples is not None and len(dataset) > spec.max_samples:
             dataset = dataset.select(range(spec.max_samples))
@@ -714,7 +588,7 @@ class Recipe:
 
     def needs_eval(self) -> bool:
         """Whether cooking this recipe evaluates (greedy, or a WiSE-FT sweep over several alphas)."""
-        return self.method == "greedy" or isinstance(self.alpha, list)
+        return self.method == "greedy" or (isinstance(self.alpha, list) and len(self.alpha) > 1)
 
 
 def _spec_to_dict(spec: Any) -> dict[str, Any]:
@@ -723,43 +597,39 @@ def _spec_to_dict(spec: Any) -> dict[str, Any]:
     }
 
 
-def _parse_fields(cls, data: dict, where: str, problems: list[str], ctx: dict, *, skip=()) -> dict[str, Any]:
-    """Checks the keys of `data` against the dataclass `cls`; returns the checked values of simple fields."""
-    names = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+# --------------------------------------------------------------------------------------------------------
+# parsing
+# --------------------------------------------------------------------------------------------------------
+
+
+def _parse_spec(cls: type, value: dict, where: str, problems: list[str], ctx: _FileContext) -> Any:
+    """Check the keys and values of one `ingredients[i]` / `base_model` / `eval` entry against `cls`'s fields."""
+    fields_ = {f.name: f for f in option_fields(cls)}
     out: dict[str, Any] = {}
-    for key, value in data.items():
-        path = f"{where}.{key}" if where else str(key)
-        if key not in names:
-            if ctx.get("newer_format"):
-                logger.warning(
-                    "Ignoring key %r: written by a newer hf_soups (format %s).", path, ctx["newer_format"]
-                )
+    for key, item in value.items():
+        path = f"{where}.{key}"
+        if key not in fields_:
+            if ctx.newer_format:
+                logger.warning("Ignoring key %r: written by a newer hf_soups.", path)
                 continue
-            close = difflib.get_close_matches(
-                str(key).replace("-", "_").lower(), list(names), n=1, cutoff=0.7
-            )
-            hint = f" (did you mean {close[0]!r}?)" if close else f"; known keys: {', '.join(names)}"
-            problems.append(f"{path}: unknown key{hint}")
+            problems.append(f"{path}: unknown key{did_you_mean(key, fields_)}")
             continue
-        if key in skip:
-            continue
-        if value is None:
-            out[key] = None
-            continue
-        out[key] = names[key].metadata["check"](value, path, problems, ctx)
-    return out
+        try:
+            out[key] = check_value(fields_[key], item, ctx.checks())
+        except OptionProblem as e:
+            problems.append(f"{path}: {e}")
+    return cls(**out)
 
 
-def _parse_ingredient(value: Any, where: str, problems: list[str], ctx: dict) -> IngredientSpec | None:
+def _parse_ingredient(
+    value: Any, where: str, problems: list[str], ctx: _FileContext
+) -> IngredientSpec | None:
     if isinstance(value, str):
         value = {"model": value}
     if not isinstance(value, dict):
-        problems.append(
-            f"{where}: expected a model id/path or a mapping with 'model', got {_describe(value)}"
-        )
+        problems.append(f"{where}: expected a model id/path or a mapping with 'model', got {describe(value)}")
         return None
-    fields_ = _parse_fields(IngredientSpec, value, where, problems, ctx)
-    spec = IngredientSpec(**fields_)
+    spec = _parse_spec(IngredientSpec, value, where, problems, ctx)
     if "model" not in value:
         problems.append(f"{where}.model: missing (a Hub repository id or a local folder)")
     elif value["model"] is None:
@@ -782,33 +652,66 @@ def _parse_ingredient(value: Any, where: str, problems: list[str], ctx: dict) ->
     return spec
 
 
-def _parse_eval_set(value: Any, where: str, problems: list[str], ctx: dict) -> EvalSetSpec | None:
+def _parse_eval_set(value: Any, where: str, problems: list[str], ctx: _FileContext) -> EvalSetSpec | None:
     if isinstance(value, str):
         value = {"data": value}
     if not isinstance(value, dict):
-        problems.append(f"{where}: expected a data path or a mapping with 'data', got {_describe(value)}")
+        problems.append(f"{where}: expected a data path or a mapping with 'data', got {describe(value)}")
         return None
-    spec = EvalSetSpec(**_parse_fields(EvalSetSpec, value, where, problems, ctx))
-    if "data" not in value or value["data"] is None:
+    spec = _parse_spec(EvalSetSpec, value, where, problems, ctx)
+    if value.get("data") is None:
         problems.append(f"{where}.data: missing (a data file or a saved dataset folder)")
     return spec
 
 
-def _parse_recipe(data: Any, problems: list[str], ctx: dict) -> Recipe | None:
+def _parse_recipe(data: Any, problems: list[str], ctx: _FileContext) -> Recipe | None:
     if not isinstance(data, dict):
-        problems.append(f"<top level>: expected a mapping of recipe keys, got {_describe(data)}")
+        problems.append(f"<top level>: expected a mapping of recipe keys, got {describe(data)}")
         return None
+    recipe = Recipe()
     version = data.get("format_version", FORMAT_VERSION)
-    if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
-        ctx["newer_format"] = version
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        problems.append(f"format_version: expected a positive integer, got {describe(version)}")
+    elif version > FORMAT_VERSION:
+        ctx.newer_format = version
         logger.warning(
             "This recipe uses format version %s, newer than this hf_soups reads (%s): unknown keys are ignored. "
             "Upgrade hf_soups to use them.",
             version,
             FORMAT_VERSION,
         )
-    values = _parse_fields(Recipe, data, "", problems, ctx, skip=("ingredients", "base_model", "eval"))
-    recipe = Recipe(**{k: v for k, v in values.items() if v is not None})
+    else:
+        recipe.format_version = version
+    options = option_keys()
+    values: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in FILE_KEYS or key == "base_model":
+            continue
+        if key not in options:
+            if ctx.newer_format:
+                logger.warning("Ignoring key %r: written by a newer hf_soups (format %s).", key, version)
+                continue
+            problems.append(f"{key}: unknown key{did_you_mean(key, set(options) | set(FILE_KEYS))}")
+            continue
+        values[key] = value
+    for key, kind in (("hf_soups_version", "str"), ("metric_config", "str")):
+        if data.get(key) is not None:
+            try:
+                setattr(recipe, key, check_value(None, data[key], kind=kind))
+            except OptionProblem as e:
+                problems.append(f"{key}: {e}")
+    if data.get("notes") is not None:
+        notes = data["notes"]
+        notes = [notes] if isinstance(notes, str) else notes
+        if isinstance(notes, list) and all(isinstance(n, str) for n in notes):
+            recipe.notes = list(notes)
+        else:
+            problems.append(f"notes: expected a list of strings, got {describe(data['notes'])}")
+    if data.get("result") is not None:
+        if isinstance(data["result"], dict):
+            recipe.result = data["result"]
+        else:
+            problems.append(f"result: expected a mapping, got {describe(data['result'])}")
 
     ingredients = data.get("ingredients")
     if isinstance(ingredients, str):  # one folder of ingredients collected by SoupTrainerCallback
@@ -816,7 +719,7 @@ def _parse_recipe(data: Any, problems: list[str], ctx: dict) -> Recipe | None:
     if ingredients is None:
         problems.append("ingredients: missing (a list of models to soup)")
     elif not isinstance(ingredients, list) or not ingredients:
-        problems.append(f"ingredients: expected a non-empty list of models, got {_describe(ingredients)}")
+        problems.append(f"ingredients: expected a non-empty list of models, got {describe(ingredients)}")
     else:
         specs = [_parse_ingredient(v, f"ingredients[{i}]", problems, ctx) for i, v in enumerate(ingredients)]
         recipe.ingredients = [s for s in specs if s is not None]
@@ -831,7 +734,7 @@ def _parse_recipe(data: Any, problems: list[str], ctx: dict) -> Recipe | None:
         if isinstance(raw_eval, str) or (isinstance(raw_eval, dict) and "data" in raw_eval):
             spec = _parse_eval_set(raw_eval, "eval", problems, ctx)
             recipe.eval = {"eval": spec} if spec else None
-            recipe._single_eval = True
+            recipe.single_eval = True
         elif isinstance(raw_eval, dict) and raw_eval:
             recipe.eval = {}
             for name, value in raw_eval.items():
@@ -841,65 +744,50 @@ def _parse_recipe(data: Any, problems: list[str], ctx: dict) -> Recipe | None:
         else:
             problems.append(
                 "eval: expected a data path, a mapping with 'data', or named sets ({validation: {data: ...}}), "
-                f"got {_describe(raw_eval)}"
+                f"got {describe(raw_eval)}"
             )
 
-    _check_consistency(recipe, data, problems)
-    return recipe
-
-
-def _check_consistency(recipe: Recipe, data: dict, problems: list[str]) -> None:
-    """Checks across keys, so that a recipe that cannot cook fails before anything is downloaded."""
-    method = recipe.method
-    has_weights = any(s.weight is not None for s in recipe.ingredients)
-    if has_weights and method == "greedy":
-        idx = next(i for i, s in enumerate(recipe.ingredients) if s.weight is not None)
-        problems.append(
-            f"ingredients[{idx}].weight: greedy soups choose their ingredients; remove the weights"
+    # the options: the same configuration (and checks) as merge_models, with the file's path and code checks
+    weights = [s.weight for s in recipe.ingredients]
+    if any(w is not None for w in weights):
+        values["weights"] = [1.0 if w is None else w for w in weights]
+    if recipe.base_model is not None and recipe.base_model.model is not None:
+        values["base_model"] = recipe.base_model.model
+    elif "base_model" in data and data["base_model"] is not None:
+        values["base_model"] = "?"  # refused above; present for the method's own checks
+    n_models = (
+        None if recipe.ingredients_dir() is not None or not recipe.ingredients else len(recipe.ingredients)
+    )
+    try:
+        config = SoupConfig.from_options(
+            values, n_models=n_models, has_eval=bool(recipe.eval), file_checks=ctx.checks()
         )
-    if method == "wise-ft":
-        if recipe.base_model is None and "base_model" not in data:
-            problems.append("base_model: missing; wise-ft interpolates from a base (zero-shot) model")
-    elif recipe.alpha is not None:
-        problems.append(f"alpha: only wise-ft takes alpha, not {method!r}")
-    if isinstance(recipe.alpha, (int, float)) or isinstance(recipe.alpha, list):
-        alphas = recipe.alpha if isinstance(recipe.alpha, list) else [recipe.alpha]
-        for i, a in enumerate(alphas):
-            if a is not None and not 0.0 <= a <= 1.0:
-                key = f"alpha[{i}]" if isinstance(recipe.alpha, list) else "alpha"
-                problems.append(f"{key}: expected a value in [0, 1], got {a!r}")
-    if recipe.needs_eval() and not recipe.eval and not recipe.scores and not recipe.compute_metrics:
-        what = "greedy soups evaluate" if method == "greedy" else "an alpha sweep is chosen"
-        problems.append(
-            f"eval: missing; {what} on held-out data (add eval: {{data: ..., label_column: ...}})"
-        )
+    except InvalidArgumentError as e:
+        problems.extend(_file_problem(p) for p in getattr(e, "problems", [str(e)]))
+    else:
+        given = config.to_options()
+        recipe.options = {k: given[k] for k in values if k not in ("weights", "base_model")}
+        recipe.options["method"] = config.method
+
     if recipe.select_on is not None and recipe.eval and recipe.select_on not in recipe.eval:
         problems.append(
             f"select_on: {recipe.select_on!r} is not an eval set; expected one of {', '.join(recipe.eval)}"
         )
-    if recipe.strict is not None and method != "greedy":
-        problems.append(f"strict: only greedy soups take strict, not {method!r}")
-    if recipe.rank is not None and recipe.adapter_output not in (None, "adapter"):
-        problems.append("rank: applies to adapter_output: adapter only")
     names = [s.name for s in recipe.ingredients if s.name]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         problems.append(f"ingredients: duplicate name(s) {', '.join(map(repr, dupes))}")
-    if recipe.metric_config is not None and recipe.metric is None:
+    if recipe.metric_config is not None and data.get("metric") is None:
         problems.append("metric_config: set metric too")
+    return recipe
 
 
-def _import_callable(spec: str) -> Callable:
-    module_name, _, attr = spec.partition(":")
-    try:
-        obj: Any = importlib.import_module(module_name)
-        for part in attr.split("."):
-            obj = getattr(obj, part)
-    except (ImportError, AttributeError) as exc:
-        raise RecipeError(f"compute_metrics: cannot import {spec!r}: {exc}") from exc
-    if not callable(obj):
-        raise RecipeError(f"compute_metrics: {spec!r} is not callable")
-    return obj
+def _file_problem(problem: str) -> str:
+    """A configuration problem in the file's words (weights are given per ingredient in a file)."""
+    for option_name, file_key in (("weights", "ingredients[].weight"), ("eval_dataset", "eval")):
+        if problem.startswith(option_name):
+            return file_key + problem[len(option_name) :]
+    return problem
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -907,19 +795,46 @@ def _import_callable(spec: str) -> Callable:
 # --------------------------------------------------------------------------------------------------------
 
 
-def load_recipe(path: str | os.PathLike) -> Recipe:
-    """Reads and validates a YAML recipe file.
+def _yaml_loader() -> type:
+    """`yaml.SafeLoader` reading numbers as YAML 1.2 does (`1e-3` is a float), and refusing aliases."""
+    import yaml
+
+    class RecipeLoader(yaml.SafeLoader):
+        def compose_node(self, parent, index):  # type: ignore[override]
+            if self.check_event(yaml.AliasEvent):
+                event = self.peek_event()
+                raise yaml.composer.ComposerError(
+                    None, None, "aliases (*name) are not allowed in a recipe file", event.start_mark
+                )
+            return super().compose_node(parent, index)
+
+    RecipeLoader.yaml_implicit_resolvers = {
+        k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+    RecipeLoader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+        list("-+0123456789"),
+    )
+    return RecipeLoader
+
+
+def load_recipe(path: str | os.PathLike, *, trust_remote_code: bool = False) -> Recipe:
+    """Reads and checks a YAML recipe file.
 
     Args:
         path (`str` or `os.PathLike`):
             The recipe file, or a soup folder holding a `soup_recipe.yaml`.
+        trust_remote_code (`bool`, *optional*, defaults to `False`):
+            Allow the recipe to name code: `compute_metrics: package.module:function`, a local metric script.
 
     Returns:
-        [`Recipe`]: the validated recipe (relative paths resolved against the file's folder).
+        [`Recipe`]: the checked recipe (relative paths resolved against the file's folder).
 
     Raises:
-        [`RecipeError`]: the file is missing, is not valid YAML, or has unknown keys, wrong types or
-            inconsistent options (every problem is listed with its key path).
+        [`RecipeError`]: the file is missing, too large, not UTF-8 text, not valid YAML, or has unknown keys, wrong
+            types, paths leaving its folder, code without `trust_remote_code`, or inconsistent options (every
+            problem is listed with its key path).
 
     Example:
 
@@ -937,14 +852,32 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
         path = path / RECIPE_FILENAME
     if not path.is_file():
         raise RecipeError(f"{path}: no such recipe file", path=str(path))
+    size = path.stat().st_size
+    if size > MAX_RECIPE_BYTES:
+        raise RecipeError(
+            f"{path}: {size} bytes is too large for a recipe file (at most {MAX_RECIPE_BYTES}); is it the right file?",
+            path=str(path),
+        )
+    raw = path.read_bytes()
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = raw.decode("utf-8")
+        if "\x00" in text:
+            raise UnicodeDecodeError("utf-8", raw, text.index("\x00"), text.index("\x00") + 1, "NUL byte")
+    except UnicodeDecodeError as exc:
+        raise RecipeError(
+            f"{path}: not a recipe file (binary or not UTF-8 text, byte {exc.start}); a recipe is a YAML text file",
+            path=str(path),
+        ) from None
+    try:
+        data = yaml.load(text, Loader=_yaml_loader())  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise RecipeError(f"{path}: not valid YAML{where}: {problem}", path=str(path)) from exc
-    recipe = Recipe.from_dict(data, base_dir=path.resolve().parent, source=str(path))
+    recipe = Recipe.from_dict(
+        data, base_dir=path.resolve().parent, source=str(path), trust_remote_code=trust_remote_code
+    )
     recipe.source_path = path.resolve()
     return recipe
 
@@ -1038,7 +971,7 @@ def active_recipe(recipe: Recipe) -> Iterator[Recipe]:
         _ACTIVE_RECIPE.reset(token)
 
 
-def cook(recipe: Recipe | str | os.PathLike, **overrides: Any) -> Soup:
+def cook(recipe: Recipe | str | os.PathLike, *, trust_remote_code: bool = False, **overrides: Any) -> Soup:
     """Cooks a recipe: `merge_models(**recipe.to_merge_kwargs(), **overrides)`.
 
     The soup written to disk carries this recipe (with resolved revisions) as `soup_recipe.yaml`.
@@ -1046,6 +979,8 @@ def cook(recipe: Recipe | str | os.PathLike, **overrides: Any) -> Soup:
     Args:
         recipe ([`Recipe`], `str` or `os.PathLike`):
             A recipe, or the path of a recipe file.
+        trust_remote_code (`bool`, *optional*, defaults to `False`):
+            Allow the recipe file to name code (see [`load_recipe`]).
         **overrides:
             `merge_models` keyword arguments that replace the recipe's (`output_dir`, `push_to_hub`, `progress`...).
 
@@ -1062,7 +997,10 @@ def cook(recipe: Recipe | str | os.PathLike, **overrides: Any) -> Soup:
     from .api import merge_models
 
     if not isinstance(recipe, Recipe):
-        recipe = load_recipe(recipe)
+        recipe = load_recipe(recipe, trust_remote_code=trust_remote_code)
+    elif trust_remote_code and not recipe.trust_remote_code:
+        recipe = recipe.with_options()
+        recipe.trust_remote_code = True
     kwargs = recipe.to_merge_kwargs()
     kwargs.update(overrides)
     with active_recipe(recipe):
@@ -1095,7 +1033,7 @@ def _reference_entry(ingredient: Any) -> dict[str, Any]:
     return entry
 
 
-def recipe_from_soup(soup: Soup) -> dict[str, Any]:
+def recipe_from_soup(soup: Soup, *, portable: bool = False) -> dict[str, Any]:
     """The recipe that re-cooks `soup`, as a mapping (what `soup_recipe.yaml` holds).
 
     Ingredients are recorded with their resolved revisions (commit hashes) and local folders by absolute
@@ -1108,6 +1046,10 @@ def recipe_from_soup(soup: Soup) -> dict[str, Any]:
     Args:
         soup ([`Soup`]):
             A cooked soup.
+        portable (`bool`, *optional*, defaults to `False`):
+            For a recipe that leaves this machine (the one pushed to the Hub): no absolute path of this machine.
+            Hub ingredients keep their id and resolved revision; a local folder or file is recorded by its
+            name, relative to the recipe, with a note saying it was local.
 
     Returns:
         `dict`: the recipe mapping (see [`Recipe`] for the keys).
@@ -1174,25 +1116,14 @@ def recipe_from_soup(soup: Soup) -> dict[str, Any]:
 
     if not frozen and source is not None:
         src = source.to_dict()
-        for key in (
-            "eval",
-            "metric",
-            "metric_config",
-            "metric_key",
-            "greater_is_better",
-            "select_on",
-            "compute_metrics",
-            "tokenizer",
-            "text_columns",
-            "label_column",
-            "batch_size",
-            "scores",
-            "ensemble_baseline",
-        ):
+        # what the file said about evaluation: every evaluation option, plus the file's own eval keys
+        from .config import EvalConfig
+
+        for key in ["eval", "metric_config", "scores", "ensemble_baseline"] + [
+            f.name for f in option_fields(EvalConfig)
+        ]:
             if key in src:
                 out[key] = src[key]
-    elif not frozen and selection_needs_eval is False and source is None:
-        pass
     for key in ("strict", "adapter_output", "rank"):
         if params.get(key) is not None and (key != "strict" or out["method"] == "greedy"):
             out[key] = params[key]
@@ -1203,12 +1134,32 @@ def recipe_from_soup(soup: Soup) -> dict[str, Any]:
     shard = output.get("max_shard_size") or (source.max_shard_size if source is not None else None)
     if shard is not None:
         out["max_shard_size"] = shard
+    if portable:
+        out = _without_local_paths(out, notes)
     if notes:
         out["notes"] = notes
     result = _result_section(soup)
     if result:
         out["result"] = result
     return out
+
+
+def _without_local_paths(value: Any, notes: list[str], where: str = "") -> Any:
+    """`value` with every absolute path of this machine replaced by its last component (one note each)."""
+    if isinstance(value, dict):
+        return {
+            k: _without_local_paths(v, notes, f"{where}.{k}" if where else str(k)) for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [_without_local_paths(v, notes, f"{where}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, str) and (os.path.isabs(value) or value.startswith("~")):
+        name = Path(value).name or "."
+        notes.append(
+            f"{where} was a local path on the machine that cooked this soup; it is recorded as {name!r}: put it "
+            "beside this file (or edit the path) to re-cook."
+        )
+        return name
+    return value
 
 
 def _recorded_weights(soup: Any, params: dict, source: Recipe | None) -> list[float] | None:
@@ -1266,17 +1217,19 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def write_recipe(soup: Soup, directory: str | os.PathLike) -> Path:
+def write_recipe(soup: Soup, directory: str | os.PathLike, *, portable: bool = False) -> Path:
     """Writes `soup_recipe.yaml` into `directory`: the recipe that re-cooks `soup` (see [`recipe_from_soup`]).
 
     Called by `Soup.save_pretrained` before the soup folder is moved into place, so every soup on disk carries
-    its recipe.
+    its recipe, and by `Soup.push_to_hub` with `portable=True` (no path of this machine leaves it).
 
     Args:
         soup ([`Soup`]):
             A cooked soup.
         directory (`str` or `os.PathLike`):
             The folder to write into (created if missing).
+        portable (`bool`, *optional*, defaults to `False`):
+            Record local ingredients and files by name, with a note, instead of by absolute path.
 
     Returns:
         `Path`: the file written.
@@ -1291,7 +1244,7 @@ def write_recipe(soup: Soup, directory: str | os.PathLike) -> Path:
     """
     import yaml
 
-    data = recipe_from_soup(soup)
+    data = recipe_from_soup(soup, portable=portable)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     header = (
@@ -1313,6 +1266,7 @@ __all__ = [
     "IngredientSpec",
     "Recipe",
     "RecipeError",
+    "recipe_keys",
     "active_recipe",
     "cook",
     "load_eval_data",

@@ -395,8 +395,12 @@ def test_merge_and_push_to_the_hub_with_the_recipe(tmp_path, hub_server):
     files = set(api.list_repo_files(repo))
     assert {"soup_recipe.yaml", "config.json", "README.md"} <= files
     assert any(f.endswith(".safetensors") for f in files)
-    recipe = yaml.safe_load(Path(api.hf_hub_download(repo, "soup_recipe.yaml")).read_text())
-    assert [i["model"] for i in recipe["ingredients"]] == [str(tmp_path / "ft-0"), str(tmp_path / "ft-1")]
+    # issue 12, defect 13: the pushed recipe holds no path of this machine, only names with a note
+    text = Path(api.hf_hub_download(repo, "soup_recipe.yaml")).read_text()
+    assert str(tmp_path) not in text and "/tmp" not in text
+    recipe = yaml.safe_load(text)
+    assert [i["model"] for i in recipe["ingredients"]] == ["ft-0", "ft-1"]
+    assert any("ingredients[0].model was a local path" in note for note in recipe["notes"])
 
     denied = hf_soups(
         "merge",

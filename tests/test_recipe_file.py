@@ -136,23 +136,26 @@ def test_every_problem_is_reported_at_once(tmp_path):
         ({"ingredients": 5}, "ingredients: expected a non-empty list"),
         ({"ingredients": [3]}, "ingredients[0]: expected a model id/path or a mapping"),
         ({"ingredients": [{"weight": 1}]}, "ingredients[0].model: missing"),
-        ({"ingredients": ["org/a"], "method": "ties"}, "method: unknown method 'ties'"),
-        ({"ingredients": ["org/a"], "method": "wise-ft", "alpha": 0.5}, "base_model: missing"),
+        ({"ingredients": ["org/a"], "method": "ties"}, "method: Unknown method 'ties'"),
+        ({"ingredients": ["org/a"], "method": "wise-ft", "alpha": 0.5}, "base_model: method='wise-ft' needs"),
         (
             {"ingredients": ["org/a"], "method": "wise-ft", "base_model": "org/b", "alpha": 1.5},
             "alpha: expected a value in [0, 1]",
         ),
         (
             {"ingredients": ["org/a"], "method": "wise-ft", "base_model": "org/b", "alpha": [0.1, "x"]},
-            "alpha[1]: expected a number",
+            "alpha[1]: expected a number in [0, 1], got 'x'",
         ),
-        ({"ingredients": ["org/a"], "method": "greedy"}, "eval: missing; greedy soups evaluate"),
+        (
+            {"ingredients": ["org/a"], "method": "greedy"},
+            "eval: method='greedy' chooses ingredients on held-out",
+        ),
         (
             {"ingredients": [{"model": "org/a", "weight": 1}], "method": "greedy", "scores": {"a": 1}},
-            "ingredients[0].weight: greedy",
+            "ingredients[].weight: only uniform and wise-ft take weights, not 'greedy'",
         ),
         ({"ingredients": ["org/a"], "strict": True}, "strict: only greedy"),
-        ({"ingredients": ["org/a"], "strict": "yes"}, "strict: expected true or false"),
+        ({"ingredients": ["org/a"], "method": "greedy", "strict": "yes"}, "strict: expected true or false"),
         ({"ingredients": ["org/a", "org/b"], "batch_size": 0}, "batch_size: expected a positive integer"),
         (
             {"ingredients": [{"model": "org/a@v1", "revision": "v2"}]},
@@ -220,16 +223,24 @@ def test_newer_format_version_drops_unknown_keys_with_a_warning(tmp_path, caplog
         Recipe.from_dict({**data, "format_version": FORMAT_VERSION}, base_dir=tmp_path)
 
 
-def test_every_field_has_help_and_a_check():
+def test_every_key_is_a_configuration_field_with_help():
+    """The file's keys are derived from the configuration: nothing is listed twice."""
     import dataclasses
 
-    from hf_soups.recipe_file import EvalSetSpec, IngredientSpec
+    from hf_soups.config import all_option_fields
+    from hf_soups.recipe_file import FILE_KEYS, EvalSetSpec, IngredientSpec, option_keys, recipe_keys
 
-    for cls in (Recipe, IngredientSpec, EvalSetSpec):
+    fields = all_option_fields()
+    assert set(option_keys()) <= set(fields)
+    assert {"alpha", "strict", "scores", "dtype", "max_shard_size", "metric", "output_dir"} <= set(
+        option_keys()
+    )
+    assert not {"token", "trust_remote_code", "eval_dataset", "progress"} & set(recipe_keys())
+    assert set(recipe_keys()) == set(option_keys()) | set(FILE_KEYS)
+    for cls in (IngredientSpec, EvalSetSpec):
         for f in dataclasses.fields(cls):
-            if f.metadata.get("internal"):
-                continue
             assert f.metadata.get("help"), f"{cls.__name__}.{f.name} has no help"
+    assert all(help for help in recipe_keys().values())
 
 
 def test_eval_sets_select_on_and_columns(tmp_path):
@@ -338,10 +349,18 @@ def test_to_dict_round_trips_through_yaml(tmp_path):
     assert kwargs["models"][0].name == "a" and kwargs["models"][0].revision == "abc123"
 
 
-def test_compute_metrics_is_imported(tmp_path):
-    recipe = Recipe.from_dict({"ingredients": ["org/a"], "compute_metrics": "json:dumps"}, base_dir=tmp_path)
+def test_compute_metrics_is_imported_only_with_trust_remote_code(tmp_path):
+    # issue 12, defect 2: a recipe names code; nothing is imported without the explicit opt-in
+    path = write_yaml(tmp_path / "r.yaml", {"ingredients": ["org/a"], "compute_metrics": "json:dumps"})
+    with pytest.raises(
+        RecipeError, match=r"compute_metrics: 'json:dumps' is an import.*trust_remote_code=True"
+    ):
+        load_recipe(path)
+    recipe = load_recipe(path, trust_remote_code=True)
     assert recipe.to_merge_kwargs()["compute_metrics"] is json.dumps
-    bad = Recipe.from_dict({"ingredients": ["org/a"], "compute_metrics": "json:nope"}, base_dir=tmp_path)
+    bad = Recipe.from_dict(
+        {"ingredients": ["org/a"], "compute_metrics": "json:nope"}, base_dir=tmp_path, trust_remote_code=True
+    )
     with pytest.raises(RecipeError, match="compute_metrics: cannot import 'json:nope'"):
         bad.to_merge_kwargs()
 

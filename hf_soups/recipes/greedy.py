@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..errors import EvaluationError, IncompatibleIngredientsError, InvalidArgumentError, NonFiniteTensorError
-from .base import register_recipe
+from ..options import option
+from .base import RecipeParams, register_recipe
 from .uniform import MODEL_SOUPS_URL
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -29,22 +31,35 @@ if TYPE_CHECKING:  # pragma: no cover
 logger = logging.getLogger(__name__)
 
 
+@dataclass
+class GreedyParams(RecipeParams):
+    """Parameters of the greedy soup."""
+
+    scores: dict[str, float] | None = option(
+        help="Held-out scores already known, by ingredient name (those ingredients are not evaluated alone).",
+        kind="scores",
+        cli=False,
+    )
+    strict: bool = option(
+        False,
+        help="Keep a candidate only on strict improvement (the paper's code; default >=).",
+        kind="bool",
+        cli={"action": "store_true"},
+    )
+    ensemble_baseline: bool = option(
+        False,
+        help="Also score the logit ensemble of the ingredients (reported only).",
+        kind="bool",
+        cli={"action": "store_true"},
+    )
+
+
 def _check(options: dict[str, Any]) -> None:
     if not options.get("has_eval"):
         raise InvalidArgumentError(
-            "method='greedy' chooses ingredients on held-out data: pass eval_dataset= (a datasets.Dataset with "
-            "labels, or a dict of them with select_on=)."
+            "eval_dataset: method='greedy' chooses ingredients on held-out data: pass eval_dataset= (a "
+            "datasets.Dataset with labels, or a dict of them with select_on=)."
         )
-    if options.get("weights") is not None:
-        raise InvalidArgumentError(
-            "method='greedy' decides the weights itself; drop weights= (or use 'uniform')."
-        )
-    scores = options.get("scores") or {}
-    for name, value in scores.items():
-        try:
-            float(value)
-        except (TypeError, ValueError):
-            raise InvalidArgumentError(f"scores[{name!r}]={value!r} is not a number.") from None
 
 
 class RunningSoup:
@@ -204,6 +219,7 @@ def _known_scores(kitchen: Kitchen) -> dict[int, float]:
     reference_url=MODEL_SOUPS_URL,
     check=_check,
     description="Add ingredients best-first while the held-out score does not drop (strict=True: improves).",
+    params=GreedyParams,
 )
 def cook_greedy(kitchen: Kitchen) -> Soup:
     evaluator = kitchen.evaluator

@@ -6,13 +6,14 @@ fine-tuned end is their (weighted) uniform soup.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..errors import InvalidArgumentError
+from ..options import option
 from .base import register_recipe
-from .uniform import normalized_weights
+from .uniform import UniformParams, normalized_weights
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..kitchen import Kitchen
@@ -21,25 +22,15 @@ if TYPE_CHECKING:  # pragma: no cover
 WISE_FT_URL = "https://arxiv.org/abs/2109.01903"
 
 
-def check_alpha(alpha: Any) -> float | list[float]:
-    """Validate `alpha`: a float in [0, 1], or a non-empty list of them (a sweep)."""
-    if alpha is None:
-        raise InvalidArgumentError(
-            "method='wise-ft' needs alpha= (a float in [0, 1], or a list of floats to sweep)."
-        )
-    values = list(alpha) if isinstance(alpha, Sequence) and not isinstance(alpha, str) else [alpha]
-    if not values:
-        raise InvalidArgumentError("alpha is an empty list; give at least one value in [0, 1].")
-    out = []
-    for a in values:
-        try:
-            a = float(a)
-        except (TypeError, ValueError):
-            raise InvalidArgumentError(f"alpha={a!r} is not a number in [0, 1].") from None
-        if not math.isfinite(a) or not 0.0 <= a <= 1.0:
-            raise InvalidArgumentError(f"alpha={a} is outside [0, 1].")
-        out.append(a)
-    return out if isinstance(alpha, Sequence) and not isinstance(alpha, str) else out[0]
+@dataclass
+class WiseFTParams(UniformParams):
+    """Parameters of WiSE-FT (the fine-tuned end is the weighted uniform soup of the ingredients)."""
+
+    alpha: float | list[float] | None = option(
+        help="Mixing coefficient in [0, 1] (1 = fine-tuned); a list is a sweep chosen on the eval data.",
+        kind="alpha",
+        cli={"nargs": "+", "type": float, "metavar": "A"},
+    )
 
 
 def wise_ft_coefficients(alpha: float, finetuned_weights: Sequence[float]) -> list[float]:
@@ -48,19 +39,22 @@ def wise_ft_coefficients(alpha: float, finetuned_weights: Sequence[float]) -> li
 
 
 def _check(options: dict[str, Any]) -> None:
-    alpha = check_alpha(options.get("alpha"))
+    """Across options (alpha itself was checked with the options: a float in [0, 1] or a list of them)."""
+    alpha = options.get("alpha")
+    if alpha is None:
+        raise InvalidArgumentError(
+            "alpha: method='wise-ft' needs alpha= (a float in [0, 1], or a list of floats to sweep)."
+        )
     if options.get("base_model") is None:
         raise InvalidArgumentError(
-            "method='wise-ft' needs base_model= (the zero-shot or linear-probe model the fine-tunes started from)."
+            "base_model: method='wise-ft' needs base_model= (the zero-shot or linear-probe model the fine-tunes "
+            "started from)."
         )
     if isinstance(alpha, list) and len(alpha) > 1 and not options.get("has_eval"):
         raise InvalidArgumentError(
-            f"alpha={alpha} is a sweep, which needs eval_dataset= to choose the best alpha; pass an eval set or a "
-            "single alpha."
+            f"alpha: alpha={alpha} is a sweep, which needs eval_dataset= to choose the best alpha; pass an eval "
+            "set or a single alpha."
         )
-    weights = options.get("weights")
-    if weights is not None and options.get("n_ingredients") is not None:
-        normalized_weights(weights, options["n_ingredients"])
 
 
 @register_recipe(
@@ -70,10 +64,11 @@ def _check(options: dict[str, Any]) -> None:
     check=_check,
     needs_base=True,
     description="(1 - alpha) * base + alpha * (uniform soup of the fine-tuned ingredients).",
+    params=WiseFTParams,
 )
 def cook_wise_ft(kitchen: Kitchen) -> Soup:
-    alpha = check_alpha(kitchen.options.get("alpha"))
-    weights = normalized_weights(kitchen.options.get("weights"), len(kitchen.ingredients), kitchen.names)
+    alpha = kitchen.options["alpha"]
+    weights = normalized_weights(kitchen.options.get("weights"), len(kitchen.ingredients))
     if isinstance(alpha, list):
         if len(alpha) == 1:
             alpha = alpha[0]

@@ -1,0 +1,419 @@
+"""One typed configuration: every option of a soup, declared once.
+
+[`SoupConfig`] (what to cook and where it goes), [`EvalConfig`] (the held-out evaluation) and the parameters each
+recipe declares where it is registered ([`UniformParams`], [`WiseFTParams`], `GreedyParams` in
+`recipes/greedy.py`) are dataclasses whose fields (type, default, help, check) are the only declaration of each
+option. [`merge_models`] builds a [`SoupConfig`] from its keyword arguments; `hf-soups merge` derives its flags
+from the same fields, recipe files derive their keys from them, and [`SoupTrainerCallback`] checks its options
+against them. Every value is checked in [`SoupConfig.__post_init__`], the same way whatever the entry point, and
+every problem is reported at once as an [`InvalidArgumentError`] naming the option.
+
+Adding an option: add a field to [`SoupConfig`] or [`EvalConfig`] (and the keyword to `merge_models`). Adding a
+recipe parameter: add a field to the recipe's params class (`register_recipe(..., params=...)`). Nothing else
+lists options.
+
+```python
+>>> from hf_soups.config import SoupConfig
+>>> config = SoupConfig.from_options({"method": "wise-ft", "alpha": 0.5, "base_model": "org/base", "dtype": "bf16"})
+>>> config.params.alpha, config.dtype
+(0.5, 'bfloat16')
+>>> SoupConfig.from_options({"method": "uniform", "alpha": 0.5})
+Traceback (most recent call last):
+...
+hf_soups.errors.InvalidArgumentError: alpha: only wise-ft takes alpha, not 'uniform'; drop it, or use method='wise-ft'
+
+```
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import InvalidArgumentError
+from .options import OptionProblem, check_value, did_you_mean, option, option_fields
+from .recipes import RecipeParams, all_recipes, get_recipe
+from .recipes.uniform import UniformParams
+
+
+@dataclass
+class EvalConfig:
+    """Held-out evaluation: the data, the metric and how to run it (greedy soups, sweeps, reporting)."""
+
+    eval_dataset: Any = option(
+        help="Held-out data: a datasets.Dataset, or a dict of named sets (recipe files: `eval:` with data paths).",
+        file=False,
+        cli=False,
+    )
+    metric: Any = option(
+        "accuracy",
+        help="evaluate metric name (accuracy, f1, ...), (name, config), a loaded module or a callable; a local "
+        "metric script folder runs code and needs trust_remote_code.",
+        file="metric",
+    )
+    metric_key: str | None = option(help="Which value of the metric's result to maximise.", kind="str")
+    greater_is_better: bool | None = option(
+        help="Whether a higher metric value is better (False for losses).",
+        kind="bool",
+        cli={
+            "flag": "--lower-is-better",
+            "action": "store_const",
+            "const": False,
+            "help": "The metric is a loss (greater_is_better=False).",
+        },
+    )
+    select_on: str | None = option(
+        help="Name of the eval set that drives the choices when several are given.", kind="str"
+    )
+    compute_metrics: Callable[..., dict[str, float]] | None = option(
+        help="Trainer-style compute_metrics(EvalPrediction) -> dict (recipe files and flags: 'package.module:function', "
+        "which imports code and needs trust_remote_code).",
+        kind="callable",
+        file="import_string",
+        cli={"metavar": "MODULE:FUNCTION"},
+    )
+    tokenizer: Any = option(
+        help="Tokenizer for raw-text eval sets (default: the reference ingredient's), or its id/folder.",
+        file="name_or_path",
+    )
+    text_columns: str | list[str] | None = option(
+        help="Text column(s) of raw eval sets (two for sentence pairs).",
+        kind="columns",
+        cli={"flag": "--text-column", "nargs": "+", "metavar": "COLUMN"},
+    )
+    label_column: str | None = option(
+        help="Label column of the eval sets (default: label/labels).", kind="str"
+    )
+    batch_size: int = option(32, help="Evaluation batch size.", kind="positive_int", cli={"type": int})
+    device: str | None = option(help="Evaluation device (cpu, cuda, cuda:1, mps; default: CPU).", kind="str")
+
+
+@dataclass
+class SoupConfig:
+    """What to cook, from what, and where it goes: every option of [`merge_models`] but `models`.
+
+    Build it with [`SoupConfig.from_options`] (flat keyword options, as `merge_models` takes them); the evaluation
+    options land in `eval` and the recipe's parameters in `params` (an instance of the recipe's params class).
+
+    Raises:
+        [`InvalidArgumentError`]: every invalid or inapplicable option at once, each named (`.problems` lists them).
+    """
+
+    method: str = option(
+        "uniform", help="The recipe: uniform, greedy, wise-ft.", kind="method", cli={"short": "-m"}
+    )
+    base_model: Any = option(
+        help="WiSE-FT: the zero-shot / pre-trained end. Adapters: their base model.", file="ingredient"
+    )
+    adapter_output: str = option(
+        "merged",
+        help="Adapter soups: a merged full model, or one LoRA adapter ('merged' | 'adapter').",
+        kind="choice",
+        choices=("merged", "adapter"),
+    )
+    rank: int | None = option(
+        help="Adapter form: truncated SVD rank (needs adapter_output='adapter').",
+        kind="positive_int",
+        cli={"type": int},
+    )
+    output_dir: Any = option(
+        help="Folder the soup is streamed to as sharded safetensors (atomically).",
+        kind="path",
+        file="output_path",
+        cli={"short": "-o", "group": "output"},
+    )
+    dtype: Any = option(
+        help="Output dtype: float32, float16, bfloat16 or float64 (default: the first ingredient's).",
+        kind="dtype",
+    )
+    max_shard_size: int | str = option(
+        "50GB", help="Largest safetensors shard: '5GB', '500MiB' or a number of bytes.", kind="size"
+    )
+    push_to_hub: str | None = option(
+        help="Hub repository the soup is pushed to, with its model card.",
+        kind="repo_id",
+        cli={"metavar": "REPO_ID", "group": "output"},
+    )
+    private: bool | None = option(
+        help="Create the Hub repository as private.",
+        kind="bool",
+        cli={"action": "store_true", "group": "output"},
+    )
+    token: str | bool | None = option(
+        help="Hub token (default: HF_TOKEN or the stored login).",
+        kind="token",
+        file=False,
+        cli={"group": "hub"},
+    )
+    cache_dir: Any = option(
+        help="Hugging Face cache folder (default: HF_HUB_CACHE).",
+        kind="path",
+        file="output_path",
+        cli={"group": "hub"},
+    )
+    revision: str | None = option(
+        help="Revision for Hub models given without @revision.", kind="str", cli={"group": "hub"}
+    )
+    progress: bool = option(
+        True,
+        help="Progress bars (also off with HF_HUB_DISABLE_PROGRESS_BARS=1).",
+        kind="bool",
+        file=False,
+        cli=False,
+    )
+    trust_remote_code: bool = option(
+        False,
+        help="Allow code named by a recipe file or a flag to run: local or Hub metric scripts, compute_metrics "
+        "imports. Never read from a recipe file itself.",
+        kind="bool",
+        file=False,
+        cli={"action": "store_true", "group": "safety"},
+    )
+    eval: EvalConfig = field(default_factory=EvalConfig, metadata={"internal": True})
+    params: RecipeParams = field(default_factory=UniformParams, metadata={"internal": True})
+    n_models: int | None = field(default=None, metadata={"internal": True})
+    """How many ingredients the options are for (checks the number of weights), when known."""
+    has_eval: bool | None = field(default=None, metadata={"internal": True})
+    """Whether held-out data is given (defaults to `eval.eval_dataset is not None`)."""
+    file_checks: Mapping[str, Callable] | None = field(default=None, repr=False, metadata={"internal": True})
+    """Set when the options come from a recipe file: each option is checked with its file kind, by these checks
+    (paths resolved against the file's folder, code-running values gated)."""
+    _skip_cross_checks: bool = field(default=False, repr=False, metadata={"internal": True})
+
+    def __post_init__(self) -> None:
+        problems: list[str] = []
+        for obj in (self, self.eval, self.params):
+            for f in option_fields(type(obj)):
+                setattr(obj, f.name, _checked(obj, f, problems, self.file_checks))
+        if not problems and not self._skip_cross_checks:
+            problems.extend(self._cross_problems())
+        if problems:
+            raise config_error(problems)
+
+    # ------------------------------------------------------------------------------------------------------
+    @classmethod
+    def from_options(
+        cls,
+        options: Mapping[str, Any],
+        *,
+        n_models: int | None = None,
+        has_eval: bool | None = None,
+        file_checks: Mapping[str, Callable] | None = None,
+        cross_checks: bool = True,
+    ) -> SoupConfig:
+        """Build and check a configuration from flat options (the keyword arguments of `merge_models`).
+
+        Args:
+            options (`Mapping[str, Any]`): option name -> value; `None` means "not set".
+            n_models (`int`, *optional*): the number of ingredients, to check per-ingredient options.
+            has_eval (`bool`, *optional*): whether held-out data is given (recipe files give it by path).
+            file_checks (`Mapping`, *optional*): the options come from a recipe file: check each with its file
+                kind, by these checks (see [`SoupConfig.file_checks`]).
+            cross_checks (`bool`, *optional*, defaults to `True`): also run the checks across options (the method's
+                own `check`); `False` checks each value alone (options given in parts, as the callback does).
+
+        Raises:
+            [`InvalidArgumentError`]: unknown keys (with "did you mean"), invalid values, options the method does
+                not take; all at once.
+        """
+        problems: list[str] = []
+        options = dict(options)
+        method_value = options.pop("method", None)
+        method = "uniform" if method_value is None else method_value
+        recipe = None
+        try:
+            method = check_method(method)
+            recipe = get_recipe(method)
+        except OptionProblem as e:
+            problems.append(f"method: {e}")
+        own = {f.name for f in option_fields(cls)}
+        evals = {f.name for f in option_fields(EvalConfig)}
+        params_cls = recipe.params if recipe is not None else RecipeParams
+        mine = {f.name for f in option_fields(params_cls)}
+        others = recipe_parameter_owners()
+        known = own | evals | set(others)
+        top, ev, params = {}, {}, {}
+        for key, value in options.items():
+            if key in own:
+                top[key] = value
+            elif key in evals:
+                ev[key] = value
+            elif key in mine:
+                params[key] = value
+            elif key in others:
+                if value is not None and value != others[key][1] and recipe is not None:
+                    takers = others[key][0]
+                    verb = "takes" if len(takers) == 1 else "take"
+                    problems.append(
+                        f"{key}: only {' and '.join(takers)} {verb} {key}, not {method!r}; drop it, or use "
+                        f"method={takers[0]!r}"
+                    )
+            else:
+                problems.append(f"{key}: unknown option{did_you_mean(key, known)}")
+        top = {k: v for k, v in top.items() if v is not None}
+        ev = {k: v for k, v in ev.items() if v is not None}
+        params = {k: v for k, v in params.items() if v is not None}
+        try:
+            config = cls(
+                method=method if recipe is not None else "uniform",
+                eval=EvalConfig(**ev),
+                params=params_cls(**params),
+                n_models=n_models,
+                has_eval=has_eval,
+                file_checks=file_checks,
+                _skip_cross_checks=bool(problems) or not cross_checks,
+                **top,
+            )
+        except InvalidArgumentError as e:  # every problem at once: the unknown keys and the invalid values
+            raise config_error(problems + list(getattr(e, "problems", [str(e)]))) from None
+        if problems:
+            raise config_error(problems)
+        return config
+
+    def to_options(self) -> dict[str, Any]:
+        """The flat options again (what `merge_models` takes), every field included."""
+        out = {f.name: getattr(self, f.name) for f in option_fields(SoupConfig)}
+        out.update({f.name: getattr(self.eval, f.name) for f in option_fields(EvalConfig)})
+        out.update({f.name: getattr(self.params, f.name) for f in option_fields(type(self.params))})
+        return out
+
+    def recipe_options(self) -> dict[str, Any]:
+        """The dict a recipe's `check` and `Kitchen.options` read (its parameters plus context)."""
+        out = {f.name: getattr(self.params, f.name) for f in option_fields(type(self.params))}
+        out.update(
+            {
+                "base_model": self.base_model,
+                "adapter_output": self.adapter_output,
+                "rank": self.rank,
+                "has_eval": self._has_eval(),
+                "n_ingredients": self.n_models,
+            }
+        )
+        if "scores" in out:
+            out["scores"] = dict(out["scores"] or {})
+        return out
+
+    def _has_eval(self) -> bool:
+        return self.has_eval if self.has_eval is not None else self.eval.eval_dataset is not None
+
+    def _cross_problems(self) -> list[str]:
+        """Checks across options (after every value passed its own check)."""
+        problems: list[str] = []
+        if self.rank is not None and self.adapter_output != "adapter":
+            problems.append(
+                f"rank: rank={self.rank} truncates an adapter soup written as an adapter; pass "
+                "adapter_output='adapter' with it (a merged soup is exact and has no rank)"
+            )
+        weights = getattr(self.params, "weights", None)
+        if weights is not None and self.n_models is not None and len(weights) != self.n_models:
+            problems.append(
+                f"weights: weights has {len(weights)} values for {self.n_models} ingredients; give one per ingredient"
+            )
+        recipe = get_recipe(self.method)
+        if recipe.check is not None and not problems:
+            try:
+                recipe.check(self.recipe_options())
+            except InvalidArgumentError as e:
+                problems.append(str(e))
+        return problems
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def _checked(obj: Any, f: dataclasses.Field, problems: list[str], file_checks: Mapping | None) -> Any:
+    """The checked value of one field (None when refused: the problem is added, named by the option)."""
+    value = getattr(obj, f.name)
+    if value is None or (value is f.default and isinstance(value, (str, bool, int, float))):
+        return value  # unset, or the declared default
+    kind = f.metadata.get("kind", "any")
+    if file_checks is not None and isinstance(f.metadata.get("file"), str):
+        kind = f.metadata["file"]
+    try:
+        if kind == "method":
+            return check_method(value)
+        return check_value(f, value, file_checks, kind=kind)
+    except OptionProblem as e:
+        problems.append(f"{f.name}{e}" if str(e).startswith("[") else f"{f.name}: {e}")
+        return None
+
+
+def check_method(value: Any) -> str:
+    """A registered recipe name (`"wise_ft"` reads as `"wise-ft"`)."""
+    names = sorted(all_recipes())
+    if not isinstance(value, str):
+        raise OptionProblem(f"expected one of {', '.join(names)}, got {value!r}")
+    key = value.strip().lower().replace("_", "-")
+    if key not in names:
+        raise OptionProblem(
+            f"Unknown method {value!r}; expected one of {', '.join(names)}{did_you_mean(key, names, list_known=False)}"
+        )
+    return key
+
+
+def recipe_parameter_owners() -> dict[str, tuple[list[str], Any]]:
+    """Every recipe parameter -> (the recipes that take it, its default)."""
+    out: dict[str, tuple[list[str], Any]] = {}
+    for name, recipe in sorted(all_recipes().items()):
+        for f in option_fields(recipe.params):
+            default = f.default if f.default is not dataclasses.MISSING else None
+            out.setdefault(f.name, ([], default))[0].append(name)
+    return out
+
+
+def config_error(problems: list[str]) -> InvalidArgumentError:
+    """One [`InvalidArgumentError`] listing every problem (`.problems`), each starting with the option's name."""
+    error = InvalidArgumentError("; ".join(problems))
+    error.problems = list(problems)  # type: ignore[attr-defined]
+    return error
+
+
+def option_names() -> set[str]:
+    """Every option name any configuration declares (merge_models' keywords but `models`)."""
+    names = {f.name for f in option_fields(SoupConfig)} | {f.name for f in option_fields(EvalConfig)}
+    return names | set(recipe_parameter_owners())
+
+
+def all_option_fields() -> dict[str, dataclasses.Field]:
+    """name -> field, over SoupConfig, EvalConfig and every recipe's parameters (first declaration wins)."""
+    out: dict[str, dataclasses.Field] = {}
+    for cls in (SoupConfig, EvalConfig):
+        for f in option_fields(cls):
+            out.setdefault(f.name, f)
+    for recipe in all_recipes().values():
+        for f in option_fields(recipe.params):
+            out.setdefault(f.name, f)
+    return out
+
+
+def check_models(models: Any) -> None:
+    """`models` of `merge_models`: a non-empty list of references, or one folder (Trainer ingredients)."""
+    import os
+
+    if models is None:
+        raise InvalidArgumentError(
+            "models: got None; pass a list of Hub ids, folders or models (or one folder of ingredients written by "
+            "SoupTrainerCallback)"
+        )
+    if isinstance(models, (str, os.PathLike)) or hasattr(models, "state_dict"):
+        return
+    from .ingredients import Ingredient
+
+    if isinstance(models, Ingredient):
+        return
+    if isinstance(models, (bytes, Mapping)) or not hasattr(models, "__iter__"):
+        raise InvalidArgumentError(
+            f"models: expected a list of Hub ids, folders or models, got {type(models).__name__}"
+        )
+
+
+__all__ = [
+    "EvalConfig",
+    "SoupConfig",
+    "all_option_fields",
+    "check_models",
+    "option",
+    "option_names",
+]
