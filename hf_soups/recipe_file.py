@@ -44,7 +44,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
-import importlib
 import logging
 import os
 import re
