@@ -361,7 +361,7 @@ def test_compute_metrics_is_imported_only_with_trust_remote_code(tmp_path):
     bad = Recipe.from_dict(
         {"ingredients": ["org/a"], "compute_metrics": "json:nope"}, base_dir=tmp_path, trust_remote_code=True
     )
-    with pytest.raises(RecipeError, match="compute_metrics: cannot import 'json:nope'"):
+    with pytest.raises(InvalidArgumentError, match="compute_metrics='json:nope' cannot be imported"):
         bad.to_merge_kwargs()
 
 
