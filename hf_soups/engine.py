@@ -176,6 +176,11 @@ def combine(
         )
         chunk_read_buf = torch.empty(CHUNK_ELEMENTS * max(max_itemsize, 4), dtype=torch.uint8)
         chunk_acc = torch.empty(CHUNK_ELEMENTS, dtype=torch.float32)
+    # distance statistics (compat.DistanceStats): the members' slices side by side, in float64
+    distances = getattr(plan, "distances", None)
+    stats = None
+    if distances is not None and distances.begin([i for i, _ in active]):
+        stats = (distances, torch.empty(len(active), CHUNK_ELEMENTS, dtype=torch.float64))
 
     with torch.no_grad():
         for tp in tqdm(plan.tensors, desc=desc, unit="tensor", disable=not progress, name="hf_soups"):
@@ -184,12 +189,16 @@ def combine(
                 continue
             if tp.name in streamed:
                 with _single_threaded():
-                    _combine_slices(tp, sources, active, sink, chunk_acc, chunk_read_buf, plan.names)
+                    _combine_slices(tp, sources, active, sink, chunk_acc, chunk_read_buf, plan.names, stats)
             elif _numel(tp.shape) <= CHUNK_ELEMENTS:
                 with _single_threaded():
-                    _combine_whole(tp, sources, active, sink, acc_buf, read_buf, plan.names)
+                    _combine_whole(tp, sources, active, sink, acc_buf, read_buf, plan.names, stats)
             else:
-                _combine_whole(tp, sources, active, sink, acc_buf, read_buf, plan.names)
+                _combine_whole(tp, sources, active, sink, acc_buf, read_buf, plan.names, stats)
+    if stats is not None:
+        problems = distances.end()
+        if plan.report is not None:
+            plan.report.problems.extend(problems)
     finish = getattr(sink, "finish", None)
     if finish is not None:
         finish()
@@ -204,14 +213,19 @@ def _streamable(tp: TensorPlan, sources: Sequence[TensorSource], active) -> bool
     return all(sources[i].range_readable(tp.source_keys[i]) for i, _ in active)
 
 
-def _combine_whole(tp: TensorPlan, sources, active, sink, acc_buf, read_buf, names) -> None:
+def _combine_whole(tp: TensorPlan, sources, active, sink, acc_buf, read_buf, names, stats=None) -> None:
     """`sum_i c_i * ingredient_i` for one tensor read whole."""
     import torch
 
-    acc = acc_buf[: _numel(tp.shape)].view(tp.shape)
+    numel = _numel(tp.shape)
+    acc = acc_buf[:numel].view(tp.shape)
+    stride = -(-numel // CHUNK_ELEMENTS)  # distance statistics: an evenly strided sample of one slice
     first = True
-    for i, c in active:
+    for k, (i, c) in enumerate(active):
         t = read_aligned(tp, i, sources[i], read_buf)
+        if stats is not None:
+            sampled = t.reshape(-1)[::stride]
+            stats[1][k, : sampled.numel()].copy_(sampled)
         if first:
             if t.dtype == torch.float32:
                 torch.mul(t, c, out=acc)
@@ -224,6 +238,9 @@ def _combine_whole(tp: TensorPlan, sources, active, sink, acc_buf, read_buf, nam
             acc.add_(t, alpha=c)
     if not bool(torch.isfinite(acc.sum())) and not bool(torch.isfinite(acc).all()):
         _raise_non_finite(tp, sources, active, names, read_buf)
+    if stats is not None:
+        m = -(-numel // stride)
+        stats[0].add(tp.name, stats[1][:, :m], numel / m)
     sink.write(tp, acc)
 
 
@@ -248,7 +265,7 @@ def _single_threaded():
         torch.set_num_threads(previous)
 
 
-def _combine_slices(tp: TensorPlan, sources, active, sink, chunk_acc, read_buf, names) -> None:
+def _combine_slices(tp: TensorPlan, sources, active, sink, chunk_acc, read_buf, names, stats=None) -> None:
     """`sum_i c_i * ingredient_i` for one large tensor, one slice of `CHUNK_ELEMENTS` at a time."""
     import torch
 
@@ -262,6 +279,8 @@ def _combine_slices(tp: TensorPlan, sources, active, sink, chunk_acc, read_buf, 
         acc = chunk_acc[:count]
         # the first ingredient is read straight into the accumulator when it is float32
         t = sources[first_i].get_range(keys[0], start, count, acc_bytes if first_is_f32 else read_buf)
+        if stats is not None:
+            stats[1][0, :count].copy_(t)
         if t.data_ptr() == acc.data_ptr():
             if first_c != 1.0:
                 acc.mul_(first_c)
@@ -271,8 +290,13 @@ def _combine_slices(tp: TensorPlan, sources, active, sink, chunk_acc, read_buf, 
             acc.copy_(t)
             if first_c != 1.0:
                 acc.mul_(first_c)
-        for (i, c), key in zip(active[1:], keys[1:]):
-            acc.add_(sources[i].get_range(key, start, count, read_buf), alpha=c)
+        for k, ((i, c), key) in enumerate(zip(active[1:], keys[1:]), start=1):
+            piece = sources[i].get_range(key, start, count, read_buf)
+            if stats is not None:
+                stats[1][k, :count].copy_(piece)
+            acc.add_(piece, alpha=c)
+        if stats is not None:
+            stats[0].add(tp.name, stats[1][:, :count])
         if not bool(torch.isfinite(acc.sum())) and not bool(torch.isfinite(acc).all()):
             _raise_non_finite(tp, sources, active, names, None)
         sink.write_chunk(tp, acc)
