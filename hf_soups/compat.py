@@ -81,7 +81,7 @@ STRUCTURAL_CONFIG_KEYS = (
 # How many problems of one kind are listed per ingredient before "and N more".
 _MAX_LISTED = 5
 
-# Relative distance ||a - b|| / ((||a|| + ||b||) / 2) over all floating point tensors above which two
+# Relative distance ||a - b|| / ((||a|| + ||b||) / 2) (per tensor, averaged weighted by size) above which two
 # ingredients cannot come from one pre-trained starting point. Calibrated in benchmarks/basin_calibration.py:
 # fine-tunes of all-MiniLM-L6-v2 measure about 0.01 from each other and from their base, independently
 # initialised models of the same config about 1.4 (sqrt(2): unrelated vectors of equal norm); 1.0 is a
@@ -735,6 +735,7 @@ class DistanceStats:
         self.members: list[int] = []
         self.tensors: dict[str, Any] = {}  # name -> (len(members) x len(members)) float64 Gram matrix
         self.sampled: set[str] = set()
+        self.numel: dict[str, float] = {}
         self._measured: set[tuple[int, ...]] = set()
         self._warned: set[tuple[int, int]] = set()
 
@@ -746,6 +747,7 @@ class DistanceStats:
         self.members = list(key)
         self.tensors = {}
         self.sampled = set()
+        self.numel = {}
         return True
 
     def add(self, name: str, rows: torch.Tensor, scale: float = 1.0) -> None:
@@ -754,6 +756,7 @@ class DistanceStats:
         if scale != 1.0:
             gram.mul_(scale)
             self.sampled.add(name)
+        self.numel[name] = self.numel.get(name, 0.0) + rows.shape[1] * scale
         acc = self.tensors.get(name)
         if acc is None:
             self.tensors[name] = gram
@@ -792,16 +795,37 @@ class DistanceStats:
             total = g.clone() if total is None else total.add_(g)
         return total
 
-    def summary(self) -> dict[str, Any] | None:
-        """Norms, pairwise distances and relative distances of the measured members."""
-        g = self.gram()
-        if g is None:
+    def summary(self, rows: int | None = None) -> dict[str, Any] | None:
+        """Norms and distances (over all measured tensors) and relative distances of the first `rows` members.
+
+        The relative distance of two members is the per-tensor `||a - b|| / ((||a|| + ||b||) / 2)`, averaged
+        over tensors weighted by their number of elements (tensors that are zero in both are left out): every
+        weight matrix counts by its size, and tensors that every model initialises alike (LayerNorm weights
+        of 1, zero biases) do not mask matrices that share nothing.
+        """
+        total = self.gram()
+        if total is None:
             return None
-        return distances_from_gram(g)
+        n = total.shape[0] if rows is None else rows
+        out = distances_from_gram(total[:n, :n])
+        weighted = [[0.0] * n for _ in range(n)]
+        weights = [[0.0] * n for _ in range(n)]
+        for name, g in self.tensors.items():
+            rel = distances_from_gram(g[:n, :n])["relative_distances"]
+            norms = [float(g[i, i]) for i in range(n)]
+            for i in range(n):
+                for j in range(n):
+                    if norms[i] > 0 or norms[j] > 0:
+                        weighted[i][j] += self.numel[name] * rel[i][j]
+                        weights[i][j] += self.numel[name]
+        out["relative_distances"] = [
+            [weighted[i][j] / weights[i][j] if weights[i][j] > 0 else 0.0 for j in range(n)] for i in range(n)
+        ]
+        return out
 
 
 def distances_from_gram(g) -> dict[str, Any]:
-    """`norms`, `distances` and `relative_distances` (`||a - b|| / ((||a|| + ||b||) / 2)`) from a Gram matrix."""
+    """`norms`, `distances` and `relative_distances` (`||a - b|| / ((||a|| + ||b||) / 2)`) from one Gram matrix."""
     n = g.shape[0]
     diag = [float(g[i, i]) for i in range(n)]
     norms = [math.sqrt(max(d, 0.0)) for d in diag]

@@ -31,7 +31,6 @@ from .compat import (
     DistanceStats,
     Problem,
     check_ingredients,
-    distances_from_gram,
     label_list,
     normalize_key,
     tokenizer_vocab_hash,
@@ -569,7 +568,7 @@ def _compare_tensors(
     if total is None:
         return
     gram = total[:n, :n]
-    measured = distances_from_gram(gram)
+    measured = stats.summary(rows=n)
     report.distances = measured["distances"]
     report.relative_distances = measured["relative_distances"]
     diag = gram.diagonal()
