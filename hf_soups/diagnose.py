@@ -656,9 +656,18 @@ class MergePlanSummary:
     free_disk_output: int | None = None
     free_disk_cache: int | None = None
     warnings: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    compatibility_checked: bool = False
+
+    @property
+    def compatible(self) -> bool:
+        """No fatal problem found by the compatibility checker (True when it could not run)."""
+        return not self.problems
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        out["compatible"] = self.compatible
+        return out
 
     def format(self) -> str:
         lines = [
@@ -702,6 +711,11 @@ class MergePlanSummary:
                 else " (streaming: one tensor at a time)"
             )
         )
+        if self.problems:
+            lines.append("NOT compatible: cooking would fail.")
+            lines += [f"  - {p}" for p in self.problems]
+        elif self.compatibility_checked:
+            lines.append("Compatible (config, labels, tokenizers, tensor names and shapes checked).")
         lines += [f"warning: {w}" for w in self.warnings]
         lines.append("Nothing was downloaded or written.")
         return "\n".join(lines)
@@ -915,7 +929,41 @@ def plan_merge(recipe: Recipe, *, token: str | bool | None = None) -> MergePlanS
     for m in models:
         if m.note and "cannot reach" in m.note:
             summary.warnings.append(f"{m.reference}: {m.note}")
+    _dry_run_check(summary, refs, recipe)
     return summary
+
+
+def _dry_run_check(summary: MergePlanSummary, refs: list[tuple[str, Any]], recipe: Any) -> None:
+    """Run the compatibility checker on what is already on disk (local folders, the HF cache): no download."""
+    from .errors import SoupError
+    from .ingredients import Ingredient, resolve
+
+    if any(role == "base" for role, _ in refs) and recipe.method != "wise-ft":
+        refs = [
+            (role, spec) for role, spec in refs if role != "base"
+        ]  # a base only measures (adapters: bound)
+    resolved = []
+    try:
+        for _, spec in refs:
+            ing = Ingredient(spec.model, revision=spec.revision or None)
+            resolved.append(resolve(ing, cache_dir=recipe.cache_dir, local_files_only=True))
+        if any(r.kind == "adapter" for r in resolved):
+            summary.warnings.append(
+                "adapters: compatibility is checked when cooking (their base is bound then)"
+            )
+            return
+        report, _ = check_ingredients(
+            resolved, reference_index=len(resolved) - 1 if recipe.method == "wise-ft" else 0
+        )
+    except SoupError as e:
+        summary.warnings.append(f"compatibility not checked before cooking: {str(e).splitlines()[0]}")
+        return
+    finally:
+        for r in resolved:
+            r.close()
+    summary.compatibility_checked = True
+    summary.problems += [p.message for p in report.fatal]
+    summary.warnings += [p.message for p in report.warnings]
 
 
 def _free_disk(path: Path) -> int | None:

@@ -11,7 +11,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from hf_soups import IncompatibleIngredientsError, merge_models
-from hf_soups.diagnose import inspect_models
+from hf_soups.diagnose import inspect_models, plan_merge
+from hf_soups.recipe_file import Recipe
 from hf_soups.errors import SoupError
 from tests.tiny_models import make_tiny_bert, make_tiny_bert_dir
 
@@ -130,6 +131,18 @@ def test_merge_models_and_inspect_agree(case, tmp_path, tiny_bert_dirs):
     except SoupError as e:
         error = e
     assert (error is not None) == refused == (not report.compatible), (error, report.problems)
+    # --dry-run runs the same checker on what is on disk (streaming-time checks, NaN and buffers, excepted)
+    recipe = Recipe.from_dict(
+        {"ingredients": [str(m) for m in models], "output_dir": str(tmp_path / "soup")},
+        base_dir=str(tmp_path),
+        source="test",
+    )
+    planned = plan_merge(recipe)
+    assert planned.compatibility_checked
+    static = [p.message for p in report.findings if p.fatal and p.check not in ("non-finite",)]
+    if case != "nan":
+        assert planned.problems == static
+    assert not (tmp_path / "soup").exists()
     if refused:
         first = next(p for p in report.findings if p.fatal)
         assert first.ingredient == error.ingredient
