@@ -287,7 +287,9 @@ def test_inspect_names_what_makes_models_incompatible(tmp_path):
     assert "NOT compatible" in out
     # every problem at once, in the words merge_models uses for the first one
     assert "Ingredients 'three-labels' and 'five-labels' were fine-tuned for different labels" in out
-    assert "Tensor 'classifier.weight' has shape (3, 32) in 'three-labels' but (5, 32) in 'five-labels'" in out
+    assert (
+        "Tensor 'classifier.weight' has shape (3, 32) in 'three-labels' but (5, 32) in 'five-labels'" in out
+    )
     assert "Ingredient 'big-vocab' has a vocabulary of 120 tokens but 'three-labels' has 99" in out
 
 

@@ -12,8 +12,8 @@ from safetensors.torch import load_file, save_file
 
 from hf_soups import IncompatibleIngredientsError, merge_models
 from hf_soups.diagnose import inspect_models, plan_merge
-from hf_soups.recipe_file import Recipe
 from hf_soups.errors import SoupError
+from hf_soups.recipe_file import Recipe
 from tests.tiny_models import make_tiny_bert, make_tiny_bert_dir
 
 
