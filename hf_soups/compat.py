@@ -720,10 +720,11 @@ class DistanceStats:
     """How far apart the ingredients are, gathered while their tensors stream by.
 
     Per tensor, the Gram matrix `G[i, j] = <theta_i, theta_j>` of the members taking part is accumulated in
-    float64 (one small matrix product per cache-sized slice that the engine has already read); squared
-    distances `||theta_i - theta_j||^2 = G_ii + G_jj - 2 G_ij`, norms, task-vector norms and cosines to a base
-    all follow from it. Tensors read whole by the engine and larger than one slice are measured on an evenly
-    strided sample of one slice (scaled up), so memory stays a few slices whatever the model.
+    float64 (a few dot products on slices the engine has already read); squared distances
+    `||theta_i - theta_j||^2 = G_ii + G_jj - 2 G_ij`, norms, task-vector norms and cosines to a base all follow
+    from it. While merging, the engine measures a sample (one slice in `engine.STATS_EVERY` of a streamed
+    tensor, an evenly strided sample of a tensor read whole), in float32: enough for a verdict at
+    [`BASIN_THRESHOLD`], for a few percent of the merge's time. `inspect` measures every element in float64.
 
     Args:
         names (`Sequence[str]`): the members, in plan order.
@@ -736,8 +737,8 @@ class DistanceStats:
         self.threshold = threshold
         self.members: list[int] = []
         self.tensors: dict[str, Any] = {}  # name -> (len(members) x len(members)) float64 Gram matrix
-        self.sampled: set[str] = set()
-        self.numel: dict[str, float] = {}
+        self.numel: dict[str, int] = {}
+        self.measured: dict[str, int] = {}
         self._measured: set[tuple[int, ...]] = set()
         self._warned: set[tuple[int, int]] = set()
 
@@ -748,22 +749,43 @@ class DistanceStats:
             return False
         self.members = list(key)
         self.tensors = {}
-        self.sampled = set()
         self.numel = {}
+        self.measured = {}
         return True
 
-    def add(self, name: str, rows: torch.Tensor, scale: float = 1.0) -> None:
-        """Add one slice (one row per member, float64) of tensor `name`; `scale` > 1 marks a strided sample."""
-        gram = rows @ rows.T
-        if scale != 1.0:
-            gram.mul_(scale)
-            self.sampled.add(name)
-        self.numel[name] = self.numel.get(name, 0.0) + rows.shape[1] * scale
+    def add(self, name: str, rows: torch.Tensor, numel: int | None = None) -> None:
+        """Add one slice of tensor `name` (one row per member; dot products in the rows' dtype, summed in float64).
+
+        `numel`, when given, is the tensor's full size: the slices added for it are then a sample, scaled up.
+        """
+        import torch
+
+        k = rows.shape[0]
+        gram = torch.empty(k, k, dtype=torch.float64)
+        for i in range(k):
+            for j in range(i, k):
+                gram[i, j] = gram[j, i] = float(rows[i].dot(rows[j]))
+        self.measured[name] = self.measured.get(name, 0) + rows.shape[1]
+        if numel is not None:
+            self.numel[name] = numel
         acc = self.tensors.get(name)
         if acc is None:
             self.tensors[name] = gram
         else:
             acc.add_(gram)
+
+    def tensor_gram(self, name: str):
+        """The Gram matrix of one tensor (scaled up from its sample when it was sampled)."""
+        return self.tensors[name] * self._scale(name)
+
+    def _scale(self, name: str) -> float:
+        numel = self.numel.get(name)
+        return numel / self.measured[name] if numel else 1.0
+
+    @property
+    def sampled(self) -> set[str]:
+        """Tensors measured on a sample of their elements."""
+        return {name for name in self.tensors if self._scale(name) != 1.0}
 
     def end(self) -> list[Problem]:
         """Finish a measurement: the warnings for members too far apart (each pair is reported once, loudly)."""
@@ -793,8 +815,9 @@ class DistanceStats:
         if not self.tensors:
             return None
         total = None
-        for g in self.tensors.values():
-            total = g.clone() if total is None else total.add_(g)
+        for name, g in self.tensors.items():
+            scaled = g * self._scale(name)
+            total = scaled if total is None else total.add_(scaled)
         return total
 
     def summary(self, rows: int | None = None) -> dict[str, Any] | None:
@@ -818,8 +841,9 @@ class DistanceStats:
             for i in range(n):
                 for j in range(n):
                     if norms[i] > 0 or norms[j] > 0:
-                        weighted[i][j] += self.numel[name] * rel[i][j]
-                        weights[i][j] += self.numel[name]
+                        size = self.numel.get(name) or self.measured[name]
+                        weighted[i][j] += size * rel[i][j]
+                        weights[i][j] += size
         out["relative_distances"] = [
             [weighted[i][j] / weights[i][j] if weights[i][j] > 0 else 0.0 for j in range(n)] for i in range(n)
         ]

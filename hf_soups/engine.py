@@ -30,6 +30,9 @@ logger = logging.getLogger(__name__)
 # Tensors of more elements than this are streamed in slices of this many elements (512 KB of float32:
 # a read buffer and the accumulator slice stay in a core's L2 cache). See docs/benchmarks.md.
 CHUNK_ELEMENTS = 1 << 17
+# Distance statistics (compat.DistanceStats) are measured on one slice in STATS_EVERY of a streamed tensor, and
+# on an evenly strided sample of CHUNK_ELEMENTS // STATS_EVERY elements of a tensor read whole.
+STATS_EVERY = 8
 
 
 class TensorSink:
@@ -180,7 +183,7 @@ def combine(
     distances = getattr(plan, "distances", None)
     stats = None
     if distances is not None and distances.begin([i for i, _ in active]):
-        stats = (distances, torch.empty(len(active), CHUNK_ELEMENTS, dtype=torch.float64))
+        stats = (distances, torch.empty(len(active), CHUNK_ELEMENTS, dtype=torch.float32))
 
     with torch.no_grad():
         for tp in tqdm(plan.tensors, desc=desc, unit="tensor", disable=not progress, name="hf_soups"):
@@ -219,7 +222,7 @@ def _combine_whole(tp: TensorPlan, sources, active, sink, acc_buf, read_buf, nam
 
     numel = _numel(tp.shape)
     acc = acc_buf[:numel].view(tp.shape)
-    stride = -(-numel // CHUNK_ELEMENTS)  # distance statistics: an evenly strided sample of one slice
+    stride = -(-numel // (CHUNK_ELEMENTS // STATS_EVERY))  # distance statistics: an evenly strided sample
     first = True
     for k, (i, c) in enumerate(active):
         t = read_aligned(tp, i, sources[i], read_buf)
@@ -240,7 +243,7 @@ def _combine_whole(tp: TensorPlan, sources, active, sink, acc_buf, read_buf, nam
         _raise_non_finite(tp, sources, active, names, read_buf)
     if stats is not None:
         m = -(-numel // stride)
-        stats[0].add(tp.name, stats[1][:, :m], numel / m)
+        stats[0].add(tp.name, stats[1][:, :m], numel)
     sink.write(tp, acc)
 
 
@@ -279,7 +282,8 @@ def _combine_slices(tp: TensorPlan, sources, active, sink, chunk_acc, read_buf, 
         acc = chunk_acc[:count]
         # the first ingredient is read straight into the accumulator when it is float32
         t = sources[first_i].get_range(keys[0], start, count, acc_bytes if first_is_f32 else read_buf)
-        if stats is not None:
+        measure = stats is not None and (start // CHUNK_ELEMENTS) % STATS_EVERY == 0
+        if measure:
             stats[1][0, :count].copy_(t)
         if t.data_ptr() == acc.data_ptr():
             if first_c != 1.0:
@@ -292,11 +296,11 @@ def _combine_slices(tp: TensorPlan, sources, active, sink, chunk_acc, read_buf, 
                 acc.mul_(first_c)
         for k, ((i, c), key) in enumerate(zip(active[1:], keys[1:]), start=1):
             piece = sources[i].get_range(key, start, count, read_buf)
-            if stats is not None:
+            if measure:
                 stats[1][k, :count].copy_(piece)
             acc.add_(piece, alpha=c)
-        if stats is not None:
-            stats[0].add(tp.name, stats[1][:, :count])
+        if measure:
+            stats[0].add(tp.name, stats[1][:, :count], numel)
         if not bool(torch.isfinite(acc.sum())) and not bool(torch.isfinite(acc).all()):
             _raise_non_finite(tp, sources, active, names, None)
         sink.write_chunk(tp, acc)

@@ -329,7 +329,7 @@ def test_independently_initialised_models_are_flagged_fine_tunes_are_not(tmp_pat
 
 
 def test_distances_gathered_while_streaming_match_float64(tmp_path):
-    """Large tensors: exact per slice when streamed to disk, a strided sample when read whole (in memory)."""
+    """Large tensors are measured on a sample while merging (one slice in 8 streamed, or a strided sample)."""
     from hf_soups.align import build_plan
     from hf_soups.engine import CHUNK_ELEMENTS, DictSink, combine
     from hf_soups.ingredients import Ingredient, resolve
@@ -348,16 +348,16 @@ def test_distances_gathered_while_streaming_match_float64(tmp_path):
             pass
 
     sds = [_state(d) for d in dirs]
-    for sink, tolerance in ((Discard(), 1e-9), (DictSink(), 0.05)):
+    for sink in (Discard(), DictSink()):  # slices streamed, or tensors read whole
         plan = build_plan(resolved)
         combine(plan, [r.open() for r in resolved], [1 / 3] * 3, sink, progress=False)
-        g = plan.distances.tensors[big]
+        g = plan.distances.tensor_gram(big)
         for i in range(3):
             for j in range(3):
                 # squared norms and squared distances, against float64 sums over the whole tensors
                 want = float((sds[i][big].double() - (sds[j][big].double() if j != i else 0)).pow(2).sum())
                 got = float(g[i, i] + (g[j, j] - 2 * g[i, j] if j != i else 0))
-                assert got == pytest.approx(want, rel=tolerance)
-        assert (big in plan.distances.sampled) == isinstance(sink, DictSink)
+                assert got == pytest.approx(want, rel=0.05)  # a sample, in float32: a few percent
+        assert big in plan.distances.sampled
         basin = [p for p in plan.report.problems if p.check == "basin"]
         assert {p.ingredient for p in basin} == {"far"}
