@@ -13,7 +13,6 @@ memory cooking needs, from file sizes and safetensors headers only (no weights a
 from __future__ import annotations
 
 import fnmatch
-import hashlib
 import json
 import logging
 import math
@@ -24,7 +23,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .align import label_list
+from .align import plan_from_alignment
+from .compat import (
+    BASIN_THRESHOLD,
+    FATAL,
+    WARNING,
+    DistanceStats,
+    Problem,
+    check_ingredients,
+    label_list,
+    normalize_key,
+    tokenizer_vocab_hash,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from .recipe_file import Recipe
@@ -132,6 +142,10 @@ class InspectionReport:
         distance_to_mean (`list[float]`): L2 distance of each ingredient to the uniform soup.
         top_tensors (`list[dict]`): the tensors where the ingredients differ most (relative spread).
         base_missing (`list[str]`): ingredient tensors the base lacks or has in another shape (left out of deltas).
+        relative_distances (`list[list[float]]`, *optional*): `||a - b|| / ((||a|| + ||b||) / 2)` between the
+            ingredients (the one-basin figure, see [`hf_soups.compat.BASIN_THRESHOLD`]).
+        findings (`list[Problem]`): the compatibility checker's problems and warnings, with their rule,
+            ingredient and tensor (`problems` and `warnings` hold their messages).
     """
 
     models: list[ModelSummary]
@@ -149,6 +163,18 @@ class InspectionReport:
     distance_to_mean: list[float] | None = None
     top_tensors: list[dict[str, Any]] = field(default_factory=list)
     base_missing: list[str] = field(default_factory=list)
+    relative_distances: list[list[float]] | None = None
+    findings: list[Problem] = field(default_factory=list)
+
+    def add(self, problem: Problem) -> None:
+        """Record a finding of the checker (its message goes to `problems` or `warnings`)."""
+        self.findings.append(problem)
+        (self.problems if problem.fatal else self.warnings).append(problem.message)
+
+    @property
+    def independent(self) -> bool:
+        """Whether some models look independently initialised (too far apart for one pre-trained start)."""
+        return any(p.check == "basin" for p in self.findings)
 
     @property
     def compatible(self) -> bool:
@@ -198,6 +224,20 @@ class InspectionReport:
         if self.problems:
             lines.append("NOT compatible: these models cannot be souped together.")
             lines += [f"  - {p}" for p in self.problems]
+        elif self.independent:
+            worst = max(
+                (
+                    v
+                    for i, row in enumerate(self.relative_distances or [])
+                    for j, v in enumerate(row)
+                    if j > i
+                ),
+                default=float("nan"),
+            )
+            lines.append(
+                f"WARNING: these look independently initialised: a soup of them will not work (relative distance "
+                f"up to {worst:.2f}; fine-tunes of one pre-trained model measure below {BASIN_THRESHOLD:g})."
+            )
         else:
             lines.append("Compatible: these models can be souped together.")
         lines += [f"  warning: {w}" for w in self.warnings]
@@ -227,6 +267,12 @@ class InspectionReport:
         if self.distances is not None and len(names) > 1:
             lines.append("L2 distance between the ingredients:")
             lines += _matrix(names, self.distances, "{:.4g}")
+        if self.relative_distances is not None and len(names) > 1:
+            lines.append(
+                f"Relative distance ||a - b|| / mean(||a||, ||b||) (one pre-trained start: below {BASIN_THRESHOLD:g}; "
+                "unrelated models: about 1.41):"
+            )
+            lines += _matrix(names, self.relative_distances, "{:.4f}")
         if self.distance_to_mean is not None and len(names) > 1:
             lines.append(
                 "L2 distance to the uniform soup: "
@@ -249,42 +295,6 @@ def _matrix(names: list[str], values: list[list[float]], fmt: str) -> list[str]:
     for n, row in zip(names, values):
         rows.append((n, *(fmt.format(v) for v in row)))
     return _table(rows)
-
-
-def tokenizer_vocab_hash(folder: Path | None) -> str | None:
-    """A short hash of a tokenizer's vocabulary (token -> id), or None when the folder holds no tokenizer.
-
-    Only the vocabulary counts: truncation, padding or chat-template settings may differ between
-    fine-tunes without changing what the token ids mean.
-    """
-    if folder is None:
-        return None
-    folder = Path(folder)
-    digest = hashlib.sha256()
-    found = False
-    tok_json = folder / "tokenizer.json"
-    if tok_json.is_file():
-        try:
-            data = json.loads(tok_json.read_text(encoding="utf-8"))
-            model = data.get("model", {})
-            digest.update(json.dumps(model.get("vocab"), sort_keys=True).encode())
-            digest.update(json.dumps(model.get("merges"), sort_keys=False).encode())
-            added = sorted((t.get("id"), t.get("content")) for t in data.get("added_tokens", []))
-            digest.update(json.dumps(added).encode())
-            found = True
-        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-            pass
-    if not found:
-        for name in ("vocab.txt", "vocab.json", "merges.txt", "spiece.model", "sentencepiece.bpe.model"):
-            f = folder / name
-            if f.is_file():
-                digest.update(name.encode())
-                digest.update(f.read_bytes())
-                found = True
-        added = folder / "added_tokens.json"
-        if found and added.is_file():
-            digest.update(added.read_bytes())
-    return digest.hexdigest()[:12] if found else None
 
 
 def _summarize(resolved: Any, source: Any) -> ModelSummary:
@@ -356,90 +366,13 @@ def _adapter_only_summary(resolved: Any) -> ModelSummary:
     )
 
 
-def _static_problems(
-    report: InspectionReport, resolved: list[Any], sources: list[Any], base_resolved: Any
-) -> None:
-    """Every difference visible without reading weights (the engine stops at the first one; this lists all)."""
-    from .align import normalize_key
-
-    models = report.models
-    ref, ref_cfg = models[0], resolved[0].config or {}
-    everyone = resolved + ([base_resolved] if base_resolved is not None else [])
+def _config_differences(report: InspectionReport, everyone: list[Any]) -> None:
+    """Config fields shown side by side when they differ (display only: the checker decides)."""
     for key in _CONFIG_FIELDS:
         values = [(r.config or {}).get(key) for r in everyone]
         present = [v for v in values if v is not None]
         if len({json.dumps(v, sort_keys=True) for v in present}) > 1:
             report.config_differences[key] = values
-    for m, r in zip(models[1:], resolved[1:]):
-        cfg = r.config or {}
-        for key in (
-            "model_type",
-            "hidden_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-            "intermediate_size",
-        ):
-            if key in ref_cfg and key in cfg and ref_cfg[key] != cfg[key]:
-                report.problems.append(
-                    f"{m.name!r} and {ref.name!r} have different architectures: {key} is {cfg[key]!r} vs {ref_cfg[key]!r}"
-                )
-        if ref.architecture and m.architecture and ref.architecture != m.architecture:
-            report.problems.append(
-                f"{m.name!r} is a {m.architecture} but {ref.name!r} is a {ref.architecture} (different heads)"
-            )
-        if ref.vocab_size is not None and m.vocab_size is not None and ref.vocab_size != m.vocab_size:
-            report.problems.append(
-                f"vocabularies differ: {m.name!r} has {m.vocab_size} tokens, {ref.name!r} has {ref.vocab_size} "
-                "(embeddings resized?)"
-            )
-        elif ref.tokenizer_vocab and m.tokenizer_vocab and ref.tokenizer_vocab != m.tokenizer_vocab:
-            report.problems.append(
-                f"tokenizers differ: {m.name!r} and {ref.name!r} map tokens to different ids (same vocabulary size, "
-                "different vocabulary); their embeddings cannot be averaged"
-            )
-        if ref.labels is not None and m.labels is not None and ref.labels != m.labels:
-            if sorted(ref.labels) != sorted(m.labels):
-                report.problems.append(
-                    f"label maps differ: {m.name!r} has {m.labels}, {ref.name!r} has {ref.labels}"
-                )
-            else:
-                report.warnings.append(
-                    f"{m.name!r} lists its labels in another order ({m.labels}); its head rows will be permuted"
-                )
-        if (ref.kind == "adapter") != (m.kind == "adapter"):
-            report.warnings.append(
-                f"{m.name!r} is {'an adapter' if m.kind == 'adapter' else 'a full model'} and {ref.name!r} is "
-                f"{'an adapter' if ref.kind == 'adapter' else 'a full model'}: adapters are compared merged into their base"
-            )
-    # tensor names and shapes, over normalised names
-    ref_src = sources[0]
-    ref_shapes = {normalize_key(k): ref_src.info(k).shape for k in ref_src.keys()}
-    for m, src in zip(models[1:], sources[1:]):
-        shapes = {normalize_key(k): src.info(k).shape for k in src.keys()}
-        missing = [k for k in ref_shapes if k not in shapes]
-        extra = [k for k in shapes if k not in ref_shapes]
-        if missing:
-            report.problems.append(
-                f"{m.name!r} lacks {len(missing)} tensor(s) that {ref.name!r} has: {_sample(missing)}"
-            )
-        if extra:
-            report.problems.append(
-                f"{m.name!r} has {len(extra)} tensor(s) that {ref.name!r} lacks: {_sample(extra)}"
-            )
-        bad = [
-            (k, ref_shapes[k], shapes[k]) for k in ref_shapes if k in shapes and shapes[k] != ref_shapes[k]
-        ]
-        for k, a, b in bad[:5]:
-            report.problems.append(
-                f"tensor {k!r} has shape {tuple(b)} in {m.name!r} but {tuple(a)} in {ref.name!r}"
-            )
-        if len(bad) > 5:
-            report.problems.append(f"... and {len(bad) - 5} more tensor shape difference(s) in {m.name!r}")
-
-
-def _sample(keys: list[str], n: int = 5) -> str:
-    shown = ", ".join(repr(k) for k in keys[:n])
-    return shown + (f" and {len(keys) - n} more" if len(keys) > n else "")
 
 
 def inspect_models(
@@ -510,7 +443,7 @@ def inspect_models(
                 )
             except IncompatibleIngredientsError as e:
                 report = InspectionReport(models=[_adapter_only_summary(r) for r in resolved])
-                report.problems.append(str(e))
+                report.add(Problem(FATAL, "adapter", str(e), e.ingredient, e.tensor_name))
                 return report
             if base_resolved is None and bound is not None and bound.kind != "memory":
                 base_resolved = bound  # deltas of adapters are measured from the model they adapt
@@ -519,23 +452,26 @@ def inspect_models(
         report = InspectionReport(models=[_summarize(r, s) for r, s in zip(resolved, sources)])
         if base_resolved is not None:
             report.base = _summarize(base_resolved, base_source)
-        _static_problems(report, resolved, sources, base_resolved)
-        plan = None
-        try:
-            from .align import build_plan
-
-            plan = build_plan(resolved)
-        except IncompatibleIngredientsError as e:
-            if not report.problems:  # the engine found something the static checks did not
-                report.problems.append(str(e))
+        _config_differences(report, resolved + ([base_resolved] if base_resolved is not None else []))
+        # the one checker merge_models runs (align.build_plan raises the first fatal problem of this report)
+        checked, alignment = check_ingredients(resolved)
+        for problem in checked.problems:
+            report.add(problem)
         if base_resolved is not None and report.base is not None:
             ref = report.models[0]
             if ref.architecture and report.base.architecture and ref.model_type != report.base.model_type:
-                report.problems.append(
-                    f"the base {report.base.name!r} is a {report.base.model_type} model but {ref.name!r} is a "
-                    f"{ref.model_type}: the ingredients were not fine-tuned from it"
+                report.add(
+                    Problem(
+                        FATAL,
+                        "base",
+                        f"The base {report.base.name!r} is a {report.base.model_type} model but {ref.name!r} is a "
+                        f"{ref.model_type}: the ingredients were not fine-tuned from it. Pass the pre-trained "
+                        "model they were fine-tuned from as the base.",
+                        report.base.name,
+                    )
                 )
-        if plan is not None and compare_tensors and not report.problems:
+        if alignment is not None and compare_tensors and report.compatible:
+            plan = plan_from_alignment(resolved, checked, alignment)
             _compare_tensors(report, plan, sources, base_source, top=top, progress=progress)
         return report
     finally:
@@ -546,19 +482,24 @@ def inspect_models(
 def _compare_tensors(
     report: InspectionReport, plan: Any, sources: list[Any], base_source: Any, *, top: int, progress: bool
 ):
-    """Streams the tensors: Gram matrix of the deltas (from the base, else from ingredient 0), in float64."""
+    """Streams the tensors, one name at a time, into the checker's [`DistanceStats`] (float64 Gram matrices).
+
+    Integer buffers and non-finite values are checked as the engine checks them when merging. With a base,
+    the base is one more row of the Gram matrix (tensors it lacks are left out of every figure).
+    """
     import torch
     from huggingface_hub.utils import tqdm
 
-    from .align import normalize_key
-    from .engine import read_aligned
+    from .engine import CHUNK_ELEMENTS, read_aligned
 
     n = len(sources)
-    gram = torch.zeros(n, n, dtype=torch.float64)
-    base_sq = 0.0
+    names = [m.name for m in report.models]
     base_keys = {}
     if base_source is not None:
         base_keys = {normalize_key(k): k for k in base_source.keys()}
+    stats = DistanceStats(names + ([report.base.name] if base_source is not None else []))
+    stats.begin(list(range(len(stats.names))))
+    rows = torch.empty(len(stats.names), CHUNK_ELEMENTS, dtype=torch.float64)
     spreads: list[tuple[float, str, tuple]] = []
     for tp in tqdm(
         plan.tensors, desc="Comparing tensors", unit="tensor", disable=not progress, name="hf_soups"
@@ -569,9 +510,16 @@ def _compare_tensors(
             if any(not torch.equal(tensors[0], t) for t in tensors[1:]):
                 report.tensors_differing += 1
                 bad = next(i for i in range(1, n) if not torch.equal(tensors[0], tensors[i]))
-                report.problems.append(
-                    f"integer/boolean tensor {tp.name!r} differs between {report.models[0].name!r} and "
-                    f"{report.models[bad].name!r}; such buffers cannot be averaged"
+                report.add(
+                    Problem(
+                        FATAL,
+                        "tensors",
+                        f"Integer/boolean tensor {tp.name!r} differs between {names[0]!r} and {names[bad]!r}; "
+                        "such buffers (position ids, counters) cannot be averaged and must be equal. Re-save the "
+                        "ingredients from the same base model.",
+                        names[bad],
+                        tp.name,
+                    )
                 )
             else:
                 report.identical_tensors.append(tp.name)
@@ -579,73 +527,86 @@ def _compare_tensors(
         for i, t in enumerate(tensors):
             if not bool(torch.isfinite(t).all()):
                 bad = int((~torch.isfinite(t)).sum())
-                report.problems.append(
-                    f"{report.models[i].name!r} has {bad} NaN/inf value(s) in tensor {tp.name!r}"
+                report.add(
+                    Problem(
+                        FATAL,
+                        "non-finite",
+                        f"Ingredient {names[i]!r} has {bad} NaN/inf value(s) in tensor {tp.name!r}. The checkpoint "
+                        "is broken (diverged training or a bad save): leave it out of the soup.",
+                        names[i],
+                        tp.name,
+                    )
                 )
         if any(not torch.equal(tensors[0], t) for t in tensors[1:]):
             report.tensors_differing += 1
         elif n > 1:
             report.identical_tensors.append(tp.name)
-        anchor = None
-        key = base_keys.get(tp.name)
         if base_source is not None:
-            if key is not None and tuple(base_source.info(key).shape) == tuple(tp.shape):
-                anchor = base_source.get(key).detach()
-            else:
+            key = base_keys.get(tp.name)
+            if key is None or tuple(base_source.info(key).shape) != tuple(tp.shape):
                 report.base_missing.append(tp.name)
                 continue
-        else:
-            anchor = tensors[0]
+            tensors.append(base_source.get(key).detach())
         flat = [t.reshape(-1) for t in tensors]
-        anchor_flat = anchor.reshape(-1)
-        local = torch.zeros(n, n, dtype=torch.float64)
-        anchor_sq = 0.0
-        own_sq = 0.0  # sum over ingredients of ||t_i||^2, the scale of this tensor
-        for start in range(0, anchor_flat.numel(), _CHUNK):
-            a = anchor_flat[start : start + _CHUNK].to(torch.float64)
-            chunk = torch.stack([f[start : start + _CHUNK].to(torch.float64) for f in flat])
-            d = chunk - a
-            local += d @ d.T
-            anchor_sq += float(a.dot(a))
-            own_sq += float((chunk * chunk).sum())
-        gram += local
-        base_sq += anchor_sq
+        for start in range(0, flat[0].numel(), CHUNK_ELEMENTS):
+            count = min(CHUNK_ELEMENTS, flat[0].numel() - start)
+            for i, f in enumerate(flat):
+                rows[i, :count].copy_(f[start : start + count])
+            stats.add(tp.name, rows[:, :count])
         # relative spread of this tensor: largest distance between two ingredients over the tensor's RMS norm
-        diag = local.diagonal()
-        pair = diag[:, None] + diag[None, :] - 2 * local
-        scale = math.sqrt(own_sq / n)
-        spread = math.sqrt(max(float(pair.max()), 0.0)) / scale if scale > 0 else 0.0
+        g = stats.tensors[tp.name][:n, :n]
+        diag = g.diagonal()
+        pair = (diag[:, None] + diag[None, :] - 2 * g).clamp_min(0)
+        scale = math.sqrt(float(diag.sum()) / n)
+        spread = math.sqrt(float(pair.max())) / scale if scale > 0 else 0.0
         spreads.append((spread, tp.name, tuple(tp.shape)))
+    if not report.compatible:
+        return
+    for problem in stats.end():
+        report.add(problem)
+    total = stats.gram()
+    if total is None:
+        return
+    gram = total[:n, :n]
+    measured = stats.summary(rows=n)
+    report.distances = measured["distances"]
+    report.relative_distances = measured["relative_distances"]
     diag = gram.diagonal()
-    dist = (diag[:, None] + diag[None, :] - 2 * gram).clamp_min(0).sqrt()
-    report.distances = [[float(v) for v in row] for row in dist]
-    # distance to the uniform mean: ||d_i - mean(d)||^2 = G_ii - 2/n sum_j G_ij + 1/n^2 sum G
+    # distance to the uniform mean: ||x_i - mean(x)||^2 = G_ii - 2/n sum_j G_ij + 1/n^2 sum G
     to_mean = (diag - 2 * gram.mean(dim=1) + gram.mean()).clamp_min(0).sqrt()
     report.distance_to_mean = [float(v) for v in to_mean]
     if base_source is not None:
-        norms = diag.clamp_min(0).sqrt()
+        # deltas from the base (row n): <d_i, d_j> = G_ij - G_ib - G_jb + G_bb
+        b = total[n, n]
+        deltas = gram - total[:n, n][:, None] - total[n, :n][None, :] + b
+        norms = deltas.diagonal().clamp_min(0).sqrt()
         report.delta_norms = [float(v) for v in norms]
-        base_norm = math.sqrt(base_sq)
+        base_norm = math.sqrt(max(float(b), 0.0))
         report.relative_delta_norms = [float(v) / base_norm if base_norm > 0 else float("nan") for v in norms]
         denom = norms[:, None] * norms[None, :]
-        cos = torch.where(denom > 0, gram / denom.clamp_min(1e-300), torch.zeros_like(gram))
+        cos = torch.where(denom > 0, deltas / denom.clamp_min(1e-300), torch.zeros_like(deltas))
         report.cosine = [[float(v) for v in row] for row in cos]
-        near_zero = [report.models[i].name for i in range(n) if float(norms[i]) == 0.0]
+        near_zero = [names[i] for i in range(n) if float(norms[i]) == 0.0]
         if near_zero:
-            report.warnings.append(
-                f"{', '.join(map(repr, near_zero))} equal(s) the base exactly (no fine-tuning?)"
+            report.add(
+                Problem(
+                    WARNING,
+                    "basin",
+                    f"{', '.join(map(repr, near_zero))} equal(s) the base exactly (no fine-tuning?)",
+                    near_zero[0],
+                )
             )
         negative = [
-            (report.models[i].name, report.models[j].name, report.cosine[i][j])
+            (names[i], names[j], report.cosine[i][j])
             for i in range(n)
             for j in range(i + 1, n)
             if report.cosine[i][j] < -0.1
         ]
         if negative:
-            a, b, c = negative[0]
+            a, b_name, c = negative[0]
             report.warnings.append(
-                f"deltas of {a!r} and {b!r} point in opposite directions (cosine {c:.3f}); averaging them cancels "
-                "fine-tuning (were they fine-tuned from this base?)"
+                f"deltas of {a!r} and {b_name!r} point in opposite directions (cosine {c:.3f}); averaging them "
+                "cancels fine-tuning (were they fine-tuned from this base?)"
             )
     spreads = sorted((item for item in spreads if item[0] > 0), reverse=True)
     report.top_tensors = [
@@ -695,9 +656,18 @@ class MergePlanSummary:
     free_disk_output: int | None = None
     free_disk_cache: int | None = None
     warnings: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    compatibility_checked: bool = False
+
+    @property
+    def compatible(self) -> bool:
+        """No fatal problem found by the compatibility checker (True when it could not run)."""
+        return not self.problems
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        out["compatible"] = self.compatible
+        return out
 
     def format(self) -> str:
         lines = [
@@ -741,6 +711,11 @@ class MergePlanSummary:
                 else " (streaming: one tensor at a time)"
             )
         )
+        if self.problems:
+            lines.append("NOT compatible: cooking would fail.")
+            lines += [f"  - {p}" for p in self.problems]
+        elif self.compatibility_checked:
+            lines.append("Compatible (config, labels, tokenizers, tensor names and shapes checked).")
         lines += [f"warning: {w}" for w in self.warnings]
         lines.append("Nothing was downloaded or written.")
         return "\n".join(lines)
@@ -954,7 +929,41 @@ def plan_merge(recipe: Recipe, *, token: str | bool | None = None) -> MergePlanS
     for m in models:
         if m.note and "cannot reach" in m.note:
             summary.warnings.append(f"{m.reference}: {m.note}")
+    _dry_run_check(summary, refs, recipe)
     return summary
+
+
+def _dry_run_check(summary: MergePlanSummary, refs: list[tuple[str, Any]], recipe: Any) -> None:
+    """Run the compatibility checker on what is already on disk (local folders, the HF cache): no download."""
+    from .errors import SoupError
+    from .ingredients import Ingredient, resolve
+
+    if any(role == "base" for role, _ in refs) and recipe.method != "wise-ft":
+        refs = [
+            (role, spec) for role, spec in refs if role != "base"
+        ]  # a base only measures (adapters: bound)
+    resolved = []
+    try:
+        for _, spec in refs:
+            ing = Ingredient(spec.model, revision=spec.revision or None)
+            resolved.append(resolve(ing, cache_dir=recipe.cache_dir, local_files_only=True))
+        if any(r.kind == "adapter" for r in resolved):
+            summary.warnings.append(
+                "adapters: compatibility is checked when cooking (their base is bound then)"
+            )
+            return
+        report, _ = check_ingredients(
+            resolved, reference_index=len(resolved) - 1 if recipe.method == "wise-ft" else 0
+        )
+    except SoupError as e:
+        summary.warnings.append(f"compatibility not checked before cooking: {str(e).splitlines()[0]}")
+        return
+    finally:
+        for r in resolved:
+            r.close()
+    summary.compatibility_checked = True
+    summary.problems += [p.message for p in report.fatal]
+    summary.warnings += [p.message for p in report.warnings]
 
 
 def _free_disk(path: Path) -> int | None:

@@ -31,6 +31,9 @@ logger = logging.getLogger(__name__)
 # Tensors of more elements than this are streamed in slices of this many elements (512 KB of float32:
 # a read buffer and the accumulator slice stay in a core's L2 cache). See docs/benchmarks.md.
 CHUNK_ELEMENTS = 1 << 17
+# Distance statistics (compat.DistanceStats) are measured on one slice in STATS_EVERY of a streamed tensor, and
+# on an evenly strided sample of CHUNK_ELEMENTS // STATS_EVERY elements of a tensor read whole.
+STATS_EVERY = 8
 
 
 class TensorSink:
@@ -200,6 +203,11 @@ def combine(
         )
         chunk_read_buf = torch.empty(CHUNK_ELEMENTS * max(max_itemsize, 4), dtype=torch.uint8)
         chunk_acc = torch.empty(CHUNK_ELEMENTS, dtype=torch.float32)
+    # distance statistics (compat.DistanceStats): the members' slices side by side, in float64
+    distances = getattr(plan, "distances", None)
+    stats = None
+    if distances is not None and distances.begin([i for i, _ in active]):
+        stats = (distances, torch.empty(len(active), CHUNK_ELEMENTS, dtype=torch.float32))
 
     with torch.no_grad():
         for tp in tqdm(plan.tensors, desc=desc, unit="tensor", disable=not progress, name="hf_soups"):
@@ -208,12 +216,18 @@ def combine(
                 continue
             if tp.name in streamed:
                 with _single_threaded():
-                    _combine_slices(tp, sources, active, sink, chunk_acc, chunk_read_buf, plan.names)
+                    _combine_slices(
+                        tp, sources, active, sink, chunk_acc, chunk_read_buf, plan.names, stats=stats
+                    )
             elif _numel(tp.shape) <= CHUNK_ELEMENTS:
                 with _single_threaded():
-                    _combine_whole(tp, sources, active, sink, acc_buf, read_buf, plan.names)
+                    _combine_whole(tp, sources, active, sink, acc_buf, read_buf, plan.names, stats)
             else:
-                _combine_whole(tp, sources, active, sink, acc_buf, read_buf, plan.names)
+                _combine_whole(tp, sources, active, sink, acc_buf, read_buf, plan.names, stats)
+    if stats is not None:
+        problems = distances.end()
+        if plan.report is not None:
+            plan.report.problems.extend(problems)
     finish = getattr(sink, "finish", None)
     if finish is not None:
         finish()
@@ -228,14 +242,19 @@ def _streamable(tp: TensorPlan, sources: Sequence[TensorSource], active) -> bool
     return all(sources[i].range_readable(tp.source_keys[i]) for i, _ in active)
 
 
-def _combine_whole(tp: TensorPlan, sources, active, sink, acc_buf, read_buf, names) -> None:
+def _combine_whole(tp: TensorPlan, sources, active, sink, acc_buf, read_buf, names, stats=None) -> None:
     """`sum_i c_i * ingredient_i` for one tensor read whole."""
     import torch
 
-    acc = acc_buf[: _numel(tp.shape)].view(tp.shape)
+    numel = _numel(tp.shape)
+    acc = acc_buf[:numel].view(tp.shape)
+    stride = -(-numel // (CHUNK_ELEMENTS // STATS_EVERY))  # distance statistics: an evenly strided sample
     first = True
-    for i, c in active:
+    for k, (i, c) in enumerate(active):
         t = read_aligned(tp, i, sources[i], read_buf)
+        if stats is not None:
+            sampled = t.reshape(-1)[::stride]
+            stats[1][k, : sampled.numel()].copy_(sampled)
         if first:
             if t.dtype == torch.float32:
                 torch.mul(t, c, out=acc)
@@ -249,6 +268,9 @@ def _combine_whole(tp: TensorPlan, sources, active, sink, acc_buf, read_buf, nam
     out = sink.cast(tp, acc)
     if not _finite(out):
         _raise_non_finite(tp, sources, active, names, read_buf, acc, out.dtype)
+    if stats is not None:
+        m = -(-numel // stride)
+        stats[0].add(tp.name, stats[1][:, :m], numel)
     sink.write(tp, out)
 
 
@@ -274,7 +296,7 @@ def _single_threaded():
 
 
 def _combine_slices(
-    tp: TensorPlan, sources, active, sink, chunk_acc, read_buf, names, check: bool = True
+    tp: TensorPlan, sources, active, sink, chunk_acc, read_buf, names, check: bool = True, stats=None
 ) -> None:
     """`sum_i c_i * ingredient_i` for one large tensor, one slice of `CHUNK_ELEMENTS` at a time.
 
@@ -292,6 +314,9 @@ def _combine_slices(
         acc = chunk_acc[:count]
         # the first ingredient is read straight into the accumulator when it is float32
         t = sources[first_i].get_range(keys[0], start, count, acc_bytes if first_is_f32 else read_buf)
+        measure = stats is not None and (start // CHUNK_ELEMENTS) % STATS_EVERY == 0
+        if measure:
+            stats[1][0, :count].copy_(t)
         if t.data_ptr() == acc.data_ptr():
             if first_c != 1.0:
                 acc.mul_(first_c)
@@ -301,8 +326,13 @@ def _combine_slices(
             acc.copy_(t)
             if first_c != 1.0:
                 acc.mul_(first_c)
-        for (i, c), key in zip(active[1:], keys[1:]):
-            acc.add_(sources[i].get_range(key, start, count, read_buf), alpha=c)
+        for k, ((i, c), key) in enumerate(zip(active[1:], keys[1:]), start=1):
+            piece = sources[i].get_range(key, start, count, read_buf)
+            if measure:
+                stats[1][k, :count].copy_(piece)
+            acc.add_(piece, alpha=c)
+        if measure:
+            stats[0].add(tp.name, stats[1][:, :count], numel)
         out = sink.cast(tp, acc)
         if check and not _finite(out):
             _raise_non_finite(tp, sources, active, names, None, None, out.dtype)

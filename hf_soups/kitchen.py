@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .align import MergePlan, build_plan
+from .align import MergePlan, build_plan, match_live_model
 from .engine import ModelSink, WriterSink, combine
 from .errors import SoupError
 from .tensors import AtomicDirectory, ShardedSafetensorsWriter, copy_companion_files
@@ -128,7 +128,7 @@ class Kitchen:
         else:
             model = model_class_for(ref.config).from_pretrained(ref.path)
         model.eval()
-        return model
+        return match_live_model(model, self.plan)
 
     def load_into(self, model, coefficients: Sequence[float], *, progress: bool = False) -> None:
         """Write the soup with these coefficients into `model`'s parameters, in place."""
