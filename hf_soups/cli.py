@@ -385,8 +385,9 @@ def _run_recipe(recipe: Any, args: argparse.Namespace, overrides: dict[str, Any]
         from .diagnose import plan_merge
 
         planned = recipe.with_options(output_dir=output_dir, push_to_hub=push)
-        print(plan_merge(planned, token=overrides.get("token")).format())
-        return EXIT_OK
+        summary = plan_merge(planned, token=overrides.get("token"))
+        print(summary.format())
+        return EXIT_OK if summary.compatible else EXIT_FAILURE
     from .recipe_file import cook
 
     if push and not output_dir:

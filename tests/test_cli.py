@@ -333,6 +333,18 @@ def test_inspect_lora_adapters_against_their_base(tmp_path):
 
 
 @pytest.mark.slow
+def test_dry_run_of_models_that_cannot_be_souped_exits_1_and_names_the_problem(tmp_path):
+    from tests.tiny_models import make_tiny_bert_dir
+
+    make_tiny_bert_dir(tmp_path / "a", seed=0)
+    make_tiny_bert_dir(tmp_path / "b", seed=1, num_hidden_layers=3)
+    before = tree(tmp_path)
+    result = hf_soups("merge", "a", "b", "--output-dir", "soup", "--dry-run", cwd=tmp_path)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "num_hidden_layers" in result.stdout
+    assert tree(tmp_path) == before
+
+
 def test_dry_run_of_a_hub_ingredient_reports_the_download_then_the_cache(tmp_path, hub_server):
     from huggingface_hub import HfApi
 
