@@ -199,6 +199,7 @@ def task_arithmetic(
     >>> from hf_soups.merge_ops import task_arithmetic
     >>> task_arithmetic(torch.zeros(2), [torch.ones(2), 3 * torch.ones(2)], scaling=0.5)
     tensor([2., 2.])
+
     ```
     """
     _check_inputs(base, thetas)
@@ -713,9 +714,9 @@ class GramAccumulator:
     >>> acc = GramAccumulator(2)
     >>> acc.add([torch.tensor([1.0, 2.0]), torch.tensor([3.0, 4.0])])
     >>> acc.add([torch.tensor([2.0]), torch.tensor([0.5])])
-    >>> acc.result()
-    tensor([[ 9., 12.],
-            [12., 25.25]], dtype=torch.float64)
+    >>> acc.result().tolist()
+    [[9.0, 12.0], [12.0, 25.25]]
+
     ```
     """
 

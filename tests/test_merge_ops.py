@@ -505,3 +505,9 @@ def test_mismatched_shapes_and_counts_are_refused():
         mo.dare_recipe(density=0.5, seed=None)
     with pytest.raises(InvalidArgumentError, match="seed"):
         mo.dare_recipe(density=0.5, seed=-1)
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    assert doctest.testmod(mo).failed == 0
