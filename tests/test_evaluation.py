@@ -280,7 +280,7 @@ def test_compute_metrics_trainer_style(model, data):
 def test_metric_forms_callable_and_combined(model, data):
     import evaluate
 
-    from hf_soups.metrics import bundled_metric_path
+    from hf_soups.evaluation.metrics import bundled_metric_path
 
     ids, labels = data
     acc = _manual_scores(model, ids, labels)[0]
