@@ -6,7 +6,7 @@ such code only with `trust_remote_code=True` (CLI: `--trust-remote-code`), the o
 model code from a repository. Without it, [`refuse_untrusted`] raises [`UntrustedCodeError`] naming the argument,
 its value and the opt-in, before anything is imported or downloaded.
 
-What needs no opt-in: the metrics bundled with hf_soups (`hf_soups.metrics.BUNDLED_METRICS`), `"loss"` and
+What needs no opt-in: the metrics bundled with hf_soups (`hf_soups.evaluation.metrics.BUNDLED_METRICS`), `"loss"` and
 `"perplexity"`, and objects passed from Python (an `evaluate.EvaluationModule`, a callable): those are the
 user's own code.
 """

@@ -280,7 +280,7 @@ def test_compute_metrics_trainer_style(model, data):
 def test_metric_forms_callable_and_combined(model, data):
     import evaluate
 
-    from hf_soups.metrics import bundled_metric_path
+    from hf_soups.evaluation.metrics import bundled_metric_path
 
     ids, labels = data
     acc = _manual_scores(model, ids, labels)[0]
@@ -497,3 +497,32 @@ def test_inputs_that_would_crash_the_model_are_named_errors(model, which, column
         )
         evaluator.evaluate(target)
     assert "'val'" in str(info.value)
+
+
+# ---------------------------------------------------------------------------------------- package structure
+
+
+def test_importing_the_evaluation_package_loads_no_heavy_library():
+    """`build_evaluator` and every evaluation module are importable without torch / transformers / evaluate."""
+    import subprocess
+    import sys
+
+    heavy = ("torch", "transformers", "evaluate", "accelerate", "datasets")
+    code = (
+        "import sys, hf_soups.evaluation, hf_soups.evaluation.tasks, hf_soups.evaluation.runtime; "
+        f"loaded = [m for m in {heavy!r} if m in sys.modules]; assert not loaded, loaded"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_task_registry_names_every_task_once():
+    from hf_soups.evaluation import TASKS
+    from hf_soups.evaluation.tasks import TASK_CLASSES, Task, make_task
+
+    assert TASKS == ("classification", "token-classification", "causal-lm", "masked-lm", "custom")
+    for name in TASKS:
+        task = make_task(name, num_labels=3)
+        assert isinstance(task, Task) and task.name == name == TASK_CLASSES[name].name
+    ds = Dataset.from_dict({"input_ids": [[2, 5]], "label": [0]})
+    with pytest.raises(InvalidArgumentError, match="causal-lm"):
+        build_evaluator(ds, task="summarization")

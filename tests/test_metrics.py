@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from hf_soups.errors import EvaluationError, InvalidArgumentError
-from hf_soups.metrics import BUNDLED_METRICS, bundled_metric_path, clear_cache, load_metric
+from hf_soups.evaluation.metrics import BUNDLED_METRICS, bundled_metric_path, clear_cache, load_metric
 
 
 @pytest.fixture(autouse=True)
@@ -157,5 +157,5 @@ def test_modules_and_callables_pass_through(offline, tmp_path):
 
 
 def test_importing_metrics_does_not_import_evaluate():
-    code = "import sys, hf_soups.metrics; assert 'evaluate' not in sys.modules and 'torch' not in sys.modules"
+    code = "import sys, hf_soups.evaluation.metrics; assert 'evaluate' not in sys.modules and 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -14,7 +14,7 @@ from datasets import Dataset
 
 from hf_soups.errors import InvalidArgumentError, UntrustedCodeError
 from hf_soups.evaluation import build_evaluator
-from hf_soups.metrics import BUNDLED_METRICS, bundled_metric_path, clear_cache, load_metric
+from hf_soups.evaluation.metrics import BUNDLED_METRICS, bundled_metric_path, clear_cache, load_metric
 from hf_soups.remote_code import import_callable
 
 

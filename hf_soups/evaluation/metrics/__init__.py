@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
 
-from ..errors import EvaluationError
+from ...errors import EvaluationError
 
 if TYPE_CHECKING:  # pragma: no cover
     import evaluate
@@ -114,7 +114,7 @@ def load_metric(
     Example:
 
     ```python
-    >>> from hf_soups.metrics import load_metric
+    >>> from hf_soups.evaluation.metrics import load_metric
     >>> accuracy = load_metric("accuracy")  # the bundled copy: no network, no downloaded code
     >>> accuracy.compute(predictions=[0, 1, 1], references=[0, 1, 0])["accuracy"]
     0.666...
@@ -159,7 +159,7 @@ def _bundled_path_of(spec: str) -> Path | None:
 
 
 def _refuse_untrusted_metric(spec: str, *, key: str, trust_remote_code: bool) -> None:
-    from ..remote_code import refuse_untrusted
+    from ...remote_code import refuse_untrusted
 
     local = Path(spec).expanduser()
     if local.exists():

@@ -1,0 +1,337 @@
+"""The evaluator: binds the eval sets to the ingredients' task, then scores models on every set.
+
+[`Evaluator`] composes the pieces of this package: a task object ([`tasks`]) learned from the ingredients'
+config, the prepared examples ([`data`], checked by [`checks`]), the metric ([`scoring`]), the decision rules
+([`selection`]) and the accelerate runtime ([`runtime`]). It is what recipes see: `evaluate`, `primary`,
+`better`, `sort_key`, and the logit-ensemble helpers.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import weakref
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from .checks import check_ranges, input_limits, input_ranges, model_limits
+from .data import EvalSetPreparer, TokenizerSource
+from .ensemble import add_predictions, mean_predictions
+from .results import annotate
+from .runtime import PadCollator, Runtime
+from .scoring import MetricScorer
+from .selection import Selector
+from .tasks import TASK_CLASSES, Predictions, Task, task_for
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..ingredients import ResolvedIngredient
+    from ..soup import Soup
+
+logger = logging.getLogger(__name__)
+
+
+class Evaluator:
+    """Scores models on one or more held-out sets. Build it with [`build_evaluator`].
+
+    Attributes:
+        set_names (`list[str]`): the eval sets, in the order given.
+        select_on (`str`): the set whose `metric_key` drives decisions.
+        metric_key (`str`): the number maximised (or minimised when `greater_is_better=False`).
+        greater_is_better (`bool`): direction of `metric_key`.
+        metric_name (`str`): a readable name of the metric (for reports and model cards).
+        task (`str`): one of [`TASKS`], known once the evaluator is bound to the ingredients.
+        timings (`list[float]`): wall time of every `evaluate` call (seconds), for cost reports.
+    """
+
+    def __init__(
+        self,
+        datasets: dict[str, Any],
+        *,
+        metric: Any,
+        metric_spec: Any,
+        metric_kwargs: dict[str, Any],
+        metric_key: str | None,
+        greater_is_better: bool | None,
+        select_on: str,
+        compute_metrics: Callable[..., Mapping[str, float]] | None,
+        tokenizer: Any,
+        text_columns: list[str] | None,
+        label_columns: dict[str, str | None],
+        batch_size: int,
+        device: str | None,
+        task: str | None,
+        max_length: int | None,
+        progress: bool,
+        trust_remote_code: bool = False,
+    ):
+        self._datasets = datasets
+        self._selector = Selector(
+            select_on, metric_key, True if greater_is_better is None else bool(greater_is_better)
+        )
+        self._scorer = MetricScorer(
+            metric=metric,
+            spec=metric_spec,
+            kwargs=metric_kwargs,
+            compute_metrics=compute_metrics,
+            metric_key=metric_key,
+            greater_is_better=greater_is_better,
+            selector=self._selector,
+            trust_remote_code=trust_remote_code,
+        )
+        self._tokenizers = TokenizerSource(tokenizer)
+        self.text_columns = text_columns
+        self._label_columns = label_columns
+        self.batch_size = int(batch_size)
+        self._runtime = Runtime(device)
+        self._user_task = task
+        self._task: Task | None = None
+        self.max_length = max_length
+        self.progress = progress
+        self._examples: dict[str, list[dict[str, Any]]] | None = None
+        self._pad_token_id = 0
+        self._input_ranges: dict[str, dict[str, tuple[int, int]]] = {}
+        self._models_checked: Any = None  # weakref.WeakSet of the models whose embeddings were checked
+        self.timings: list[float] = []
+
+    # -------------------------------------------------------------------------------- description
+
+    @property
+    def set_names(self) -> list[str]:
+        return list(self._datasets)
+
+    @property
+    def metric_name(self) -> str:
+        return self._scorer.name
+
+    @property
+    def compute_metrics(self) -> Callable[..., Mapping[str, float]] | None:
+        return self._scorer.compute_metrics
+
+    @property
+    def task(self) -> str | None:
+        return self._task.name if self._task is not None else self._user_task
+
+    @property
+    def problem_type(self) -> str | None:
+        return self._task.problem_type if self._task is not None else None
+
+    @property
+    def num_labels(self) -> int | None:
+        return self._task.num_labels if self._task is not None else None
+
+    @property
+    def select_on(self) -> str:
+        return self._selector.select_on
+
+    @property
+    def metric_key(self) -> str | None:
+        return self._selector.metric_key
+
+    @property
+    def greater_is_better(self) -> bool:
+        return self._selector.greater_is_better
+
+    @property
+    def device(self):
+        """The torch device models are evaluated on."""
+        return self._runtime.device
+
+    @property
+    def num_processes(self) -> int:
+        return self._runtime.num_processes
+
+    def __repr__(self) -> str:
+        return (
+            f"Evaluator(sets={self.set_names}, select_on={self.select_on!r}, metric={self.metric_name!r}, "
+            f"metric_key={self.metric_key!r}, task={self.task!r})"
+        )
+
+    # -------------------------------------------------------------------------------- decisions
+
+    def primary(self, scores: Mapping[str, Mapping[str, float]]) -> float:
+        """The number decisions are made on: `scores[select_on][metric_key]` (see [`Selector.primary`])."""
+        return self._selector.primary(scores)
+
+    def better(self, a: float | None, b: float | None, strict: bool = False) -> bool:
+        """Whether score `a` is at least as good as `b`; NaN and `None` lose (see [`Selector.better`])."""
+        return self._selector.better(a, b, strict)
+
+    def sort_key(self, score: float | None) -> float:
+        """A key that sorts scores best first, NaN/None last (see [`Selector.sort_key`])."""
+        return self._selector.sort_key(score)
+
+    # -------------------------------------------------------------------------------- binding
+
+    def bind(
+        self,
+        ingredients: Sequence[ResolvedIngredient] = (),
+        *,
+        base: ResolvedIngredient | None = None,
+        tokenizer: Any = None,
+        config: Mapping[str, Any] | None = None,
+        model: Any = None,
+    ) -> Evaluator:
+        """Learn the task from the ingredients and prepare the eval sets (tokenized once, kept in memory).
+
+        Called by `merge_models` after the ingredients are resolved and before any tensor is read.
+
+        Args:
+            ingredients (`Sequence[ResolvedIngredient]`): the resolved ingredients (the first is the reference).
+            base (`ResolvedIngredient`, *optional*): the base model (its tokenizer is a fallback).
+            tokenizer (*optional*): a tokenizer, or a folder / Hub ID to load one from.
+            config (`Mapping`, *optional*): the model config, when there are no resolved ingredients.
+            model (*optional*): a model instance, when there are no resolved ingredients.
+
+        Returns:
+            The evaluator itself.
+
+        Raises:
+            [`EvaluationError`]: the task cannot be scored with these inputs (no labels, no tokenizer for raw
+                text, labels outside the model's label set, unknown task without `compute_metrics`).
+        """
+        members = [*ingredients, *([base] if base is not None else [])]
+        if config is None and members:
+            config = members[0].config
+        if model is None and members:
+            model = members[0].model
+        if config is None and model is not None and hasattr(model, "config"):
+            config = model.config.to_dict()
+        config = dict(config or {})
+        if tokenizer is not None:
+            self._tokenizers.value = tokenizer
+        self._tokenizers.members = members
+        task = self._task = task_for(
+            config, model, task=self._user_task, custom=self.compute_metrics is not None
+        )
+        preparer = EvalSetPreparer(
+            task,
+            text_columns=self.text_columns,
+            label_columns=self._label_columns,
+            tokenizers=self._tokenizers,
+            max_length=self.max_length,
+            pad_token_id=config.get("pad_token_id"),
+        )
+        self._examples = None
+        self._runtime.forget_loaders()
+        limits = input_limits(config)
+        examples = {}
+        for name, ds in self._datasets.items():
+            examples[name] = preparer.prepare(name, ds)
+            task.check_labels(name, examples[name])
+            self._input_ranges[name] = input_ranges(name, examples[name])
+            check_ranges(name, self._input_ranges[name], limits, "the model config")
+        self._examples = examples
+        self._pad_token_id = preparer.pad_token_id
+        task.learn_from(examples[self.select_on])
+        for name, prepared in examples.items():
+            task.check_label_ranges(name, prepared)
+        self._scorer.set_up(task)
+        return self
+
+    def check_metric_for(self, task: Task) -> None:
+        """Check the metric and its key against a task guessed from the labels, before binding.
+
+        The key is resolved again when the evaluator is bound (unless the user named it).
+        """
+        self._scorer.set_up(task)
+        if self._scorer.user_key is None:
+            self._scorer.key_checked = False
+
+    def _check_model_inputs(self, model: Any) -> None:
+        """The eval sets' id ranges against the model's own embedding tables (once per model, no forward pass)."""
+        if self._models_checked is None:
+            self._models_checked = weakref.WeakSet()
+        try:
+            if model in self._models_checked:
+                return
+        except TypeError:  # not weak-referenceable: check every time (cheap)
+            pass
+        limits = model_limits(model)
+        for name in self._datasets:
+            check_ranges(name, self._input_ranges.get(name, {}), limits, "the model's embeddings")
+        try:
+            self._models_checked.add(model)
+        except TypeError:
+            pass
+
+    # -------------------------------------------------------------------------------- running models
+
+    def predict(self, model: Any) -> dict[str, Predictions]:
+        """Run `model` over every eval set and gather what the metrics need (on every process)."""
+        if self._examples is None:
+            self.bind(config=model.config.to_dict() if hasattr(model, "config") else {}, model=model)
+        self._check_model_inputs(model)
+        task, runtime = self._task, self._runtime
+        collate = PadCollator(self._pad_token_id or 0, causal_labels=task.labels_from_inputs)
+        out: dict[str, Predictions] = {}
+        with runtime.evaluating(model):
+            for name in self._datasets:
+                loader = runtime.loader(
+                    name, self._examples[name], batch_size=self.batch_size, collate_fn=collate
+                )
+                collector = task.collector(runtime.gather, keep_raw=self.compute_metrics is not None)
+                out[name] = runtime.run(
+                    model, loader, collector, desc=f"Evaluating on {name}", progress=self.progress
+                )
+        return out
+
+    def score(self, predictions: Mapping[str, Predictions]) -> dict[str, dict[str, float]]:
+        """Metrics of gathered predictions, per eval set."""
+        scores = {name: self._scorer.score(self._task, outputs) for name, outputs in predictions.items()}
+        if not self._scorer.key_checked:
+            self._scorer.adopt_keys(list(scores[self.select_on]))
+        return scores
+
+    def evaluate(self, model: Any) -> dict[str, dict[str, float]]:
+        """Score `model` on every eval set.
+
+        Args:
+            model (`PreTrainedModel`): the model to score (moved to the evaluation device; left in eval mode
+                only if it was).
+
+        Returns:
+            `dict[str, dict[str, float]]`: per eval set, every metric (plus `loss`, and `perplexity` for language
+            models). Identical on every process of a distributed run.
+
+        Example:
+
+        ```python
+        >>> scores = evaluator.evaluate(model)  # doctest: +SKIP
+        >>> scores["validation"]["accuracy"], evaluator.primary(scores)  # doctest: +SKIP
+        ```
+        """
+        return self.evaluate_with_predictions(model)[0]
+
+    def evaluate_with_predictions(
+        self, model: Any
+    ) -> tuple[dict[str, dict[str, float]], dict[str, Predictions]]:
+        """Like [`evaluate`], also returning the gathered predictions (for logit ensembles)."""
+        start = time.perf_counter()
+        predictions = self.predict(model)
+        scores = self.score(predictions)
+        self.timings.append(time.perf_counter() - start)
+        logger.debug("Evaluated %s: %s", type(model).__name__, scores)
+        return scores, predictions
+
+    # -------------------------------------------------------------------------------- ensembles and soups
+
+    def supports_ensemble(self) -> bool:
+        """Whether logit ensembles can be scored (classification and token classification)."""
+        return self.task in TASK_CLASSES and TASK_CLASSES[self.task].supports_ensemble
+
+    add_predictions = staticmethod(add_predictions)
+
+    def score_ensemble(self, total: dict[str, Predictions], n_models: int) -> dict[str, dict[str, float]]:
+        """Scores of the mean logits of `n_models` models summed with [`add_predictions`]."""
+        return self.score(mean_predictions(total, n_models))
+
+    def score_soup(self, soup: Soup, model: Any) -> None:
+        """Evaluate the finished soup's model and record `score`, `scores`, `metric_name` and `select_on`."""
+        self.annotate(soup, self.evaluate(model))
+
+    def annotate(self, soup: Soup, scores: Mapping[str, Mapping[str, float]]) -> None:
+        """Record these scores as the soup's own."""
+        annotate(soup, scores, self._selector)
+
+
+__all__ = ["Evaluator"]

@@ -1,0 +1,213 @@
+"""Where models run: the `accelerate` set-up, dataloaders split across processes, padding, gathering.
+
+One [`Runtime`] per evaluator owns an `Accelerator` (so `torchrun` or `accelerate launch` split the batches, and
+`gather_for_metrics` drops the padded duplicates of the last batch), the device, and one prepared dataloader per
+eval set. Process questions (`is_main_process`, `num_processes`) are the accelerator's, i.e. `PartialState`'s.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from .tasks import Collector, Predictions
+
+
+class PadCollator:
+    """Pads a list of examples into tensors without needing a tokenizer.
+
+    `input_ids` are padded with the model's pad token id, `attention_mask` / `token_type_ids` / other sequence
+    inputs with 0 and token-level `labels` with -100 (ignored by the loss and the metrics), on the right. An
+    attention mask is created when padding was needed and the set had none. For causal language models
+    without labels, the labels are the input ids with padding masked out (what
+    `DataCollatorForLanguageModeling(mlm=False)` does).
+    """
+
+    def __init__(self, pad_token_id: int, causal_labels: bool = False):
+        self.pad_token_id = int(pad_token_id)
+        self.causal_labels = causal_labels
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        import torch
+
+        batch: dict[str, torch.Tensor] = {}
+        lengths = None
+        for key in list(examples[0]):
+            values = [ex[key] for ex in examples]
+            first = values[0]
+            if key == "labels" and not isinstance(first, (list, tuple)) and not hasattr(first, "shape"):
+                dtype = torch.float32 if any(isinstance(v, float) for v in values) else torch.long
+                batch[key] = torch.tensor(values, dtype=dtype)
+                continue
+            tensors = [torch.as_tensor(v) for v in values]
+            if tensors[0].dim() == 0 or all(t.shape == tensors[0].shape for t in tensors):
+                batch[key] = torch.stack(tensors)
+                if key == "labels" and batch[key].dtype == torch.float64:
+                    batch[key] = batch[key].float()
+                if key == "input_ids":
+                    lengths = torch.tensor([t.shape[0] for t in tensors])
+                continue
+            pad = {"input_ids": self.pad_token_id, "labels": -100}.get(key, 0)
+            width = max(t.shape[0] for t in tensors)
+            out = torch.full((len(tensors), width, *tensors[0].shape[1:]), pad, dtype=tensors[0].dtype)
+            for i, t in enumerate(tensors):
+                out[i, : t.shape[0]] = t
+            batch[key] = out
+            if key == "input_ids":
+                lengths = torch.tensor([t.shape[0] for t in tensors])
+        if "input_ids" in batch and "attention_mask" not in batch and lengths is not None:
+            width = batch["input_ids"].shape[1]
+            if bool((lengths < width).any()):
+                batch["attention_mask"] = (torch.arange(width)[None, :] < lengths[:, None]).long()
+        if self.causal_labels and "labels" not in batch and "input_ids" in batch:
+            labels = batch["input_ids"].clone()
+            if "attention_mask" in batch:
+                labels[batch["attention_mask"] == 0] = -100
+            batch["labels"] = labels
+        return batch
+
+
+def forward_arguments(model: Any) -> set[str] | None:
+    """The keyword arguments `model.forward` takes (`None`: it takes anything, pass every column)."""
+    forward = getattr(model, "forward", None)
+    try:
+        params = inspect.signature(forward).parameters
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params.values()) and "input_ids" not in params:
+        return None
+    return set(params)
+
+
+class Runtime:
+    """The accelerate side of an evaluator: device, processes, dataloaders and gathering.
+
+    Args:
+        device (`str`, *optional*): `"cpu"`, `"cuda"`, `"cuda:1"` ...; default: the accelerate device (CUDA when
+            available, else CPU; mps/xpu only when asked for).
+    """
+
+    def __init__(self, device: str | None = None):
+        self.device_request = device
+        self._accelerator = None
+        self._device = None
+        self._loaders: dict[str, Any] = {}
+
+    @property
+    def accelerator(self):
+        """The `accelerate.Accelerator` (created on first use)."""
+        if self._accelerator is None:
+            import torch
+            from accelerate import Accelerator
+
+            want_cpu = self.device_request is not None and str(self.device_request).startswith("cpu")
+            try:
+                acc = Accelerator(cpu=want_cpu)
+            except ValueError:  # the accelerate state already lives on a GPU: place tensors ourselves
+                acc = Accelerator()
+            if self.device_request is not None and acc.num_processes == 1:
+                self._device = torch.device(self.device_request)
+            elif (
+                self.device_request is None
+                and acc.num_processes == 1
+                and acc.device.type not in ("cuda", "cpu")
+            ):
+                self._device = torch.device("cpu")  # mps/xpu only when asked for
+            else:
+                self._device = acc.device
+            self._accelerator = acc
+        return self._accelerator
+
+    @property
+    def device(self) -> torch.device:
+        """The torch device models are evaluated on."""
+        self.accelerator  # noqa: B018 (sets the device)
+        return self._device
+
+    @property
+    def num_processes(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def is_main_process(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def forget_loaders(self) -> None:
+        """Drop the prepared dataloaders (the examples changed)."""
+        self._loaders = {}
+
+    def loader(self, name: str, examples: list[dict[str, Any]], *, batch_size: int, collate_fn: PadCollator):
+        """The dataloader of eval set `name`, prepared by the accelerator (batches split across processes)."""
+        if name not in self._loaders:
+            from torch.utils.data import DataLoader
+
+            loader = DataLoader(examples, batch_size=batch_size, shuffle=False, collate_fn=collate_fn)
+            self._loaders[name] = self.accelerator.prepare(loader, device_placement=[False])
+        return self._loaders[name]
+
+    def gather(self, tensors: tuple, pad_dims: tuple, pad_values: tuple | None = None) -> tuple:
+        """Pad (along `pad_dims`) across processes, then `gather_for_metrics`; one process: returned as is."""
+        acc = self.accelerator
+        if acc.num_processes == 1:
+            return tensors
+        pad_values = pad_values or (0,) * len(tensors)
+        prepared = []
+        for t, dim, value in zip(tensors, pad_dims, pad_values):
+            if t is None:
+                prepared.append(None)
+                continue
+            t = t.to(acc.device)
+            if dim is not None:
+                t = acc.pad_across_processes(t.contiguous(), dim=dim, pad_index=value)
+            prepared.append(t)
+        present = [t for t in prepared if t is not None]
+        gathered = iter(acc.gather_for_metrics(tuple(present)))
+        return tuple(next(gathered) if t is not None else None for t in prepared)
+
+    @contextlib.contextmanager
+    def evaluating(self, model: Any) -> Iterator[None]:
+        """`model` on the device, in eval mode and under `torch.inference_mode()`; training mode restored after."""
+        import torch
+
+        device = self.device
+        first = next(iter(model.parameters()), None)
+        if (first.device if first is not None else device) != device:
+            model.to(device)
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.inference_mode():
+                yield
+        finally:
+            if was_training:
+                model.train()
+
+    def run(self, model: Any, loader: Any, collector: Collector, *, desc: str, progress: bool) -> Predictions:
+        """Feed every batch of `loader` to `model` (inside [`evaluating`]) and collect its logits."""
+        from huggingface_hub.utils import tqdm
+
+        device = self.device
+        accepted = forward_arguments(model)
+        batches = tqdm(
+            loader,
+            desc=desc,
+            unit="batch",
+            leave=False,
+            disable=not progress or not self.is_main_process,
+            name="hf_soups",
+        )
+        for batch in batches:
+            labels = batch.pop("labels", None)
+            inputs = {k: v.to(device) for k, v in batch.items() if accepted is None or k in accepted}
+            output = model(**inputs)
+            logits = output.logits if hasattr(output, "logits") else output[0]
+            collector.add(logits.float(), labels.to(device) if labels is not None else None)
+        return collector.finish()
+
+
+__all__ = ["PadCollator", "Runtime", "forward_arguments"]

@@ -1,0 +1,176 @@
+"""What a task is to the evaluator: how its sets are tokenized and checked, its outputs gathered, and scored.
+
+A [`Task`] subclass answers every question the evaluator used to answer by branching on the task name; a
+[`Collector`] turns one eval set's batches (gathered from every process) into [`Predictions`].
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from ..checks import labels_of
+from ..data import tokenize_text
+
+if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
+    import torch
+
+    from ..data import TokenizerSource
+
+#: `gather(tensors, pad_dims, pad_values)`: pad across processes along `pad_dims`, then `gather_for_metrics`
+Gather = Callable[..., tuple[Any, ...]]
+#: `metric(predictions, references) -> {name: float}`
+MetricFn = Callable[["np.ndarray", "np.ndarray"], dict[str, float]]
+
+
+@dataclass
+class Predictions:
+    """What one model produced on one eval set, gathered from every process (CPU numpy)."""
+
+    logits: np.ndarray | None = None  # classification [n, C]; token classification [T valid tokens, C]
+    labels: np.ndarray | None = None  # [n], [n, C] or [T]
+    loss_sum: float = 0.0  # language modelling: summed token loss
+    loss_count: float = 0.0  # language modelling: number of scored tokens
+    preds: np.ndarray | None = None  # language modelling: argmax predictions of the scored tokens [T]
+    raw_logits: list[np.ndarray] = field(default_factory=list)  # compute_metrics: per batch, unreduced
+    raw_labels: list[np.ndarray] = field(default_factory=list)
+
+
+def _np(t: torch.Tensor | None) -> np.ndarray | None:
+    return t.cpu().numpy() if t is not None else None
+
+
+class Collector:
+    """Collects one eval set's batch outputs into [`Predictions`]; subclasses say how a batch is gathered.
+
+    Args:
+        gather (`Gather`): pads and gathers tensors from every process (returns them as is on one process).
+        keep_raw (`bool`): also keep the unreduced per-batch logits and labels (for `compute_metrics`).
+    """
+
+    def __init__(self, gather: Gather, keep_raw: bool):
+        self.gather = gather
+        self.keep_raw = keep_raw
+        self.out = Predictions()
+        self.logits_parts: list[np.ndarray] = []
+        self.label_parts: list[np.ndarray] = []
+
+    def add(self, logits: torch.Tensor, labels: torch.Tensor | None) -> None:
+        raise NotImplementedError
+
+    def finish(self) -> Predictions:
+        import numpy as np
+
+        self.out.logits = np.concatenate(self.logits_parts) if self.logits_parts else None
+        self.out.labels = np.concatenate(self.label_parts) if self.label_parts else None
+        return self.out
+
+    def add_per_example(self, logits: torch.Tensor, labels: torch.Tensor | None) -> None:
+        """One output row per example (sequence classification)."""
+        g_logits, g_labels = self.gather((logits, labels), pad_dims=(None, None))
+        if self.keep_raw:
+            self.out.raw_logits.append(_np(g_logits))
+            self.out.raw_labels.append(_np(g_labels))
+        self.logits_parts.append(_np(g_logits))
+        if g_labels is not None:
+            self.label_parts.append(_np(g_labels))
+
+    def add_per_token(self, logits: torch.Tensor, labels: torch.Tensor, keep_scored: bool = True) -> None:
+        """One output row per token; `keep_scored`: keep the rows whose label is not -100."""
+        g_logits, g_labels = self.gather((logits, labels), pad_dims=(1, 1), pad_values=(-100, -100))
+        if self.keep_raw:
+            self.out.raw_logits.append(_np(g_logits))
+            self.out.raw_labels.append(_np(g_labels))
+        if keep_scored:
+            mask = g_labels != -100
+            self.logits_parts.append(_np(g_logits[mask]))
+            self.label_parts.append(_np(g_labels[mask]))
+
+
+class Task:
+    """One kind of model output, and everything the evaluator does differently for it.
+
+    Args:
+        num_labels (`int`, *optional*): the model's number of labels (`id2label`, else `num_labels`).
+        problem_type (`str`, *optional*): classification only (see [`Classification`]).
+        label2id (`dict[str, int]`, *optional*): maps string labels of an eval set to class ids.
+        vocab_size (`int`, *optional*): the config's vocabulary size (language-model targets are checked against it).
+    """
+
+    #: the name users pass as `task=` and `infer_task` returns
+    name: ClassVar[str]
+    #: an eval set without a label column is refused
+    needs_labels: ClassVar[bool] = True
+    #: logits of several models can be averaged into an ensemble and scored
+    supports_ensemble: ClassVar[bool] = False
+    #: the collator builds labels from the input ids (causal language models)
+    labels_from_inputs: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        *,
+        num_labels: int | None = None,
+        problem_type: str | None = None,
+        label2id: Mapping[str, int] | None = None,
+        vocab_size: int | None = None,
+    ):
+        self.num_labels = num_labels
+        self.problem_type: str | None = None
+        self.label2id = dict(label2id) if label2id else None
+        self.vocab_size = vocab_size
+
+    @property
+    def n_classes(self) -> int | None:
+        """Number of classes the metric sees (`None` when it is not a fixed label set)."""
+        return int(self.num_labels) if self.num_labels else None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(num_labels={self.num_labels}, problem_type={self.problem_type!r})"
+
+    # -------------------------------------------------------------------------------- data
+
+    def tokenize(
+        self, tok: Any, columns: list[list[Any]], labels: list[Any] | None, max_length: int
+    ) -> list[dict]:
+        """Examples from raw text columns (one column, or a sentence pair)."""
+        return tokenize_text(tok, columns, labels, max_length)
+
+    def complete_unlabelled(self, examples: list[dict], tokenizers: TokenizerSource) -> list[dict]:
+        """Make targets for a set without a label column (tasks whose inputs are their targets)."""
+        return examples
+
+    def check_labels(self, name: str, examples: list[dict]) -> None:
+        """Normalise and check labels as the set is prepared (before the id checks)."""
+
+    def learn_from(self, examples: list[dict]) -> None:
+        """Settle what the config left open, from the prepared selection set."""
+
+    def check_label_ranges(self, name: str, examples: list[dict]) -> None:
+        """Refuse labels the loss would crash on (or silently misread)."""
+        labels_of(name, examples)
+
+    # -------------------------------------------------------------------------------- outputs and scores
+
+    def collector(self, gather: Gather, keep_raw: bool) -> Collector:
+        """A fresh [`Collector`] for one eval set."""
+        raise NotImplementedError
+
+    def score(self, out: Predictions, metric: MetricFn | None) -> dict[str, float]:
+        """The task's own loss (and perplexity), plus `metric` of its predictions when there is one."""
+        raise NotImplementedError
+
+    def add_own_scores(self, result: dict[str, float], out: Predictions) -> None:
+        """Add the task's own loss (and perplexity) to what a `compute_metrics` returned, unless it has them."""
+
+    def dry_outputs(self) -> Predictions | None:
+        """Made-up predictions to check the metric (and its key) before any model runs; `None`: cannot."""
+        return None
+
+    def dry_eval_prediction(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """Made-up `(predictions, label_ids)` in a Trainer's shapes, for a `compute_metrics` dry run."""
+        return None
+
+
+__all__ = ["Collector", "Gather", "MetricFn", "Predictions", "Task"]
