@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from hf_soups import IngredientNotFoundError, InvalidArgumentError, SoupTrainerCallback, merge_models
-from hf_soups.callback import INGREDIENT_METADATA_NAME, MANIFEST_NAME, list_ingredients
+from hf_soups.callback import INGREDIENT_METADATA, INGREDIENTS_MANIFEST, list_ingredients
 from tests.tiny_models import make_tiny_bert
 
 NUM_LABELS = 3
@@ -74,12 +74,13 @@ def _args(output_dir: Path, **overrides):
     return TrainingArguments(**kwargs)
 
 
-def _trainer(args, train_ds, callback, eval_ds=None, model=None, **kwargs):
+def _trainer(args, train_ds, callback, eval_ds=None, model=None, attach=True, **kwargs):
+    """A Trainer with `callback` in its callbacks; `attach=True` also gives the callback its trainer."""
     from transformers import Trainer
 
     if model is None and "model_init" not in kwargs:
         model = make_tiny_bert(seed=0)
-    return Trainer(
+    trainer = Trainer(
         model=model,
         args=args,
         train_dataset=train_ds,
@@ -87,6 +88,9 @@ def _trainer(args, train_ds, callback, eval_ds=None, model=None, **kwargs):
         callbacks=[callback],
         **kwargs,
     )
+    if attach:
+        callback.attach(trainer)
+    return trainer
 
 
 def _weights(model) -> dict[str, torch.Tensor]:
@@ -119,7 +123,7 @@ def test_three_trainer_runs_share_one_callback(tmp_path, train_ds):
 
     ingredients = cb.ingredients
     assert len(ingredients) == 3
-    assert (tmp_path / "ingredients" / MANIFEST_NAME).is_file()
+    assert (tmp_path / "ingredients" / INGREDIENTS_MANIFEST).is_file()
     for ing, lr, seed in zip(ingredients, lrs, [10, 11, 12]):
         folder = Path(ing.reference)
         assert (folder / "model.safetensors").is_file()
@@ -403,7 +407,8 @@ def test_out_of_process_trials_collect_through_the_disk(tmp_path, train_ds):
 
     worker_cb = pickle.loads(pickle.dumps(cb))  # what a worker process receives
     assert worker_cb.trainer is None and worker_cb.ingredients_dir == cb.ingredients_dir
-    _trainer(_args(tmp_path / "run1", learning_rate=5e-3), train_ds, worker_cb).train()
+    # a worker's callback is not given the worker's trainer: it collects from what the hooks receive
+    _trainer(_args(tmp_path / "run1", learning_rate=5e-3), train_ds, worker_cb, attach=False).train()
 
     # a real second process writes a third ingredient with its own copy of the callback
     script = tmp_path / "worker.py"
@@ -412,7 +417,7 @@ def test_out_of_process_trials_collect_through_the_disk(tmp_path, train_ds):
         "sys.path.insert(0, sys.argv[3])\n"
         "from tests.test_callback import _args, _dataset, _trainer\n"
         "cb = pickle.loads(open(sys.argv[1], 'rb').read())\n"
-        "_trainer(_args(sys.argv[2], learning_rate=7e-3), _dataset(32, seed=0), cb).train()\n"
+        "_trainer(_args(sys.argv[2], learning_rate=7e-3), _dataset(32, seed=0), cb, attach=False).train()\n"
     )
     (tmp_path / "cb.pkl").write_bytes(pickle.dumps(cb))
     root = Path(__file__).resolve().parents[1]
@@ -447,7 +452,7 @@ def test_warns_when_ingredients_would_not_fit_on_disk(tmp_path, train_ds, monkey
     import hf_soups.callback as callback_module
 
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr(callback_module.shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 1000, 1000))
+    monkeypatch.setattr(callback_module.shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 999, 999))
     cb = SoupTrainerCallback(ingredients_dir=tmp_path / "ingredients", collect="checkpoints")
     trainer = _trainer(
         _args(tmp_path / "run", max_steps=4, save_strategy="steps", save_steps=2), train_ds, cb
@@ -455,7 +460,7 @@ def test_warns_when_ingredients_would_not_fit_on_disk(tmp_path, train_ds, monkey
     with caplog.at_level(logging.WARNING, logger="hf_soups.callback"):
         trainer.train()
     warnings = [r.getMessage() for r in caplog.records if r.name == "hf_soups.callback"]
-    assert any("2 ingredient(s)" in w and "only 1000 B are free" in w for w in warnings), warnings
+    assert any("2 ingredient(s)" in w and "only 999 B are free" in w for w in warnings), warnings
 
 
 # ----------------------------------------------------------------------------------------------------- options
@@ -469,7 +474,7 @@ def test_defaults_follow_the_trainer(tmp_path, train_ds, eval_ds):
         per_device_eval_batch_size=5,
     )
     trainer = _trainer(args, train_ds, cb, eval_ds=eval_ds, compute_metrics=compute_metrics)
-    assert cb.trainer is trainer  # bound when the trainer was built
+    assert cb.trainer is trainer  # given by cb.attach(trainer)
     assert SoupTrainerCallback(
         ingredients_dir="relative/dir"
     ).ingredients_dir.is_absolute()  # Ray changes cwd
@@ -509,7 +514,7 @@ def test_metadata_file_is_plain_json(tmp_path, train_ds):
     cb = SoupTrainerCallback(ingredients_dir=tmp_path / "ingredients")
     _trainer(_args(tmp_path / "run"), train_ds, cb).train()
     (ing,) = list_ingredients(tmp_path / "ingredients")
-    meta = json.loads((Path(ing.reference) / INGREDIENT_METADATA_NAME).read_text())
+    meta = json.loads((Path(ing.reference) / INGREDIENT_METADATA).read_text())
     assert meta["format"] == "hf_soups.ingredients" and meta["version"] == 1
     assert meta["hyperparameters"]["lr_scheduler_type"] == "linear"
     assert meta["model_class"] == "BertForSequenceClassification"
