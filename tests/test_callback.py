@@ -318,6 +318,84 @@ def test_checkpoints_need_a_save_strategy(tmp_path, train_ds):
         trainer.train()
 
 
+def _tiny_tokenizer(folder: Path):
+    from transformers import BertTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"tok{i}" for i in range(94)]
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    return BertTokenizer(vocab_file=str(folder / "vocab.txt"))
+
+
+def test_collects_without_the_trainer_from_what_the_hooks_receive(tmp_path, train_ds, caplog):
+    """Transformers does not pass the trainer to callbacks: collecting uses the hook's model and processing class."""
+    cb = SoupTrainerCallback(ingredients_dir=tmp_path / "ingredients")
+    tokenizer = _tiny_tokenizer(tmp_path / "tok")
+    finals = []
+    for i in range(2):
+        args = _args(tmp_path / f"run{i}", seed=i, learning_rate=3e-3 * (i + 1))
+        trainer = _trainer(args, train_ds, cb, processing_class=tokenizer, attach=False)
+        trainer.train()
+        finals.append(_weights(trainer.model))
+    assert cb.trainer is None  # nobody gave it, and the callback does not look for it
+    ingredients = cb.ingredients
+    assert len(ingredients) == 2
+    for ing, final in zip(ingredients, finals):
+        folder = Path(ing.reference)
+        _assert_close(load_file(folder / "model.safetensors"), final, atol=0)
+        assert (folder / "tokenizer_config.json").is_file() and (folder / "config.json").is_file()  # as save_model
+    with caplog.at_level(logging.WARNING, logger="hf_soups.callback"):
+        soup = cb.cook()
+    _assert_close(_weights(soup.model), _mean(finals), atol=1e-5)
+    assert any("cb.attach(trainer)" in r.getMessage() for r in caplog.records), caplog.records
+
+
+def test_replace_model_without_the_trainer_fails_before_training(tmp_path, train_ds):
+    cb = SoupTrainerCallback(ingredients_dir=tmp_path / "ingredients", replace_model=True)
+    trainer = _trainer(_args(tmp_path / "run"), train_ds, cb, attach=False)
+    with pytest.raises(InvalidArgumentError, match=r"cb\.attach\(trainer\)"):
+        trainer.train()
+    assert trainer.state.global_step == 0 and cb.ingredients == []
+
+
+def test_attach_adds_the_callback_once_and_binds_it(tmp_path, train_ds):
+    from transformers import Trainer
+
+    trainer = Trainer(model=make_tiny_bert(seed=0), args=_args(tmp_path / "run"), train_dataset=train_ds)
+    cb = SoupTrainerCallback(ingredients_dir=tmp_path / "ingredients")
+    assert cb.attach(trainer) is cb and cb.attach(trainer) is cb
+    assert [c for c in trainer.callback_handler.callbacks if c is cb] == [cb]
+    assert cb.trainer is trainer
+    trainer.train()
+    (ingredient,) = cb.ingredients
+    _assert_close(load_file(Path(ingredient.reference) / "model.safetensors"), _weights(trainer.model), atol=0)
+    # already in callbacks=[...]: attach only binds
+    cb2 = SoupTrainerCallback(ingredients_dir=tmp_path / "other")
+    trainer2 = _trainer(_args(tmp_path / "run2"), train_ds, cb2, attach=False)
+    cb2.attach(trainer2)
+    assert [c for c in trainer2.callback_handler.callbacks if c is cb2] == [cb2]
+
+
+def test_a_callback_attached_to_another_trainer_is_refused(tmp_path, train_ds):
+    """Saving through the wrong trainer would store the wrong model: a stale binding fails before training."""
+    cb = SoupTrainerCallback(ingredients_dir=tmp_path / "ingredients")
+    _trainer(_args(tmp_path / "run0"), train_ds, cb)  # attached to this one
+    other = _trainer(_args(tmp_path / "run1"), train_ds, cb, attach=False)
+    with pytest.raises(InvalidArgumentError, match="another Trainer"):
+        other.train()
+    assert cb.ingredients == []
+
+
+def test_sharded_training_without_the_trainer_is_refused(tmp_path, train_ds, monkeypatch):
+    """FSDP / DeepSpeed weights are gathered by trainer.save_model: without the trainer, refuse before training."""
+    cb = SoupTrainerCallback(ingredients_dir=tmp_path / "ingredients")
+    trainer = _trainer(_args(tmp_path / "run"), train_ds, cb, attach=False)
+    monkeypatch.setattr(trainer.args, "fsdp", True)  # what TrainingArguments(fsdp=...) leaves after validation
+    with pytest.raises(InvalidArgumentError, match="FSDP / DeepSpeed"):
+        trainer.train()
+    assert cb.ingredients == []
+
+
 # ----------------------------------------------------------------------------------------------------- cooking
 
 
