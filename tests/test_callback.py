@@ -343,7 +343,9 @@ def test_collects_without_the_trainer_from_what_the_hooks_receive(tmp_path, trai
     for ing, final in zip(ingredients, finals):
         folder = Path(ing.reference)
         _assert_close(load_file(folder / "model.safetensors"), final, atol=0)
-        assert (folder / "tokenizer_config.json").is_file() and (folder / "config.json").is_file()  # as save_model
+        assert (folder / "tokenizer_config.json").is_file() and (
+            folder / "config.json"
+        ).is_file()  # as save_model
     with caplog.at_level(logging.WARNING, logger="hf_soups.callback"):
         soup = cb.cook()
     _assert_close(_weights(soup.model), _mean(finals), atol=1e-5)
@@ -368,7 +370,9 @@ def test_attach_adds_the_callback_once_and_binds_it(tmp_path, train_ds):
     assert cb.trainer is trainer
     trainer.train()
     (ingredient,) = cb.ingredients
-    _assert_close(load_file(Path(ingredient.reference) / "model.safetensors"), _weights(trainer.model), atol=0)
+    _assert_close(
+        load_file(Path(ingredient.reference) / "model.safetensors"), _weights(trainer.model), atol=0
+    )
     # already in callbacks=[...]: attach only binds
     cb2 = SoupTrainerCallback(ingredients_dir=tmp_path / "other")
     trainer2 = _trainer(_args(tmp_path / "run2"), train_ds, cb2, attach=False)
@@ -390,7 +394,9 @@ def test_sharded_training_without_the_trainer_is_refused(tmp_path, train_ds, mon
     """FSDP / DeepSpeed weights are gathered by trainer.save_model: without the trainer, refuse before training."""
     cb = SoupTrainerCallback(ingredients_dir=tmp_path / "ingredients")
     trainer = _trainer(_args(tmp_path / "run"), train_ds, cb, attach=False)
-    monkeypatch.setattr(trainer.args, "fsdp", True)  # what TrainingArguments(fsdp=...) leaves after validation
+    monkeypatch.setattr(
+        trainer.args, "fsdp", True
+    )  # what TrainingArguments(fsdp=...) leaves after validation
     with pytest.raises(InvalidArgumentError, match="FSDP / DeepSpeed"):
         trainer.train()
     assert cb.ingredients == []

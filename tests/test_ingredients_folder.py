@@ -58,7 +58,10 @@ def test_a_staged_write_is_invisible_and_a_leftover_is_replaced(tmp_path):
     assert list(staged.iterdir()) == []
     (staged / "config.json").write_text("{}")
     target = folder.commit("run-1", {"run": "run-1"})
-    assert not staged.exists() and sorted(p.name for p in target.iterdir()) == ["config.json", INGREDIENT_METADATA]
+    assert not staged.exists() and sorted(p.name for p in target.iterdir()) == [
+        "config.json",
+        INGREDIENT_METADATA,
+    ]
 
 
 def test_commit_replaces_an_ingredient_of_the_same_name(tmp_path):
