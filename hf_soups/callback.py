@@ -450,6 +450,8 @@ class _SoupCooking:
 # --------------------------------------------------------------------------------------------------------------
 
 
+# About 320 lines, 80 of them the public docstring of every option: what is left is __init__'s checks, attach and
+# the hooks. Cooking is _SoupCooking; writing is _write_ingredient and IngredientsFolder (ingredients_folder.py).
 class SoupTrainerCallback(_SoupCooking, TrainerCallback):
     """A [`~transformers.TrainerCallback`] that turns `Trainer` runs into model-soup ingredients and cooks the soup.
 
