@@ -136,8 +136,8 @@ def main(argv: list[str] | None = None) -> dict:
         eval_dataset=validation,
         processing_class=tokenizer,
         compute_metrics=accuracy,
-        callbacks=[soup_callback],
     )
+    soup_callback.attach(trainer)  # adds the callback and gives it the trainer (hooks do not receive it)
 
     # ---- the sweep: a full learning-rate x seed grid
     grid = {"learning_rate": args.learning_rates, "seed": args.seeds}

@@ -17,6 +17,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Union
 
 from .errors import IngredientNotFoundError, InvalidArgumentError
+from .ingredients_folder import INGREDIENT_METADATA as INGREDIENT_METADATA  # re-exported for recipe_file
+from .ingredients_folder import INGREDIENTS_MANIFEST as INGREDIENTS_MANIFEST  # re-exported for recipe_file
+from .ingredients_folder import is_ingredients_dir, read_ingredients_dir
 from .tensors import (
     SAFE_WEIGHTS_INDEX_NAME,
     SAFE_WEIGHTS_NAME,
@@ -217,49 +220,51 @@ def as_ingredients(models: Any) -> list[Ingredient]:
     return out
 
 
-# Written by `SoupTrainerCallback` (hf_soups/callback.py): a manifest marks the folder, and every ingredient
-# folder carries its own metadata file. The folder listing is the truth (trials in other processes add folders).
-INGREDIENTS_MANIFEST = "soup_ingredients.json"
-INGREDIENT_METADATA = "soup_ingredient.json"
+def list_ingredients(
+    ingredients_dir: str | os.PathLike,
+    *,
+    run: str | None = None,
+    kind: Literal["final", "checkpoint"] | None = None,
+) -> list[Ingredient]:
+    """The ingredients stored in an ingredients folder written by [`SoupTrainerCallback`], oldest first.
 
+    Every ingredient folder (one with a `soup_ingredient.json`) becomes an [`Ingredient`] whose `reference` is
+    the folder, `name` the folder name and `metadata` the recorded run information (`trial_params`, `seed`,
+    `hyperparameters`, `metrics`, ...). Held-out metrics recorded during training stay in `metadata["metrics"]`
+    (never `score`): a greedy soup re-scores every ingredient on its own evaluation set, so that all ingredients
+    are compared on the same data with the same metric. The format itself is [`hf_soups.ingredients_folder`].
 
-def read_ingredients_dir(path: Path, *, run: str | None = None, kind: str | None = None) -> list[Ingredient]:
-    """The ingredients of a `SoupTrainerCallback` folder, oldest first (optionally one run / one kind only).
+    Args:
+        ingredients_dir (`str` or `os.PathLike`):
+            The folder written by [`SoupTrainerCallback`].
+        run (`str`, *optional*):
+            Keep only the ingredients of this run (a run id as recorded in `metadata["run"]`).
+        kind (`str`, *optional*):
+            Keep only `"final"` models or only `"checkpoint"`s.
 
-    Folders whose name starts with `.` are writes in progress and are skipped. Recorded training metrics stay in
-    `metadata["metrics"]` (never `score`): a greedy soup scores every ingredient on its own eval set.
+    Returns:
+        `list[Ingredient]`: the ingredients, sorted by creation time.
+
+    Raises:
+        [`IngredientNotFoundError`]: `ingredients_dir` is not an ingredients folder.
+
+    Example:
+
+    ```python
+    >>> from hf_soups.callback import list_ingredients
+    >>> for ing in list_ingredients("soup-ingredients"):  # doctest: +SKIP
+    ...     print(ing.name, ing.metadata["trial_params"], ing.metadata["metrics"].get("eval_accuracy"))
+    ```
     """
-    manifest = path / INGREDIENTS_MANIFEST
-    if not manifest.is_file():
-        raise IngredientNotFoundError(
-            f"{path} is not an ingredients directory (no {INGREDIENTS_MANIFEST}). Pass the `ingredients_dir` "
-            "of a SoupTrainerCallback, or a list of model folders / Hub ids.",
-            ingredient=str(path),
-        )
-    found = []
-    for child in path.iterdir():
-        meta_file = child / INGREDIENT_METADATA
-        if child.name.startswith(".") or not meta_file.is_file():
-            continue
-        try:
-            meta = json.loads(meta_file.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise InvalidArgumentError(
-                f"{meta_file} is not valid JSON ({e}); fix it or delete the folder {child}.",
-                ingredient=child.name,
-            ) from None
-        if (run is not None and meta.get("run") != run) or (kind is not None and meta.get("kind") != kind):
-            continue
-        found.append((float(meta.get("created") or 0.0), child.name, child, meta))
-    found.sort(key=lambda item: (item[0], item[1]))
-    return [Ingredient(str(folder), name=name, metadata=meta) for _, name, folder, meta in found]
+    stored = read_ingredients_dir(Path(ingredients_dir).expanduser(), run=run, kind=kind)
+    return [Ingredient(str(s.path), name=s.name, metadata=s.metadata) for s in stored]
 
 
 def expand_ingredients_dir(path: Path) -> list[Ingredient] | None:
     """Expand a folder of ingredients collected by `SoupTrainerCallback` (None if `path` is not one)."""
-    if not (path / INGREDIENTS_MANIFEST).is_file():
+    if not is_ingredients_dir(path):
         return None
-    out = read_ingredients_dir(path)
+    out = list_ingredients(path)
     if not out:
         raise IngredientNotFoundError(
             f"{path} holds no ingredient yet: train with SoupTrainerCallback(ingredients_dir={str(path)!r}) first.",

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from hf_soups import IngredientNotFoundError, InvalidArgumentError, SoupTrainerCallback, merge_models
-from hf_soups.callback import INGREDIENT_METADATA_NAME, MANIFEST_NAME, list_ingredients
+from hf_soups.callback import INGREDIENT_METADATA, INGREDIENTS_MANIFEST, list_ingredients
 from tests.tiny_models import make_tiny_bert
 
 NUM_LABELS = 3
@@ -74,12 +74,13 @@ def _args(output_dir: Path, **overrides):
     return TrainingArguments(**kwargs)
 
 
-def _trainer(args, train_ds, callback, eval_ds=None, model=None, **kwargs):
+def _trainer(args, train_ds, callback, eval_ds=None, model=None, attach=True, **kwargs):
+    """A Trainer with `callback` in its callbacks; `attach=True` also gives the callback its trainer."""
     from transformers import Trainer
 
     if model is None and "model_init" not in kwargs:
         model = make_tiny_bert(seed=0)
-    return Trainer(
+    trainer = Trainer(
         model=model,
         args=args,
         train_dataset=train_ds,
@@ -87,6 +88,9 @@ def _trainer(args, train_ds, callback, eval_ds=None, model=None, **kwargs):
         callbacks=[callback],
         **kwargs,
     )
+    if attach:
+        callback.attach(trainer)
+    return trainer
 
 
 def _weights(model) -> dict[str, torch.Tensor]:
@@ -119,7 +123,7 @@ def test_three_trainer_runs_share_one_callback(tmp_path, train_ds):
 
     ingredients = cb.ingredients
     assert len(ingredients) == 3
-    assert (tmp_path / "ingredients" / MANIFEST_NAME).is_file()
+    assert (tmp_path / "ingredients" / INGREDIENTS_MANIFEST).is_file()
     for ing, lr, seed in zip(ingredients, lrs, [10, 11, 12]):
         folder = Path(ing.reference)
         assert (folder / "model.safetensors").is_file()
@@ -314,6 +318,89 @@ def test_checkpoints_need_a_save_strategy(tmp_path, train_ds):
         trainer.train()
 
 
+def _tiny_tokenizer(folder: Path):
+    from transformers import BertTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"tok{i}" for i in range(94)]
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    return BertTokenizer(vocab_file=str(folder / "vocab.txt"))
+
+
+def test_collects_without_the_trainer_from_what_the_hooks_receive(tmp_path, train_ds, caplog):
+    """Transformers does not pass the trainer to callbacks: collecting uses the hook's model and processing class."""
+    cb = SoupTrainerCallback(ingredients_dir=tmp_path / "ingredients")
+    tokenizer = _tiny_tokenizer(tmp_path / "tok")
+    finals = []
+    for i in range(2):
+        args = _args(tmp_path / f"run{i}", seed=i, learning_rate=3e-3 * (i + 1))
+        trainer = _trainer(args, train_ds, cb, processing_class=tokenizer, attach=False)
+        trainer.train()
+        finals.append(_weights(trainer.model))
+    assert cb.trainer is None  # nobody gave it, and the callback does not look for it
+    ingredients = cb.ingredients
+    assert len(ingredients) == 2
+    for ing, final in zip(ingredients, finals):
+        folder = Path(ing.reference)
+        _assert_close(load_file(folder / "model.safetensors"), final, atol=0)
+        # the processing class is saved beside the model, as Trainer.save_model does
+        assert (folder / "tokenizer_config.json").is_file() and (folder / "config.json").is_file()
+    with caplog.at_level(logging.WARNING, logger="hf_soups.callback"):
+        soup = cb.cook()
+    _assert_close(_weights(soup.model), _mean(finals), atol=1e-5)
+    assert any("cb.attach(trainer)" in r.getMessage() for r in caplog.records), caplog.records
+
+
+def test_replace_model_without_the_trainer_fails_before_training(tmp_path, train_ds):
+    cb = SoupTrainerCallback(ingredients_dir=tmp_path / "ingredients", replace_model=True)
+    trainer = _trainer(_args(tmp_path / "run"), train_ds, cb, attach=False)
+    with pytest.raises(InvalidArgumentError, match=r"cb\.attach\(trainer\)"):
+        trainer.train()
+    assert trainer.state.global_step == 0 and cb.ingredients == []
+
+
+def test_attach_adds_the_callback_once_and_binds_it(tmp_path, train_ds):
+    from transformers import Trainer
+
+    trainer = Trainer(model=make_tiny_bert(seed=0), args=_args(tmp_path / "run"), train_dataset=train_ds)
+    cb = SoupTrainerCallback(ingredients_dir=tmp_path / "ingredients")
+    assert cb.attach(trainer) is cb and cb.attach(trainer) is cb
+    assert [c for c in trainer.callback_handler.callbacks if c is cb] == [cb]
+    assert cb.trainer is trainer
+    trainer.train()
+    (ingredient,) = cb.ingredients
+    _assert_close(
+        load_file(Path(ingredient.reference) / "model.safetensors"), _weights(trainer.model), atol=0
+    )
+    # already in callbacks=[...]: attach only binds
+    cb2 = SoupTrainerCallback(ingredients_dir=tmp_path / "other")
+    trainer2 = _trainer(_args(tmp_path / "run2"), train_ds, cb2, attach=False)
+    cb2.attach(trainer2)
+    assert [c for c in trainer2.callback_handler.callbacks if c is cb2] == [cb2]
+
+
+def test_a_callback_attached_to_another_trainer_is_refused(tmp_path, train_ds):
+    """Saving through the wrong trainer would store the wrong model: a stale binding fails before training."""
+    cb = SoupTrainerCallback(ingredients_dir=tmp_path / "ingredients")
+    _trainer(_args(tmp_path / "run0"), train_ds, cb)  # attached to this one
+    other = _trainer(_args(tmp_path / "run1"), train_ds, cb, attach=False)
+    with pytest.raises(InvalidArgumentError, match="another Trainer"):
+        other.train()
+    assert cb.ingredients == []
+
+
+def test_sharded_training_without_the_trainer_is_refused(tmp_path, train_ds, monkeypatch):
+    """FSDP / DeepSpeed weights are gathered by trainer.save_model: without the trainer, refuse before training."""
+    cb = SoupTrainerCallback(ingredients_dir=tmp_path / "ingredients")
+    trainer = _trainer(_args(tmp_path / "run"), train_ds, cb, attach=False)
+    monkeypatch.setattr(
+        trainer.args, "fsdp", True
+    )  # what TrainingArguments(fsdp=...) leaves after validation
+    with pytest.raises(InvalidArgumentError, match="FSDP / DeepSpeed"):
+        trainer.train()
+    assert cb.ingredients == []
+
+
 # ----------------------------------------------------------------------------------------------------- cooking
 
 
@@ -403,7 +490,8 @@ def test_out_of_process_trials_collect_through_the_disk(tmp_path, train_ds):
 
     worker_cb = pickle.loads(pickle.dumps(cb))  # what a worker process receives
     assert worker_cb.trainer is None and worker_cb.ingredients_dir == cb.ingredients_dir
-    _trainer(_args(tmp_path / "run1", learning_rate=5e-3), train_ds, worker_cb).train()
+    # a worker's callback is not given the worker's trainer: it collects from what the hooks receive
+    _trainer(_args(tmp_path / "run1", learning_rate=5e-3), train_ds, worker_cb, attach=False).train()
 
     # a real second process writes a third ingredient with its own copy of the callback
     script = tmp_path / "worker.py"
@@ -412,7 +500,7 @@ def test_out_of_process_trials_collect_through_the_disk(tmp_path, train_ds):
         "sys.path.insert(0, sys.argv[3])\n"
         "from tests.test_callback import _args, _dataset, _trainer\n"
         "cb = pickle.loads(open(sys.argv[1], 'rb').read())\n"
-        "_trainer(_args(sys.argv[2], learning_rate=7e-3), _dataset(32, seed=0), cb).train()\n"
+        "_trainer(_args(sys.argv[2], learning_rate=7e-3), _dataset(32, seed=0), cb, attach=False).train()\n"
     )
     (tmp_path / "cb.pkl").write_bytes(pickle.dumps(cb))
     root = Path(__file__).resolve().parents[1]
@@ -447,7 +535,7 @@ def test_warns_when_ingredients_would_not_fit_on_disk(tmp_path, train_ds, monkey
     import hf_soups.callback as callback_module
 
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr(callback_module.shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 1000, 1000))
+    monkeypatch.setattr(callback_module.shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 999, 999))
     cb = SoupTrainerCallback(ingredients_dir=tmp_path / "ingredients", collect="checkpoints")
     trainer = _trainer(
         _args(tmp_path / "run", max_steps=4, save_strategy="steps", save_steps=2), train_ds, cb
@@ -455,7 +543,7 @@ def test_warns_when_ingredients_would_not_fit_on_disk(tmp_path, train_ds, monkey
     with caplog.at_level(logging.WARNING, logger="hf_soups.callback"):
         trainer.train()
     warnings = [r.getMessage() for r in caplog.records if r.name == "hf_soups.callback"]
-    assert any("2 ingredient(s)" in w and "only 1000 B are free" in w for w in warnings), warnings
+    assert any("2 ingredient(s)" in w and "only 999 B are free" in w for w in warnings), warnings
 
 
 # ----------------------------------------------------------------------------------------------------- options
@@ -469,7 +557,7 @@ def test_defaults_follow_the_trainer(tmp_path, train_ds, eval_ds):
         per_device_eval_batch_size=5,
     )
     trainer = _trainer(args, train_ds, cb, eval_ds=eval_ds, compute_metrics=compute_metrics)
-    assert cb.trainer is trainer  # bound when the trainer was built
+    assert cb.trainer is trainer  # given by cb.attach(trainer)
     assert SoupTrainerCallback(
         ingredients_dir="relative/dir"
     ).ingredients_dir.is_absolute()  # Ray changes cwd
@@ -509,7 +597,7 @@ def test_metadata_file_is_plain_json(tmp_path, train_ds):
     cb = SoupTrainerCallback(ingredients_dir=tmp_path / "ingredients")
     _trainer(_args(tmp_path / "run"), train_ds, cb).train()
     (ing,) = list_ingredients(tmp_path / "ingredients")
-    meta = json.loads((Path(ing.reference) / INGREDIENT_METADATA_NAME).read_text())
+    meta = json.loads((Path(ing.reference) / INGREDIENT_METADATA).read_text())
     assert meta["format"] == "hf_soups.ingredients" and meta["version"] == 1
     assert meta["hyperparameters"]["lr_scheduler_type"] == "linear"
     assert meta["model_class"] == "BertForSequenceClassification"
