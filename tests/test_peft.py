@@ -15,7 +15,6 @@ from hf_soups.adapters.lora import lora_scaling, pattern_value
 from hf_soups.errors import IncompatibleIngredientsError, UnsupportedAdapterError
 from tests.tiny_models import make_tiny_bert
 
-peft = pytest.importorskip("peft")
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 from transformers import BertForSequenceClassification  # noqa: E402
 
