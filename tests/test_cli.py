@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.test_recipe_file import assert_same_tensors, make_text_models, write_eval_csv
+from tests.testing_common import assert_same_tensors, make_text_models, write_eval_csv
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -175,7 +175,7 @@ def test_recipes_written_by_0_1_keep_cooking(tmp_path):
     from safetensors.torch import load_file
 
     from hf_soups.recipe_file import cook
-    from tests.test_recipe_file import save_tokenizer, write_eval_csv
+    from tests.testing_common import save_tokenizer, write_eval_csv
 
     fixtures = Path(__file__).parent / "fixtures" / "recipes_v0_1"
     old_root = "/tmp/hf_soups_v0_fixture_root"
