@@ -61,9 +61,10 @@ def test_round_robin_discards_warmup_and_takes_medians():
     )
     assert calls == ["a", "b"] * 4
     assert len(results["a"].runs) == 3 and len(results["b"].runs) == 3
-    # medians of wall time around the process: b's sleep always counts; start-up time (which a loaded
-    # machine stretches) is common to both, so only the order and b's lower bound are asserted
-    assert results["b"].wall_s >= 0.5 and results["b"].wall_s > results["a"].wall_s
+    # b's sleep is inside the measured wall time (a lower bound; comparing timings belongs to benchmarks/)
+    assert results["b"].wall_s >= 0.5
+    for result in results.values():  # the summary is the middle one of the three measured runs
+        assert result.wall_s == sorted(r.wall_s for r in result.runs)[1]
 
 
 def test_round_robin_keeps_going_past_a_failing_command():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -11,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.test_recipe_file import assert_same_tensors, make_text_models, write_eval_csv
+from tests.testing_common import assert_same_tensors, make_text_models, write_eval_csv
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -374,9 +373,6 @@ def test_dry_run_of_a_hub_ingredient_reports_the_download_then_the_cache(tmp_pat
     assert "Download: nothing" in again.stdout and "cached" in again.stdout
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("hf_soups.demo.job") is None, reason="the demo job (issue 8) has not landed yet"
-)
 def test_demo_command_dispatches_to_the_demo(tmp_path):
     result = hf_soups("demo", "--help", cwd=tmp_path)
     assert result.returncode == 0, result.stderr

@@ -8,17 +8,14 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from hf_soups import IncompatibleIngredientsError, merge_models
 from hf_soups.diagnose import inspect_models, plan_merge
 from hf_soups.errors import SoupError
 from hf_soups.recipe_file import Recipe
+from tests.testing_common import read_safetensors as _state
 from tests.tiny_models import make_tiny_bert, make_tiny_bert_dir
-
-
-def _state(folder):
-    return load_file(folder / "model.safetensors")
 
 
 def _resave(src, dst, edit_state=None, edit_config=None):

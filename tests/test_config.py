@@ -7,7 +7,6 @@ import inspect
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -157,18 +156,14 @@ def test_cli_flags_are_derived_from_the_fields():
     assert {"trust_remote_code", "strict", "alpha", "ensemble_baseline", "compute_metrics"} <= dests
 
 
-def test_help_is_fast_and_loads_no_torch():
+def test_help_loads_no_torch():
+    """`hf-soups merge --help` is answered without importing torch or transformers (its speed is measured by
+    benchmarks/, not asserted here)."""
     code = "import sys, hf_soups.cli as c; c.main(['merge', '--help']); print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
-    best = min(_timed([sys.executable, "-c", code]) for _ in range(3))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "--output-dir" in out.stdout
     assert out.stdout.strip().endswith("[]"), out.stdout[-200:]
-    assert best < 2.0  # generous on a shared 2-core machine; docs/cli.md records the quiet-machine figure
-
-
-def _timed(cmd) -> float:
-    start = time.perf_counter()
-    subprocess.run(cmd, capture_output=True, check=True)
-    return time.perf_counter() - start
 
 
 # ------------------------------------------------------------------------------------------------ recipe files
@@ -180,7 +175,7 @@ def test_recipes_written_by_0_1_keep_cooking(tmp_path):
     from safetensors.torch import load_file
 
     from hf_soups.recipe_file import cook
-    from tests.test_recipe_file import save_tokenizer, write_eval_csv
+    from tests.testing_common import save_tokenizer, write_eval_csv
 
     fixtures = Path(__file__).parent / "fixtures" / "recipes_v0_1"
     old_root = "/tmp/hf_soups_v0_fixture_root"

@@ -1,16 +1,13 @@
 """Hub round trip against the local Hub server (tests/hub_server.py) with the real huggingface_hub client.
 
-Three groups: the server itself (proved with public client APIs), pulling ingredients from it, and
-pushing soups to it (one commit or none, errors, streamed soups never loaded). The end-to-end test
-pushes tiny models with `model.push_to_hub`, cooks a soup from their Hub IDs and revisions with
+Two groups: pulling ingredients from it, and pushing soups to it (one commit or none, errors, streamed soups
+never loaded). The end-to-end test pushes tiny models with `model.push_to_hub`, cooks a soup from their Hub IDs and revisions with
 `merge_models(..., push_to_hub=...)`, downloads it back and compares tensors bit for bit.
 """
 
 from __future__ import annotations
 
-import base64
 import hashlib
-import json
 import os
 import subprocess
 import sys
@@ -25,19 +22,10 @@ reserve_port()  # no-op when conftest already did it; HF_ENDPOINT must be set be
 
 import huggingface_hub  # noqa: E402
 from huggingface_hub import (  # noqa: E402
-    CommitOperationAdd,
     HfApi,
     ModelCard,
-    hf_hub_download,
     snapshot_download,
 )
-from huggingface_hub.errors import (  # noqa: E402
-    EntryNotFoundError,
-    HfHubHTTPError,
-    RepositoryNotFoundError,
-    RevisionNotFoundError,
-)
-from huggingface_hub.utils import get_session  # noqa: E402
 
 from hf_soups.errors import HubError, IngredientNotFoundError  # noqa: E402
 
@@ -61,220 +49,6 @@ def folder_digest(folder: Path) -> dict[str, str]:
         for p in sorted(folder.rglob("*"))
         if p.is_file()
     }
-
-
-# ------------------------------------------------------------------------------------------------
-# the server, through the public client
-# ------------------------------------------------------------------------------------------------
-def test_endpoint_is_the_local_server(hub_server):
-    assert huggingface_hub.constants.ENDPOINT == hub_server.endpoint == os.environ["HF_ENDPOINT"]
-    assert hub_server.storage.is_dir()
-
-
-def test_whoami_and_invalid_token(hub_server, api):
-    assert api.whoami()["name"] == hub_server.user
-    with pytest.raises(HfHubHTTPError) as exc:
-        HfApi(token="hf_not_a_token").whoami()
-    assert exc.value.response.status_code == 401
-
-
-def test_create_repo_conflict_answers_409_with_url(hub_server, api):
-    name = unique("conflict")
-    url = api.create_repo(name)
-    assert url.repo_id == f"{hub_server.user}/{name}"
-    response = get_session().post(
-        f"{hub_server.endpoint}/api/repos/create",
-        json={"name": name, "organization": None},
-        headers={"authorization": f"Bearer {hub_server.token}"},
-    )
-    assert response.status_code == 409
-    assert response.json()["url"] == f"{hub_server.endpoint}/{hub_server.user}/{name}"
-    with pytest.raises(HfHubHTTPError) as exc:
-        api.create_repo(name)
-    assert exc.value.response.status_code == 409
-    assert api.create_repo(name, exist_ok=True).repo_id == url.repo_id
-
-
-def test_upload_folder_then_download_everything(hub_server, api, tmp_path):
-    repo_id = api.create_repo(unique("roundtrip")).repo_id
-    src = tmp_path / "src"
-    (src / "sub").mkdir(parents=True)
-    (src / "notes.txt").write_text("regular file\n")
-    (src / "sub" / "config.json").write_text('{"a": 1}')
-    weights = os.urandom(3000)
-    (src / "model.safetensors").write_bytes(weights)
-    (src / "blob.bin").write_bytes(b"\x00binary sample")  # binary content goes to LFS whatever its name
-    info = api.upload_folder(repo_id=repo_id, folder_path=src, commit_message="add files")
-
-    assert sorted(api.list_repo_files(repo_id)) == [
-        ".gitattributes",
-        "blob.bin",
-        "model.safetensors",
-        "notes.txt",
-        "sub/config.json",
-    ]
-    model = api.model_info(repo_id, files_metadata=True)
-    assert model.sha == info.oid and model.private is False
-    siblings = {s.rfilename: s for s in model.siblings}
-    assert siblings["model.safetensors"].lfs.sha256 == hashlib.sha256(weights).hexdigest()
-    assert siblings["model.safetensors"].size == 3000
-    assert siblings["notes.txt"].lfs is None
-    top = {e.path: type(e).__name__ for e in api.list_repo_tree(repo_id)}
-    assert top["sub"] == "RepoFolder" and "sub/config.json" not in top
-    paths = api.get_paths_info(repo_id, ["sub", "model.safetensors", "missing.txt"])
-    assert sorted(p.path for p in paths) == ["model.safetensors", "sub"]
-
-    folder = Path(snapshot_download(repo_id))
-    assert folder.name == info.oid
-    assert (folder / "model.safetensors").read_bytes() == weights
-    assert (folder / "sub" / "config.json").read_text() == '{"a": 1}'
-    assert Path(hf_hub_download(repo_id, "notes.txt")).read_text() == "regular file\n"
-
-    # the same files again: the client sees the remote oids and skips an empty commit
-    before = commit_ids(api, repo_id)
-    api.upload_folder(repo_id=repo_id, folder_path=src)
-    assert commit_ids(api, repo_id) == before
-
-
-def test_missing_entry_repo_and_revision_raise_the_client_errors(hub_server, api):
-    repo_id = api.create_repo(unique("errors")).repo_id
-    with pytest.raises(EntryNotFoundError):
-        hf_hub_download(repo_id, "nope.txt")
-    with pytest.raises(RepositoryNotFoundError):
-        hf_hub_download(f"{hub_server.user}/{unique('absent')}", "config.json")
-    with pytest.raises(RevisionNotFoundError):
-        hf_hub_download(repo_id, ".gitattributes", revision="no-such-branch")
-    with pytest.raises(RevisionNotFoundError):
-        api.model_info(repo_id, revision="no-such-branch")
-    response = get_session().head(f"{hub_server.endpoint}/{repo_id}/resolve/main/nope.txt")
-    assert response.status_code == 404
-    assert response.headers["X-Error-Code"] == "EntryNotFound"
-    assert response.headers["X-Repo-Commit"] == api.model_info(repo_id).sha
-
-
-def test_resolve_headers_and_ranges(hub_server, api):
-    repo_id = api.create_repo(unique("headers")).repo_id
-    data = os.urandom(1000)
-    info = api.upload_file(path_or_fileobj=data, path_in_repo="w.safetensors", repo_id=repo_id)
-    url = f"{hub_server.endpoint}/{repo_id}/resolve/main/w.safetensors"
-    head = get_session().head(url)
-    assert head.status_code == 200
-    assert head.headers["X-Repo-Commit"] == info.oid
-    assert head.headers["X-Linked-Etag"].strip('"') == hashlib.sha256(data).hexdigest()
-    assert head.headers["X-Linked-Size"] == "1000"
-    assert head.headers["ETag"]
-    part = get_session().get(url, headers={"Range": "bytes=100-"})
-    assert part.status_code == 206 and part.content == data[100:]
-    assert part.headers["Content-Range"] == "bytes 100-999/1000"
-
-
-def test_parent_commit_and_pull_requests(hub_server, api):
-    repo_id = api.create_repo(unique("pr")).repo_id
-    first = api.upload_file(path_or_fileobj=b"v1", path_in_repo="a.txt", repo_id=repo_id)
-    api.upload_file(path_or_fileobj=b"v2", path_in_repo="a.txt", repo_id=repo_id)
-    before = commit_ids(api, repo_id)
-    with pytest.raises(HfHubHTTPError) as exc:  # stale parent: refused, nothing committed
-        api.create_commit(
-            repo_id,
-            [CommitOperationAdd("a.txt", b"v3")],
-            commit_message="stale",
-            parent_commit=first.oid,
-        )
-    assert exc.value.response.status_code == 412
-    assert commit_ids(api, repo_id) == before
-
-    pr = api.create_commit(
-        repo_id, [CommitOperationAdd("a.txt", b"from pr")], commit_message="pr", create_pr=True
-    )
-    assert pr.pr_revision == "refs/pr/1" and pr.pr_num == 1
-    assert Path(hf_hub_download(repo_id, "a.txt")).read_bytes() == b"v2"  # main unchanged
-    assert Path(hf_hub_download(repo_id, "a.txt", revision="refs/pr/1")).read_bytes() == b"from pr"
-    refs = api.list_repo_refs(repo_id, include_pull_requests=True)
-    assert [r.ref for r in refs.pull_requests] == ["refs/pr/1"]
-
-    api.create_branch(repo_id, branch="dev")
-    api.create_tag(repo_id, tag="v1", revision=first.oid)
-    assert Path(hf_hub_download(repo_id, "a.txt", revision="v1")).read_bytes() == b"v1"
-
-
-def test_lfs_pointer_to_missing_object_is_refused(hub_server, api):
-    repo_id = api.create_repo(unique("lfs")).repo_id
-    payload = [
-        {"key": "header", "value": {"summary": "bad pointer", "description": ""}},
-        {"key": "lfsFile", "value": {"path": "w.bin", "algo": "sha256", "oid": "0" * 64, "size": 3}},
-    ]
-    response = get_session().post(
-        f"{hub_server.endpoint}/api/models/{repo_id}/commit/main",
-        content=b"".join(json.dumps(line).encode() + b"\n" for line in payload),
-        headers={"authorization": f"Bearer {hub_server.token}", "Content-Type": "application/x-ndjson"},
-    )
-    assert response.status_code == 400
-    assert "w.bin" in response.json()["error"]
-    # a regular file sent inline works
-    good = [
-        payload[0],
-        {"key": "file", "value": {"path": "ok.txt", "content": base64.b64encode(b"x").decode()}},
-    ]
-    response = get_session().post(
-        f"{hub_server.endpoint}/api/models/{repo_id}/commit/main",
-        content=b"".join(json.dumps(line).encode() + b"\n" for line in good),
-        headers={"authorization": f"Bearer {hub_server.token}", "Content-Type": "application/x-ndjson"},
-    )
-    assert response.status_code == 200 and "ok.txt" in api.list_repo_files(repo_id)
-
-
-def test_auth_rules_and_private_repos(hub_server, api):
-    reader = hub_server.add_user(unique("reader"), role="read")
-    other_name = unique("other")
-    other = hub_server.add_user(other_name)
-    repo_id = api.create_repo(unique("private"), private=True).repo_id
-    api.upload_file(path_or_fileobj=b"secret", path_in_repo="s.txt", repo_id=repo_id)
-
-    assert api.model_info(repo_id).private is True
-    with pytest.raises(RepositoryNotFoundError):  # no token: invisible
-        HfApi(token=False).model_info(repo_id)
-    with pytest.raises(RepositoryNotFoundError):  # someone else's token: invisible too
-        HfApi(token=other).model_info(repo_id)
-    with pytest.raises(RepositoryNotFoundError):
-        hf_hub_download(repo_id, "s.txt", token=False)
-    assert Path(hf_hub_download(repo_id, "s.txt", token=hub_server.token)).read_bytes() == b"secret"
-
-    public = api.create_repo(unique("public")).repo_id
-    with pytest.raises(HfHubHTTPError) as exc:  # writes need a token
-        HfApi(token=False).upload_file(path_or_fileobj=b"x", path_in_repo="x.txt", repo_id=public)
-    assert exc.value.response.status_code == 401
-    with pytest.raises(HfHubHTTPError) as exc:  # a read token cannot write
-        HfApi(token=reader).upload_file(path_or_fileobj=b"x", path_in_repo="x.txt", repo_id=public)
-    assert exc.value.response.status_code == 403
-    with pytest.raises(HfHubHTTPError) as exc:  # nor can another user's token
-        HfApi(token=other).upload_file(path_or_fileobj=b"x", path_in_repo="x.txt", repo_id=public)
-    assert exc.value.response.status_code == 403
-    assert HfApi(token=other).create_repo(unique("mine")).repo_id.startswith(other_name + "/")
-
-
-def test_validate_yaml(hub_server, api):
-    ModelCard("---\nlicense: mit\nbase_model: org/a\nbase_model_relation: merge\n---\n# ok\n").validate()
-    with pytest.raises(ValueError, match="license"):
-        ModelCard("---\nlicense: not-a-license\n---\n# bad\n").validate()
-    with pytest.raises(ValueError, match="base_model_relation"):
-        ModelCard("---\nbase_model_relation: merge\n---\n# relation without base\n").validate()
-    bad_index = "---\nmodel-index:\n- name: x\n  results:\n  - task: {}\n    metrics: []\n---\n"
-    response = get_session().post(f"{hub_server.endpoint}/api/validate-yaml", json={"content": bad_index})
-    assert response.status_code == 400
-    messages = " ".join(e["message"] for e in response.json()["errors"])
-    assert "task.type" in messages and "dataset.type" in messages and "metrics" in messages
-    response = get_session().post(
-        f"{hub_server.endpoint}/api/validate-yaml", json={"content": "# no metadata"}
-    )
-    assert response.status_code == 200 and response.json()["warnings"]
-    # create_commit checks README.md before uploading anything
-    repo_id = api.create_repo(unique("yaml")).repo_id
-    before = commit_ids(api, repo_id)
-    with pytest.raises(ValueError, match="Invalid metadata"):
-        api.upload_file(
-            path_or_fileobj=b"---\nlicense: nope\n---\n", path_in_repo="README.md", repo_id=repo_id
-        )
-    assert commit_ids(api, repo_id) == before
 
 
 # ------------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from hf_soups import (
     CorruptCheckpointError,
@@ -20,18 +20,8 @@ from hf_soups import (
     NonFiniteTensorError,
     merge_models,
 )
+from tests.testing_common import read_safetensors as _state
 from tests.tiny_models import make_tiny_bert, make_tiny_bert_dir
-
-
-def _state(path):
-    path = path if not hasattr(path, "is_dir") or not path.is_dir() else path
-    index = path / "model.safetensors.index.json"
-    if index.exists():
-        out = {}
-        for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
-            out.update(load_file(path / shard))
-        return out
-    return load_file(path / "model.safetensors")
 
 
 def _expected(dirs, coefficients):

@@ -18,13 +18,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from hf_soups import InvalidArgumentError, merge_models
 from hf_soups.cli import main as cli_main
 from hf_soups.errors import OutputDirError, OutputWriteError
 from hf_soups.output_dir import MARKER_NAME, read_marker
 from hf_soups.tensors import AtomicDirectory
+from tests.testing_common import float64_mean
+from tests.testing_common import read_safetensors as _weights
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -37,17 +38,9 @@ def _snapshot(folder: Path) -> dict[str, bytes | None]:
     return out
 
 
-def _weights(folder: Path) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(f))
-    return out
-
-
 def _mean_of(folders: list[Path]) -> dict[str, torch.Tensor]:
     """The expected uniform soup, computed independently in float64."""
-    states = [_weights(f) for f in folders]
-    return {k: sum(s[k].double() for s in states) / len(states) for k in states[0]}
+    return float64_mean([_weights(f) for f in folders])
 
 
 def _leftovers(parent: Path) -> list[str]:
@@ -418,7 +411,10 @@ def test_symlinked_output_dir_is_written_through_and_the_link_kept(tmp_path, tin
     torch.testing.assert_close(
         got["classifier.weight"].double(), expected["classifier.weight"], atol=1e-6, rtol=0
     )
-    assert soup.model is not None  # loads through the link
+    # the soup loads through the link, and holds what the real folder holds
+    torch.testing.assert_close(
+        soup.model.classifier.weight.double(), expected["classifier.weight"], atol=1e-6, rtol=0
+    )
     # a link to a folder that is not ours is refused like the folder itself
     mine = tmp_path / "mine"
     mine.mkdir()

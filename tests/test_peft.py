@@ -7,6 +7,8 @@ import warnings
 
 import pytest
 import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import BertForSequenceClassification
 
 from hf_soups import merge_models
 from hf_soups.adapters import read_adapter
@@ -14,10 +16,6 @@ from hf_soups.adapters.export import build_adapter_soup, truncate_pair
 from hf_soups.adapters.lora import lora_scaling, pattern_value
 from hf_soups.errors import IncompatibleIngredientsError, UnsupportedAdapterError
 from tests.tiny_models import make_tiny_bert
-
-peft = pytest.importorskip("peft")
-from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
-from transformers import BertForSequenceClassification  # noqa: E402
 
 warnings.filterwarnings("ignore", module="peft")
 

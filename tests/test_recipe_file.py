@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
-import random
 from pathlib import Path
 
 import pytest
@@ -22,51 +20,9 @@ from hf_soups.recipe_file import (
     recipe_from_soup,
     write_recipe,
 )
+from tests.testing_common import assert_same_tensors, read_safetensors, write_eval_csv, write_yaml
 
 # ---------------------------------------------------------------------------------------------- helpers
-
-VOCAB_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(5, 99)]
-
-
-def save_tokenizer(folder: Path) -> None:
-    """A 99-token WordPiece tokenizer matching the tiny BERT's vocabulary (so raw-text eval files work)."""
-    from transformers import BertTokenizerFast
-
-    vocab = folder / "vocab.txt"
-    vocab.write_text("\n".join(VOCAB_TOKENS) + "\n")
-    BertTokenizerFast(vocab_file=str(vocab)).save_pretrained(folder)
-
-
-def make_text_models(root: Path, n: int = 3, *, base: bool = False, **overrides) -> list[Path]:
-    """`n` tiny BERT classifiers (shared init + seeded noise) with a tokenizer; `base=True` adds `root/base`."""
-    from tests.tiny_models import make_tiny_bert_dir
-
-    out = []
-    for i in range(n):
-        folder = make_tiny_bert_dir(root / f"ft-{i}", seed=i, **overrides)
-        save_tokenizer(folder)
-        out.append(folder)
-    if base:
-        folder = make_tiny_bert_dir(root / "base", seed=0, noise=0.0, **overrides)
-        save_tokenizer(folder)
-    return out
-
-
-def write_eval_csv(
-    path: Path, rows: int = 24, seed: int = 0, text: str = "sentence", label: str = "label"
-) -> Path:
-    rng = random.Random(seed)
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow([text, label])
-        for _ in range(rows):
-            writer.writerow([" ".join(f"w{rng.randrange(5, 99)}" for _ in range(6)), rng.randrange(3)])
-    return path
-
-
-def write_yaml(path: Path, data) -> Path:
-    path.write_text(yaml.safe_dump(data, sort_keys=False) if not isinstance(data, str) else data)
-    return path
 
 
 def problems_of(data, tmp_path: Path) -> list[str]:
@@ -381,26 +337,7 @@ def test_import_is_cheap():
 # ---------------------------------------------------------------------------------------------- round trip
 
 
-def _tensors(folder: Path) -> dict:
-    from safetensors.torch import load_file
-
-    out = {}
-    for f in sorted(Path(folder).glob("*.safetensors")):
-        out.update(load_file(f))
-    return out
-
-
-def assert_same_tensors(a: Path, b: Path) -> None:
-    import torch
-
-    ta, tb = _tensors(a), _tensors(b)
-    assert ta.keys() == tb.keys() and ta
-    for k in ta:
-        assert ta[k].dtype == tb[k].dtype, k
-        assert torch.equal(ta[k], tb[k]), k
-
-
-def test_weighted_uniform_soup_recipe_recooks_identical_tensors(tmp_path):
+def test_weighted_uniform_soup_recipe_recooks_identicalread_safetensors(tmp_path):
     from hf_soups import merge_models
     from hf_soups.recipe_file import cook
     from tests.tiny_models import make_tiny_bert_dir
@@ -421,7 +358,7 @@ def test_weighted_uniform_soup_recipe_recooks_identical_tensors(tmp_path):
     assert_same_tensors(tmp_path / "soup", tmp_path / "again")
 
 
-def test_wise_ft_with_dtype_recooks_identical_tensors(tmp_path):
+def test_wise_ft_with_dtype_recooks_identicalread_safetensors(tmp_path):
     from hf_soups import merge_models
     from hf_soups.recipe_file import cook
     from tests.tiny_models import make_tiny_bert_dir
@@ -443,7 +380,7 @@ def test_wise_ft_with_dtype_recooks_identical_tensors(tmp_path):
     assert all("weight" not in i for i in written["ingredients"])  # an unweighted soup stays unweighted
     cook(tmp_path / "soup" / RECIPE_FILENAME, output_dir=tmp_path / "again", progress=False)
     assert_same_tensors(tmp_path / "soup", tmp_path / "again")
-    assert next(iter(_tensors(tmp_path / "again").values())).dtype.is_floating_point
+    assert next(iter(read_safetensors(tmp_path / "again").values())).dtype.is_floating_point
 
 
 def test_in_memory_ingredient_is_recorded_as_not_recookable(tmp_path):
@@ -596,7 +533,7 @@ def test_a_folder_of_trainer_ingredients_is_one_recipe_entry(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("adapter_output", ["merged", "adapter"])
-def test_lora_adapter_soup_recooks_identical_tensors(tmp_path, adapter_output):
+def test_lora_adapter_soup_recooks_identicalread_safetensors(tmp_path, adapter_output):
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import BertForSequenceClassification

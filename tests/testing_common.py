@@ -1,0 +1,165 @@
+"""Helpers shared by the test modules: independent references (safetensors read directly, float64 sums), tiny
+text models and eval files, and an independent replay of a greedy soup's history.
+
+Nothing here calls hf_soups: these are the references the library is checked against.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import torch
+import yaml
+
+# ------------------------------------------------------------------------------------------------ tensors
+
+
+def read_safetensors(folder: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of every `*.safetensors` file in `folder`, read with safetensors itself (shards included)."""
+    from safetensors.torch import load_file
+
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def float64_combination(
+    states: Sequence[Mapping[str, torch.Tensor]], coefficients: Sequence[float]
+) -> dict[str, torch.Tensor]:
+    """`sum_i c_i * theta_i` in float64 for every floating tensor; other tensors are taken from the first state."""
+    assert len(states) == len(coefficients) and states
+    out = {}
+    for k, first in states[0].items():
+        if first.is_floating_point():
+            out[k] = sum(float(c) * s[k].double() for c, s in zip(coefficients, states))
+        else:
+            out[k] = first.clone()
+    return out
+
+
+def float64_mean(states: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The uniform soup of `states`, computed independently in float64."""
+    return float64_combination(states, [1.0 / len(states)] * len(states))
+
+
+def assert_same_tensors(a: str | Path, b: str | Path) -> None:
+    """The safetensors files of folders `a` and `b` hold the same names, dtypes and bits."""
+    ta, tb = read_safetensors(a), read_safetensors(b)
+    assert ta.keys() == tb.keys() and ta
+    for k in ta:
+        assert ta[k].dtype == tb[k].dtype, k
+        assert torch.equal(ta[k], tb[k]), k
+
+
+def assert_state_close(
+    got: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], *, atol: float = 1e-6
+) -> None:
+    """Every tensor of `got` is in `expected` and equal to it (floating tensors within `atol`, in float64)."""
+    assert got and set(got) <= set(expected), sorted(set(got) - set(expected))
+    for k, v in got.items():
+        if v.is_floating_point():
+            torch.testing.assert_close(v.double(), expected[k].double(), rtol=0, atol=atol, msg=k)
+        else:
+            assert torch.equal(v, expected[k].to(v.dtype)), k
+
+
+# --------------------------------------------------------------------------------------- text models, eval files
+
+VOCAB_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(5, 99)]
+
+
+def save_tokenizer(folder: Path) -> None:
+    """A 99-token WordPiece tokenizer matching the tiny BERT's vocabulary (so raw-text eval files work)."""
+    from transformers import BertTokenizerFast
+
+    vocab = folder / "vocab.txt"
+    vocab.write_text("\n".join(VOCAB_TOKENS) + "\n")
+    BertTokenizerFast(vocab_file=str(vocab)).save_pretrained(folder)
+
+
+def make_text_models(root: Path, n: int = 3, *, base: bool = False, **overrides) -> list[Path]:
+    """`n` tiny BERT classifiers (shared init + seeded noise) with a tokenizer; `base=True` adds `root/base`."""
+    from tests.tiny_models import make_tiny_bert_dir
+
+    out = []
+    for i in range(n):
+        folder = make_tiny_bert_dir(root / f"ft-{i}", seed=i, **overrides)
+        save_tokenizer(folder)
+        out.append(folder)
+    if base:
+        folder = make_tiny_bert_dir(root / "base", seed=0, noise=0.0, **overrides)
+        save_tokenizer(folder)
+    return out
+
+
+def write_eval_csv(
+    path: Path, rows: int = 24, seed: int = 0, text: str = "sentence", label: str = "label"
+) -> Path:
+    rng = random.Random(seed)
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow([text, label])
+        for _ in range(rows):
+            writer.writerow([" ".join(f"w{rng.randrange(5, 99)}" for _ in range(6)), rng.randrange(3)])
+    return path
+
+
+def write_yaml(path: Path, data) -> Path:
+    path.write_text(yaml.safe_dump(data, sort_keys=False) if not isinstance(data, str) else data)
+    return path
+
+
+def read_json(path: Path):
+    return json.loads(Path(path).read_text())
+
+
+# ------------------------------------------------------------------------------------------------ greedy replay
+
+
+def replay_greedy(
+    soup,
+    states: Mapping[str, Mapping[str, torch.Tensor]],
+    score: Callable[[Mapping[str, torch.Tensor]], float],
+    *,
+    greater_is_better: bool = True,
+    strict: bool = False,
+    rel: float = 1e-5,
+) -> list[str]:
+    """Replays a greedy soup's history independently and returns the names it keeps.
+
+    For every step, the candidate soup (float64 mean of the members kept so far plus the candidate) is scored
+    with `score` (the test's own evaluation of a state dict) and compared with the score the library recorded;
+    the keep decision is re-derived from these independent scores with the paper's rule (`>=`, or `>` when
+    `strict`). The soup's kept set, weights and final score must match the replay. Unlike checking the recorded
+    fields against each other, this fails when the library scores the wrong weights or keeps the wrong set.
+    """
+    import pytest
+
+    history = soup.history
+    start = history[0]["candidate"]
+    members = [start]
+    current = score(float64_mean([states[start]]))
+    assert history[0]["score"] == pytest.approx(current, rel=rel), (start, history[0]["score"], current)
+    for step in history[1:]:
+        candidate = step["candidate"]
+        measured = score(float64_mean([states[m] for m in [*members, candidate]]))
+        assert step["candidate_score"] == pytest.approx(measured, rel=rel), (candidate, step, measured)
+        if strict:
+            keep = measured > current if greater_is_better else measured < current
+        else:
+            keep = measured >= current if greater_is_better else measured <= current
+        assert step["kept"] == keep, (candidate, measured, current)
+        if keep:
+            members.append(candidate)
+            current = measured
+    by_name = {i.name: i for i in soup.ingredients}
+    assert sorted(n for n, i in by_name.items() if i.selected) == sorted(members)
+    for name, ing in by_name.items():
+        assert ing.weight == pytest.approx(1.0 / len(members) if name in members else 0.0)
+    assert soup.score == pytest.approx(current, rel=rel)
+    return members
