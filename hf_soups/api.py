@@ -129,11 +129,11 @@ def merge_models(
     """
     options = {name: value for name, value in locals().items() if name != "models"}  # every keyword argument
     from .config import SoupConfig, check_models
+    from .core.output_dir import check_output_dir
+    from .core.sources import parse_dtype
     from .ingredients import as_ingredients, resolve
     from .kitchen import Kitchen
-    from .output_dir import check_output_dir
     from .recipes import get_recipe
-    from .tensors import parse_dtype
 
     check_models(models)
     ingredients = as_ingredients(models)
@@ -175,7 +175,7 @@ def merge_models(
         base_ing = base_model if isinstance(base_model, Ingredient) else Ingredient(base_model)
         base = resolve(base_ing, **hub_kwargs)
     if any(r.kind == "adapter" for r in resolved):
-        from .peft_support import bind_adapter_bases
+        from .adapters.resolve import bind_adapter_bases
 
         bind_adapter_bases(resolved, base, **hub_kwargs)
     if evaluator is not None and hasattr(evaluator, "bind"):
@@ -195,7 +195,7 @@ def merge_models(
     )
     try:
         if any(r.kind == "adapter" for r in resolved) and config.adapter_output == "adapter":
-            from .peft_support import cook_adapter_soup
+            from .adapters.resolve import cook_adapter_soup
 
             soup = cook_adapter_soup(kitchen, recipe)
         else:

@@ -16,8 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Union
 
-from .errors import IngredientNotFoundError, InvalidArgumentError
-from .tensors import (
+from .core.sources import (
     SAFE_WEIGHTS_INDEX_NAME,
     SAFE_WEIGHTS_NAME,
     WEIGHTS_INDEX_NAME,
@@ -27,6 +26,7 @@ from .tensors import (
     find_weight_files,
     open_weight_files,
 )
+from .errors import IngredientNotFoundError, InvalidArgumentError
 
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import PreTrainedModel
@@ -289,7 +289,7 @@ class ResolvedIngredient:
         """The lazy tensors of this ingredient (opened once, then cached)."""
         if self._source is None:
             if self.kind == "adapter":
-                from .peft_support import open_adapter_source
+                from .adapters.resolve import open_adapter_source
 
                 self._source = open_adapter_source(self)
             elif self.model is not None:
@@ -368,7 +368,7 @@ def resolve(
     ref = ingredient.reference
     if not isinstance(ref, str):
         if _is_peft_model(ref):
-            from .peft_support import resolve_adapter
+            from .adapters.resolve import resolve_adapter
 
             return resolve_adapter(ingredient, model=ref, token=token, cache_dir=cache_dir)
         if not hasattr(ref, "state_dict") or not hasattr(ref, "config"):
@@ -388,7 +388,7 @@ def resolve(
                 ingredient=ingredient.name,
             )
         if (path / "adapter_config.json").is_file() and find_weight_files(path) is None:
-            from .peft_support import resolve_adapter
+            from .adapters.resolve import resolve_adapter
 
             return resolve_adapter(ingredient, path=path, token=token, cache_dir=cache_dir)
         if find_weight_files(path) is None:
@@ -410,7 +410,7 @@ def resolve(
     ingredient.metadata.setdefault("requested_revision", ingredient.revision or revision or "main")
     ingredient.revision = commit
     if (snapshot / "adapter_config.json").is_file() and find_weight_files(snapshot) is None:
-        from .peft_support import resolve_adapter
+        from .adapters.resolve import resolve_adapter
 
         return resolve_adapter(
             ingredient, path=snapshot, token=token, cache_dir=cache_dir, commit_hash=commit

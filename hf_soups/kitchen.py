@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .align import MergePlan, build_plan, match_live_model
-from .engine import ModelSink, WriterSink, combine
+from .core.engine import ModelSink, WriterSink, combine
+from .core.plan import MergePlan, build_plan, match_live_model
+from .core.sources import AtomicDirectory, ShardedSafetensorsWriter, copy_companion_files
 from .errors import SoupError
-from .tensors import AtomicDirectory, ShardedSafetensorsWriter, copy_companion_files
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -120,7 +120,7 @@ class Kitchen:
         """
         ref = self.members[self.reference_index]
         if ref.kind == "adapter":
-            from .peft_support import load_base_model
+            from .adapters.resolve import load_base_model
 
             return load_base_model(ref)
         if ref.model is not None:

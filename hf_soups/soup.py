@@ -74,7 +74,7 @@ class Soup:
             if self.output_dir is None:
                 raise AttributeError("This soup has neither an in-memory model nor an output_dir.")
             if (Path(self.output_dir) / "adapter_config.json").is_file():
-                from .peft_support import load_adapter_soup
+                from .adapters.resolve import load_adapter_soup
 
                 # the base this soup was cooked on (a folder, or a Hub ID at its resolved commit)
                 base = self.base.reference if self.base is not None else None
@@ -123,8 +123,8 @@ class Soup:
             [`OutputDirError`]: `save_directory` holds something hf_soups did not write, or an ingredient.
             [`OutputWriteError`]: the disk is full or the location is not writable (nothing was replaced).
         """
+        from .core.sources import AtomicDirectory
         from .kitchen import is_main_process
-        from .tensors import AtomicDirectory
 
         target = Path(save_directory).expanduser().absolute()
         if not is_main_process():
@@ -141,8 +141,8 @@ class Soup:
 
     def _write_extras(self, directory: Path) -> None:
         """The model card (README.md) and the recipe file that re-cooks this soup."""
-        from .card import write_model_card
-        from .recipe_file import write_recipe
+        from .publishing.card import write_model_card
+        from .publishing.recipe_file import write_recipe
 
         write_model_card(self, directory)
         write_recipe(self, directory)
@@ -175,7 +175,7 @@ class Soup:
         Raises:
             [`HubError`]: authentication, missing revision or network failures (nothing is half-uploaded).
         """
-        from .hub import push_soup
+        from .publishing.hub import push_soup
 
         return push_soup(
             self,
@@ -189,7 +189,7 @@ class Soup:
 
     def model_card(self) -> ModelCard:
         """The generated model card (a `huggingface_hub.ModelCard`)."""
-        from .card import build_model_card
+        from .publishing.card import build_model_card
 
         return build_model_card(self)
 
@@ -197,13 +197,13 @@ class Soup:
 
     def report(self) -> str:
         """A readable table: ingredients, their scores, and the soup against the best single ingredient."""
-        from .reporting import render_report
+        from .publishing.reporting import render_report
 
         return render_report(self)
 
     def plot(self, path: str | os.PathLike) -> Path:
         """Save a plot of the recipe's curve (WiSE-FT alpha sweep, greedy steps) as an image (needs matplotlib)."""
-        from .reporting import plot
+        from .publishing.reporting import plot
 
         return plot(self, path)
 

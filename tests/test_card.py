@@ -12,8 +12,8 @@ reserve_port()  # no-op when conftest already did it
 
 from huggingface_hub import ModelCard  # noqa: E402
 
-from hf_soups.card import build_model_card, write_model_card  # noqa: E402
 from hf_soups.ingredients import Ingredient  # noqa: E402
+from hf_soups.publishing.card import build_model_card, write_model_card  # noqa: E402
 from hf_soups.soup import Soup  # noqa: E402
 
 BERT_CONFIG = {"architectures": ["BertForSequenceClassification"], "model_type": "bert"}

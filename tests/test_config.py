@@ -16,7 +16,7 @@ import yaml
 from hf_soups import merge_models
 from hf_soups.config import EvalConfig, SoupConfig, all_option_fields, option_names
 from hf_soups.errors import InvalidArgumentError
-from hf_soups.recipe_file import RECIPE_FILENAME, Recipe, RecipeError, load_recipe
+from hf_soups.publishing.recipe_file import RECIPE_FILENAME, Recipe, RecipeError, load_recipe
 from tests.tiny_models import make_tiny_bert_dir
 
 # issue 12, defect 12: each of these was a raw error, a silent wrong result, or accepted by one entry point and
@@ -179,7 +179,7 @@ def test_recipes_written_by_0_1_keep_cooking(tmp_path):
     import torch
     from safetensors.torch import load_file
 
-    from hf_soups.recipe_file import cook
+    from hf_soups.publishing.recipe_file import cook
     from tests.test_recipe_file import save_tokenizer, write_eval_csv
 
     fixtures = Path(__file__).parent / "fixtures" / "recipes_v0_1"
@@ -237,7 +237,7 @@ def test_hostile_recipe_files_are_refused_with_exit_2(tmp_path, content, message
 
 
 def test_a_huge_recipe_file_is_refused_by_size(tmp_path):
-    from hf_soups.recipe_file import MAX_RECIPE_BYTES
+    from hf_soups.publishing.recipe_file import MAX_RECIPE_BYTES
 
     path = tmp_path / "r.yaml"
     path.write_text("notes:\n" + "  - x\n" * (MAX_RECIPE_BYTES // 4))

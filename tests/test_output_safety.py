@@ -22,9 +22,9 @@ from safetensors.torch import load_file
 
 from hf_soups import InvalidArgumentError, merge_models
 from hf_soups.cli import main as cli_main
+from hf_soups.core.output_dir import MARKER_NAME, read_marker
+from hf_soups.core.sources import AtomicDirectory
 from hf_soups.errors import OutputDirError, OutputWriteError
-from hf_soups.output_dir import MARKER_NAME, read_marker
-from hf_soups.tensors import AtomicDirectory
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from hf_soups.errors import InvalidArgumentError
-from hf_soups.recipe_file import (
+from hf_soups.publishing.recipe_file import (
     FORMAT_VERSION,
     RECIPE_FILENAME,
     Recipe,
@@ -228,7 +228,13 @@ def test_every_key_is_a_configuration_field_with_help():
     import dataclasses
 
     from hf_soups.config import all_option_fields
-    from hf_soups.recipe_file import FILE_KEYS, EvalSetSpec, IngredientSpec, option_keys, recipe_keys
+    from hf_soups.publishing.recipe_file import (
+        FILE_KEYS,
+        EvalSetSpec,
+        IngredientSpec,
+        option_keys,
+        recipe_keys,
+    )
 
     fields = all_option_fields()
     assert set(option_keys()) <= set(fields)
@@ -370,7 +376,7 @@ def test_import_is_cheap():
     import sys
 
     code = (
-        "import sys, hf_soups.recipe_file, hf_soups.diagnose, hf_soups.cli; "
+        "import sys, hf_soups.publishing.recipe_file, hf_soups.cli.inspect, hf_soups.cli; "
         "heavy = [m for m in ('torch', 'transformers', 'datasets', 'peft', 'evaluate') if m in sys.modules]; "
         "print(heavy); sys.exit(1 if heavy else 0)"
     )
@@ -402,7 +408,7 @@ def assert_same_tensors(a: Path, b: Path) -> None:
 
 def test_weighted_uniform_soup_recipe_recooks_identical_tensors(tmp_path):
     from hf_soups import merge_models
-    from hf_soups.recipe_file import cook
+    from hf_soups.publishing.recipe_file import cook
     from tests.tiny_models import make_tiny_bert_dir
 
     dirs = [make_tiny_bert_dir(tmp_path / f"ft-{i}", seed=i) for i in range(3)]
@@ -423,7 +429,7 @@ def test_weighted_uniform_soup_recipe_recooks_identical_tensors(tmp_path):
 
 def test_wise_ft_with_dtype_recooks_identical_tensors(tmp_path):
     from hf_soups import merge_models
-    from hf_soups.recipe_file import cook
+    from hf_soups.publishing.recipe_file import cook
     from tests.tiny_models import make_tiny_bert_dir
 
     dirs = [make_tiny_bert_dir(tmp_path / f"ft-{i}", seed=i) for i in range(2)]
@@ -505,7 +511,7 @@ def synthetic_ingredients(tmp_path):
 @pytest.mark.slow
 def test_greedy_soup_with_in_memory_eval_is_frozen_to_its_kept_ingredients(tmp_path, synthetic_ingredients):
     from hf_soups import merge_models
-    from hf_soups.recipe_file import cook
+    from hf_soups.publishing.recipe_file import cook
 
     folders, _, dataset = synthetic_ingredients
     soup = merge_models(
@@ -525,7 +531,7 @@ def test_greedy_soup_with_in_memory_eval_is_frozen_to_its_kept_ingredients(tmp_p
 @pytest.mark.slow
 def test_wise_ft_sweep_with_in_memory_eval_is_frozen_at_the_chosen_alpha(tmp_path, synthetic_ingredients):
     from hf_soups import merge_models
-    from hf_soups.recipe_file import cook
+    from hf_soups.publishing.recipe_file import cook
 
     folders, base, dataset = synthetic_ingredients
     soup = merge_models(
@@ -546,7 +552,7 @@ def test_wise_ft_sweep_with_in_memory_eval_is_frozen_at_the_chosen_alpha(tmp_pat
 
 @pytest.mark.slow
 def test_recipe_cooked_from_a_file_replays_the_sweep(tmp_path, synthetic_ingredients):
-    from hf_soups.recipe_file import cook
+    from hf_soups.publishing.recipe_file import cook
 
     folders, base, dataset = synthetic_ingredients
     dataset.to_json(tmp_path / "val.jsonl")
@@ -573,9 +579,9 @@ def test_recipe_cooked_from_a_file_replays_the_sweep(tmp_path, synthetic_ingredi
 
 
 def test_a_folder_of_trainer_ingredients_is_one_recipe_entry(tmp_path):
-    from hf_soups.diagnose import plan_merge
+    from hf_soups.cli.inspect import plan_merge
     from hf_soups.ingredients import INGREDIENT_METADATA, INGREDIENTS_MANIFEST
-    from hf_soups.recipe_file import cook
+    from hf_soups.publishing.recipe_file import cook
     from tests.tiny_models import make_tiny_bert_dir
 
     root = tmp_path / "ingredients"
@@ -602,7 +608,7 @@ def test_lora_adapter_soup_recooks_identical_tensors(tmp_path, adapter_output):
     from transformers import BertForSequenceClassification
 
     from hf_soups import merge_models
-    from hf_soups.recipe_file import cook
+    from hf_soups.publishing.recipe_file import cook
     from tests.tiny_models import make_tiny_bert_dir
 
     base = make_tiny_bert_dir(tmp_path / "base", noise=0.0)

@@ -5,7 +5,7 @@
 - [`export`](./export.py): writing a soup of adapters as one LoRA adapter, exactly (stacked factors)
   or truncated to a rank by SVD.
 
-`hf_soups.peft_support` plugs them into the soup engine (`AdapterSource`). Nothing here imports torch
+`hf_soups.adapters.resolve` plugs them into the soup engine (`AdapterSource`). Nothing here imports torch
 or peft at import time.
 """
 

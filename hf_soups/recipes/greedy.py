@@ -95,7 +95,7 @@ class RunningSoup:
     def _read(self, tp, index: int):
         import torch
 
-        from ..engine import read_aligned
+        from ..core.engine import read_aligned
 
         t = read_aligned(tp, index, self.sources[index])
         if tp.mergeable and not bool(torch.isfinite(t).all()):

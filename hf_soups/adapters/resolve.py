@@ -21,22 +21,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .adapters.lora import LoraAdapter
-from .errors import (
+from ..core.sources import TensorInfo, TensorSource
+from ..errors import (
     IncompatibleIngredientsError,
     IngredientNotFoundError,
     InvalidArgumentError,
     UnsupportedAdapterError,
 )
-from .kitchen import Kitchen
-from .tensors import TensorInfo, TensorSource
+from ..kitchen import Kitchen
+from .lora import LoraAdapter
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-    from .ingredients import Ingredient, ResolvedIngredient
-    from .recipes.base import Recipe
-    from .soup import Soup
+    from ..ingredients import Ingredient, ResolvedIngredient
+    from ..recipes.base import Recipe
+    from ..soup import Soup
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ def conv1d_modules(config: dict[str, Any], paths: list[str]) -> dict[str, bool]:
         from transformers import AutoConfig
         from transformers.pytorch_utils import Conv1D
 
-        from .kitchen import model_class_for
+        from ..kitchen import model_class_for
 
         cfg = dict(config)
         model_type = cfg.pop("model_type")
@@ -196,7 +196,7 @@ class AdapterSource(TensorSource):
                     )  # raises on a mismatch
 
     def _tied_target(self, name: str, keys: set[str], config: dict[str, Any]) -> str:
-        from .adapters.export import tied_alias
+        from .export import tied_alias
 
         alias = tied_alias(name, keys) if config.get("tie_word_embeddings", True) else None
         if alias is not None:
@@ -310,7 +310,7 @@ def resolve_adapter(
         [`UnsupportedAdapterError`]: not LoRA, or a LoRA option whose math is not implemented.
         [`IngredientNotFoundError`]: no adapter weights.
     """
-    from .ingredients import ResolvedIngredient
+    from ..ingredients import ResolvedIngredient
 
     name = str(ingredient.name)
     if model is not None:
@@ -341,7 +341,7 @@ def _same_base_name(a: str, b: str) -> bool:
 
 def _peft_model_base(model: Any, name: str) -> ResolvedIngredient:
     """The base model of a live, unmerged PeftModel (a copy with the LoRA layers removed, not merged)."""
-    from .ingredients import Ingredient, ResolvedIngredient
+    from ..ingredients import Ingredient, ResolvedIngredient
 
     for module in model.get_base_model().modules():
         if getattr(module, "merged", False):
@@ -376,7 +376,7 @@ def bind_adapter_bases(
         [`IncompatibleIngredientsError`]: two adapters name different bases, revisions or task types.
         [`IngredientNotFoundError`]: no base can be found (pass `base_model=`).
     """
-    from .ingredients import Ingredient, resolve
+    from ..ingredients import Ingredient, resolve
 
     adapters = [r for r in resolved if r.kind == "adapter"]
     if not adapters:
@@ -461,7 +461,7 @@ def open_adapter_source(resolved: ResolvedIngredient) -> AdapterSource:
 
 def load_base_model(resolved: ResolvedIngredient):
     """A fresh instance of an adapter ingredient's base model (for evaluation and in-memory soups)."""
-    from .kitchen import model_class_for
+    from ..kitchen import model_class_for
 
     info: AdapterIngredient = resolved.adapter
     if info.base is None:
@@ -502,7 +502,7 @@ def _members(kitchen: Kitchen) -> list[LoraAdapter | None]:
 def build_kitchen_adapter(kitchen: Kitchen, coefficients, directory: Path | None = None) -> Any:
     """The [`AdapterSoup`] of these coefficients (one per kitchen member); streamed into `directory` when
     given (its `tensors` then stay empty), else held in memory."""
-    from .adapters.export import build_adapter_soup, write_adapter_soup
+    from .export import build_adapter_soup, write_adapter_soup
 
     members = _members(kitchen)
     adapters = [r for r in kitchen.members if r.kind == "adapter"]
@@ -589,7 +589,7 @@ class AdapterKitchen(Kitchen):
         super().load_into(model, coefficients, progress=progress)
 
     def write(self, coefficients, target, soup=None) -> Path:
-        from .tensors import AtomicDirectory, copy_companion_files
+        from ..core.sources import AtomicDirectory, copy_companion_files
 
         base = next(r for r in self.members if r.kind == "adapter").adapter.base
         with AtomicDirectory(target) as tmp:
@@ -623,7 +623,7 @@ def load_adapter_soup(directory: str | os.PathLike, base_model: Any = None, revi
     Example:
 
     ```python
-    >>> from hf_soups.peft_support import load_adapter_soup
+    >>> from hf_soups.adapters.resolve import load_adapter_soup
     >>> model = load_adapter_soup("./soup-lora")  # doctest: +SKIP
     ```
     """
@@ -631,7 +631,7 @@ def load_adapter_soup(directory: str | os.PathLike, base_model: Any = None, revi
 
     from peft import PeftModel
 
-    from .kitchen import model_class_for
+    from ..kitchen import model_class_for
 
     directory = Path(directory)
     cfg = json.loads((directory / "adapter_config.json").read_text())

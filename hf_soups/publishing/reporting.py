@@ -14,15 +14,15 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import EvaluationError, InvalidArgumentError
+from ..errors import EvaluationError, InvalidArgumentError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .soup import Soup
+    from ..soup import Soup
 
 
 def _title(method: str) -> str:
     """The recipe's display name (as in model cards), or the method itself for an unregistered one."""
-    from .recipes import get_recipe
+    from ..recipes import get_recipe
 
     try:
         return get_recipe(method).pretty_name

@@ -18,13 +18,13 @@ from collections.abc import Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
-from .errors import IncompatibleIngredientsError, NonFiniteTensorError, SoupError
+from ..errors import IncompatibleIngredientsError, NonFiniteTensorError, SoupError
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-    from .align import MergePlan, TensorPlan
-    from .tensors import ShardedSafetensorsWriter, TensorSource
+    from .plan import MergePlan, TensorPlan
+    from .sources import ShardedSafetensorsWriter, TensorSource
 
 logger = logging.getLogger(__name__)
 

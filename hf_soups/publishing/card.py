@@ -4,7 +4,7 @@ The metadata follows the Hub's conventions for merged models: `base_model` lists
 was made from, `base_model_relation: merge`, `tags` include `model-soup` and `merge`, `license` is set
 only when every ingredient (and the base) declares the same one (otherwise the card says it is unknown and lists
 each ingredient's), and `model-index` holds the held-out results when the
-soup was evaluated. The body (from `hf_soups/templates/modelcard_template.md`) describes the recipe,
+soup was evaluated. The body (from `hf_soups/publishing/templates/modelcard_template.md`) describes the recipe,
 the ingredients, the soup against its best ingredient, the WiSE-FT curve or greedy steps, how to load
 the soup and how to cook it again, and cites the two papers.
 
@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # pragma: no cover
     from huggingface_hub import ModelCard
 
-    from .ingredients import Ingredient
-    from .soup import Soup
+    from ..ingredients import Ingredient
+    from ..soup import Soup
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ def write_model_card(soup: Soup, directory: str | os.PathLike, *, repo_id: str |
     Example:
 
     ```python
-    >>> from hf_soups.card import write_model_card
+    >>> from hf_soups.publishing.card import write_model_card
     >>> write_model_card(soup, "my-soup")  # doctest: +SKIP
     PosixPath('my-soup/README.md')
     ```
@@ -481,7 +481,7 @@ def _usage(repo: str, auto_class: str, has_tokenizer: bool, adapter_base: str | 
 def _build(soup: Soup, *, repo_id: str | None, directory: Path | None) -> ModelCard:
     from huggingface_hub import ModelCard, ModelCardData
 
-    from .recipes import get_recipe
+    from ..recipes import get_recipe
 
     try:
         recipe = get_recipe(soup.method)

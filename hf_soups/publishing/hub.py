@@ -25,12 +25,12 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import HubError
+from ..errors import HubError
 
 if TYPE_CHECKING:  # pragma: no cover
     from huggingface_hub import CommitInfo
 
-    from .soup import Soup
+    from ..soup import Soup
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ def _soup_files(folder: Path) -> dict[str, Path]:
 
 def _default_message(soup: Soup) -> str:
     try:
-        from .recipes import get_recipe
+        from ..recipes import get_recipe
 
         pretty = get_recipe(soup.method).pretty_name
     except Exception:

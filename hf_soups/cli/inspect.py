@@ -23,8 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .align import plan_from_alignment
-from .compat import (
+from ..core.compat import (
     BASIN_THRESHOLD,
     FATAL,
     WARNING,
@@ -35,9 +34,10 @@ from .compat import (
     normalize_key,
     tokenizer_vocab_hash,
 )
+from ..core.plan import plan_from_alignment
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .recipe_file import Recipe
+    from ..publishing.recipe_file import Recipe
 
 logger = logging.getLogger(__name__)
 
@@ -143,7 +143,7 @@ class InspectionReport:
         top_tensors (`list[dict]`): the tensors where the ingredients differ most (relative spread).
         base_missing (`list[str]`): ingredient tensors the base lacks or has in another shape (left out of deltas).
         relative_distances (`list[list[float]]`, *optional*): `||a - b|| / ((||a|| + ||b||) / 2)` between the
-            ingredients (the one-basin figure, see [`hf_soups.compat.BASIN_THRESHOLD`]).
+            ingredients (the one-basin figure, see [`hf_soups.core.compat.BASIN_THRESHOLD`]).
         findings (`list[Problem]`): the compatibility checker's problems and warnings, with their rule,
             ingredient and tensor (`problems` and `warnings` hold their messages).
     """
@@ -417,13 +417,13 @@ def inspect_models(
     Example:
 
     ```python
-    >>> from hf_soups.diagnose import inspect_models
+    >>> from hf_soups.cli.inspect import inspect_models
     >>> report = inspect_models(["./runs/a", "./runs/b"], base_model="./pretrained")  # doctest: +SKIP
     >>> print(report.format())  # doctest: +SKIP
     ```
     """
-    from .errors import IncompatibleIngredientsError
-    from .ingredients import Ingredient, as_ingredients, resolve
+    from ..errors import IncompatibleIngredientsError
+    from ..ingredients import Ingredient, as_ingredients, resolve
 
     ingredients = as_ingredients(list(models))
     resolved = [resolve(i, token=token, cache_dir=cache_dir, revision=revision) for i in ingredients]
@@ -435,7 +435,7 @@ def inspect_models(
         base_resolved = resolve(base_ing, token=token, cache_dir=cache_dir, revision=revision)
     try:
         if any(r.kind == "adapter" for r in resolved):
-            from .peft_support import bind_adapter_bases
+            from ..adapters.resolve import bind_adapter_bases
 
             try:
                 bound = bind_adapter_bases(
@@ -490,7 +490,7 @@ def _compare_tensors(
     import torch
     from huggingface_hub.utils import tqdm
 
-    from .engine import CHUNK_ELEMENTS, read_aligned
+    from ..core.engine import CHUNK_ELEMENTS, read_aligned
 
     n = len(sources)
     names = [m.name for m in report.models]
@@ -746,7 +746,7 @@ def _header_stats(plan: ModelPlan, headers: Sequence[dict[str, Any]]) -> None:
 
 
 def _plan_local(role: str, reference: str) -> ModelPlan:
-    from .tensors import find_weight_files, read_safetensors_header
+    from ..core.sources import find_weight_files, read_safetensors_header
 
     folder = Path(reference)
     plan = ModelPlan(role, reference, None, "local", str(folder), None, 0, None)
@@ -779,7 +779,7 @@ def _plan_local(role: str, reference: str) -> ModelPlan:
 def _plan_hub(role: str, repo_id: str, revision: str | None, token: Any, cache_dir: Any) -> ModelPlan:
     from huggingface_hub import HfApi, try_to_load_from_cache
 
-    from .ingredients import (
+    from ..ingredients import (
         HUB_ADAPTER_PATTERNS,
         HUB_BIN_PATTERNS,
         HUB_CONFIG_PATTERNS,
@@ -852,14 +852,14 @@ def plan_merge(recipe: Recipe, *, token: str | bool | None = None) -> MergePlanS
     Returns:
         [`MergePlanSummary`]: print it with `.format()`.
     """
-    from .ingredients import parse_reference
+    from ..ingredients import parse_reference
 
     models: list[ModelPlan] = []
     refs: list[tuple[str, Any]] = [("ingredient", s) for s in recipe.ingredients]
     folder = recipe.ingredients_dir()
     if folder is not None:
-        from .ingredients import expand_ingredients_dir
-        from .recipe_file import IngredientSpec
+        from ..ingredients import expand_ingredients_dir
+        from ..publishing.recipe_file import IngredientSpec
 
         expanded = expand_ingredients_dir(Path(folder)) or []
         refs = [("ingredient", IngredientSpec(model=str(i.reference), revision=i.revision)) for i in expanded]
@@ -935,8 +935,8 @@ def plan_merge(recipe: Recipe, *, token: str | bool | None = None) -> MergePlanS
 
 def _dry_run_check(summary: MergePlanSummary, refs: list[tuple[str, Any]], recipe: Any) -> None:
     """Run the compatibility checker on what is already on disk (local folders, the HF cache): no download."""
-    from .errors import SoupError
-    from .ingredients import Ingredient, resolve
+    from ..errors import SoupError
+    from ..ingredients import Ingredient, resolve
 
     if any(role == "base" for role, _ in refs) and recipe.method != "wise-ft":
         refs = [

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import CorruptCheckpointError, IngredientNotFoundError, SoupError
+from ..errors import CorruptCheckpointError, IngredientNotFoundError, SoupError
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -92,7 +92,7 @@ def parse_dtype(dtype: Any) -> torch.dtype | None:
     name = aliases.get(name, name)
     value = getattr(torch, name, None)
     if not isinstance(value, torch.dtype) or not value.is_floating_point:
-        from .errors import InvalidArgumentError
+        from ..errors import InvalidArgumentError
 
         raise InvalidArgumentError(
             f"dtype={dtype!r} is not a floating point dtype; use one of float32, float16, bfloat16."
@@ -690,7 +690,7 @@ def parse_size(size: int | str) -> int:
     try:
         return int(s)
     except ValueError:
-        from .errors import InvalidArgumentError
+        from ..errors import InvalidArgumentError
 
         raise InvalidArgumentError(
             f"max_shard_size={size!r} is not a size such as '5GB' or 500000000."
@@ -707,7 +707,7 @@ class _Slot:
 class AtomicDirectory:
     """A temporary folder beside `target` that replaces `target` only on [`commit`].
 
-    The ownership rules of [`hf_soups.output_dir`] apply: an existing `target` is replaced only when it is
+    The ownership rules of [`hf_soups.core.output_dir`] apply: an existing `target` is replaced only when it is
     empty or was written by hf_soups (it holds the `.hf_soups` marker and nothing else); an `output_dir`
     that is, holds or lies inside one of `ingredients` is refused. Both are checked before anything is
     created. A symlinked `target` is written through: the folder it points to is replaced, the link stays.
