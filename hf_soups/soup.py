@@ -86,7 +86,7 @@ class Soup:
                 return self._model
             import json
 
-            from .kitchen import model_class_for
+            from .loading import model_class_for
 
             config = json.loads((Path(self.output_dir) / "config.json").read_text())
             self._model = model_class_for(config).from_pretrained(self.output_dir)
@@ -124,7 +124,7 @@ class Soup:
             [`OutputWriteError`]: the disk is full or the location is not writable (nothing was replaced).
         """
         from .core.sources import AtomicDirectory
-        from .kitchen import is_main_process
+        from .utils import is_main_process
 
         target = Path(save_directory).expanduser().absolute()
         if not is_main_process():

@@ -188,7 +188,7 @@ def test_wise_ft_card_lists_the_base_first_and_shows_the_curve(hub_server):
             "selected": a == 0.5,
         }
         for a, s, o in [(0.0, 0.6, 0.55), (0.5, 0.88, 0.7), (1.0, 0.9, 0.6)]
-    ]  # the format of recipes/wise_ft_sweep.py
+    ]  # the format of the sweep in recipes/wise_ft.py
     soup = Soup(
         "wise-ft", [ft], params={"alpha": 0.5}, base=base, history=history, score=0.88,
         scores={"validation": {"accuracy": 0.88}}, metric_name="accuracy", select_on="validation",

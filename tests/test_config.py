@@ -120,7 +120,7 @@ def test_the_callback_checks_options_like_merge_models():
         InvalidArgumentError, match=r"wieghts: unknown merge_models option \(did you mean 'weights'"
     ):
         SoupTrainerCallback(wieghts=[1, 2])
-    SoupTrainerCallback(method="wise-ft", alpha=[0.2, 0.8])  # base_model may still come with cook()
+    SoupTrainerCallback(method="wise-ft", alpha=[0.2, 0.8])  # base_model may still come with cook_recipe()
 
 
 # ------------------------------------------------------------------------------------------------ one declaration
@@ -179,7 +179,7 @@ def test_recipes_written_by_0_1_keep_cooking(tmp_path):
     import torch
     from safetensors.torch import load_file
 
-    from hf_soups.publishing.recipe_file import cook
+    from hf_soups.api import cook_recipe
     from tests.test_recipe_file import save_tokenizer, write_eval_csv
 
     fixtures = Path(__file__).parent / "fixtures" / "recipes_v0_1"
@@ -199,7 +199,7 @@ def test_recipes_written_by_0_1_keep_cooking(tmp_path):
 
     recipe = load_recipe(tmp_path / "uniform_soup_recipe.yaml")
     assert recipe.dtype == "bfloat16" and recipe.max_shard_size == "30KB"
-    cook(recipe, output_dir=tmp_path / "uniform", progress=False)
+    cook_recipe(recipe, output_dir=tmp_path / "uniform", progress=False)
     a, b = (load_file(d / "model.safetensors") for d in dirs)
     out = {}
     for shard in (tmp_path / "uniform").glob("*.safetensors"):
@@ -208,7 +208,9 @@ def test_recipes_written_by_0_1_keep_cooking(tmp_path):
     expected = (0.25 * a[name].double() + 0.75 * b[name].double()).to(torch.bfloat16)
     assert out[name].dtype == torch.bfloat16 and torch.equal(out[name], expected)
 
-    soup = cook(tmp_path / "wise_ft_sweep_soup_recipe.yaml", output_dir=tmp_path / "wise", progress=False)
+    soup = cook_recipe(
+        tmp_path / "wise_ft_sweep_soup_recipe.yaml", output_dir=tmp_path / "wise", progress=False
+    )
     assert soup.params["alpha"] in (0.0, 0.5, 1.0) and soup.params["alphas"] == [0.0, 0.5, 1.0]
     assert [i.name for i in soup.ingredients] == ["ft-0", "second"]
     rewritten = yaml.safe_load((tmp_path / "wise" / RECIPE_FILENAME).read_text())

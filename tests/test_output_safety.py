@@ -232,7 +232,8 @@ _CHILD = textwrap.dedent(
     """
     import sys, time
     from pathlib import Path
-    from hf_soups import merge_models, tensors
+    from hf_soups import merge_models
+    from hf_soups.core import sources as tensors
 
     ready, out, *models = sys.argv[1:]
     original = tensors.ShardedSafetensorsWriter.write

@@ -13,9 +13,9 @@ from hf_soups.core.sources import (
     SafetensorsSource,
     ShardedSafetensorsWriter,
     find_weight_files,
-    parse_size,
 )
 from hf_soups.errors import CorruptCheckpointError, SoupError
+from hf_soups.utils import parse_size
 
 
 def _random_tensors():

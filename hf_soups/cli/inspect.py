@@ -422,6 +422,7 @@ def inspect_models(
     >>> print(report.format())  # doctest: +SKIP
     ```
     """
+    from ..adapters.resolve import bind_adapter_bases
     from ..errors import IncompatibleIngredientsError
     from ..ingredients import Ingredient, as_ingredients, resolve
 
@@ -435,8 +436,6 @@ def inspect_models(
         base_resolved = resolve(base_ing, token=token, cache_dir=cache_dir, revision=revision)
     try:
         if any(r.kind == "adapter" for r in resolved):
-            from ..adapters.resolve import bind_adapter_bases
-
             try:
                 bound = bind_adapter_bases(
                     resolved, base_resolved, token=token, cache_dir=cache_dir, revision=revision
@@ -935,6 +934,7 @@ def plan_merge(recipe: Recipe, *, token: str | bool | None = None) -> MergePlanS
 
 def _dry_run_check(summary: MergePlanSummary, refs: list[tuple[str, Any]], recipe: Any) -> None:
     """Run the compatibility checker on what is already on disk (local folders, the HF cache): no download."""
+    from .. import adapters  # noqa: F401  (adapter ingredients resolve through it)
     from ..errors import SoupError
     from ..ingredients import Ingredient, resolve
 

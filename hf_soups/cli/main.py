@@ -388,20 +388,20 @@ def _run_recipe(recipe: Any, args: argparse.Namespace, overrides: dict[str, Any]
         summary = plan_merge(planned, token=overrides.get("token"))
         print(summary.format())
         return EXIT_OK if summary.compatible else EXIT_FAILURE
-    from ..publishing.recipe_file import cook
+    from ..api import cook_recipe
 
     if push and not output_dir:
         # stream the soup to a temporary folder and push that, rather than holding the model in memory
         import tempfile
 
         with tempfile.TemporaryDirectory(prefix="hf-soups-push-") as tmp:
-            soup = cook(
+            soup = cook_recipe(
                 recipe, progress=not args.quiet, **{**overrides, "output_dir": os.path.join(tmp, "soup")}
             )
             soup.output_dir = None
             _print_soup(soup)
     else:
-        soup = cook(recipe, progress=not args.quiet, **overrides)
+        soup = cook_recipe(recipe, progress=not args.quiet, **overrides)
         _print_soup(soup)
     if push:
         print(f"Pushed to the Hub: {push}")

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import CorruptCheckpointError, IngredientNotFoundError, SoupError
+from ..utils import parse_size
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -665,36 +666,6 @@ def open_weight_files(weights: WeightFiles, description: str = "") -> TensorSour
 
 
 # --------------------------------------------------------------------------------------------- writing
-
-
-def parse_size(size: int | str) -> int:
-    """`"5GB"` -> 5_000_000_000, `"500MiB"` -> 524_288_000; integers are bytes."""
-    if isinstance(size, int):
-        return size
-    s = str(size).strip().upper()
-    units = {
-        "KIB": 2**10,
-        "MIB": 2**20,
-        "GIB": 2**30,
-        "TIB": 2**40,
-        "KB": 10**3,
-        "MB": 10**6,
-        "GB": 10**9,
-        "TB": 10**12,
-    }
-    for unit, factor in units.items():
-        if s.endswith(unit):
-            return int(float(s[: -len(unit)]) * factor)
-    if s.endswith("B"):
-        s = s[:-1]
-    try:
-        return int(s)
-    except ValueError:
-        from ..errors import InvalidArgumentError
-
-        raise InvalidArgumentError(
-            f"max_shard_size={size!r} is not a size such as '5GB' or 500000000."
-        ) from None
 
 
 @dataclass(frozen=True)

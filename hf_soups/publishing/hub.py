@@ -18,14 +18,13 @@ Failures (no token, 401/403, a missing revision, the network down, offline mode)
 from __future__ import annotations
 
 import logging
-import os
 import re
-import sys
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import HubError
+from ..utils import is_main_process
 
 if TYPE_CHECKING:  # pragma: no cover
     from huggingface_hub import CommitInfo
@@ -36,22 +35,6 @@ logger = logging.getLogger(__name__)
 
 _COMMIT_HASH = re.compile(r"^[0-9a-f]{40}$")
 _PR_REF = re.compile(r"^refs/pr/\d+$")
-
-
-def is_main_process() -> bool:
-    """Whether this process may write to the Hub: rank 0 by `RANK` (torchrun) and, when `accelerate`'s state is
-    set up, its main process."""
-    if int(os.environ.get("RANK", "0")) != 0:
-        return False
-    if "accelerate" in sys.modules:
-        try:
-            from accelerate.state import PartialState
-
-            if PartialState._shared_state != {}:
-                return bool(PartialState().is_main_process)
-        except Exception:  # an unusual accelerate install must not block pushing
-            pass
-    return True
 
 
 def _resolve_token(token: str | bool | None) -> str:

@@ -970,45 +970,6 @@ def active_recipe(recipe: Recipe) -> Iterator[Recipe]:
         _ACTIVE_RECIPE.reset(token)
 
 
-def cook(recipe: Recipe | str | os.PathLike, *, trust_remote_code: bool = False, **overrides: Any) -> Soup:
-    """Cooks a recipe: `merge_models(**recipe.to_merge_kwargs(), **overrides)`.
-
-    The soup written to disk carries this recipe (with resolved revisions) as `soup_recipe.yaml`.
-
-    Args:
-        recipe ([`Recipe`], `str` or `os.PathLike`):
-            A recipe, or the path of a recipe file.
-        trust_remote_code (`bool`, *optional*, defaults to `False`):
-            Allow the recipe file to name code (see [`load_recipe`]).
-        **overrides:
-            `merge_models` keyword arguments that replace the recipe's (`output_dir`, `push_to_hub`, `progress`...).
-
-    Returns:
-        [`Soup`]: the soup.
-
-    Example:
-
-    ```python
-    >>> from hf_soups.publishing.recipe_file import cook
-    >>> soup = cook("recipe.yaml", output_dir="my-soup")  # doctest: +SKIP
-    ```
-    """
-    from ..api import merge_models
-
-    if not isinstance(recipe, Recipe):
-        recipe = load_recipe(recipe, trust_remote_code=trust_remote_code)
-    elif trust_remote_code and not recipe.trust_remote_code:
-        recipe = recipe.with_options()
-        recipe.trust_remote_code = True
-    kwargs = recipe.to_merge_kwargs()
-    kwargs.update(overrides)
-    with active_recipe(recipe):
-        soup = merge_models(**kwargs)
-    # later saves (soup.save_pretrained, soup.push_to_hub) record this recipe's eval data and metric too
-    soup._source_recipe = recipe  # type: ignore[attr-defined]
-    return soup
-
-
 def _reference_entry(ingredient: Any) -> dict[str, Any]:
     """`{model, revision, name}` for a resolved ingredient (local folders by absolute path)."""
     ref = ingredient.reference
@@ -1267,7 +1228,6 @@ __all__ = [
     "RecipeError",
     "recipe_keys",
     "active_recipe",
-    "cook",
     "load_eval_data",
     "load_recipe",
     "recipe_from_soup",
