@@ -120,14 +120,6 @@ class Ingredient:
         if self.weight is not None:
             self.weight = float(self.weight)
 
-    @property
-    def is_local(self) -> bool:
-        return isinstance(self.reference, str) and Path(self.reference).expanduser().exists()
-
-    @property
-    def is_in_memory(self) -> bool:
-        return not isinstance(self.reference, str)
-
     def to_dict(self) -> dict[str, Any]:
         """A JSON-friendly summary (in-memory references are described, not serialised)."""
         ref = (

@@ -155,7 +155,7 @@ class Kitchen:
         if report_extra:
             soup.report_extra.update(report_extra)
         if self.evaluator is not None:  # what score means, before the card is written
-            soup.metric_name = soup.metric_name or getattr(self.evaluator, "metric_key", None)
+            soup.metric_key = soup.metric_key or getattr(self.evaluator, "metric_key", None)
             soup.select_on = soup.select_on or getattr(self.evaluator, "select_on", None)
         if self.evaluator is not None and score is None:
             finish = getattr(self.evaluator, "score_soup", None)

@@ -33,7 +33,8 @@ class Soup:
         history (`list[dict]`): recipe steps (greedy additions, WiSE-FT sweep points).
         coefficients (`list[float]`): the final coefficient of every ingredient (base last when present).
         output_dir (`Path`, *optional*): where the soup was streamed to disk.
-        metric_name (`str`, *optional*), select_on (`str`, *optional*): what `score` means.
+        metric_key (`str`, *optional*), select_on (`str`, *optional*): what `score` means (the key of the metric's
+            result it is, and the eval set it was measured on).
         report_extra (`dict`): extra report entries (e.g. adapter SVD errors).
         output_options (`dict`): how the tensors were written (`dtype` override or None, `max_shard_size`);
             recorded in `soup_recipe.yaml` so that a re-cook writes the same tensors.
@@ -55,7 +56,7 @@ class Soup:
     history: list[dict[str, Any]] = field(default_factory=list)
     coefficients: list[float] = field(default_factory=list)
     output_dir: Path | None = None
-    metric_name: str | None = None
+    metric_key: str | None = None
     select_on: str | None = None
     report_extra: dict[str, Any] = field(default_factory=dict)
     output_options: dict[str, Any] = field(default_factory=dict)
@@ -94,9 +95,13 @@ class Soup:
         return self._model
 
     @property
-    def selected(self) -> list[Ingredient]:
-        """The ingredients the soup is made of (non-zero weight)."""
-        return [i for i in self.ingredients if i.selected or (i.selected is None and (i.weight or 0) > 0)]
+    def metric_name(self) -> str | None:
+        """Former name of [`metric_key`], kept while `evaluation.py` still sets it; use `metric_key`."""
+        return self.metric_key
+
+    @metric_name.setter
+    def metric_name(self, value: str | None) -> None:
+        self.metric_key = value
 
     # --------------------------------------------------------------------------------------- saving
 

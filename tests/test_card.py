@@ -153,7 +153,7 @@ def test_evaluated_soup_has_model_index_and_comparison(hub_server, tmp_path):
         ingredients,
         score=0.83,
         scores={"validation": {"accuracy": 0.83, "f1": 0.81}, "typos": {"accuracy": 0.75}},
-        metric_name="accuracy",
+        metric_key="accuracy",
         select_on="validation",
         report_extra={
             "eval_datasets": {"validation": {"id": "org/reviews", "split": "validation", "name": "Reviews"}}
@@ -191,7 +191,7 @@ def test_wise_ft_card_lists_the_base_first_and_shows_the_curve(hub_server):
     ]  # the format of the sweep in recipes/wise_ft.py
     soup = Soup(
         "wise-ft", [ft], params={"alpha": 0.5}, base=base, history=history, score=0.88,
-        scores={"validation": {"accuracy": 0.88}}, metric_name="accuracy", select_on="validation",
+        scores={"validation": {"accuracy": 0.88}}, metric_key="accuracy", select_on="validation",
         _kitchen_config=BERT_CONFIG,
     )  # fmt: skip
     card = check_card(build_model_card(soup))

@@ -99,7 +99,7 @@ def test_greedy_keeps_the_good_drops_the_ruined_and_beats_the_best_single(
         if tensor.is_floating_point():
             torch.testing.assert_close(tensor, expected[name], rtol=0, atol=1e-6)
     assert soup.score == pytest.approx(accuracy(soup.model, ids, labels))
-    assert soup.metric_name == "accuracy" and soup.select_on == "val"
+    assert soup.metric_key == "accuracy" and soup.select_on == "val"
     # history: the start, then one step per candidate, best-first, the soup's score never drops
     assert [h["step"] for h in soup.history] == list(range(5))
     assert soup.history[0]["candidate"] == best.name
@@ -345,7 +345,7 @@ def test_greedy_on_a_language_model_minimises_perplexity(tmp_path):
     soup = merge_models(
         [str(p) for p in paths], method="greedy", eval_dataset=ds, metric="perplexity", progress=False
     )
-    assert soup.metric_name == "perplexity" and soup.params["greater_is_better"] is False
+    assert soup.metric_key == "perplexity" and soup.params["greater_is_better"] is False
     assert soup.history[0]["score"] == min(i.score for i in soup.ingredients)
     for prev, step in zip(soup.history, soup.history[1:]):
         assert step["kept"] == (step["candidate_score"] <= prev["score"])

@@ -49,7 +49,6 @@ def _plan(tensors: dict[str, torch.Tensor], n: int, dtype: torch.dtype | None = 
         config={},
         reference_index=0,
         names=[f"ing-{i}" for i in range(n)],
-        label_permuted=[False] * n,
     )
 
 

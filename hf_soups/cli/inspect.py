@@ -35,6 +35,7 @@ from ..core.compat import (
     tokenizer_vocab_hash,
 )
 from ..core.plan import plan_from_alignment
+from ..utils import numel as count_elements
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..publishing.recipe_file import Recipe
@@ -727,7 +728,7 @@ def _header_stats(plan: ModelPlan, headers: Sequence[dict[str, Any]]) -> None:
         for name, entry in header.items():
             if name == "__metadata__":
                 continue
-            numel = math.prod(entry["shape"]) if entry["shape"] else 1
+            numel = count_elements(entry["shape"])
             nbytes = numel * _ST_ITEMSIZE.get(entry["dtype"], 4)
             num += 1
             params += numel

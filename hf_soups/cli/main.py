@@ -421,7 +421,7 @@ def _print_soup(soup: Any) -> None:
             bits.append("left out")
         lines.append(f"  - {ing.name}" + (f" ({', '.join(b for b in bits if b)})" if any(bits) else ""))
     if soup.score is not None:
-        what = soup.metric_name or "score"
+        what = soup.metric_key or "score"
         where = f" on {soup.select_on}" if soup.select_on else ""
         lines.append(f"Soup {what}{where}: {soup.score:.4f}")
     if soup.output_dir is not None:

@@ -74,7 +74,6 @@ class MergePlan:
     config: dict[str, Any]
     reference_index: int
     names: list[str]
-    label_permuted: list[bool] = field(default_factory=list)
     report: CompatibilityReport | None = None
     distances: DistanceStats | None = None
 
@@ -146,7 +145,6 @@ def plan_from_alignment(
         config=config,
         reference_index=reference_index,
         names=names,
-        label_permuted=[p is not None for p in alignment.permutations],
         report=report,
         distances=DistanceStats(names),
     )

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .reporting import format_value
+
 if TYPE_CHECKING:  # pragma: no cover
     from huggingface_hub import ModelCard
 
@@ -299,17 +301,7 @@ def _adapter_base_id(adapter_config: dict[str, Any]) -> str | None:
 # formatting
 # --------------------------------------------------------------------------------------------------
 def _fmt(value: Any) -> str:
-    if value is None:
-        return "–"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "nan"
-        return f"{value:.4f}"
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_fmt(v) for v in value) + "]"
-    return str(value)
+    return format_value(value, missing="–")
 
 
 def _md(text: str) -> str:
@@ -384,8 +376,8 @@ def _curve(soup: Soup) -> tuple[str | None, list[str], list[list[str]]]:
     if (
         "score" in header
         and soup.select_on
-        and soup.metric_name
-        and f"{soup.select_on} {soup.metric_name}" in header
+        and soup.metric_key
+        and f"{soup.select_on} {soup.metric_key}" in header
     ):
         header.remove("score")
     rows = [[_md(_fmt(row.get(k))) for k in header] for row in history]
@@ -438,7 +430,7 @@ def _eval_results(soup: Soup, task_type: str | None, dataset_ids: dict[str, dict
     rows = []
     scores = dict(soup.scores or {})
     if not scores and soup.score is not None:
-        scores = {soup.select_on or "eval": {soup.metric_name or "score": soup.score}}
+        scores = {soup.select_on or "eval": {soup.metric_key or "score": soup.score}}
     for set_name, metrics in scores.items():
         info = dataset_ids.get(set_name, {}) if isinstance(dataset_ids, dict) else {}
         for metric, value in (metrics or {}).items():
@@ -575,7 +567,7 @@ def _build(soup: Soup, *, repo_id: str | None, directory: Path | None) -> ModelC
             else (f" on the base model {_ingredient_label(base)}")
         )
     summary += "."
-    metric = soup.metric_name or "score"
+    metric = soup.metric_key or "score"
     score_header = f"Held-out {metric}" + (f" ({soup.select_on})" if soup.select_on else "")
     rows = []
     coefficients = list(soup.coefficients or [])

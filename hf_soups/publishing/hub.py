@@ -86,7 +86,7 @@ def _description(soup: Soup) -> str:
         kept = "" if ing.selected is not False else " (not kept)"
         lines.append(f"- {ing.name}{rev}{weight}{kept}")
     if soup.score is not None:
-        lines.append(f"Held-out {soup.metric_name or 'score'}: {soup.score:.4f}")
+        lines.append(f"Held-out {soup.metric_key or 'score'}: {soup.score:.4f}")
     return "\n".join(lines)
 
 

@@ -1145,8 +1145,8 @@ def _recorded_weights(soup: Any, params: dict, source: Recipe | None) -> list[fl
 
 def _result_section(soup: Any) -> dict[str, Any]:
     result: dict[str, Any] = {}
-    if getattr(soup, "metric_name", None):
-        result["metric"] = soup.metric_name
+    if getattr(soup, "metric_key", None):
+        result["metric"] = soup.metric_key
     if getattr(soup, "select_on", None):
         result["select_on"] = soup.select_on
     if soup.score is not None:
