@@ -79,7 +79,7 @@ def worker_build(spec_json: str) -> None:
     from safetensors.torch import save_file
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from hf_soups.tensors import ShardedSafetensorsWriter
+    from hf_soups.core.sources import ShardedSafetensorsWriter
 
     spec = json.loads(spec_json)
     base_dir, k = Path(spec["base"]), spec["k"]
@@ -180,7 +180,7 @@ def worker_verify(form: str, out: str, base: str, adapters: list[str]) -> None:
     from safetensors import safe_open
 
     from hf_soups.adapters import read_adapter
-    from hf_soups.tensors import find_weight_files, open_weight_files
+    from hf_soups.core.sources import find_weight_files, open_weight_files
 
     readers = [read_adapter(a) for a in adapters]
     k = len(readers)

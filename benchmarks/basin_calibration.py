@@ -1,4 +1,4 @@
-"""Calibrates the one-basin threshold (hf_soups.compat.BASIN_THRESHOLD) on real fine-tunes and independent inits.
+"""Calibrates the one-basin threshold (hf_soups.core.compat.BASIN_THRESHOLD) on real fine-tunes and independent inits.
 
 Fine-tunes: all-MiniLM-L6-v2 (the demo's real pre-trained model) with a 2-class head, fine-tuned a few dozen
 steps on rotten-tomatoes snippets with different learning rates and seeds. Independent inits: the same config,
@@ -68,7 +68,7 @@ def pairs(names, matrix):
 
 def measure(models, names):
     from hf_soups import Ingredient
-    from hf_soups.diagnose import inspect_models
+    from hf_soups.cli.inspect import inspect_models
 
     report = inspect_models([Ingredient(m, name=n) for m, n in zip(models, names)], progress=False)
     if report.relative_distances is None:
@@ -86,7 +86,7 @@ def main(argv=None):
     import torch
 
     torch.set_num_threads(1)
-    from hf_soups.compat import BASIN_THRESHOLD
+    from hf_soups.core.compat import BASIN_THRESHOLD
     from hf_soups.demo.data import load_splits, load_tokenizer, minilm_path
     from tests.tiny_models import make_tiny_bert
 
@@ -118,7 +118,9 @@ def main(argv=None):
             ["tiny init 11", "tiny init 12", "tiny init 13"],
         ),
     }
-    print(f"threshold (hf_soups.compat.BASIN_THRESHOLD): {BASIN_THRESHOLD:g}; {args.steps} fine-tuning steps")
+    print(
+        f"threshold (hf_soups.core.compat.BASIN_THRESHOLD): {BASIN_THRESHOLD:g}; {args.steps} fine-tuning steps"
+    )
     for group, figures in results.items():
         print(group)
         for pair, value in figures.items():

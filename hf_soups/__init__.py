@@ -18,7 +18,7 @@ _SUBMOD_ATTRS: dict[str, str] = {
     "merge_models": "api",
     "Soup": "soup",
     "Ingredient": "ingredients",
-    "SoupTrainerCallback": "callback",
+    "SoupTrainerCallback": "integrations.callback",
     "SoupError": "errors",
     "InvalidArgumentError": "errors",
     "IngredientNotFoundError": "errors",
@@ -28,6 +28,9 @@ _SUBMOD_ATTRS: dict[str, str] = {
     "EvaluationError": "errors",
     "UnsupportedAdapterError": "errors",
     "HubError": "errors",
+    "OutputDirError": "errors",
+    "OutputWriteError": "errors",
+    "UntrustedCodeError": "errors",
 }
 
 __all__ = sorted(_SUBMOD_ATTRS)
@@ -52,7 +55,6 @@ if os.environ.get("EAGER_IMPORT", ""):
 
 if TYPE_CHECKING:  # pragma: no cover (mirrors _SUBMOD_ATTRS for type checkers)
     from .api import merge_models  # noqa: F401
-    from .callback import SoupTrainerCallback  # noqa: F401
     from .errors import (  # noqa: F401
         CorruptCheckpointError,
         EvaluationError,
@@ -61,8 +63,12 @@ if TYPE_CHECKING:  # pragma: no cover (mirrors _SUBMOD_ATTRS for type checkers)
         IngredientNotFoundError,
         InvalidArgumentError,
         NonFiniteTensorError,
+        OutputDirError,
+        OutputWriteError,
         SoupError,
         UnsupportedAdapterError,
+        UntrustedCodeError,
     )
     from .ingredients import Ingredient  # noqa: F401
+    from .integrations.callback import SoupTrainerCallback  # noqa: F401
     from .soup import Soup  # noqa: F401

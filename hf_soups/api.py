@@ -12,6 +12,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
 
     from .ingredients import ModelReference
+    from .publishing.recipe_file import Recipe
     from .soup import Soup
 
 logger = logging.getLogger(__name__)
@@ -128,12 +129,13 @@ def merge_models(
     ```
     """
     options = {name: value for name, value in locals().items() if name != "models"}  # every keyword argument
+    from .adapters.resolve import bind_adapter_bases
     from .config import SoupConfig, check_models
+    from .core.output_dir import check_output_dir
+    from .core.sources import parse_dtype
     from .ingredients import as_ingredients, resolve
     from .kitchen import Kitchen
-    from .output_dir import check_output_dir
     from .recipes import get_recipe
-    from .tensors import parse_dtype
 
     check_models(models)
     ingredients = as_ingredients(models)
@@ -175,8 +177,6 @@ def merge_models(
         base_ing = base_model if isinstance(base_model, Ingredient) else Ingredient(base_model)
         base = resolve(base_ing, **hub_kwargs)
     if any(r.kind == "adapter" for r in resolved):
-        from .peft_support import bind_adapter_bases
-
         bind_adapter_bases(resolved, base, **hub_kwargs)
     if evaluator is not None and hasattr(evaluator, "bind"):
         evaluator.bind(resolved, base=base, tokenizer=tokenizer)
@@ -195,7 +195,7 @@ def merge_models(
     )
     try:
         if any(r.kind == "adapter" for r in resolved) and config.adapter_output == "adapter":
-            from .peft_support import cook_adapter_soup
+            from .kitchen import cook_adapter_soup
 
             soup = cook_adapter_soup(kitchen, recipe)
         else:
@@ -205,4 +205,45 @@ def merge_models(
             r.close()
     if push_to_hub:
         soup.push_to_hub(push_to_hub, private=private, token=token)
+    return soup
+
+
+def cook_recipe(
+    recipe: Recipe | str | os.PathLike, *, trust_remote_code: bool = False, **overrides: Any
+) -> Soup:
+    """Cooks a recipe: `merge_models(**recipe.to_merge_kwargs(), **overrides)`.
+
+    The soup written to disk carries this recipe (with resolved revisions) as `soup_recipe.yaml`.
+
+    Args:
+        recipe ([`Recipe`], `str` or `os.PathLike`):
+            A recipe, or the path of a recipe file.
+        trust_remote_code (`bool`, *optional*, defaults to `False`):
+            Allow the recipe file to name code (see [`~publishing.recipe_file.load_recipe`]).
+        **overrides:
+            `merge_models` keyword arguments that replace the recipe's (`output_dir`, `push_to_hub`, `progress`...).
+
+    Returns:
+        [`Soup`]: the soup.
+
+    Example:
+
+    ```python
+    >>> from hf_soups.api import cook_recipe
+    >>> soup = cook_recipe("recipe.yaml", output_dir="my-soup")  # doctest: +SKIP
+    ```
+    """
+    from .publishing.recipe_file import Recipe, active_recipe, load_recipe
+
+    if not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe, trust_remote_code=trust_remote_code)
+    elif trust_remote_code and not recipe.trust_remote_code:
+        recipe = recipe.with_options()
+        recipe.trust_remote_code = True
+    kwargs = recipe.to_merge_kwargs()
+    kwargs.update(overrides)
+    with active_recipe(recipe):
+        soup = merge_models(**kwargs)
+    # later saves (soup.save_pretrained, soup.push_to_hub) record this recipe's eval data and metric too
+    soup._source_recipe = recipe  # type: ignore[attr-defined]
     return soup

@@ -12,15 +12,12 @@ import json
 import logging
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Union
 
-from .errors import IngredientNotFoundError, InvalidArgumentError
-from .ingredients_folder import INGREDIENT_METADATA as INGREDIENT_METADATA  # re-exported for recipe_file
-from .ingredients_folder import INGREDIENTS_MANIFEST as INGREDIENTS_MANIFEST  # re-exported for recipe_file
-from .ingredients_folder import is_ingredients_dir, read_ingredients_dir
-from .tensors import (
+from .core.sources import (
     SAFE_WEIGHTS_INDEX_NAME,
     SAFE_WEIGHTS_NAME,
     WEIGHTS_INDEX_NAME,
@@ -30,6 +27,10 @@ from .tensors import (
     find_weight_files,
     open_weight_files,
 )
+from .errors import IngredientNotFoundError, InvalidArgumentError, SoupError
+from .ingredients_folder import INGREDIENT_METADATA as INGREDIENT_METADATA  # re-exported for recipe_file
+from .ingredients_folder import INGREDIENTS_MANIFEST as INGREDIENTS_MANIFEST  # re-exported for recipe_file
+from .ingredients_folder import is_ingredients_dir, read_ingredients_dir
 
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import PreTrainedModel
@@ -121,14 +122,6 @@ class Ingredient:
             self.name = _default_name(self.reference, self.revision)
         if self.weight is not None:
             self.weight = float(self.weight)
-
-    @property
-    def is_local(self) -> bool:
-        return isinstance(self.reference, str) and Path(self.reference).expanduser().exists()
-
-    @property
-    def is_in_memory(self) -> bool:
-        return not isinstance(self.reference, str)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-friendly summary (in-memory references are described, not serialised)."""
@@ -251,7 +244,7 @@ def list_ingredients(
     Example:
 
     ```python
-    >>> from hf_soups.callback import list_ingredients
+    >>> from hf_soups.integrations.callback import list_ingredients
     >>> for ing in list_ingredients("soup-ingredients"):  # doctest: +SKIP
     ...     print(ing.name, ing.metadata["trial_params"], ing.metadata["metrics"].get("eval_accuracy"))
     ```
@@ -293,10 +286,8 @@ class ResolvedIngredient:
     def open(self) -> TensorSource:
         """The lazy tensors of this ingredient (opened once, then cached)."""
         if self._source is None:
-            if self.kind == "adapter":
-                from .peft_support import open_adapter_source
-
-                self._source = open_adapter_source(self)
+            if self.kind == "adapter":  # the adapters layer's description knows how to open it
+                self._source = self.adapter.open(self)
             elif self.model is not None:
                 self._source = StateDictSource(self.model.state_dict(), description=self.name)
             else:
@@ -342,6 +333,28 @@ def _read_config(path: Path, name: str) -> dict[str, Any]:
         ) from None
 
 
+# Adapter ingredients (PEFT folders and `PeftModel`s) are resolved by `hf_soups.adapters`, a higher layer, which
+# registers its resolver here when it is imported (`hf_soups.adapters` imports it; `merge_models` and
+# `hf-soups inspect` import `hf_soups.adapters`). Lower layers never import higher ones.
+_ADAPTER_RESOLVER: Callable[..., ResolvedIngredient] | None = None
+
+
+def register_adapter_resolver(resolver: Callable[..., ResolvedIngredient]) -> None:
+    """Called by `hf_soups.adapters.resolve`: `resolver(ingredient, *, path=None, model=None, token, cache_dir,
+    commit_hash=None)` resolves an adapter reference."""
+    global _ADAPTER_RESOLVER
+    _ADAPTER_RESOLVER = resolver
+
+
+def _resolve_adapter(ingredient: Ingredient, **kwargs: Any) -> ResolvedIngredient:
+    if _ADAPTER_RESOLVER is None:
+        raise SoupError(
+            f"Ingredient {ingredient.name!r} is a PEFT adapter, and adapter support is not loaded: import "
+            "hf_soups.adapters first (merge_models does)."
+        )
+    return _ADAPTER_RESOLVER(ingredient, **kwargs)
+
+
 def resolve(
     ingredient: Ingredient,
     *,
@@ -373,9 +386,7 @@ def resolve(
     ref = ingredient.reference
     if not isinstance(ref, str):
         if _is_peft_model(ref):
-            from .peft_support import resolve_adapter
-
-            return resolve_adapter(ingredient, model=ref, token=token, cache_dir=cache_dir)
+            return _resolve_adapter(ingredient, model=ref, token=token, cache_dir=cache_dir)
         if not hasattr(ref, "state_dict") or not hasattr(ref, "config"):
             raise InvalidArgumentError(
                 f"Ingredient {ingredient.name!r} is a {type(ref).__name__}; expected a Hub model ID, a folder "
@@ -393,9 +404,7 @@ def resolve(
                 ingredient=ingredient.name,
             )
         if (path / "adapter_config.json").is_file() and find_weight_files(path) is None:
-            from .peft_support import resolve_adapter
-
-            return resolve_adapter(ingredient, path=path, token=token, cache_dir=cache_dir)
+            return _resolve_adapter(ingredient, path=path, token=token, cache_dir=cache_dir)
         if find_weight_files(path) is None:
             raise IngredientNotFoundError(
                 _no_weights_message(ingredient.name, path), ingredient=ingredient.name
@@ -415,9 +424,7 @@ def resolve(
     ingredient.metadata.setdefault("requested_revision", ingredient.revision or revision or "main")
     ingredient.revision = commit
     if (snapshot / "adapter_config.json").is_file() and find_weight_files(snapshot) is None:
-        from .peft_support import resolve_adapter
-
-        return resolve_adapter(
+        return _resolve_adapter(
             ingredient, path=snapshot, token=token, cache_dir=cache_dir, commit_hash=commit
         )
     config = _read_config(snapshot, ingredient.name)

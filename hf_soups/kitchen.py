@@ -16,46 +16,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .align import MergePlan, build_plan, match_live_model
-from .engine import ModelSink, WriterSink, combine
+from .adapters.resolve import adapter_members, build_kitchen_adapter, load_base_model
+from .core.engine import ModelSink, WriterSink, combine
+from .core.plan import MergePlan, build_plan, match_live_model
+from .core.sources import AtomicDirectory, ShardedSafetensorsWriter, copy_companion_files
 from .errors import SoupError
-from .tensors import AtomicDirectory, ShardedSafetensorsWriter, copy_companion_files
+from .loading import model_class_for
+from .utils import is_main_process, wait_for_everyone
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
     from .ingredients import ResolvedIngredient
+    from .recipes.base import Recipe
     from .soup import Soup
 
 logger = logging.getLogger(__name__)
-
-
-def is_main_process() -> bool:
-    """True unless this is a non-zero rank of a distributed run (torchrun / accelerate launch)."""
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-def wait_for_everyone() -> None:
-    """Barrier across processes when torch.distributed is initialised (no-op otherwise)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
-def model_class_for(config: dict[str, Any]):
-    """The transformers class named by `config["architectures"][0]` (falls back to `AutoModel`)."""
-    import transformers
-
-    arch = (config.get("architectures") or [None])[0]
-    cls = getattr(transformers, arch, None) if arch else None
-    if cls is None:
-        if arch:
-            logger.warning("Architecture %s is not in transformers; loading the soup with AutoModel.", arch)
-        cls = transformers.AutoModel
-    return cls
 
 
 @dataclass
@@ -120,8 +96,6 @@ class Kitchen:
         """
         ref = self.members[self.reference_index]
         if ref.kind == "adapter":
-            from .peft_support import load_base_model
-
             return load_base_model(ref)
         if ref.model is not None:
             model = copy.deepcopy(ref.model)
@@ -181,7 +155,7 @@ class Kitchen:
         if report_extra:
             soup.report_extra.update(report_extra)
         if self.evaluator is not None:  # what score means, before the card is written
-            soup.metric_name = soup.metric_name or getattr(self.evaluator, "metric_key", None)
+            soup.metric_key = soup.metric_key or getattr(self.evaluator, "metric_key", None)
             soup.select_on = soup.select_on or getattr(self.evaluator, "select_on", None)
         if self.evaluator is not None and score is None:
             finish = getattr(self.evaluator, "score_soup", None)
@@ -253,3 +227,81 @@ class Kitchen:
                 gen.save_pretrained(directory)
         if self.tokenizer is not None and not (directory / "tokenizer_config.json").exists():
             self.tokenizer.save_pretrained(directory)
+
+
+# ------------------------------------------------------------------------------------ adapter form
+
+
+def cook_adapter_soup(kitchen: Kitchen, recipe: Recipe) -> Soup:
+    """Run `recipe` unchanged, but serve its final coefficients as one LoRA adapter.
+
+    Candidate soups that a recipe evaluates are still built merged into one live model (greedy, sweeps);
+    only the served soup takes the adapter form. With `output_dir`, the adapter is written there
+    atomically (`adapter_config.json`, `adapter_model.safetensors`, the base's tokenizer files, the
+    model card); without it, `soup.model` is a `PeftModel` on a freshly loaded base.
+    """
+    return recipe.cook(AdapterKitchen.wrap(kitchen))
+
+
+class AdapterKitchen(Kitchen):
+    """A kitchen whose served soup is a LoRA adapter instead of a full model."""
+
+    _adapter_soup: Any = None
+
+    @classmethod
+    def wrap(cls, kitchen: Kitchen) -> AdapterKitchen:
+        import dataclasses
+
+        new = cls(**{f.name: getattr(kitchen, f.name) for f in dataclasses.fields(kitchen)})
+        adapter_members(new)  # refuse mixed soups before any work
+        return new
+
+    def serve(self, coefficients, **kwargs):
+        params = dict(kwargs.pop("params", None) or {})
+        params["adapter_output"] = "adapter"
+        if self.options.get("rank") is not None:
+            params["rank"] = self.options["rank"]
+        report_extra = dict(kwargs.pop("report_extra", None) or {})
+        if self.output_dir is None:  # in memory; on disk, write() streams it and fills the report
+            self._adapter_soup = build_kitchen_adapter(self, coefficients)
+            report_extra.update(self._adapter_soup.report())
+        soup = super().serve(coefficients, params=params, report_extra=report_extra, **kwargs)
+        # In memory: a PeftModel on a fresh base; on disk: loaded lazily from output_dir as a PeftModel.
+        soup._model = self._peft_model() if self.output_dir is None else None
+        return soup
+
+    def _peft_model(self):
+        import tempfile
+
+        from peft import PeftModel
+
+        with tempfile.TemporaryDirectory(prefix="hf_soups_adapter_") as tmp:
+            self._adapter_soup.save(tmp)
+            base = load_base_model(next(r for r in self.members if r.kind == "adapter"))
+            model = PeftModel.from_pretrained(base, tmp)
+        model.eval()
+        return model
+
+    def new_live_model(self):
+        if self.output_dir is None and self._adapter_soup is not None and not self.evaluator:
+            return None  # serve() builds the PeftModel itself
+        return super().new_live_model()
+
+    def load_into(self, model, coefficients, *, progress: bool = False) -> None:
+        if model is None:
+            return
+        super().load_into(model, coefficients, progress=progress)
+
+    def write(self, coefficients, target, soup=None) -> Path:
+        base = next(r for r in self.members if r.kind == "adapter").adapter.base
+        with AtomicDirectory(target) as tmp:
+            adapter_soup = build_kitchen_adapter(self, coefficients, directory=tmp.path)
+            if base is not None and base.path is not None:
+                copy_companion_files(base.path, tmp.path, skip=lambda name: name == "config.json")
+            if self.tokenizer is not None and not (tmp.path / "tokenizer_config.json").exists():
+                self.tokenizer.save_pretrained(tmp.path)
+            if soup is not None:
+                soup.report_extra.update(adapter_soup.report())
+                soup.params["adapter_output"] = "adapter"
+                soup._write_extras(tmp.path)
+            return tmp.commit()

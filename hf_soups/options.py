@@ -246,7 +246,7 @@ def check_size(value: Any, meta: Mapping) -> int | str:
     """A shard size: bytes (int > 0) or a string such as `"5GB"` / `"500MiB"`."""
     if isinstance(value, bool) or not isinstance(value, (int, str)):
         raise OptionProblem(f"expected a size such as '5GB' or a number of bytes, got {describe(value)}")
-    from .tensors import parse_size  # stdlib only at import time
+    from .utils import parse_size
 
     try:
         size = parse_size(value)

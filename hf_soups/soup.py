@@ -33,7 +33,8 @@ class Soup:
         history (`list[dict]`): recipe steps (greedy additions, WiSE-FT sweep points).
         coefficients (`list[float]`): the final coefficient of every ingredient (base last when present).
         output_dir (`Path`, *optional*): where the soup was streamed to disk.
-        metric_name (`str`, *optional*), select_on (`str`, *optional*): what `score` means.
+        metric_key (`str`, *optional*), select_on (`str`, *optional*): what `score` means (the key of the metric's
+            result it is, and the eval set it was measured on).
         report_extra (`dict`): extra report entries (e.g. adapter SVD errors).
         output_options (`dict`): how the tensors were written (`dtype` override or None, `max_shard_size`);
             recorded in `soup_recipe.yaml` so that a re-cook writes the same tensors.
@@ -55,7 +56,7 @@ class Soup:
     history: list[dict[str, Any]] = field(default_factory=list)
     coefficients: list[float] = field(default_factory=list)
     output_dir: Path | None = None
-    metric_name: str | None = None
+    metric_key: str | None = None
     select_on: str | None = None
     report_extra: dict[str, Any] = field(default_factory=dict)
     output_options: dict[str, Any] = field(default_factory=dict)
@@ -74,7 +75,7 @@ class Soup:
             if self.output_dir is None:
                 raise AttributeError("This soup has neither an in-memory model nor an output_dir.")
             if (Path(self.output_dir) / "adapter_config.json").is_file():
-                from .peft_support import load_adapter_soup
+                from .adapters.resolve import load_adapter_soup
 
                 # the base this soup was cooked on (a folder, or a Hub ID at its resolved commit)
                 base = self.base.reference if self.base is not None else None
@@ -86,17 +87,12 @@ class Soup:
                 return self._model
             import json
 
-            from .kitchen import model_class_for
+            from .loading import model_class_for
 
             config = json.loads((Path(self.output_dir) / "config.json").read_text())
             self._model = model_class_for(config).from_pretrained(self.output_dir)
             self._model.eval()
         return self._model
-
-    @property
-    def selected(self) -> list[Ingredient]:
-        """The ingredients the soup is made of (non-zero weight)."""
-        return [i for i in self.ingredients if i.selected or (i.selected is None and (i.weight or 0) > 0)]
 
     # --------------------------------------------------------------------------------------- saving
 
@@ -123,8 +119,8 @@ class Soup:
             [`OutputDirError`]: `save_directory` holds something hf_soups did not write, or an ingredient.
             [`OutputWriteError`]: the disk is full or the location is not writable (nothing was replaced).
         """
-        from .kitchen import is_main_process
-        from .tensors import AtomicDirectory
+        from .core.sources import AtomicDirectory
+        from .utils import is_main_process
 
         target = Path(save_directory).expanduser().absolute()
         if not is_main_process():
@@ -141,8 +137,8 @@ class Soup:
 
     def _write_extras(self, directory: Path) -> None:
         """The model card (README.md) and the recipe file that re-cooks this soup."""
-        from .card import write_model_card
-        from .recipe_file import write_recipe
+        from .publishing.card import write_model_card
+        from .publishing.recipe_file import write_recipe
 
         write_model_card(self, directory)
         write_recipe(self, directory)
@@ -175,7 +171,7 @@ class Soup:
         Raises:
             [`HubError`]: authentication, missing revision or network failures (nothing is half-uploaded).
         """
-        from .hub import push_soup
+        from .publishing.hub import push_soup
 
         return push_soup(
             self,
@@ -189,7 +185,7 @@ class Soup:
 
     def model_card(self) -> ModelCard:
         """The generated model card (a `huggingface_hub.ModelCard`)."""
-        from .card import build_model_card
+        from .publishing.card import build_model_card
 
         return build_model_card(self)
 
@@ -197,13 +193,13 @@ class Soup:
 
     def report(self) -> str:
         """A readable table: ingredients, their scores, and the soup against the best single ingredient."""
-        from .reporting import render_report
+        from .publishing.reporting import render_report
 
         return render_report(self)
 
     def plot(self, path: str | os.PathLike) -> Path:
         """Save a plot of the recipe's curve (WiSE-FT alpha sweep, greedy steps) as an image (needs matplotlib)."""
-        from .reporting import plot
+        from .publishing.reporting import plot
 
         return plot(self, path)
 

@@ -358,8 +358,8 @@ def test_dtype_is_preserved_and_a_dtype_override_is_honoured(battery_root, metho
 
 @pytest.mark.parametrize(("method", "arch"), MATRIX)
 def test_the_written_recipe_recooks_identical_tensors(battery_root, method, arch):
-    from hf_soups.recipe_file import RECIPE_FILENAME
-    from hf_soups.recipe_file import cook as cook_recipe
+    from hf_soups.api import cook_recipe
+    from hf_soups.publishing.recipe_file import RECIPE_FILENAME
 
     soup, _ = cooked(battery_root, method, arch)
     recipe = soup.output_dir / RECIPE_FILENAME

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from hf_soups import IngredientNotFoundError, InvalidArgumentError, SoupTrainerCallback, merge_models
-from hf_soups.callback import INGREDIENT_METADATA, INGREDIENTS_MANIFEST, list_ingredients
+from hf_soups.integrations.callback import INGREDIENT_METADATA, INGREDIENTS_MANIFEST, list_ingredients
 from tests.testing_common import assert_state_close, float64_mean, read_safetensors, replay_greedy
 from tests.tiny_models import make_tiny_bert
 
@@ -345,7 +345,7 @@ def test_collects_without_the_trainer_from_what_the_hooks_receive(tmp_path, trai
         _assert_close(load_file(folder / "model.safetensors"), final, atol=0)
         # the processing class is saved beside the model, as Trainer.save_model does
         assert (folder / "tokenizer_config.json").is_file() and (folder / "config.json").is_file()
-    with caplog.at_level(logging.WARNING, logger="hf_soups.callback"):
+    with caplog.at_level(logging.WARNING, logger="hf_soups.integrations.callback"):
         soup = cb.cook()
     _assert_close(_weights(soup.model), _mean(finals), atol=1e-5)
     assert any("cb.attach(trainer)" in r.getMessage() for r in caplog.records), caplog.records
@@ -534,7 +534,7 @@ def test_keep_ingredients_false_removes_them_after_cooking(tmp_path, train_ds):
 
 
 def test_warns_when_ingredients_would_not_fit_on_disk(tmp_path, train_ds, monkeypatch, caplog):
-    import hf_soups.callback as callback_module
+    import hf_soups.integrations.callback as callback_module
 
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(callback_module.shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 999, 999))
@@ -542,9 +542,9 @@ def test_warns_when_ingredients_would_not_fit_on_disk(tmp_path, train_ds, monkey
     trainer = _trainer(
         _args(tmp_path / "run", max_steps=4, save_strategy="steps", save_steps=2), train_ds, cb
     )
-    with caplog.at_level(logging.WARNING, logger="hf_soups.callback"):
+    with caplog.at_level(logging.WARNING, logger="hf_soups.integrations.callback"):
         trainer.train()
-    warnings = [r.getMessage() for r in caplog.records if r.name == "hf_soups.callback"]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "hf_soups.integrations.callback"]
     assert any("2 ingredient(s)" in w and "only 999 B are free" in w for w in warnings), warnings
 
 

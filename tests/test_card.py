@@ -12,8 +12,8 @@ reserve_port()  # no-op when conftest already did it
 
 from huggingface_hub import ModelCard  # noqa: E402
 
-from hf_soups.card import build_model_card, write_model_card  # noqa: E402
 from hf_soups.ingredients import Ingredient  # noqa: E402
+from hf_soups.publishing.card import build_model_card, write_model_card  # noqa: E402
 from hf_soups.soup import Soup  # noqa: E402
 
 BERT_CONFIG = {"architectures": ["BertForSequenceClassification"], "model_type": "bert"}
@@ -153,7 +153,7 @@ def test_evaluated_soup_has_model_index_and_comparison(hub_server, tmp_path):
         ingredients,
         score=0.83,
         scores={"validation": {"accuracy": 0.83, "f1": 0.81}, "typos": {"accuracy": 0.75}},
-        metric_name="accuracy",
+        metric_key="accuracy",
         select_on="validation",
         report_extra={
             "eval_datasets": {"validation": {"id": "org/reviews", "split": "validation", "name": "Reviews"}}
@@ -188,10 +188,10 @@ def test_wise_ft_card_lists_the_base_first_and_shows_the_curve(hub_server):
             "selected": a == 0.5,
         }
         for a, s, o in [(0.0, 0.6, 0.55), (0.5, 0.88, 0.7), (1.0, 0.9, 0.6)]
-    ]  # the format of recipes/wise_ft_sweep.py
+    ]  # the format of the sweep in recipes/wise_ft.py
     soup = Soup(
         "wise-ft", [ft], params={"alpha": 0.5}, base=base, history=history, score=0.88,
-        scores={"validation": {"accuracy": 0.88}}, metric_name="accuracy", select_on="validation",
+        scores={"validation": {"accuracy": 0.88}}, metric_key="accuracy", select_on="validation",
         _kitchen_config=BERT_CONFIG,
     )  # fmt: skip
     card = check_card(build_model_card(soup))

@@ -163,8 +163,9 @@ def test_dry_run_writes_nothing(tmp_path):
     assert "Peak memory (estimate)" in out and "includes one live model" in out
     assert "Nothing was downloaded or written." in out
     # float16 halves the float32 checkpoint: the planned soup is about half an ingredient's weights
-    from hf_soups.diagnose import human_bytes, plan_merge
-    from hf_soups.recipe_file import load_recipe
+    from hf_soups.cli.inspect import plan_merge
+    from hf_soups.publishing.recipe_file import load_recipe
+    from hf_soups.utils import human_bytes
 
     plan = plan_merge(load_recipe(recipe))
     weights = plan.models[0].weight_bytes
@@ -347,7 +348,7 @@ def test_dry_run_of_models_that_cannot_be_souped_exits_1_and_names_the_problem(t
 def test_dry_run_of_a_hub_ingredient_reports_the_download_then_the_cache(tmp_path, hub_server):
     from huggingface_hub import HfApi
 
-    from hf_soups.diagnose import human_bytes
+    from hf_soups.utils import human_bytes
     from tests.tiny_models import make_tiny_bert_dir
 
     api = HfApi(endpoint=hub_server.endpoint, token=hub_server.token)

@@ -11,9 +11,9 @@ import torch
 from safetensors.torch import save_file
 
 from hf_soups import IncompatibleIngredientsError, merge_models
-from hf_soups.diagnose import inspect_models, plan_merge
+from hf_soups.cli.inspect import inspect_models, plan_merge
 from hf_soups.errors import SoupError
-from hf_soups.recipe_file import Recipe
+from hf_soups.publishing.recipe_file import Recipe
 from tests.testing_common import read_safetensors as _state
 from tests.tiny_models import make_tiny_bert, make_tiny_bert_dir
 
@@ -327,8 +327,8 @@ def test_independently_initialised_models_are_flagged_fine_tunes_are_not(tmp_pat
 
 def test_distances_gathered_while_streaming_match_float64(tmp_path):
     """Large tensors are measured on a sample while merging (one slice in 8 streamed, or a strided sample)."""
-    from hf_soups.align import build_plan
-    from hf_soups.engine import CHUNK_ELEMENTS, DictSink, TensorSink, combine
+    from hf_soups.core.engine import CHUNK_ELEMENTS, DictSink, TensorSink, combine
+    from hf_soups.core.plan import build_plan
     from hf_soups.ingredients import Ingredient, resolve
 
     dirs = [make_tiny_bert_dir(tmp_path / f"m{i}", seed=i, vocab_size=5000) for i in range(2)]

@@ -15,7 +15,7 @@ import yaml
 from hf_soups import merge_models
 from hf_soups.config import EvalConfig, SoupConfig, all_option_fields, option_names
 from hf_soups.errors import InvalidArgumentError
-from hf_soups.recipe_file import RECIPE_FILENAME, Recipe, RecipeError, load_recipe
+from hf_soups.publishing.recipe_file import RECIPE_FILENAME, Recipe, RecipeError, load_recipe
 from tests.tiny_models import make_tiny_bert_dir
 
 # issue 12, defect 12: each of these was a raw error, a silent wrong result, or accepted by one entry point and
@@ -174,7 +174,7 @@ def test_recipes_written_by_0_1_keep_cooking(tmp_path):
     import torch
     from safetensors.torch import load_file
 
-    from hf_soups.recipe_file import cook
+    from hf_soups.api import cook_recipe
     from tests.testing_common import save_tokenizer, write_eval_csv
 
     fixtures = Path(__file__).parent / "fixtures" / "recipes_v0_1"
@@ -194,7 +194,7 @@ def test_recipes_written_by_0_1_keep_cooking(tmp_path):
 
     recipe = load_recipe(tmp_path / "uniform_soup_recipe.yaml")
     assert recipe.dtype == "bfloat16" and recipe.max_shard_size == "30KB"
-    cook(recipe, output_dir=tmp_path / "uniform", progress=False)
+    cook_recipe(recipe, output_dir=tmp_path / "uniform", progress=False)
     a, b = (load_file(d / "model.safetensors") for d in dirs)
     out = {}
     for shard in (tmp_path / "uniform").glob("*.safetensors"):
@@ -203,7 +203,9 @@ def test_recipes_written_by_0_1_keep_cooking(tmp_path):
     expected = (0.25 * a[name].double() + 0.75 * b[name].double()).to(torch.bfloat16)
     assert out[name].dtype == torch.bfloat16 and torch.equal(out[name], expected)
 
-    soup = cook(tmp_path / "wise_ft_sweep_soup_recipe.yaml", output_dir=tmp_path / "wise", progress=False)
+    soup = cook_recipe(
+        tmp_path / "wise_ft_sweep_soup_recipe.yaml", output_dir=tmp_path / "wise", progress=False
+    )
     assert soup.params["alpha"] in (0.0, 0.5, 1.0) and soup.params["alphas"] == [0.0, 0.5, 1.0]
     assert [i.name for i in soup.ingredients] == ["ft-0", "second"]
     rewritten = yaml.safe_load((tmp_path / "wise" / RECIPE_FILENAME).read_text())
@@ -232,7 +234,7 @@ def test_hostile_recipe_files_are_refused_with_exit_2(tmp_path, content, message
 
 
 def test_a_huge_recipe_file_is_refused_by_size(tmp_path):
-    from hf_soups.recipe_file import MAX_RECIPE_BYTES
+    from hf_soups.publishing.recipe_file import MAX_RECIPE_BYTES
 
     path = tmp_path / "r.yaml"
     path.write_text("notes:\n" + "  - x\n" * (MAX_RECIPE_BYTES // 4))

@@ -109,7 +109,7 @@ def test_greedy_keeps_the_good_drops_the_ruined_and_beats_the_best_single(
         if tensor.is_floating_point():
             torch.testing.assert_close(tensor.double(), expected[name], rtol=0, atol=1e-6)
     assert soup.score == pytest.approx(accuracy(soup.model, ids, labels))
-    assert soup.metric_name == "accuracy" and soup.select_on == "val"
+    assert soup.metric_key == "accuracy" and soup.select_on == "val"
     # history: the start, then one step per candidate, best-first, the soup's score never drops
     assert [h["step"] for h in soup.history] == list(range(5))
     assert soup.history[0]["candidate"] == best.name
@@ -375,7 +375,7 @@ def test_greedy_on_a_language_model_minimises_perplexity(tmp_path):
     soup = merge_models(
         [str(p) for p in paths], method="greedy", eval_dataset=ds, metric="perplexity", progress=False
     )
-    assert soup.metric_name == "perplexity" and soup.params["greater_is_better"] is False
+    assert soup.metric_key == "perplexity" and soup.params["greater_is_better"] is False
     states, score = _lm_states(paths), _perplexity_of(rows, paths[0])
     for ing in soup.ingredients:
         assert ing.score == pytest.approx(score(states[ing.name]), rel=1e-4)

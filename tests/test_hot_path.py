@@ -10,11 +10,16 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from hf_soups import NonFiniteTensorError, merge_models
-from hf_soups import engine as engine_module
-from hf_soups.align import MergePlan, TensorPlan
-from hf_soups.engine import DictSink, WriterSink, combine
+from hf_soups.core import engine as engine_module
+from hf_soups.core.engine import DictSink, WriterSink, combine
+from hf_soups.core.plan import MergePlan, TensorPlan
+from hf_soups.core.sources import (
+    SafetensorsSource,
+    ShardedSafetensorsWriter,
+    StateDictSource,
+    find_weight_files,
+)
 from hf_soups.errors import SoupError
-from hf_soups.tensors import SafetensorsSource, ShardedSafetensorsWriter, StateDictSource, find_weight_files
 
 
 def _ingredient_tensors(seed: int) -> dict[str, torch.Tensor]:
@@ -44,7 +49,6 @@ def _plan(tensors: dict[str, torch.Tensor], n: int, dtype: torch.dtype | None = 
         config={},
         reference_index=0,
         names=[f"ing-{i}" for i in range(n)],
-        label_permuted=[False] * n,
     )
 
 

@@ -371,7 +371,7 @@ def test_mixed_dtypes_accumulate_in_float32(tmp_path, tiny_bert_dirs):
 
 
 def test_interrupted_write_leaves_target_absent_or_unchanged(tmp_path, tiny_bert_dirs, monkeypatch):
-    from hf_soups import tensors
+    from hf_soups.core import sources as tensors
 
     calls = {"n": 0}
     original = tensors.ShardedSafetensorsWriter.write

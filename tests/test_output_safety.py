@@ -21,9 +21,9 @@ import torch
 
 from hf_soups import InvalidArgumentError, merge_models
 from hf_soups.cli import main as cli_main
+from hf_soups.core.output_dir import MARKER_NAME, read_marker
+from hf_soups.core.sources import AtomicDirectory
 from hf_soups.errors import OutputDirError, OutputWriteError
-from hf_soups.output_dir import MARKER_NAME, read_marker
-from hf_soups.tensors import AtomicDirectory
 from tests.testing_common import float64_mean
 from tests.testing_common import read_safetensors as _weights
 
@@ -225,7 +225,8 @@ _CHILD = textwrap.dedent(
     """
     import sys, time
     from pathlib import Path
-    from hf_soups import merge_models, tensors
+    from hf_soups import merge_models
+    from hf_soups.core import sources as tensors
 
     ready, out, *models = sys.argv[1:]
     original = tensors.ShardedSafetensorsWriter.write

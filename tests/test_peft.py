@@ -403,7 +403,7 @@ def test_dora_and_other_tuners_are_refused(bert_setup, tmp_path):
 def test_adapter_form_reads_no_base_weights(bert_setup, tmp_path, monkeypatch):
     """The adapter form reads only the base tensors it must average in full (the head of adapters without
     modules_to_save), never the rest of the base model."""
-    from hf_soups import tensors
+    from hf_soups.core import sources as tensors
 
     reads: list[str] = []
     original = tensors.SafetensorsSource.get

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from hf_soups.errors import InvalidArgumentError
-from hf_soups.recipe_file import (
+from hf_soups.publishing.recipe_file import (
     FORMAT_VERSION,
     RECIPE_FILENAME,
     Recipe,
@@ -184,7 +184,13 @@ def test_every_key_is_a_configuration_field_with_help():
     import dataclasses
 
     from hf_soups.config import all_option_fields
-    from hf_soups.recipe_file import FILE_KEYS, EvalSetSpec, IngredientSpec, option_keys, recipe_keys
+    from hf_soups.publishing.recipe_file import (
+        FILE_KEYS,
+        EvalSetSpec,
+        IngredientSpec,
+        option_keys,
+        recipe_keys,
+    )
 
     fields = all_option_fields()
     assert set(option_keys()) <= set(fields)
@@ -326,7 +332,7 @@ def test_import_is_cheap():
     import sys
 
     code = (
-        "import sys, hf_soups.recipe_file, hf_soups.diagnose, hf_soups.cli; "
+        "import sys, hf_soups.publishing.recipe_file, hf_soups.cli.inspect, hf_soups.cli; "
         "heavy = [m for m in ('torch', 'transformers', 'datasets', 'peft', 'evaluate') if m in sys.modules]; "
         "print(heavy); sys.exit(1 if heavy else 0)"
     )
@@ -339,7 +345,7 @@ def test_import_is_cheap():
 
 def test_weighted_uniform_soup_recipe_recooks_identicalread_safetensors(tmp_path):
     from hf_soups import merge_models
-    from hf_soups.recipe_file import cook
+    from hf_soups.api import cook_recipe
     from tests.tiny_models import make_tiny_bert_dir
 
     dirs = [make_tiny_bert_dir(tmp_path / f"ft-{i}", seed=i) for i in range(3)]
@@ -353,14 +359,14 @@ def test_weighted_uniform_soup_recipe_recooks_identicalread_safetensors(tmp_path
     assert "output_dir" not in written  # a re-cook goes where the user says
 
     recipe = load_recipe(tmp_path / "soup")  # a soup folder works as well as the file
-    cook(recipe, output_dir=tmp_path / "again", progress=False)
+    cook_recipe(recipe, output_dir=tmp_path / "again", progress=False)
     assert len(list((tmp_path / "again").glob("*.safetensors"))) > 1  # sharded like the original
     assert_same_tensors(tmp_path / "soup", tmp_path / "again")
 
 
 def test_wise_ft_with_dtype_recooks_identicalread_safetensors(tmp_path):
     from hf_soups import merge_models
-    from hf_soups.recipe_file import cook
+    from hf_soups.api import cook_recipe
     from tests.tiny_models import make_tiny_bert_dir
 
     dirs = [make_tiny_bert_dir(tmp_path / f"ft-{i}", seed=i) for i in range(2)]
@@ -378,7 +384,7 @@ def test_wise_ft_with_dtype_recooks_identicalread_safetensors(tmp_path):
     assert written["method"] == "wise-ft" and written["alpha"] == 0.3 and written["dtype"] == "bfloat16"
     assert written["base_model"]["model"] == str(base.absolute())
     assert all("weight" not in i for i in written["ingredients"])  # an unweighted soup stays unweighted
-    cook(tmp_path / "soup" / RECIPE_FILENAME, output_dir=tmp_path / "again", progress=False)
+    cook_recipe(tmp_path / "soup" / RECIPE_FILENAME, output_dir=tmp_path / "again", progress=False)
     assert_same_tensors(tmp_path / "soup", tmp_path / "again")
     assert next(iter(read_safetensors(tmp_path / "again").values())).dtype.is_floating_point
 
@@ -442,7 +448,7 @@ def synthetic_ingredients(tmp_path):
 @pytest.mark.slow
 def test_greedy_soup_with_in_memory_eval_is_frozen_to_its_kept_ingredients(tmp_path, synthetic_ingredients):
     from hf_soups import merge_models
-    from hf_soups.recipe_file import cook
+    from hf_soups.api import cook_recipe
 
     folders, _, dataset = synthetic_ingredients
     soup = merge_models(
@@ -455,14 +461,14 @@ def test_greedy_soup_with_in_memory_eval_is_frozen_to_its_kept_ingredients(tmp_p
     assert [i["name"] for i in written["ingredients"]] == kept
     assert any("Greedy soup frozen" in note for note in written["notes"])
     assert {r["name"]: r["selected"] for r in written["result"]["ingredients"]}["ft-2"] is False
-    cook(tmp_path / "soup" / RECIPE_FILENAME, output_dir=tmp_path / "again", progress=False)
+    cook_recipe(tmp_path / "soup" / RECIPE_FILENAME, output_dir=tmp_path / "again", progress=False)
     assert_same_tensors(tmp_path / "soup", tmp_path / "again")
 
 
 @pytest.mark.slow
 def test_wise_ft_sweep_with_in_memory_eval_is_frozen_at_the_chosen_alpha(tmp_path, synthetic_ingredients):
     from hf_soups import merge_models
-    from hf_soups.recipe_file import cook
+    from hf_soups.api import cook_recipe
 
     folders, base, dataset = synthetic_ingredients
     soup = merge_models(
@@ -477,13 +483,13 @@ def test_wise_ft_sweep_with_in_memory_eval_is_frozen_at_the_chosen_alpha(tmp_pat
     written = yaml.safe_load((tmp_path / "soup" / RECIPE_FILENAME).read_text())
     assert written["alpha"] == soup.params["alpha"] and written["alpha"] in (0.0, 0.4, 0.8)
     assert any("frozen at the chosen alpha" in note for note in written["notes"])
-    cook(tmp_path / "soup" / RECIPE_FILENAME, output_dir=tmp_path / "again", progress=False)
+    cook_recipe(tmp_path / "soup" / RECIPE_FILENAME, output_dir=tmp_path / "again", progress=False)
     assert_same_tensors(tmp_path / "soup", tmp_path / "again")
 
 
 @pytest.mark.slow
 def test_recipe_cooked_from_a_file_replays_the_sweep(tmp_path, synthetic_ingredients):
-    from hf_soups.recipe_file import cook
+    from hf_soups.api import cook_recipe
 
     folders, base, dataset = synthetic_ingredients
     dataset.to_json(tmp_path / "val.jsonl")
@@ -497,7 +503,7 @@ def test_recipe_cooked_from_a_file_replays_the_sweep(tmp_path, synthetic_ingredi
             "eval": {"validation": {"data": "val.jsonl"}},
         },
     )
-    soup = cook(path, output_dir=tmp_path / "soup", progress=False)
+    soup = cook_recipe(path, output_dir=tmp_path / "soup", progress=False)
     written = yaml.safe_load((tmp_path / "soup" / RECIPE_FILENAME).read_text())
     assert written["alpha"] == [0.0, 0.4, 0.8]  # the sweep itself, with its data, is the recipe
     assert written["eval"] == {"validation": {"data": str(tmp_path / "val.jsonl")}}
@@ -510,9 +516,9 @@ def test_recipe_cooked_from_a_file_replays_the_sweep(tmp_path, synthetic_ingredi
 
 
 def test_a_folder_of_trainer_ingredients_is_one_recipe_entry(tmp_path):
-    from hf_soups.diagnose import plan_merge
+    from hf_soups.api import cook_recipe
+    from hf_soups.cli.inspect import plan_merge
     from hf_soups.ingredients import INGREDIENT_METADATA, INGREDIENTS_MANIFEST
-    from hf_soups.recipe_file import cook
     from tests.tiny_models import make_tiny_bert_dir
 
     root = tmp_path / "ingredients"
@@ -525,7 +531,7 @@ def test_a_folder_of_trainer_ingredients_is_one_recipe_entry(tmp_path):
     recipe = load_recipe(path)
     assert recipe.to_merge_kwargs()["models"] == str(root)
     assert [m.reference for m in plan_merge(recipe).models] == [str(root / "run-0"), str(root / "run-1")]
-    soup = cook(recipe, output_dir=tmp_path / "soup", progress=False)
+    soup = cook_recipe(recipe, output_dir=tmp_path / "soup", progress=False)
     assert len(soup.ingredients) == 2
     written = load_recipe(tmp_path / "soup")
     assert [i.model for i in written.ingredients] == [str(root / "run-0"), str(root / "run-1")]
@@ -539,7 +545,7 @@ def test_lora_adapter_soup_recooks_identicalread_safetensors(tmp_path, adapter_o
     from transformers import BertForSequenceClassification
 
     from hf_soups import merge_models
-    from hf_soups.recipe_file import cook
+    from hf_soups.api import cook_recipe
     from tests.tiny_models import make_tiny_bert_dir
 
     base = make_tiny_bert_dir(tmp_path / "base", noise=0.0)
@@ -554,5 +560,5 @@ def test_lora_adapter_soup_recooks_identicalread_safetensors(tmp_path, adapter_o
     written = yaml.safe_load((tmp_path / "soup" / RECIPE_FILENAME).read_text())
     assert [i["model"] for i in written["ingredients"]] == [str(a) for a in adapters]
     assert written.get("adapter_output", "merged") == adapter_output
-    cook(tmp_path / "soup", output_dir=tmp_path / "again", progress=False)
+    cook_recipe(tmp_path / "soup", output_dir=tmp_path / "again", progress=False)
     assert_same_tensors(tmp_path / "soup", tmp_path / "again")

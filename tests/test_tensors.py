@@ -8,14 +8,14 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from hf_soups.errors import CorruptCheckpointError, SoupError
-from hf_soups.tensors import (
+from hf_soups.core.sources import (
     AtomicDirectory,
     SafetensorsSource,
     ShardedSafetensorsWriter,
     find_weight_files,
-    parse_size,
 )
+from hf_soups.errors import CorruptCheckpointError, SoupError
+from hf_soups.utils import parse_size
 
 
 def _random_tensors():

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from hf_soups import CorruptCheckpointError, NonFiniteTensorError, merge_models
-from hf_soups import engine as engine_module
+from hf_soups.core import engine as engine_module
 from tests.tiny_models import make_tiny_bert, make_tiny_bert_dir
 
 BIG = "bert.encoder.layer.0.intermediate.dense.weight"  # 37 x 32 = 1184 elements

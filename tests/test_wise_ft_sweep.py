@@ -35,7 +35,7 @@ def _interpolate(base_path, ft_path, alpha):
 
 
 def _check_sweep(soup, base, ft, sets, alphas):
-    evaluator = build_evaluator(sets, select_on=soup.select_on, metric=soup.metric_name)
+    evaluator = build_evaluator(sets, select_on=soup.select_on, metric=soup.metric_key)
     independent = [evaluator.primary(evaluator.evaluate(_interpolate(base, ft, a))) for a in alphas]
     assert [h["alpha"] for h in soup.history] == alphas
     assert [h["score"] for h in soup.history] == pytest.approx(independent, abs=1e-6)

@@ -36,7 +36,7 @@ from .lora import ADAPTER_SAFETENSORS_NAME, PEFT_PREFIX, LoraAdapter, LoraModule
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-    from ..tensors import TensorSource
+    from ..core.sources import TensorSource
 
 logger = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ class SafetensorsStream:
     def add(self, key: str, tensor: torch.Tensor) -> None:
         import torch
 
-        from ..tensors import dtype_to_safetensors
+        from ..core.sources import dtype_to_safetensors
 
         t = tensor.detach().cpu().contiguous().reshape(-1)
         nbytes = t.numel() * t.element_size()
@@ -228,7 +228,7 @@ def _cut(left, right, s_all, rank: int, a_dtype, b_dtype) -> tuple[torch.Tensor,
 
 def tied_alias(name: str, keys) -> str | None:
     """The input-embedding key that a missing tied output embedding (`lm_head.weight`, ...) shares, if unique."""
-    from ..align import INPUT_EMBEDDING_SUFFIXES, TIED_OUTPUT_SUFFIXES
+    from ..core.plan import INPUT_EMBEDDING_SUFFIXES, TIED_OUTPUT_SUFFIXES
 
     if not name.endswith(TIED_OUTPUT_SUFFIXES):
         return None

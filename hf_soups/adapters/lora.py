@@ -35,7 +35,7 @@ from ..errors import (
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-    from ..tensors import TensorSource
+    from ..core.sources import TensorSource
 
 logger = logging.getLogger(__name__)
 
@@ -166,7 +166,7 @@ class LoraAdapter:
             [`IngredientNotFoundError`]: no `adapter_config.json` or no adapter weights in the folder.
             [`UnsupportedAdapterError`]: the adapter type or one of its options is not implemented.
         """
-        from ..tensors import SafetensorsSource, TorchBinSource
+        from ..core.sources import SafetensorsSource, TorchBinSource
 
         path = Path(path)
         name = name or path.name
@@ -202,7 +202,7 @@ class LoraAdapter:
         cls, config: dict[str, Any], state_dict: dict[str, torch.Tensor], name: str = "adapter"
     ) -> LoraAdapter:
         """An adapter from its config dict and its saved-form state dict (`get_peft_model_state_dict`)."""
-        from ..tensors import StateDictSource
+        from ..core.sources import StateDictSource
 
         return cls(name=name, config=dict(config), source=StateDictSource(state_dict, description=name))
 

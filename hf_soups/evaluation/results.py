@@ -14,7 +14,7 @@ def annotate(soup: Soup, scores: Mapping[str, Mapping[str, float]], selector: Se
     """Record `scores` (per eval set) as the soup's own, with the number `selector` decides on."""
     soup.scores = {k: dict(v) for k, v in scores.items()}
     soup.score = selector.primary(scores)
-    soup.metric_name = selector.metric_key
+    soup.metric_key = selector.metric_key
     soup.select_on = selector.select_on
     soup.params.setdefault("greater_is_better", selector.greater_is_better)
 

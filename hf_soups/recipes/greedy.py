@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import EvaluationError, IncompatibleIngredientsError, InvalidArgumentError, NonFiniteTensorError
 from ..options import option
+from ..utils import numel
 from .base import RecipeParams, register_recipe
 from .uniform import MODEL_SOUPS_URL
 
@@ -79,7 +80,7 @@ class RunningSoup:
         self.model = model
         self.sums: dict[str, torch.Tensor] = {}
         self.members: list[int] = []
-        max_numel = max((_numel(t.shape) for t in self.plan.tensors if t.mergeable), default=1)
+        max_numel = max((numel(t.shape) for t in self.plan.tensors if t.mergeable), default=1)
         self._scratch = torch.empty(max_numel, dtype=torch.float32)
         self._live_is_sum = False
 
@@ -95,7 +96,7 @@ class RunningSoup:
     def _read(self, tp, index: int):
         import torch
 
-        from ..engine import read_aligned
+        from ..core.engine import read_aligned
 
         t = read_aligned(tp, index, self.sources[index])
         if tp.mergeable and not bool(torch.isfinite(t).all()):
@@ -186,13 +187,6 @@ class RunningSoup:
                 torch.div(self.sums[tp.name], n, out=acc)
                 target.copy_(acc)
         self._live_is_sum = True
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def _known_scores(kitchen: Kitchen) -> dict[int, float]:
@@ -361,7 +355,7 @@ def cook_greedy(kitchen: Kitchen) -> Soup:
         model=live,
         report_extra={"baselines": baselines, "cost": cost},
     )
-    result.metric_name = evaluator.metric_key
+    result.metric_key = evaluator.metric_key
     result.select_on = evaluator.select_on
     result.params.setdefault("greater_is_better", evaluator.greater_is_better)
     return result

@@ -17,14 +17,12 @@ import json
 import logging
 import math
 import os
-import shutil
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .align import plan_from_alignment
-from .compat import (
+from ..core.compat import (
     BASIN_THRESHOLD,
     FATAL,
     WARNING,
@@ -35,9 +33,12 @@ from .compat import (
     normalize_key,
     tokenizer_vocab_hash,
 )
+from ..core.plan import plan_from_alignment
+from ..utils import free_disk, human_bytes
+from ..utils import numel as count_elements
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .recipe_file import Recipe
+    from ..publishing.recipe_file import Recipe
 
 logger = logging.getLogger(__name__)
 
@@ -76,17 +77,6 @@ _ST_FLOAT = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
 _ST_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 _RUNTIME_BYTES = 400 * 2**20  # Python + torch + transformers, roughly, before any tensor
 _CHUNK = 1 << 22  # elements per float64 chunk when computing distances
-
-
-def human_bytes(n: float | None) -> str:
-    """`1536` -> `'1.5 KB'` (decimal units, as the Hub shows sizes)."""
-    if n is None:
-        return "unknown"
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"  # pragma: no cover
 
 
 def _human_count(n: int | None) -> str:
@@ -143,7 +133,7 @@ class InspectionReport:
         top_tensors (`list[dict]`): the tensors where the ingredients differ most (relative spread).
         base_missing (`list[str]`): ingredient tensors the base lacks or has in another shape (left out of deltas).
         relative_distances (`list[list[float]]`, *optional*): `||a - b|| / ((||a|| + ||b||) / 2)` between the
-            ingredients (the one-basin figure, see [`hf_soups.compat.BASIN_THRESHOLD`]).
+            ingredients (the one-basin figure, see [`hf_soups.core.compat.BASIN_THRESHOLD`]).
         findings (`list[Problem]`): the compatibility checker's problems and warnings, with their rule,
             ingredient and tensor (`problems` and `warnings` hold their messages).
     """
@@ -417,13 +407,14 @@ def inspect_models(
     Example:
 
     ```python
-    >>> from hf_soups.diagnose import inspect_models
+    >>> from hf_soups.cli.inspect import inspect_models
     >>> report = inspect_models(["./runs/a", "./runs/b"], base_model="./pretrained")  # doctest: +SKIP
     >>> print(report.format())  # doctest: +SKIP
     ```
     """
-    from .errors import IncompatibleIngredientsError
-    from .ingredients import Ingredient, as_ingredients, resolve
+    from ..adapters.resolve import bind_adapter_bases
+    from ..errors import IncompatibleIngredientsError
+    from ..ingredients import Ingredient, as_ingredients, resolve
 
     ingredients = as_ingredients(list(models))
     resolved = [resolve(i, token=token, cache_dir=cache_dir, revision=revision) for i in ingredients]
@@ -435,8 +426,6 @@ def inspect_models(
         base_resolved = resolve(base_ing, token=token, cache_dir=cache_dir, revision=revision)
     try:
         if any(r.kind == "adapter" for r in resolved):
-            from .peft_support import bind_adapter_bases
-
             try:
                 bound = bind_adapter_bases(
                     resolved, base_resolved, token=token, cache_dir=cache_dir, revision=revision
@@ -490,7 +479,7 @@ def _compare_tensors(
     import torch
     from huggingface_hub.utils import tqdm
 
-    from .engine import CHUNK_ELEMENTS, read_aligned
+    from ..core.engine import CHUNK_ELEMENTS, read_aligned
 
     n = len(sources)
     names = [m.name for m in report.models]
@@ -728,7 +717,7 @@ def _header_stats(plan: ModelPlan, headers: Sequence[dict[str, Any]]) -> None:
         for name, entry in header.items():
             if name == "__metadata__":
                 continue
-            numel = math.prod(entry["shape"]) if entry["shape"] else 1
+            numel = count_elements(entry["shape"])
             nbytes = numel * _ST_ITEMSIZE.get(entry["dtype"], 4)
             num += 1
             params += numel
@@ -746,7 +735,7 @@ def _header_stats(plan: ModelPlan, headers: Sequence[dict[str, Any]]) -> None:
 
 
 def _plan_local(role: str, reference: str) -> ModelPlan:
-    from .tensors import find_weight_files, read_safetensors_header
+    from ..core.sources import find_weight_files, read_safetensors_header
 
     folder = Path(reference)
     plan = ModelPlan(role, reference, None, "local", str(folder), None, 0, None)
@@ -779,7 +768,7 @@ def _plan_local(role: str, reference: str) -> ModelPlan:
 def _plan_hub(role: str, repo_id: str, revision: str | None, token: Any, cache_dir: Any) -> ModelPlan:
     from huggingface_hub import HfApi, try_to_load_from_cache
 
-    from .ingredients import (
+    from ..ingredients import (
         HUB_ADAPTER_PATTERNS,
         HUB_BIN_PATTERNS,
         HUB_CONFIG_PATTERNS,
@@ -852,14 +841,14 @@ def plan_merge(recipe: Recipe, *, token: str | bool | None = None) -> MergePlanS
     Returns:
         [`MergePlanSummary`]: print it with `.format()`.
     """
-    from .ingredients import parse_reference
+    from ..ingredients import parse_reference
 
     models: list[ModelPlan] = []
     refs: list[tuple[str, Any]] = [("ingredient", s) for s in recipe.ingredients]
     folder = recipe.ingredients_dir()
     if folder is not None:
-        from .ingredients import expand_ingredients_dir
-        from .recipe_file import IngredientSpec
+        from ..ingredients import expand_ingredients_dir
+        from ..publishing.recipe_file import IngredientSpec
 
         expanded = expand_ingredients_dir(Path(folder)) or []
         refs = [("ingredient", IngredientSpec(model=str(i.reference), revision=i.revision)) for i in expanded]
@@ -911,7 +900,7 @@ def plan_merge(recipe: Recipe, *, token: str | bool | None = None) -> MergePlanS
         eval_sets=eval_sets,
     )
     if recipe.output_dir:
-        summary.free_disk_output = _free_disk(Path(recipe.output_dir))
+        summary.free_disk_output = free_disk(Path(recipe.output_dir))
         if soup_bytes and summary.free_disk_output is not None and summary.free_disk_output < soup_bytes:
             summary.warnings.append(
                 f"not enough free disk at {recipe.output_dir}: the soup needs {human_bytes(soup_bytes)}, "
@@ -920,7 +909,7 @@ def plan_merge(recipe: Recipe, *, token: str | bool | None = None) -> MergePlanS
     if download_total:
         from huggingface_hub import constants
 
-        summary.free_disk_cache = _free_disk(Path(recipe.cache_dir or constants.HF_HUB_CACHE))
+        summary.free_disk_cache = free_disk(Path(recipe.cache_dir or constants.HF_HUB_CACHE))
         if summary.free_disk_cache is not None and summary.free_disk_cache < download_total:
             summary.warnings.append(
                 f"not enough free disk in the HF cache: {human_bytes(download_total)} to download, "
@@ -935,8 +924,9 @@ def plan_merge(recipe: Recipe, *, token: str | bool | None = None) -> MergePlanS
 
 def _dry_run_check(summary: MergePlanSummary, refs: list[tuple[str, Any]], recipe: Any) -> None:
     """Run the compatibility checker on what is already on disk (local folders, the HF cache): no download."""
-    from .errors import SoupError
-    from .ingredients import Ingredient, resolve
+    from .. import adapters  # noqa: F401  (adapter ingredients resolve through it)
+    from ..errors import SoupError
+    from ..ingredients import Ingredient, resolve
 
     if any(role == "base" for role, _ in refs) and recipe.method != "wise-ft":
         refs = [
@@ -964,16 +954,6 @@ def _dry_run_check(summary: MergePlanSummary, refs: list[tuple[str, Any]], recip
     summary.compatibility_checked = True
     summary.problems += [p.message for p in report.fatal]
     summary.warnings += [p.message for p in report.warnings]
-
-
-def _free_disk(path: Path) -> int | None:
-    path = path.absolute()
-    while not path.exists() and path.parent != path:
-        path = path.parent
-    try:
-        return shutil.disk_usage(path).free
-    except OSError:
-        return None
 
 
 __all__ = [

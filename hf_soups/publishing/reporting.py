@@ -14,15 +14,15 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import EvaluationError, InvalidArgumentError
+from ..errors import EvaluationError, InvalidArgumentError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .soup import Soup
+    from ..soup import Soup
 
 
 def _title(method: str) -> str:
     """The recipe's display name (as in model cards), or the method itself for an unregistered one."""
-    from .recipes import get_recipe
+    from ..recipes import get_recipe
 
     try:
         return get_recipe(method).pretty_name
@@ -30,20 +30,23 @@ def _title(method: str) -> str:
         return method
 
 
-def _fmt(value: Any) -> str:
+def format_value(value: Any, missing: str = "-") -> str:
+    """A table cell: 4 decimals for floats, yes/no for booleans, `missing` for None (lists item by item)."""
     if value is None:
-        return "-"
+        return missing
     if isinstance(value, bool):
         return "yes" if value else "no"
     if isinstance(value, float):
         if math.isnan(value):
             return "nan"
         return f"{value:.4f}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(format_value(v, missing) for v in value) + "]"
     return str(value)
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[Any]], indent: str = "  ") -> list[str]:
-    cells = [[str(h) for h in header]] + [[_fmt(c) for c in row] for row in rows]
+    cells = [[str(h) for h in header]] + [[format_value(c) for c in row] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
     lines = []
     for n, row in enumerate(cells):
@@ -55,7 +58,7 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]], indent: str = "
 
 
 def _key(soup: Soup) -> str | None:
-    return soup.metric_name
+    return soup.metric_key
 
 
 def _sets(soup: Soup) -> list[str]:
@@ -244,7 +247,7 @@ def plot(soup: Soup, path: str | os.PathLike) -> Path:
         raise ImportError(
             'Soup.plot needs matplotlib: pip install "hf-soups[plot]" (or pip install matplotlib).'
         ) from err
-    key = soup.metric_name
+    key = soup.metric_key
     history = [h for h in soup.history if isinstance(h, dict)]
     if key is None or not (history or soup.scores or soup.score is not None):
         raise EvaluationError("Nothing to plot: this soup was not evaluated. Cook it with eval_dataset=.")

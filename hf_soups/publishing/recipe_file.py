@@ -52,9 +52,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .config import SoupConfig, all_option_fields
-from .errors import InvalidArgumentError
-from .options import (
+from ..config import SoupConfig, all_option_fields
+from ..errors import InvalidArgumentError
+from ..options import (
     OptionProblem,
     check_import_string,
     check_value,
@@ -65,7 +65,7 @@ from .options import (
 )
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .soup import Soup
+    from ..soup import Soup
 
 logger = logging.getLogger(__name__)
 
@@ -414,7 +414,7 @@ class Recipe:
         Example:
 
         ```python
-        >>> from hf_soups.recipe_file import Recipe
+        >>> from hf_soups.publishing.recipe_file import Recipe
         >>> Recipe.from_dict({"method": "uniform", "ingredients": ["org/a", "org/b"]}).method
         'uniform'
         ```
@@ -473,7 +473,7 @@ class Recipe:
 
         ```python
         >>> from hf_soups import merge_models
-        >>> from hf_soups.recipe_file import load_recipe
+        >>> from hf_soups.publishing.recipe_file import load_recipe
         >>> soup = merge_models(**load_recipe("soup_recipe.yaml").to_merge_kwargs())  # doctest: +SKIP
         ```
         """
@@ -501,7 +501,7 @@ class Recipe:
             sets = {name: self._load_eval_set(name, spec) for name, spec in self.eval.items()}
             kwargs["eval_dataset"] = next(iter(sets.values())) if self.single_eval else sets
         if load_data and self.compute_metrics:
-            from .remote_code import import_callable
+            from ..remote_code import import_callable
 
             kwargs["compute_metrics"] = import_callable(
                 self.compute_metrics, trust_remote_code=self.trust_remote_code, key="compute_metrics"
@@ -526,14 +526,14 @@ class Recipe:
             or spec.revision is not None
         ):
             return None
-        from .ingredients import INGREDIENTS_MANIFEST
+        from ..ingredients import INGREDIENTS_MANIFEST
 
         return spec.model if (Path(spec.model) / INGREDIENTS_MANIFEST).is_file() else None
 
     def _ingredient_arg(self, spec: IngredientSpec) -> Any:
         if spec.name is None:
             return spec.reference()
-        from .ingredients import Ingredient
+        from ..ingredients import Ingredient
 
         return Ingredient(reference=spec.model, revision=spec.revision, name=spec.name, weight=spec.weight)
 
@@ -838,7 +838,7 @@ def load_recipe(path: str | os.PathLike, *, trust_remote_code: bool = False) -> 
     Example:
 
     ```python
-    >>> from hf_soups.recipe_file import load_recipe
+    >>> from hf_soups.publishing.recipe_file import load_recipe
     >>> recipe = load_recipe("my_soup/soup_recipe.yaml")  # doctest: +SKIP
     >>> recipe.method, [i.model for i in recipe.ingredients]  # doctest: +SKIP
     ('uniform', ['/runs/a', '/runs/b'])
@@ -970,45 +970,6 @@ def active_recipe(recipe: Recipe) -> Iterator[Recipe]:
         _ACTIVE_RECIPE.reset(token)
 
 
-def cook(recipe: Recipe | str | os.PathLike, *, trust_remote_code: bool = False, **overrides: Any) -> Soup:
-    """Cooks a recipe: `merge_models(**recipe.to_merge_kwargs(), **overrides)`.
-
-    The soup written to disk carries this recipe (with resolved revisions) as `soup_recipe.yaml`.
-
-    Args:
-        recipe ([`Recipe`], `str` or `os.PathLike`):
-            A recipe, or the path of a recipe file.
-        trust_remote_code (`bool`, *optional*, defaults to `False`):
-            Allow the recipe file to name code (see [`load_recipe`]).
-        **overrides:
-            `merge_models` keyword arguments that replace the recipe's (`output_dir`, `push_to_hub`, `progress`...).
-
-    Returns:
-        [`Soup`]: the soup.
-
-    Example:
-
-    ```python
-    >>> from hf_soups.recipe_file import cook
-    >>> soup = cook("recipe.yaml", output_dir="my-soup")  # doctest: +SKIP
-    ```
-    """
-    from .api import merge_models
-
-    if not isinstance(recipe, Recipe):
-        recipe = load_recipe(recipe, trust_remote_code=trust_remote_code)
-    elif trust_remote_code and not recipe.trust_remote_code:
-        recipe = recipe.with_options()
-        recipe.trust_remote_code = True
-    kwargs = recipe.to_merge_kwargs()
-    kwargs.update(overrides)
-    with active_recipe(recipe):
-        soup = merge_models(**kwargs)
-    # later saves (soup.save_pretrained, soup.push_to_hub) record this recipe's eval data and metric too
-    soup._source_recipe = recipe  # type: ignore[attr-defined]
-    return soup
-
-
 def _reference_entry(ingredient: Any) -> dict[str, Any]:
     """`{model, revision, name}` for a resolved ingredient (local folders by absolute path)."""
     ref = ingredient.reference
@@ -1053,7 +1014,7 @@ def recipe_from_soup(soup: Soup, *, portable: bool = False) -> dict[str, Any]:
     Returns:
         `dict`: the recipe mapping (see [`Recipe`] for the keys).
     """
-    from . import __version__
+    from .. import __version__
 
     source = _ACTIVE_RECIPE.get() or getattr(soup, "_source_recipe", None)
     params = dict(getattr(soup, "params", None) or {})
@@ -1116,7 +1077,7 @@ def recipe_from_soup(soup: Soup, *, portable: bool = False) -> dict[str, Any]:
     if not frozen and source is not None:
         src = source.to_dict()
         # what the file said about evaluation: every evaluation option, plus the file's own eval keys
-        from .config import EvalConfig
+        from ..config import EvalConfig
 
         for key in ["eval", "metric_config", "scores", "ensemble_baseline"] + [
             f.name for f in option_fields(EvalConfig)
@@ -1184,8 +1145,8 @@ def _recorded_weights(soup: Any, params: dict, source: Recipe | None) -> list[fl
 
 def _result_section(soup: Any) -> dict[str, Any]:
     result: dict[str, Any] = {}
-    if getattr(soup, "metric_name", None):
-        result["metric"] = soup.metric_name
+    if getattr(soup, "metric_key", None):
+        result["metric"] = soup.metric_key
     if getattr(soup, "select_on", None):
         result["select_on"] = soup.select_on
     if soup.score is not None:
@@ -1236,7 +1197,7 @@ def write_recipe(soup: Soup, directory: str | os.PathLike, *, portable: bool = F
     Example:
 
     ```python
-    >>> from hf_soups.recipe_file import write_recipe
+    >>> from hf_soups.publishing.recipe_file import write_recipe
     >>> write_recipe(soup, "my-soup")  # doctest: +SKIP
     PosixPath('my-soup/soup_recipe.yaml')
     ```
@@ -1267,7 +1228,6 @@ __all__ = [
     "RecipeError",
     "recipe_keys",
     "active_recipe",
-    "cook",
     "load_eval_data",
     "load_recipe",
     "recipe_from_soup",

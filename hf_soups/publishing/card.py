@@ -4,7 +4,7 @@ The metadata follows the Hub's conventions for merged models: `base_model` lists
 was made from, `base_model_relation: merge`, `tags` include `model-soup` and `merge`, `license` is set
 only when every ingredient (and the base) declares the same one (otherwise the card says it is unknown and lists
 each ingredient's), and `model-index` holds the held-out results when the
-soup was evaluated. The body (from `hf_soups/templates/modelcard_template.md`) describes the recipe,
+soup was evaluated. The body (from `hf_soups/publishing/templates/modelcard_template.md`) describes the recipe,
 the ingredients, the soup against its best ingredient, the WiSE-FT curve or greedy steps, how to load
 the soup and how to cook it again, and cites the two papers.
 
@@ -23,11 +23,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .reporting import format_value
+
 if TYPE_CHECKING:  # pragma: no cover
     from huggingface_hub import ModelCard
 
-    from .ingredients import Ingredient
-    from .soup import Soup
+    from ..ingredients import Ingredient
+    from ..soup import Soup
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +99,7 @@ def write_model_card(soup: Soup, directory: str | os.PathLike, *, repo_id: str |
     Example:
 
     ```python
-    >>> from hf_soups.card import write_model_card
+    >>> from hf_soups.publishing.card import write_model_card
     >>> write_model_card(soup, "my-soup")  # doctest: +SKIP
     PosixPath('my-soup/README.md')
     ```
@@ -299,17 +301,7 @@ def _adapter_base_id(adapter_config: dict[str, Any]) -> str | None:
 # formatting
 # --------------------------------------------------------------------------------------------------
 def _fmt(value: Any) -> str:
-    if value is None:
-        return "–"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "nan"
-        return f"{value:.4f}"
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_fmt(v) for v in value) + "]"
-    return str(value)
+    return format_value(value, missing="–")
 
 
 def _md(text: str) -> str:
@@ -384,8 +376,8 @@ def _curve(soup: Soup) -> tuple[str | None, list[str], list[list[str]]]:
     if (
         "score" in header
         and soup.select_on
-        and soup.metric_name
-        and f"{soup.select_on} {soup.metric_name}" in header
+        and soup.metric_key
+        and f"{soup.select_on} {soup.metric_key}" in header
     ):
         header.remove("score")
     rows = [[_md(_fmt(row.get(k))) for k in header] for row in history]
@@ -438,7 +430,7 @@ def _eval_results(soup: Soup, task_type: str | None, dataset_ids: dict[str, dict
     rows = []
     scores = dict(soup.scores or {})
     if not scores and soup.score is not None:
-        scores = {soup.select_on or "eval": {soup.metric_name or "score": soup.score}}
+        scores = {soup.select_on or "eval": {soup.metric_key or "score": soup.score}}
     for set_name, metrics in scores.items():
         info = dataset_ids.get(set_name, {}) if isinstance(dataset_ids, dict) else {}
         for metric, value in (metrics or {}).items():
@@ -481,7 +473,7 @@ def _usage(repo: str, auto_class: str, has_tokenizer: bool, adapter_base: str | 
 def _build(soup: Soup, *, repo_id: str | None, directory: Path | None) -> ModelCard:
     from huggingface_hub import ModelCard, ModelCardData
 
-    from .recipes import get_recipe
+    from ..recipes import get_recipe
 
     try:
         recipe = get_recipe(soup.method)
@@ -575,7 +567,7 @@ def _build(soup: Soup, *, repo_id: str | None, directory: Path | None) -> ModelC
             else (f" on the base model {_ingredient_label(base)}")
         )
     summary += "."
-    metric = soup.metric_name or "score"
+    metric = soup.metric_key or "score"
     score_header = f"Held-out {metric}" + (f" ({soup.select_on})" if soup.select_on else "")
     rows = []
     coefficients = list(soup.coefficients or [])

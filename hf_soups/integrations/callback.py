@@ -32,24 +32,24 @@ from typing import TYPE_CHECKING, Any, Literal
 from accelerate import PartialState
 from transformers.trainer_callback import TrainerCallback
 
-from .diagnose import _free_disk, human_bytes
-from .errors import IncompatibleIngredientsError, IngredientNotFoundError, InvalidArgumentError
-from .ingredients import list_ingredients
-from .ingredients_folder import (
+from ..core.sources import find_weight_files
+from ..errors import IncompatibleIngredientsError, IngredientNotFoundError, InvalidArgumentError
+from ..ingredients import list_ingredients
+from ..ingredients_folder import (
     INGREDIENT_METADATA,
     INGREDIENTS_MANIFEST,
     IngredientsFolder,
     is_ingredients_dir,
     read_ingredient_metadata,
 )
-from .tensors import find_weight_files
+from ..utils import free_disk, human_bytes
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
     from transformers import PreTrainedModel, Trainer, TrainerControl, TrainerState, TrainingArguments
 
-    from .ingredients import Ingredient
-    from .soup import Soup
+    from ..ingredients import Ingredient
+    from ..soup import Soup
 
 logger = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ def _shards_parameters(args: TrainingArguments, trainer: Trainer | None = None) 
 
 
 def _warn_if_short_of_space(root: Path, needed: int, what: str) -> None:
-    free = _free_disk(root) if needed else None
+    free = free_disk(root) if needed else None
     if free is not None and needed > free:
         logger.warning(
             "SoupTrainerCallback: %s need about %s but only %s are free under %s. Free some space, point "
@@ -145,8 +145,8 @@ def _warn_if_short_of_space(root: Path, needed: int, what: str) -> None:
 
 def _check_option_names(options: Mapping[str, Any], where: str) -> None:
     """Unknown merge_models options are refused by name, with a suggestion (the configuration's fields)."""
-    from .config import option_names
-    from .options import did_you_mean
+    from ..config import option_names
+    from ..options import did_you_mean
 
     known = option_names()
     unknown = [key for key in options if key not in known]
@@ -279,7 +279,7 @@ class _SoupCooking:
         >>> soup.save_pretrained("uniform-soup")  # doctest: +SKIP
         ```
         """
-        from .api import merge_models
+        from ..api import merge_models
 
         _check_option_names(options, "cook()")
         if self._ingredients_dir is None:
@@ -573,11 +573,11 @@ class SoupTrainerCallback(_SoupCooking, TrainerCallback):
                 "(default) and call cb.cook(keep_ingredients=False) once the sweep is over, or collect "
                 "checkpoints for per-run soups."
             )
-        from .recipes import get_recipe
+        from ..recipes import get_recipe
 
         get_recipe(method)  # an unknown method fails now, not after the sweep
         _check_option_names(merge_options, "SoupTrainerCallback")
-        from .config import SoupConfig
+        from ..config import SoupConfig
 
         # the values too, the same way merge_models checks them (ingredient counts are not known yet)
         SoupConfig.from_options(

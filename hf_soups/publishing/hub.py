@@ -18,40 +18,23 @@ Failures (no token, 401/403, a missing revision, the network down, offline mode)
 from __future__ import annotations
 
 import logging
-import os
 import re
-import sys
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import HubError
+from ..errors import HubError
+from ..utils import is_main_process
 
 if TYPE_CHECKING:  # pragma: no cover
     from huggingface_hub import CommitInfo
 
-    from .soup import Soup
+    from ..soup import Soup
 
 logger = logging.getLogger(__name__)
 
 _COMMIT_HASH = re.compile(r"^[0-9a-f]{40}$")
 _PR_REF = re.compile(r"^refs/pr/\d+$")
-
-
-def is_main_process() -> bool:
-    """Whether this process may write to the Hub: rank 0 by `RANK` (torchrun) and, when `accelerate`'s state is
-    set up, its main process."""
-    if int(os.environ.get("RANK", "0")) != 0:
-        return False
-    if "accelerate" in sys.modules:
-        try:
-            from accelerate.state import PartialState
-
-            if PartialState._shared_state != {}:
-                return bool(PartialState().is_main_process)
-        except Exception:  # an unusual accelerate install must not block pushing
-            pass
-    return True
 
 
 def _resolve_token(token: str | bool | None) -> str:
@@ -86,7 +69,7 @@ def _soup_files(folder: Path) -> dict[str, Path]:
 
 def _default_message(soup: Soup) -> str:
     try:
-        from .recipes import get_recipe
+        from ..recipes import get_recipe
 
         pretty = get_recipe(soup.method).pretty_name
     except Exception:
@@ -103,7 +86,7 @@ def _description(soup: Soup) -> str:
         kept = "" if ing.selected is not False else " (not kept)"
         lines.append(f"- {ing.name}{rev}{weight}{kept}")
     if soup.score is not None:
-        lines.append(f"Held-out {soup.metric_name or 'score'}: {soup.score:.4f}")
+        lines.append(f"Held-out {soup.metric_key or 'score'}: {soup.score:.4f}")
     return "\n".join(lines)
 
 

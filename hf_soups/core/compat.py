@@ -41,13 +41,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import IncompatibleIngredientsError
+from ..errors import IncompatibleIngredientsError
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-    from .ingredients import ResolvedIngredient
-    from .tensors import TensorInfo
+    from ..ingredients import ResolvedIngredient
+    from .sources import TensorInfo
 
 logger = logging.getLogger(__name__)
 
@@ -292,7 +292,7 @@ def check_ingredients(
     Example:
 
     ```python
-    >>> from hf_soups.compat import check_ingredients
+    >>> from hf_soups.core.compat import check_ingredients
     >>> report, _ = check_ingredients(resolved)  # doctest: +SKIP
     >>> [p.message for p in report.fatal]  # doctest: +SKIP
     ```

@@ -18,13 +18,14 @@ from collections.abc import Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
-from .errors import IncompatibleIngredientsError, NonFiniteTensorError, SoupError
+from ..errors import IncompatibleIngredientsError, NonFiniteTensorError, SoupError
+from ..utils import numel
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-    from .align import MergePlan, TensorPlan
-    from .tensors import ShardedSafetensorsWriter, TensorSource
+    from .plan import MergePlan, TensorPlan
+    from .sources import ShardedSafetensorsWriter, TensorSource
 
 logger = logging.getLogger(__name__)
 
@@ -191,7 +192,7 @@ def combine(
         ),
         default=0,
     )
-    max_numel = max((_numel(t.shape) for t in plan.tensors if t.name not in streamed), default=0)
+    max_numel = max((numel(t.shape) for t in plan.tensors if t.name not in streamed), default=0)
     read_buf = torch.empty(max(max_bytes, 1), dtype=torch.uint8)
     acc_buf = torch.empty(max(max_numel, 1), dtype=torch.float32)
     if streamed:
@@ -219,7 +220,7 @@ def combine(
                     _combine_slices(
                         tp, sources, active, sink, chunk_acc, chunk_read_buf, plan.names, stats=stats
                     )
-            elif _numel(tp.shape) <= CHUNK_ELEMENTS:
+            elif numel(tp.shape) <= CHUNK_ELEMENTS:
                 with _single_threaded():
                     _combine_whole(tp, sources, active, sink, acc_buf, read_buf, plan.names, stats)
             else:
@@ -235,7 +236,7 @@ def combine(
 
 def _streamable(tp: TensorPlan, sources: Sequence[TensorSource], active) -> bool:
     """Whether `tp` can be combined slice by slice: large, no head-row permutation, slices readable."""
-    if _numel(tp.shape) <= CHUNK_ELEMENTS:
+    if numel(tp.shape) <= CHUNK_ELEMENTS:
         return False
     if any(tp.row_permutations and tp.row_permutations[i] is not None for i, _ in active):
         return False
@@ -246,9 +247,9 @@ def _combine_whole(tp: TensorPlan, sources, active, sink, acc_buf, read_buf, nam
     """`sum_i c_i * ingredient_i` for one tensor read whole."""
     import torch
 
-    numel = _numel(tp.shape)
-    acc = acc_buf[:numel].view(tp.shape)
-    stride = -(-numel // (CHUNK_ELEMENTS // STATS_EVERY))  # distance statistics: an evenly strided sample
+    n = numel(tp.shape)
+    acc = acc_buf[:n].view(tp.shape)
+    stride = -(-n // (CHUNK_ELEMENTS // STATS_EVERY))  # distance statistics: an evenly strided sample
     first = True
     for k, (i, c) in enumerate(active):
         t = read_aligned(tp, i, sources[i], read_buf)
@@ -269,8 +270,8 @@ def _combine_whole(tp: TensorPlan, sources, active, sink, acc_buf, read_buf, nam
     if not _finite(out):
         _raise_non_finite(tp, sources, active, names, read_buf, acc, out.dtype)
     if stats is not None:
-        m = -(-numel // stride)
-        stats[0].add(tp.name, stats[1][:, :m], numel)
+        m = -(-n // stride)
+        stats[0].add(tp.name, stats[1][:, :m], n)
     sink.write(tp, out)
 
 
@@ -308,9 +309,9 @@ def _combine_slices(
     first_i, first_c = active[0]
     first_is_f32 = sources[first_i].info(keys[0]).dtype == torch.float32
     acc_bytes = chunk_acc.view(torch.uint8)
-    numel = _numel(tp.shape)
-    for start in range(0, numel, CHUNK_ELEMENTS):
-        count = min(CHUNK_ELEMENTS, numel - start)
+    total = numel(tp.shape)
+    for start in range(0, total, CHUNK_ELEMENTS):
+        count = min(CHUNK_ELEMENTS, total - start)
         acc = chunk_acc[:count]
         # the first ingredient is read straight into the accumulator when it is float32
         t = sources[first_i].get_range(keys[0], start, count, acc_bytes if first_is_f32 else read_buf)
@@ -332,7 +333,7 @@ def _combine_slices(
                 stats[1][k, :count].copy_(piece)
             acc.add_(piece, alpha=c)
         if measure:
-            stats[0].add(tp.name, stats[1][:, :count], numel)
+            stats[0].add(tp.name, stats[1][:, :count], total)
         out = sink.cast(tp, acc)
         if check and not _finite(out):
             _raise_non_finite(tp, sources, active, names, None, None, out.dtype)
@@ -348,13 +349,6 @@ def _finite(t: torch.Tensor) -> bool:
     import torch
 
     return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t.sum(dtype=torch.float64)))
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def _copy_checked(tp: TensorPlan, sources, active, names) -> torch.Tensor:

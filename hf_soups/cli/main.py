@@ -7,7 +7,7 @@ hf-soups inspect ./runs/a ./runs/b --base-model org/base  # will these soup? how
 hf-soups demo --output-dir demo-output                    # the embedded demo (real model, real data, CPU)
 ```
 
-This module is a thin shell over [`merge_models`], [`hf_soups.recipe_file`] and [`hf_soups.diagnose`]:
+This module is a thin shell over [`merge_models`], [`hf_soups.publishing.recipe_file`] and [`hf_soups.cli.inspect`]:
 it imports only the standard library at import time, so `hf-soups --help` answers at once; torch,
 transformers and datasets load when a command needs them. Exit codes: 0 success, 2 bad usage or recipe,
 1 any other failure (for `inspect`: the models cannot be souped). Errors print as one line; `--debug` (or
@@ -127,9 +127,9 @@ def add_config_flags(
     (`group`) or pass `argparse.add_argument` settings (`nargs`, `type`, `action`, `metavar`); `cli=False` leaves it
     out. Recipe parameters say which methods take them.
     """
-    from .config import EvalConfig, SoupConfig, recipe_parameter_owners
-    from .options import option_fields
-    from .recipes import all_recipes
+    from ..config import EvalConfig, SoupConfig, recipe_parameter_owners
+    from ..options import option_fields
+    from ..recipes import all_recipes
 
     owners = recipe_parameter_owners()
     sources: list[tuple[str, Any]] = [("recipe", f) for f in option_fields(SoupConfig)]
@@ -321,7 +321,7 @@ def merge_args_to_recipe(args: argparse.Namespace) -> dict[str, Any]:
     Every configuration option with a flag maps to the recipe key of the same name; only the file's own
     structure is built here (ingredients with their weights, eval sets).
     """
-    from .recipe_file import option_keys
+    from ..publishing.recipe_file import option_keys
 
     data: dict[str, Any] = {}
     models: list[Any] = []
@@ -373,7 +373,7 @@ def _usage(message: str) -> _UsageError:
 
 def _run_recipe(recipe: Any, args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     """Dry-run or cook a validated recipe; prints the outcome."""
-    from .recipe_file import RecipeError
+    from ..publishing.recipe_file import RecipeError
 
     output_dir = overrides.get("output_dir", recipe.output_dir)
     push = overrides.get("push_to_hub", recipe.push_to_hub)
@@ -382,26 +382,26 @@ def _run_recipe(recipe: Any, args: argparse.Namespace, overrides: dict[str, Any]
             "nothing would be written: pass --output-dir DIR or --push-to-hub REPO_ID (or set output_dir: in the recipe)"
         )
     if args.dry_run:
-        from .diagnose import plan_merge
+        from .inspect import plan_merge
 
         planned = recipe.with_options(output_dir=output_dir, push_to_hub=push)
         summary = plan_merge(planned, token=overrides.get("token"))
         print(summary.format())
         return EXIT_OK if summary.compatible else EXIT_FAILURE
-    from .recipe_file import cook
+    from ..api import cook_recipe
 
     if push and not output_dir:
         # stream the soup to a temporary folder and push that, rather than holding the model in memory
         import tempfile
 
         with tempfile.TemporaryDirectory(prefix="hf-soups-push-") as tmp:
-            soup = cook(
+            soup = cook_recipe(
                 recipe, progress=not args.quiet, **{**overrides, "output_dir": os.path.join(tmp, "soup")}
             )
             soup.output_dir = None
             _print_soup(soup)
     else:
-        soup = cook(recipe, progress=not args.quiet, **overrides)
+        soup = cook_recipe(recipe, progress=not args.quiet, **overrides)
         _print_soup(soup)
     if push:
         print(f"Pushed to the Hub: {push}")
@@ -421,7 +421,7 @@ def _print_soup(soup: Any) -> None:
             bits.append("left out")
         lines.append(f"  - {ing.name}" + (f" ({', '.join(b for b in bits if b)})" if any(bits) else ""))
     if soup.score is not None:
-        what = soup.metric_name or "score"
+        what = soup.metric_key or "score"
         where = f" on {soup.select_on}" if soup.select_on else ""
         lines.append(f"Soup {what}{where}: {soup.score:.4f}")
     if soup.output_dir is not None:
@@ -446,14 +446,14 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _cmd_cook(args: argparse.Namespace) -> int:
-    from .recipe_file import load_recipe
+    from ..publishing.recipe_file import load_recipe
 
     recipe = load_recipe(args.recipe, trust_remote_code=bool(args.trust_remote_code))
     return _run_recipe(recipe, args, _overrides(args))
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
-    from .recipe_file import Recipe
+    from ..publishing.recipe_file import Recipe
 
     data = merge_args_to_recipe(args)
     recipe = Recipe.from_dict(
@@ -469,7 +469,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from .diagnose import inspect_models
+    from .inspect import inspect_models
 
     report = inspect_models(
         args.models,
@@ -489,7 +489,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(argv: Sequence[str]) -> int:
-    from .demo import main as demo_main
+    from ..demo import main as demo_main
 
     code = demo_main(list(argv))
     return int(code or 0)
@@ -510,7 +510,7 @@ def _format_error(error: BaseException) -> str:
             message = None
     if message is None:
         message = str(error).strip() or type(error).__name__
-        from .errors import SoupError
+        from ..errors import SoupError
 
         if not isinstance(error, (SoupError, _UsageError, OSError)):
             message = f"{type(error).__name__}: {message}"
@@ -518,7 +518,7 @@ def _format_error(error: BaseException) -> str:
 
 
 def _exit_code(error: BaseException) -> int:
-    from .errors import EvaluationError, InvalidArgumentError
+    from ..errors import EvaluationError, InvalidArgumentError
 
     if isinstance(error, (_UsageError, InvalidArgumentError, EvaluationError)):
         return EXIT_USAGE
@@ -554,7 +554,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except SystemExit as e:  # argparse: --help (0) or bad usage (2)
             return int(e.code or 0)
         if args.version:
-            from . import __version__
+            from .. import __version__
 
             print(__version__)
             return EXIT_OK

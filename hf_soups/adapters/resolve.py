@@ -21,22 +21,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .adapters.lora import LoraAdapter
-from .errors import (
+from ..core.sources import TensorInfo, TensorSource
+from ..errors import (
     IncompatibleIngredientsError,
     IngredientNotFoundError,
     InvalidArgumentError,
     UnsupportedAdapterError,
 )
-from .kitchen import Kitchen
-from .tensors import TensorInfo, TensorSource
+from ..ingredients import Ingredient, ResolvedIngredient, register_adapter_resolver, resolve
+from .lora import LoraAdapter
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-    from .ingredients import Ingredient, ResolvedIngredient
-    from .recipes.base import Recipe
-    from .soup import Soup
+    from ..kitchen import Kitchen
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +42,6 @@ __all__ = [
     "AdapterIngredient",
     "AdapterSource",
     "bind_adapter_bases",
-    "cook_adapter_soup",
     "load_adapter_soup",
     "load_base_model",
     "open_adapter_source",
@@ -87,7 +84,7 @@ def conv1d_modules(config: dict[str, Any], paths: list[str]) -> dict[str, bool]:
         from transformers import AutoConfig
         from transformers.pytorch_utils import Conv1D
 
-        from .kitchen import model_class_for
+        from ..loading import model_class_for
 
         cfg = dict(config)
         model_type = cfg.pop("model_type")
@@ -196,7 +193,7 @@ class AdapterSource(TensorSource):
                     )  # raises on a mismatch
 
     def _tied_target(self, name: str, keys: set[str], config: dict[str, Any]) -> str:
-        from .adapters.export import tied_alias
+        from .export import tied_alias
 
         alias = tied_alias(name, keys) if config.get("tie_word_embeddings", True) else None
         if alias is not None:
@@ -276,6 +273,10 @@ class AdapterIngredient:
     shared_base: SharedBaseSource | None = field(default=None, repr=False)
     peft_model: Any = field(default=None, repr=False)
 
+    def open(self, resolved: ResolvedIngredient) -> AdapterSource:
+        """The lazy tensors of `resolved` (the ingredient this describes): see [`open_adapter_source`]."""
+        return open_adapter_source(resolved)
+
     def summary(self) -> dict[str, Any]:
         cfg = self.adapter.config
         ranks = sorted({m.rank for m in self.adapter.modules.values()})
@@ -310,8 +311,6 @@ def resolve_adapter(
         [`UnsupportedAdapterError`]: not LoRA, or a LoRA option whose math is not implemented.
         [`IngredientNotFoundError`]: no adapter weights.
     """
-    from .ingredients import ResolvedIngredient
-
     name = str(ingredient.name)
     if model is not None:
         adapter = LoraAdapter.from_peft_model(model, name=name)
@@ -341,8 +340,6 @@ def _same_base_name(a: str, b: str) -> bool:
 
 def _peft_model_base(model: Any, name: str) -> ResolvedIngredient:
     """The base model of a live, unmerged PeftModel (a copy with the LoRA layers removed, not merged)."""
-    from .ingredients import Ingredient, ResolvedIngredient
-
     for module in model.get_base_model().modules():
         if getattr(module, "merged", False):
             raise UnsupportedAdapterError(
@@ -376,8 +373,6 @@ def bind_adapter_bases(
         [`IncompatibleIngredientsError`]: two adapters name different bases, revisions or task types.
         [`IngredientNotFoundError`]: no base can be found (pass `base_model=`).
     """
-    from .ingredients import Ingredient, resolve
-
     adapters = [r for r in resolved if r.kind == "adapter"]
     if not adapters:
         return None
@@ -461,7 +456,7 @@ def open_adapter_source(resolved: ResolvedIngredient) -> AdapterSource:
 
 def load_base_model(resolved: ResolvedIngredient):
     """A fresh instance of an adapter ingredient's base model (for evaluation and in-memory soups)."""
-    from .kitchen import model_class_for
+    from ..loading import model_class_for
 
     info: AdapterIngredient = resolved.adapter
     if info.base is None:
@@ -479,7 +474,7 @@ def load_base_model(resolved: ResolvedIngredient):
 # ------------------------------------------------------------------------------------------ adapter form
 
 
-def _members(kitchen: Kitchen) -> list[LoraAdapter | None]:
+def adapter_members(kitchen: Kitchen) -> list[LoraAdapter | None]:
     members: list[LoraAdapter | None] = []
     base_of_adapters = None
     for r in kitchen.members:
@@ -502,9 +497,9 @@ def _members(kitchen: Kitchen) -> list[LoraAdapter | None]:
 def build_kitchen_adapter(kitchen: Kitchen, coefficients, directory: Path | None = None) -> Any:
     """The [`AdapterSoup`] of these coefficients (one per kitchen member); streamed into `directory` when
     given (its `tensors` then stay empty), else held in memory."""
-    from .adapters.export import build_adapter_soup, write_adapter_soup
+    from .export import build_adapter_soup, write_adapter_soup
 
-    members = _members(kitchen)
+    members = adapter_members(kitchen)
     adapters = [r for r in kitchen.members if r.kind == "adapter"]
     kwargs = dict(
         base=adapters[0].adapter.shared_base if adapters else None,
@@ -528,83 +523,6 @@ def build_kitchen_adapter(kitchen: Kitchen, coefficients, directory: Path | None
     return soup
 
 
-def cook_adapter_soup(kitchen: Kitchen, recipe: Recipe) -> Soup:
-    """Run `recipe` unchanged, but serve its final coefficients as one LoRA adapter.
-
-    Candidate soups that a recipe evaluates are still built merged into one live model (greedy, sweeps);
-    only the served soup takes the adapter form. With `output_dir`, the adapter is written there
-    atomically (`adapter_config.json`, `adapter_model.safetensors`, the base's tokenizer files, the
-    model card); without it, `soup.model` is a `PeftModel` on a freshly loaded base.
-    """
-    return recipe.cook(AdapterKitchen.wrap(kitchen))
-
-
-class AdapterKitchen(Kitchen):
-    """A kitchen whose served soup is a LoRA adapter instead of a full model."""
-
-    _adapter_soup: Any = None
-
-    @classmethod
-    def wrap(cls, kitchen: Kitchen) -> AdapterKitchen:
-        import dataclasses
-
-        new = cls(**{f.name: getattr(kitchen, f.name) for f in dataclasses.fields(kitchen)})
-        _members(new)  # refuse mixed soups before any work
-        return new
-
-    def serve(self, coefficients, **kwargs):
-        params = dict(kwargs.pop("params", None) or {})
-        params["adapter_output"] = "adapter"
-        if self.options.get("rank") is not None:
-            params["rank"] = self.options["rank"]
-        report_extra = dict(kwargs.pop("report_extra", None) or {})
-        if self.output_dir is None:  # in memory; on disk, write() streams it and fills the report
-            self._adapter_soup = build_kitchen_adapter(self, coefficients)
-            report_extra.update(self._adapter_soup.report())
-        soup = super().serve(coefficients, params=params, report_extra=report_extra, **kwargs)
-        # In memory: a PeftModel on a fresh base; on disk: loaded lazily from output_dir as a PeftModel.
-        soup._model = self._peft_model() if self.output_dir is None else None
-        return soup
-
-    def _peft_model(self):
-        import tempfile
-
-        from peft import PeftModel
-
-        with tempfile.TemporaryDirectory(prefix="hf_soups_adapter_") as tmp:
-            self._adapter_soup.save(tmp)
-            base = load_base_model(next(r for r in self.members if r.kind == "adapter"))
-            model = PeftModel.from_pretrained(base, tmp)
-        model.eval()
-        return model
-
-    def new_live_model(self):
-        if self.output_dir is None and self._adapter_soup is not None and not self.evaluator:
-            return None  # serve() builds the PeftModel itself
-        return super().new_live_model()
-
-    def load_into(self, model, coefficients, *, progress: bool = False) -> None:
-        if model is None:
-            return
-        super().load_into(model, coefficients, progress=progress)
-
-    def write(self, coefficients, target, soup=None) -> Path:
-        from .tensors import AtomicDirectory, copy_companion_files
-
-        base = next(r for r in self.members if r.kind == "adapter").adapter.base
-        with AtomicDirectory(target) as tmp:
-            adapter_soup = build_kitchen_adapter(self, coefficients, directory=tmp.path)
-            if base is not None and base.path is not None:
-                copy_companion_files(base.path, tmp.path, skip=lambda name: name == "config.json")
-            if self.tokenizer is not None and not (tmp.path / "tokenizer_config.json").exists():
-                self.tokenizer.save_pretrained(tmp.path)
-            if soup is not None:
-                soup.report_extra.update(adapter_soup.report())
-                soup.params["adapter_output"] = "adapter"
-                soup._write_extras(tmp.path)
-            return tmp.commit()
-
-
 def load_adapter_soup(directory: str | os.PathLike, base_model: Any = None, revision: str | None = None):
     """Load a soup written with `adapter_output="adapter"` as a `peft.PeftModel` on its base model.
 
@@ -623,7 +541,7 @@ def load_adapter_soup(directory: str | os.PathLike, base_model: Any = None, revi
     Example:
 
     ```python
-    >>> from hf_soups.peft_support import load_adapter_soup
+    >>> from hf_soups.adapters.resolve import load_adapter_soup
     >>> model = load_adapter_soup("./soup-lora")  # doctest: +SKIP
     ```
     """
@@ -631,7 +549,7 @@ def load_adapter_soup(directory: str | os.PathLike, base_model: Any = None, revi
 
     from peft import PeftModel
 
-    from .kitchen import model_class_for
+    from ..loading import model_class_for
 
     directory = Path(directory)
     cfg = json.loads((directory / "adapter_config.json").read_text())
@@ -649,3 +567,6 @@ def load_adapter_soup(directory: str | os.PathLike, base_model: Any = None, revi
     model = PeftModel.from_pretrained(base_model, str(directory))
     model.eval()
     return model
+
+
+register_adapter_resolver(resolve_adapter)

@@ -39,7 +39,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from .errors import OutputDirError, OutputWriteError, SoupError
+from ..errors import OutputDirError, OutputWriteError, SoupError
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ def read_marker(directory: str | os.PathLike) -> dict[str, Any] | None:
 
 def write_marker(directory: str | os.PathLike, **fields: Any) -> Path:
     """Write (or rewrite) the marker of a folder hf_soups is writing."""
-    from . import __version__
+    from .. import __version__
 
     data = {"written_by": "hf_soups", "version": __version__, **fields}
     path = Path(directory) / MARKER_NAME
@@ -178,7 +178,7 @@ def check_output_dir(
     Example:
 
     ```python
-    >>> from hf_soups.output_dir import check_output_dir
+    >>> from hf_soups.core.output_dir import check_output_dir
     >>> check_output_dir("runs/soup", ["runs/ft-a", "runs/ft-b"])  # doctest: +SKIP
     PosixPath('/home/me/runs/soup')
     ```

@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import CorruptCheckpointError, IngredientNotFoundError, SoupError
+from ..errors import CorruptCheckpointError, IngredientNotFoundError, SoupError
+from ..utils import parse_size
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -92,7 +93,7 @@ def parse_dtype(dtype: Any) -> torch.dtype | None:
     name = aliases.get(name, name)
     value = getattr(torch, name, None)
     if not isinstance(value, torch.dtype) or not value.is_floating_point:
-        from .errors import InvalidArgumentError
+        from ..errors import InvalidArgumentError
 
         raise InvalidArgumentError(
             f"dtype={dtype!r} is not a floating point dtype; use one of float32, float16, bfloat16."
@@ -667,36 +668,6 @@ def open_weight_files(weights: WeightFiles, description: str = "") -> TensorSour
 # --------------------------------------------------------------------------------------------- writing
 
 
-def parse_size(size: int | str) -> int:
-    """`"5GB"` -> 5_000_000_000, `"500MiB"` -> 524_288_000; integers are bytes."""
-    if isinstance(size, int):
-        return size
-    s = str(size).strip().upper()
-    units = {
-        "KIB": 2**10,
-        "MIB": 2**20,
-        "GIB": 2**30,
-        "TIB": 2**40,
-        "KB": 10**3,
-        "MB": 10**6,
-        "GB": 10**9,
-        "TB": 10**12,
-    }
-    for unit, factor in units.items():
-        if s.endswith(unit):
-            return int(float(s[: -len(unit)]) * factor)
-    if s.endswith("B"):
-        s = s[:-1]
-    try:
-        return int(s)
-    except ValueError:
-        from .errors import InvalidArgumentError
-
-        raise InvalidArgumentError(
-            f"max_shard_size={size!r} is not a size such as '5GB' or 500000000."
-        ) from None
-
-
 @dataclass(frozen=True)
 class _Slot:
     shard: int
@@ -707,7 +678,7 @@ class _Slot:
 class AtomicDirectory:
     """A temporary folder beside `target` that replaces `target` only on [`commit`].
 
-    The ownership rules of [`hf_soups.output_dir`] apply: an existing `target` is replaced only when it is
+    The ownership rules of [`hf_soups.core.output_dir`] apply: an existing `target` is replaced only when it is
     empty or was written by hf_soups (it holds the `.hf_soups` marker and nothing else); an `output_dir`
     that is, holds or lies inside one of `ingredients` is refused. Both are checked before anything is
     created. A symlinked `target` is written through: the folder it points to is replaced, the link stays.

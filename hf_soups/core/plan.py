@@ -1,6 +1,6 @@
 """Alignment: one [`MergePlan`] for all ingredients, computed before any averaging.
 
-The rules that decide whether ingredients can be souped live in [`hf_soups.compat`] (one checker for
+The rules that decide whether ingredients can be souped live in [`hf_soups.core.compat`] (one checker for
 `merge_models`, `inspect` and `--dry-run`); [`build_plan`] runs it, raises its first fatal problem, and
 turns what it learned into the plan. The plan says, for every output tensor, which key to read from each
 ingredient (wrapper prefixes such as `module.` and `_orig_mod.` removed, tied weights resolved), whether
@@ -32,7 +32,7 @@ from .compat import (  # noqa: F401 - re-exported: the names other modules know 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-    from .ingredients import ResolvedIngredient
+    from ..ingredients import ResolvedIngredient
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +74,6 @@ class MergePlan:
     config: dict[str, Any]
     reference_index: int
     names: list[str]
-    label_permuted: list[bool] = field(default_factory=list)
     report: CompatibilityReport | None = None
     distances: DistanceStats | None = None
 
@@ -146,7 +145,6 @@ def plan_from_alignment(
         config=config,
         reference_index=reference_index,
         names=names,
-        label_permuted=[p is not None for p in alignment.permutations],
         report=report,
         distances=DistanceStats(names),
     )
@@ -155,7 +153,7 @@ def plan_from_alignment(
 def match_live_model(model: Any, plan: MergePlan) -> Any:
     """Untie a live model's output embeddings when the soup is untied and the model (the reference) is tied.
 
-    A soup of tied and untied ingredients is untied (see [`hf_soups.compat`]): writing its output embeddings
+    A soup of tied and untied ingredients is untied (see [`hf_soups.core.compat`]): writing its output embeddings
     into a tied model would overwrite its input embeddings.
     """
     if ties_embeddings(plan.config) or not getattr(model.config, "tie_word_embeddings", False):

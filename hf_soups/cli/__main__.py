@@ -1,0 +1,7 @@
+"""`python -m hf_soups.cli`."""
+
+import sys
+
+from .main import main
+
+sys.exit(main())

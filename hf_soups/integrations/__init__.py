@@ -1,0 +1,1 @@
+"""Integrations with training loops: the `transformers.Trainer` callback."""
