@@ -407,15 +407,9 @@ def test_an_ingredient_with_a_nan_is_refused_by_name(battery_root, method, arch)
     assert list(out.parent.iterdir()) == []  # nothing written, no temporary folder left
 
 
-# ---------------------------------------------------------------------------------------- known library defects
+# ---------------------------------------------------------------------------------------- defects found by the battery
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="library defect: a streamed greedy soup's soup.model (the live float32 running sum, the model that "
-    "was scored) is not bit-identical to the files written from the sources with coefficients 1/k when k > 2 "
-    "(one float32 ulp on thousands of elements: (a + b + c) / 3 != a/3 + b/3 + c/3)",
-)
 def test_a_streamed_greedy_soup_of_three_is_the_scored_soup_bit_for_bit(tmp_path):
     base = make_tiny_bert_dir(tmp_path / "base", noise=0.0)
     ingredients = [make_tiny_bert_dir(tmp_path / f"ft-{i}", seed=i, noise=0.0005) for i in range(3)]

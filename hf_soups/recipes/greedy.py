@@ -333,6 +333,14 @@ def cook_greedy(kitchen: Kitchen) -> Soup:
             }
         )
     soup.restore()
+    kept = set(soup.members)
+    coefficients = [1.0 / len(kept) if i in kept else 0.0 for i in range(n_total)]
+    if len(kept) > 2:
+        # The running sum (a + b + c) / k and the served soup a/k + b/k + c/k differ by float32 rounding once
+        # k > 2: score the soup that is served, so that soup.model, soup.score and the files agree bit for bit.
+        kitchen.load_into(live, coefficients)
+        current_scores = evaluator.evaluate(live)
+        current = evaluator.primary(current_scores)
 
     timings = evaluator.timings[first_timing:]
     cost = {
@@ -340,8 +348,6 @@ def cook_greedy(kitchen: Kitchen) -> Soup:
         "evaluation_seconds": round(sum(timings), 3),
         "recipe_seconds": round(time.perf_counter() - started, 3),
     }
-    kept = set(soup.members)
-    coefficients = [1.0 / len(kept) if i in kept else 0.0 for i in range(n_total)]
     for i, member in enumerate(members):
         member.ingredient.weight = coefficients[i]
         member.ingredient.selected = i in kept
