@@ -488,7 +488,7 @@ class _Handler(BaseHTTPRequestHandler):
             raise HubError(401, "Invalid credentials in Authorization header")
         return user
 
-    def _held(self, method: str) -> None:
+    def _held(self, method: str) -> RequestHold | None:
         """Wait here while a `LocalHub.hold` matches this request (the body is still unread)."""
         with self.state.lock:
             hold = next((h for h in self.state.holds if h.matches(method, self.path)), None)
@@ -497,6 +497,7 @@ class _Handler(BaseHTTPRequestHandler):
         if hold is not None:
             hold.arrived.set()
             hold.released.wait(hold.timeout)
+        return hold
 
     def _injected_failure(self, method: str) -> dict[str, Any] | None:
         with self.state.lock:
@@ -510,8 +511,9 @@ class _Handler(BaseHTTPRequestHandler):
         self.state.requests.append((method, self.path))
         body = b""
         self._truncate = False
+        hold = None
         try:
-            self._held(method)
+            hold = self._held(method)
             body = self._body() if method in ("POST", "PUT", "DELETE") else b""
             fault = self._injected_failure(method)
             if fault is not None and fault.get("truncate"):
@@ -537,8 +539,15 @@ class _Handler(BaseHTTPRequestHandler):
         except Exception as exc:  # a bug in the server: answer 500 (the client then raises)
             import traceback
 
-            traceback.print_exc()
-            self._send(500, json.dumps({"error": f"local hub server error: {exc!r}"}).encode())
+            if hold is None:  # a held request whose client was killed meanwhile fails quietly
+                traceback.print_exc()
+            try:
+                self._send(500, json.dumps({"error": f"local hub server error: {exc!r}"}).encode())
+            except OSError:
+                self.close_connection = True
+        finally:
+            if hold is not None:
+                hold.done.set()
 
     def do_GET(self) -> None:  # noqa: N802
         self._dispatch("GET")
@@ -1166,12 +1175,14 @@ class RequestHold:
     Attributes:
         arrived (`threading.Event`): set when a matching request reached the server.
         released (`threading.Event`): set by [`release`]; the request then goes on as usual.
+        done (`threading.Event`): set once the server has finished with the request (answered or failed).
     """
 
     def __init__(self, method: str, path_contains: str, timeout: float):
         self.method, self.path_contains, self.timeout = method, path_contains, timeout
         self.arrived = threading.Event()
         self.released = threading.Event()
+        self.done = threading.Event()
 
     def matches(self, method: str, path: str) -> bool:
         return method == self.method and self.path_contains in path
