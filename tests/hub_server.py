@@ -530,12 +530,15 @@ class _Handler(BaseHTTPRequestHandler):
                 headers["X-Error-Code"] = err.code
             headers.update({k: v for k, v in err.extra.items() if k.startswith("X-")})
             payload = {"error": err.message, **{k: v for k, v in err.extra.items() if not k.startswith("X-")}}
-            self._send(
-                err.status,
-                b"" if method == "HEAD" else json.dumps(payload).encode(),
-                headers,
-                head=method == "HEAD",
-            )
+            try:
+                self._send(
+                    err.status,
+                    b"" if method == "HEAD" else json.dumps(payload).encode(),
+                    headers,
+                    head=method == "HEAD",
+                )
+            except OSError:  # the client is gone (killed while a request was held)
+                self.close_connection = True
         except Exception as exc:  # a bug in the server: answer 500 (the client then raises)
             import traceback
 
@@ -1284,7 +1287,13 @@ class LocalHub:
         """
         with self.state.lock:
             self.state.failures.append(
-                {"method": method, "path": path_contains, "status": status, "times": times, "truncate": truncate}
+                {
+                    "method": method,
+                    "path": path_contains,
+                    "status": status,
+                    "times": times,
+                    "truncate": truncate,
+                }
             )
 
     def hold(self, method: str, path_contains: str, *, timeout: float = 60.0) -> RequestHold:

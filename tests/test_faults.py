@@ -132,7 +132,9 @@ SIGNALS = {"TERM": signal.SIGTERM, "INT": signal.SIGINT, "KILL": signal.SIGKILL}
 # a representative few run by default; the whole matrix with -m slow
 FAST_KILLS = {("TERM", f"tensor:{N_TENSORS // 2}"), ("KILL", f"tensor:{N_TENSORS // 2}"), ("INT", "rename:2")}
 KILL_CASES = [
-    pytest.param(sig, point, id=f"{sig}-{point}", marks=() if (sig, point) in FAST_KILLS else pytest.mark.slow)
+    pytest.param(
+        sig, point, id=f"{sig}-{point}", marks=() if (sig, point) in FAST_KILLS else pytest.mark.slow
+    )
     for sig in SIGNALS
     for point in KILL_POINTS
 ]
@@ -203,7 +205,9 @@ def test_killed_write_keeps_the_previous_soup(models, expected_new, previous, tm
         assert digest(previous) == before
     else:
         copies = [p for p in parent.iterdir() if p.is_dir() and digest(p) == before]
-        assert copies or digest(previous) == before, "the previous soup is gone after SIGKILL during the commit"
+        assert copies or digest(previous) == before, (
+            "the previous soup is gone after SIGKILL during the commit"
+        )
     # the next run in the same parent sweeps what the killed one left and succeeds
     merge_models(models, output_dir=previous, max_shard_size=SHARD, progress=False)
     assert tensor_bytes(previous) == expected_new
@@ -245,9 +249,13 @@ def tmpfs(tmp_path):
     def mount(options: str) -> Path:
         point = tmp_path / f"mnt{len(mounted)}"
         point.mkdir()
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(point)], capture_output=True)
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(point)], capture_output=True
+        )
         if done.returncode:
-            pytest.skip(f"cannot mount a tmpfs here (needs root or CAP_SYS_ADMIN): {done.stderr.decode().strip()}")
+            pytest.skip(
+                f"cannot mount a tmpfs here (needs root or CAP_SYS_ADMIN): {done.stderr.decode().strip()}"
+            )
         mounted.append(point)
         return point
 
@@ -342,7 +350,9 @@ def test_io_error_on_the_commit_rename_keeps_the_previous_soup(models, previous,
             concerned = previous in (src_p, dst_p)
             if concerned:
                 calls.append((src_p, dst_p))
-                fail = (which == "aside" and src_p == previous) or (which == "into-place" and dst_p == previous)
+                fail = (which == "aside" and src_p == previous) or (
+                    which == "into-place" and dst_p == previous
+                )
                 if fail and len([c for c in calls if previous in c]) <= 2:
                     raise OSError(errno.EIO, "Input/output error (injected)", os.fsdecode(src))
             return original(src, dst, *args, **kwargs)
@@ -603,10 +613,10 @@ def test_legacy_bin_checkpoint_without_code_is_read(models, tmp_path):
 
 # ------------------------------------------------------------------ 4. hostile recipes and manifests
 
-EVIL_METRIC = '''
+EVIL_METRIC = """
 import pathlib
 pathlib.Path({sentinel!r}).write_text("metric code ran")
-'''
+"""
 
 
 def make_evil_metric(folder: Path, sentinel: Path) -> Path:
@@ -805,7 +815,9 @@ def make_ingredients_dir(root: Path, models: list[Path]) -> Path:
     (root / INGREDIENTS_MANIFEST).write_text(json.dumps({"format_version": 1}))
     for i, m in enumerate(models):
         shutil.copytree(m, root / f"run-{i}")
-        (root / f"run-{i}" / INGREDIENT_METADATA).write_text(json.dumps({"created": float(i), "run": f"run-{i}"}))
+        (root / f"run-{i}" / INGREDIENT_METADATA).write_text(
+            json.dumps({"created": float(i), "run": f"run-{i}"})
+        )
     return root
 
 
@@ -849,7 +861,14 @@ def test_manifest_child_symlinked_outside_is_not_souped(models, tmp_path):
 
 @pytest.mark.parametrize(
     "meta",
-    [b"[1, 2, 3]", b'"just a string"', b'{"created": "yesterday"}', b'{"created": [1]}', b"{not json", b"\xff\xfe\x00"],
+    [
+        b"[1, 2, 3]",
+        b'"just a string"',
+        b'{"created": "yesterday"}',
+        b'{"created": [1]}',
+        b"{not json",
+        b"\xff\xfe\x00",
+    ],
     ids=["list", "string", "created-text", "created-list", "invalid-json", "binary"],
 )
 def test_hostile_ingredient_metadata_is_a_clear_error(models, tmp_path, meta):

@@ -135,7 +135,9 @@ def test_one_transient_download_error_is_retried_or_reported(hub_server, hub_ing
 def head_state(api: HfApi, repo: str) -> tuple[list[str], dict[str, str]]:
     """The commit ids of `main` and the sha256 of every file at its head (downloaded with the client)."""
     commits = [c.commit_id for c in api.list_repo_commits(repo)]
-    folder = Path(snapshot_download(repo, revision=commits[0], cache_dir=Path(os.environ["HF_HOME"]) / "check"))
+    folder = Path(
+        snapshot_download(repo, revision=commits[0], cache_dir=Path(os.environ["HF_HOME"]) / "check")
+    )
     return commits, {
         p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
         for p in sorted(folder.rglob("*"))
@@ -145,21 +147,36 @@ def head_state(api: HfApi, repo: str) -> tuple[list[str], dict[str, str]]:
 
 @pytest.fixture
 def pushed(hub_server, api, hub_ingredients, tmp_path) -> dict:
-    """A repository holding an earlier soup (one commit), and a new local soup to push over it."""
+    """A repository holding an earlier soup (one commit), and a new local soup to push over it.
+
+    The new soup's weights are unique to the test, so that its weights file is not on the server yet (the
+    Hub skips uploading an LFS object it already has: the upload faults would never be reached).
+    """
+    import random
+
     from hf_soups import merge_models
 
     repo = f"{hub_server.user}/{unique('fault-soup')}"
-    first = merge_models(hub_ingredients["local"], weights=[3, 1], output_dir=tmp_path / "first", progress=False)
+    first = merge_models(
+        hub_ingredients["local"], weights=[3, 1], output_dir=tmp_path / "first", progress=False
+    )
     first.push_to_hub(repo, token=hub_server.token)
-    new = merge_models(hub_ingredients["local"], output_dir=tmp_path / "new", progress=False)
+    weights = [1.0, round(random.uniform(1.5, 2.5), 6)]
+    new = merge_models(hub_ingredients["local"], weights=weights, output_dir=tmp_path / "new", progress=False)
     commits, files = head_state(api, repo)
-    return {"repo": repo, "soup": new, "commits": commits, "files": files, "local": digest(new.output_dir)}
+    return {
+        "repo": repo,
+        "soup": new,
+        "weights": weights,
+        "expected": tensor_bytes(new.output_dir),
+        "commits": commits,
+        "files": files,
+        "local": digest(new.output_dir),
+    }
 
 
 PUSH_FAULTS = {
     "create-500": ("POST", "/api/repos/create", {"status": 500}),
-    "create-401": ("POST", "/api/repos/create", {"status": 401}),
-    "create-403": ("POST", "/api/repos/create", {"status": 403}),
     "preupload-500": ("POST", "/preupload/", {"status": 500}),
     "preupload-dropped": ("POST", "/preupload/", {"status": None}),
     "lfs-batch-500": ("POST", "/info/lfs/objects/batch", {"status": 500}),
@@ -175,7 +192,19 @@ PUSH_FAULTS = {
 }
 
 
-@pytest.mark.parametrize("fault", list(PUSH_FAULTS))
+# huggingface_hub retries these with a backoff (about 20 s before it gives up): run with -m slow
+CLIENT_RETRIED = {
+    "preupload-500",
+    "preupload-dropped",
+    "lfs-batch-500",
+    "lfs-upload-500",
+    "lfs-upload-dropped",
+}
+
+
+@pytest.mark.parametrize(
+    "fault", [pytest.param(f, marks=pytest.mark.slow) if f in CLIENT_RETRIED else f for f in PUSH_FAULTS]
+)
 def test_push_failure_publishes_nothing_and_keeps_the_local_soup(hub_server, api, pushed, fault):
     """The Hub fails during `push_to_hub` (every attempt): HubError, the repository as it was, local soup intact."""
     from hf_soups.errors import HubError
@@ -201,7 +230,32 @@ def test_push_failure_publishes_nothing_and_keeps_the_local_soup(hub_server, api
     assert len(api.list_repo_commits(pushed["repo"])) == len(pushed["commits"]) + 1
 
 
-def test_push_through_merge_models_failing_keeps_the_output_dir(hub_server, api, pushed, hub_ingredients, tmp_path):
+@pytest.mark.parametrize("status", [500, 401, 403, None])
+def test_push_to_a_new_repo_failing_at_creation_creates_nothing(
+    hub_server, api, hub_ingredients, tmp_path, status
+):
+    """Creating the repository fails (5xx, 401, 403, dropped): HubError, no repository, the local soup intact."""
+    from hf_soups import merge_models
+    from hf_soups.errors import HubError
+
+    soup = merge_models(hub_ingredients["local"], output_dir=tmp_path / "soup", progress=False)
+    before = digest(soup.output_dir)
+    repo = f"{hub_server.user}/{unique('never-created')}"
+    hub_server.inject_failure("POST", "/api/repos/create", status=status, times=1000)
+    try:
+        with pytest.raises(HubError) as info:
+            soup.push_to_hub(repo, token=hub_server.token)
+    finally:
+        hub_server.clear_failures()
+    message = str(info.value)
+    assert repo in message and ((str(status) in message) if status else "could not be reached" in message)
+    assert not api.repo_exists(repo)
+    assert digest(soup.output_dir) == before
+
+
+def test_push_through_merge_models_failing_keeps_the_output_dir(
+    hub_server, api, pushed, hub_ingredients, tmp_path
+):
     """`merge_models(..., output_dir=, push_to_hub=)` with the commit failing: the soup is on disk, nothing remote."""
     from hf_soups import merge_models
     from hf_soups.errors import HubError
@@ -219,7 +273,9 @@ def test_push_through_merge_models_failing_keeps_the_output_dir(hub_server, api,
 
 FAST_PUSH_KILLS = {("TERM", "commit"), ("KILL", "lfs-upload")}  # the rest with -m slow
 PUSH_KILLS = [
-    pytest.param(sig, route, id=f"{sig}-{name}", marks=() if (sig, name) in FAST_PUSH_KILLS else pytest.mark.slow)
+    pytest.param(
+        sig, route, id=f"{sig}-{name}", marks=() if (sig, name) in FAST_PUSH_KILLS else pytest.mark.slow
+    )
     for sig in ("TERM", "INT", "KILL")
     for name, route in (("lfs-upload", ("PUT", "/lfs-upload/")), ("commit", ("POST", "/commit/")))
 ]
@@ -241,7 +297,8 @@ def test_killed_push_leaves_the_previous_commit_or_the_whole_new_one(
     env = hf_env()
     env["TMPDIR"] = str(tmp)
     hold = hub_server.hold(route[0], route[1], timeout=120)
-    argv = ["merge", *hub_ingredients["local"], "--push-to-hub", repo, "--token", hub_server.token, "--quiet"]
+    argv = ["merge", *hub_ingredients["local"], "--weights", *map(str, pushed["weights"]), "--push-to-hub", repo,
+            "--token", hub_server.token, "--quiet"]  # fmt: skip
     proc = subprocess.Popen(
         [sys.executable, "-m", "tests.fault_child", "none", str(ready), "--", *map(str, argv)],
         cwd=ROOT,
@@ -251,7 +308,9 @@ def test_killed_push_leaves_the_previous_commit_or_the_whole_new_one(
         text=True,
     )
     try:
-        assert hold.arrived.wait(180), f"the push never reached {route}: {proc.poll()}"
+        deadline = time.monotonic() + 180
+        while not hold.arrived.wait(0.1):
+            assert proc.poll() is None and time.monotonic() < deadline, f"the push never reached {route}"
         proc.send_signal({"TERM": signal.SIGTERM, "INT": signal.SIGINT, "KILL": signal.SIGKILL}[sig])
         proc.communicate(timeout=60)
     finally:
@@ -267,7 +326,7 @@ def test_killed_push_leaves_the_previous_commit_or_the_whole_new_one(
     else:  # the server had the whole commit before the client died: the complete new soup
         assert len(commits) == len(pushed["commits"]) + 1 and commits[1:] == pushed["commits"]
         folder = Path(snapshot_download(repo, cache_dir=tmp_path / "check"))
-        assert tensor_bytes(folder) == hub_ingredients["expected"]
+        assert tensor_bytes(folder) == pushed["expected"]
         assert {"config.json", "model.safetensors", "README.md", "soup_recipe.yaml"} <= set(files)
     if sig in ("TERM", "INT"):
         assert list(tmp.iterdir()) == [], f"{sig} left the temporary soup behind: {list(tmp.iterdir())}"
