@@ -227,17 +227,35 @@ def read_ingredients_dir(path: Path, *, run: str | None = None, kind: str | None
             ingredient=str(path),
         )
     found = []
+    root = path.resolve()
     for child in path.iterdir():
         meta_file = child / INGREDIENT_METADATA
         if child.name.startswith(".") or not meta_file.is_file():
             continue
+        if not child.resolve().is_relative_to(root):
+            raise InvalidArgumentError(
+                f"{child} is a link to {child.resolve()}, outside the ingredients directory {path}: an ingredients "
+                "directory only holds its own sub-folders. Remove the link, or pass that model explicitly.",
+                ingredient=child.name,
+            )
         try:
             meta = json.loads(meta_file.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise InvalidArgumentError(
                 f"{meta_file} is not valid JSON ({e}); fix it or delete the folder {child}.",
                 ingredient=child.name,
             ) from None
+        created = meta.get("created") if isinstance(meta, dict) else None
+        if (
+            not isinstance(meta, dict)
+            or isinstance(created, bool)
+            or not isinstance(created, (int, float, type(None)))
+        ):
+            raise InvalidArgumentError(
+                f"{meta_file} is not an ingredient record written by SoupTrainerCallback (expected a JSON object "
+                f"whose 'created' is a number); fix it or delete the folder {child}.",
+                ingredient=child.name,
+            )
         if (run is not None and meta.get("run") != run) or (kind is not None and meta.get("kind") != kind):
             continue
         found.append((float(meta.get("created") or 0.0), child.name, child, meta))
