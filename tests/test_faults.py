@@ -786,7 +786,11 @@ def test_recipe_huge_file_is_refused_quickly(tmp_path):
     assert not (tmp_path / "soup").exists()
 
 
-@pytest.mark.parametrize("content", [os.urandom(4096), b"\x00" * 100, b"\x89PNG\r\n\x1a\n" + os.urandom(200)])
+@pytest.mark.parametrize(
+    "content",
+    [os.urandom(4096), b"\x00" * 100, b"\x89PNG\r\n\x1a\n" + os.urandom(200)],
+    ids=["random", "nul", "png"],
+)
 def test_recipe_binary_file_exits_2(tmp_path, content):
     recipe = tmp_path / "r.yaml"
     recipe.write_bytes(content)
