@@ -295,7 +295,8 @@ def test_killed_push_leaves_the_previous_commit_or_the_whole_new_one(
     tmp = tmp_path / "tmpdir"
     tmp.mkdir()
     env = hf_env()
-    env["TMPDIR"] = str(tmp)
+    env.update(TMPDIR=str(tmp), HF_ENDPOINT=hub_server.endpoint)
+    env.pop("HF_HUB_OFFLINE", None)
     hold = hub_server.hold(route[0], route[1], timeout=120)
     argv = ["merge", *hub_ingredients["local"], "--weights", *map(str, pushed["weights"]), "--push-to-hub", repo,
             "--token", hub_server.token, "--quiet"]  # fmt: skip
@@ -310,7 +311,9 @@ def test_killed_push_leaves_the_previous_commit_or_the_whole_new_one(
     try:
         deadline = time.monotonic() + 180
         while not hold.arrived.wait(0.1):
-            assert proc.poll() is None and time.monotonic() < deadline, f"the push never reached {route}"
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail(f"the push never reached {route}: {proc.communicate()}")
         proc.send_signal({"TERM": signal.SIGTERM, "INT": signal.SIGINT, "KILL": signal.SIGKILL}[sig])
         proc.communicate(timeout=60)
     finally:
