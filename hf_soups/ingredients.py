@@ -510,7 +510,30 @@ def _download(
         ) from None
     except HfHubHTTPError as e:
         raise IngredientNotFoundError(f"Ingredient {name!r}: downloading {repo_id!r} failed: {e}") from None
+    except Exception as e:
+        if not _is_transport_error(e):
+            raise
+        from huggingface_hub import constants
+
+        from .errors import HubError
+
+        raise HubError(
+            f"Ingredient {name!r}: the connection to the Hub at {constants.ENDPOINT} failed while downloading "
+            f"{repo_id!r} ({type(e).__name__}: {e}). Check the network (and HF_ENDPOINT / proxy settings) and run "
+            "again: complete files stay in the cache, partial ones are downloaded again.",
+            ingredient=name,
+        ) from e
     return snapshot
+
+
+def _is_transport_error(error: BaseException) -> bool:
+    """A network failure (connection refused or dropped, timeout) rather than a local or HTTP error."""
+    try:
+        import httpx2 as httpx
+    except ImportError:  # pragma: no cover - older huggingface_hub
+        import httpx  # type: ignore[no-redef]
+
+    return isinstance(error, (httpx.TransportError, ConnectionError, TimeoutError))
 
 
 def _is_peft_model(obj: Any) -> bool:

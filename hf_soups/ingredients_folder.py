@@ -110,6 +110,12 @@ def read_ingredient_metadata(folder: str | os.PathLike) -> dict[str, Any]:
             f"{path} holds a {type(meta).__name__}, not a JSON object: fix the file or delete the folder {folder}.",
             ingredient=name,
         )
+    created = meta.get("created")
+    if isinstance(created, bool) or not isinstance(created, (int, float, type(None))):
+        raise InvalidArgumentError(
+            f"{path}: 'created' is {created!r}, not a number: fix the file or delete the folder {folder}.",
+            ingredient=name,
+        )
     return meta
 
 
@@ -131,7 +137,8 @@ def read_ingredients_dir(
 
     Raises:
         [`IngredientNotFoundError`]: `path` is not an ingredients folder.
-        [`InvalidArgumentError`]: an ingredient's metadata file is not valid JSON.
+        [`InvalidArgumentError`]: an ingredient's metadata file is not valid JSON, or a sub-folder links outside
+            the ingredients folder.
     """
     path = Path(path)
     if not is_ingredients_dir(path):
@@ -141,9 +148,16 @@ def read_ingredients_dir(
             ingredient=str(path),
         )
     found = []
+    root = path.resolve()
     for child in path.iterdir():
         if child.name.startswith(".") or not (child / INGREDIENT_METADATA).is_file():
             continue
+        if not child.resolve().is_relative_to(root):
+            raise InvalidArgumentError(
+                f"{child} is a link to {child.resolve()}, outside the ingredients directory {path}: an ingredients "
+                "directory only holds its own sub-folders. Remove the link, or pass that model explicitly.",
+                ingredient=child.name,
+            )
         meta = read_ingredient_metadata(child)
         if (run is not None and meta.get("run") != run) or (kind is not None and meta.get("kind") != kind):
             continue

@@ -24,6 +24,12 @@ Authentication: a token -> user map (`add_user`); writes need a write token of t
 (401 without a valid token, 403 with a token that has no right); private repos answer like missing
 ones to anyone else (401 without a token, 404 with one).
 
+Fault injection (off unless a test asks; tests/test_faults_hub.py uses it): `inject_failure` makes the
+next requests of a route answer any status (5xx, 401, 403, 404), drop the connection without an
+answer (`status=None`), or send the headers and only half of the body before closing (`truncate=True`);
+`hold` keeps a request waiting at the server (before its body is read) until the test releases it, so
+that a test can kill the client while the server is receiving.
+
 `HF_ENDPOINT` must be set before `huggingface_hub` is imported: `reserve_port()` binds the port and
 sets it; tests/conftest.py calls it first thing. Only the standard library is used here.
 """
@@ -236,6 +242,7 @@ class HubState:
         self.signing_key = secrets.token_bytes(16)
         self.requests: list[tuple[str, str]] = []  # (method, path) log, handy in tests
         self.failures: list[dict[str, Any]] = []  # injected faults, see LocalHub.inject_failure
+        self.holds: list[RequestHold] = []  # requests kept waiting, see LocalHub.hold
         (self.storage / "lfs").mkdir(parents=True, exist_ok=True)
         (self.storage / "blobs").mkdir(parents=True, exist_ok=True)
         (self.storage / "repos").mkdir(parents=True, exist_ok=True)
@@ -460,6 +467,11 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header(key, value)
         self.end_headers()
         if not head and body:
+            if getattr(self, "_truncate", False):  # injected: the connection drops in the middle of the body
+                self.wfile.write(body[: len(body) // 2])
+                self.wfile.flush()
+                self.close_connection = True
+                return
             self.wfile.write(body)
 
     def _json(self, status: int, payload: Any, headers: dict[str, str] | None = None) -> None:
@@ -476,6 +488,17 @@ class _Handler(BaseHTTPRequestHandler):
             raise HubError(401, "Invalid credentials in Authorization header")
         return user
 
+    def _held(self, method: str) -> RequestHold | None:
+        """Wait here while a `LocalHub.hold` matches this request (the body is still unread)."""
+        with self.state.lock:
+            hold = next((h for h in self.state.holds if h.matches(method, self.path)), None)
+            if hold is not None:
+                self.state.holds.remove(hold)
+        if hold is not None:
+            hold.arrived.set()
+            hold.released.wait(hold.timeout)
+        return hold
+
     def _injected_failure(self, method: str) -> dict[str, Any] | None:
         with self.state.lock:
             for fault in self.state.failures:
@@ -487,10 +510,15 @@ class _Handler(BaseHTTPRequestHandler):
     def _dispatch(self, method: str) -> None:
         self.state.requests.append((method, self.path))
         body = b""
+        self._truncate = False
+        hold = None
         try:
+            hold = self._held(method)
             body = self._body() if method in ("POST", "PUT", "DELETE") else b""
             fault = self._injected_failure(method)
-            if fault is not None:
+            if fault is not None and fault.get("truncate"):
+                self._truncate = True  # answer normally, but cut the body in half (see _send)
+            elif fault is not None:
                 if fault["status"] is None:  # the connection drops: no response at all
                     self.close_connection = True
                     return
@@ -502,17 +530,27 @@ class _Handler(BaseHTTPRequestHandler):
                 headers["X-Error-Code"] = err.code
             headers.update({k: v for k, v in err.extra.items() if k.startswith("X-")})
             payload = {"error": err.message, **{k: v for k, v in err.extra.items() if not k.startswith("X-")}}
-            self._send(
-                err.status,
-                b"" if method == "HEAD" else json.dumps(payload).encode(),
-                headers,
-                head=method == "HEAD",
-            )
+            try:
+                self._send(
+                    err.status,
+                    b"" if method == "HEAD" else json.dumps(payload).encode(),
+                    headers,
+                    head=method == "HEAD",
+                )
+            except OSError:  # the client is gone (killed while a request was held)
+                self.close_connection = True
         except Exception as exc:  # a bug in the server: answer 500 (the client then raises)
             import traceback
 
-            traceback.print_exc()
-            self._send(500, json.dumps({"error": f"local hub server error: {exc!r}"}).encode())
+            if hold is None:  # a held request whose client was killed meanwhile fails quietly
+                traceback.print_exc()
+            try:
+                self._send(500, json.dumps({"error": f"local hub server error: {exc!r}"}).encode())
+            except OSError:
+                self.close_connection = True
+        finally:
+            if hold is not None:
+                hold.done.set()
 
     def do_GET(self) -> None:  # noqa: N802
         self._dispatch("GET")
@@ -1134,6 +1172,28 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(status, data, headers)
 
 
+class RequestHold:
+    """A request kept waiting at the server (see [`LocalHub.hold`]).
+
+    Attributes:
+        arrived (`threading.Event`): set when a matching request reached the server.
+        released (`threading.Event`): set by [`release`]; the request then goes on as usual.
+        done (`threading.Event`): set once the server has finished with the request (answered or failed).
+    """
+
+    def __init__(self, method: str, path_contains: str, timeout: float):
+        self.method, self.path_contains, self.timeout = method, path_contains, timeout
+        self.arrived = threading.Event()
+        self.released = threading.Event()
+        self.done = threading.Event()
+
+    def matches(self, method: str, path: str) -> bool:
+        return method == self.method and self.path_contains in path
+
+    def release(self) -> None:
+        self.released.set()
+
+
 class _HubHTTPServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
@@ -1211,20 +1271,50 @@ class LocalHub:
         return token
 
     def inject_failure(
-        self, method: str, path_contains: str, *, status: int | None = 500, times: int = 1
+        self,
+        method: str,
+        path_contains: str,
+        *,
+        status: int | None = 500,
+        times: int = 1,
+        truncate: bool = False,
     ) -> None:
         """Make the next `times` requests `method` whose path contains `path_contains` fail.
 
         `status=None` drops the connection without an answer (what a network failure looks like to the client).
+        `truncate=True` answers as usual but sends only the first half of the body, then closes the connection
+        (a connection dropped while a file downloads); `status` is then ignored.
         """
         with self.state.lock:
             self.state.failures.append(
-                {"method": method, "path": path_contains, "status": status, "times": times}
+                {
+                    "method": method,
+                    "path": path_contains,
+                    "status": status,
+                    "times": times,
+                    "truncate": truncate,
+                }
             )
 
+    def hold(self, method: str, path_contains: str, *, timeout: float = 60.0) -> RequestHold:
+        """Keep the next request `method` whose path contains `path_contains` waiting, before its body is read.
+
+        Wait on the returned hold's `arrived` event, do something (kill the client), then `release()` it: the
+        server then reads what is left of the body and answers as usual. A hold not released lets the
+        request go on after `timeout` seconds.
+        """
+        hold = RequestHold(method, path_contains, timeout)
+        with self.state.lock:
+            self.state.holds.append(hold)
+        return hold
+
     def clear_failures(self) -> None:
+        """Remove every injected failure and release every hold."""
         with self.state.lock:
             self.state.failures.clear()
+            for hold in self.state.holds:
+                hold.release()
+            self.state.holds.clear()
 
     def repo(self, repo_id: str, repo_type: str = "model") -> Repo:
         """The stored repository (raises KeyError when missing)."""

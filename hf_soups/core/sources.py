@@ -238,6 +238,18 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, dict], int]:
                 path=str(path),
                 tensor_name=name,
             )
+    # as the safetensors library: the tensors tile the data section, no overlap and no gap
+    position = 0
+    for name, entry in sorted(header.items(), key=lambda item: tuple(item[1]["data_offsets"])):
+        begin, end = entry["data_offsets"]
+        if begin != position:
+            raise CorruptCheckpointError(
+                f"{path}: tensor {name!r} starts at data byte {begin}, expected {position} (tensors overlap or leave "
+                "gaps). The file is corrupt: download or save it again.",
+                path=str(path),
+                tensor_name=name,
+            )
+        position = end
     return header, data_start
 
 

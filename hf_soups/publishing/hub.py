@@ -283,4 +283,8 @@ class _hub_errors:
             )
         if isinstance(exc, ValueError) and "Invalid metadata in README.md" in str(exc):
             return f"the Hub rejected the model card metadata: {exc}."
+        if isinstance(exc, RuntimeError) and isinstance(exc.__cause__, Exception):
+            # huggingface_hub wraps a failed LFS upload: "Error while uploading 'x' to the Hub." from the HTTP error
+            cause = self._message(exc.__cause__)
+            return f"{exc} {cause}" if cause else None
         return None
