@@ -326,11 +326,18 @@ def _read_config(path: Path, name: str) -> dict[str, Any]:
             ingredient=name,
         )
     try:
-        return json.loads(config_file.read_text())
+        config = json.loads(config_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise IngredientNotFoundError(
-            f"Ingredient {name!r}: {config_file} is not valid JSON ({e})."
+            f"Ingredient {name!r}: {config_file} is not valid JSON ({e}).", ingredient=name
         ) from None
+    if not isinstance(config, dict):
+        raise IngredientNotFoundError(
+            f"Ingredient {name!r}: {config_file} holds a JSON {type(config).__name__}, not the object "
+            "save_pretrained writes. Re-save the model, or leave it out.",
+            ingredient=name,
+        )
+    return config
 
 
 # Adapter ingredients (PEFT folders and `PeftModel`s) are resolved by `hf_soups.adapters`, a higher layer, which

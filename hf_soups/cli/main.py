@@ -394,7 +394,9 @@ def _run_recipe(recipe: Any, args: argparse.Namespace, overrides: dict[str, Any]
         # stream the soup to a temporary folder and push that, rather than holding the model in memory
         import tempfile
 
-        with tempfile.TemporaryDirectory(prefix="hf-soups-push-") as tmp:
+        from ..core.output_dir import sigterm_as_interrupt
+
+        with sigterm_as_interrupt(), tempfile.TemporaryDirectory(prefix="hf-soups-push-") as tmp:
             soup = cook_recipe(
                 recipe, progress=not args.quiet, **{**overrides, "output_dir": os.path.join(tmp, "soup")}
             )

@@ -35,7 +35,8 @@ import shutil
 import signal
 import socket
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -446,3 +447,21 @@ class TerminationGuard:
             previous(signum, None)
             raise KeyboardInterrupt(f"the write was interrupted by signal {signum}")
         raise SystemExit(128 + signum)
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Within the block, SIGTERM unwinds like Ctrl-C (so `with` blocks clean their temporary folders up), then
+    ends the process as SIGTERM would have (exit status 143), or calls the handler that was there before.
+
+    For work that is not a folder write (those have [`TerminationGuard`] already), e.g. a push from a
+    temporary folder.
+    """
+    guard = TerminationGuard()
+    guard.install()
+    try:
+        yield
+    except Terminated as stop:
+        guard.deliver(stop.signum)
+    finally:
+        guard.uninstall()

@@ -23,6 +23,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..core.output_dir import sigterm_as_interrupt
 from ..errors import HubError
 from ..utils import is_main_process
 
@@ -163,7 +164,7 @@ def push_soup(
         repo_id = repo_url.repo_id
         if revision is not None and not create_pr:
             _ensure_branch(api, repo_id, revision)
-        with tempfile.TemporaryDirectory(prefix="hf_soups_push_") as tmp:
+        with sigterm_as_interrupt(), tempfile.TemporaryDirectory(prefix="hf_soups_push_") as tmp:
             tmp_dir = Path(tmp)
             if soup.output_dir is not None and Path(soup.output_dir).is_dir():
                 folder = Path(soup.output_dir)
