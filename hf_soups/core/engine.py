@@ -328,6 +328,11 @@ def combine_mix(
                     count = min(CHUNK_ELEMENTS, n - start)
                     thetas = [read(k, start, count) for k in range(len(mix.ingredients))]
                     base = read(len(members) - 1, start, count) if mix.base is not None else None
+                    for k, t in enumerate(thetas + ([base] if base is not None else [])):
+                        if not _finite(t):  # also where the method would drop it (DARE): a broken ingredient
+                            _raise_non_finite(
+                                tp, sources, [(members[k], 1.0)], plan.names, None, None, t.dtype
+                            )
                     piece = mix.recipe.combine(base, thetas, stats, start).reshape(-1)
                     if write_slices:
                         out = sink.cast(tp, piece)
