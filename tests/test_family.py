@@ -276,3 +276,28 @@ def test_cli_and_recipe_file_take_the_same_knobs(family_dirs, tmp_path):
     )
     cook_recipe(recipe, output_dir=tmp_path / "from_file", progress=False)
     assert_same_tensors(out_cli, tmp_path / "from_file")
+
+
+def test_a_sweep_is_in_the_report_the_plot_and_the_card(family_dirs, tmp_path):
+    pytest.importorskip("matplotlib")
+    base, ingredients = family_dirs
+    soup = merge_models(
+        [str(p) for p in ingredients[:2]],
+        method="slerp",
+        t=[0.0, 0.5, 1.0],
+        eval_dataset=_eval_set(base),
+        output_dir=tmp_path / "soup",
+        progress=False,
+    )
+    report = soup.report()
+    assert "Sweep of t" in report
+    chosen = next(h for h in soup.history if h["selected"])
+    assert soup.params["t"] == chosen["t"]
+    for h in soup.history:
+        assert f"{h['t']:g}" in report
+    assert report.count("<- chosen") == 1
+    image = soup.plot(tmp_path / "curve.png")
+    assert image.stat().st_size > 0
+    card = (tmp_path / "soup" / "README.md").read_text()
+    assert "Sweep of t" in card and "t chosen on the held-out" in card
+    assert "arxiv" in card.lower() or "doi.org" in card or "acm.org" in card  # the method's reference
