@@ -301,3 +301,25 @@ def test_a_sweep_is_in_the_report_the_plot_and_the_card(family_dirs, tmp_path):
     card = (tmp_path / "soup" / "README.md").read_text()
     assert "Sweep of t" in card and "t chosen on the held-out" in card
     assert "arxiv" in card.lower() or "doi.org" in card or "acm.org" in card  # the method's reference
+
+
+def test_task_arithmetic_of_lora_adapters_is_exact_in_both_output_forms(tmp_path):
+    """Linear in the adapters' ΔW: merged, the soup is base + λ Σ wᵢ ΔWᵢ; as an adapter, the same weights once
+    merged into the base (the concatenated factors, no truncation)."""
+    pytest.importorskip("peft")
+    from tests.test_battery import build_bert_lora
+
+    arch = build_bert_lora(tmp_path / "lora")
+    kwargs = dict(method="task-arithmetic", base_model=str(arch.base), weights=[1.0, 0.5, 2.0], scaling=0.6)
+    models = [str(p) for p in arch.ingredients]
+    merged = merge_models(models, output_dir=tmp_path / "merged", progress=False, **kwargs)
+    expected = family_reference(
+        "task-arithmetic",
+        arch.theta(arch.base),
+        [arch.theta(p) for p in arch.ingredients],
+        **{k: kwargs[k] for k in ("weights", "scaling")},
+    )
+    assert_state_close(read_safetensors(merged.output_dir), expected, atol=2e-6)
+    adapter = merge_models(models, adapter_output="adapter", progress=False, **kwargs)
+    state = adapter.model.merge_and_unload().state_dict()
+    assert_state_close({k: v for k, v in state.items() if k in expected}, expected, atol=2e-6)
