@@ -25,6 +25,10 @@ def merge_models(
     weights: Sequence[float] | None = None,
     base_model: ModelReference | None = None,
     alpha: float | Sequence[float] | None = None,
+    scaling: float | Sequence[float] | None = None,
+    density: float | Sequence[float] | None = None,
+    seed: int | None = None,
+    t: float | Sequence[float] | None = None,
     eval_dataset: Any = None,
     metric: Any = "accuracy",
     metric_key: str | None = None,
@@ -66,13 +70,25 @@ def merge_models(
             ingredients.
         method (`str`, *optional*, defaults to `"uniform"`):
             `"uniform"` (mean, or weighted mean with `weights`), `"greedy"` (greedy soup chosen on
-            `eval_dataset`), or `"wise-ft"` (interpolation with `base_model` by `alpha`).
+            `eval_dataset`), `"wise-ft"` (interpolation with `base_model` by `alpha`), or one of the task-vector
+            family: `"task-arithmetic"`, `"ties"`, `"dare-linear"`, `"dare-ties"`, `"slerp"`, `"model-stock"`
+            (see docs/methods.md).
         weights (`Sequence[float]`, *optional*):
-            Relative weights of the ingredients (normalised; must be >= 0 and not all zero).
+            Relative weights of the ingredients (normalised; must be >= 0 and not all zero). Task arithmetic,
+            TIES and DARE use them as given (default 1 each), and a list of weight lists is a sweep.
         base_model (*optional*):
-            WiSE-FT's zero-shot (or linear-probe) end; for adapters, their base model.
+            WiSE-FT's zero-shot (or linear-probe) end; θ₀ of task arithmetic, TIES, DARE and Model Stock; for
+            adapters, their base model.
         alpha (`float` or `Sequence[float]`, *optional*):
             WiSE-FT mixing coefficient in [0, 1] (1 = fine-tuned). A list is a sweep chosen on `eval_dataset`.
+        scaling (`float` or `Sequence[float]`, *optional*):
+            Task arithmetic, TIES, DARE: λ, the factor on the merged task vector (default 1). A list is a sweep.
+        density (`float` or `Sequence[float]`, *optional*):
+            TIES, DARE (required): fraction of each task vector kept per tensor, in (0, 1]. A list is a sweep.
+        seed (`int`, *optional*):
+            DARE (required): seed of the random drop; the soup is reproducible bit for bit from it.
+        t (`float` or `Sequence[float]`, *optional*):
+            SLERP (required): interpolation in [0, 1] between the two ingredients. A list is a sweep.
         eval_dataset (`datasets.Dataset` or `dict[str, datasets.Dataset]`, *optional*):
             Held-out data for greedy soups, sweeps and reporting.
         metric (`str`, `tuple`, `evaluate.EvaluationModule` or callable, *optional*, defaults to `"accuracy"`):

@@ -247,7 +247,7 @@ class SoupConfig:
                     takers = others[key][0]
                     verb = "takes" if len(takers) == 1 else "take"
                     problems.append(
-                        f"{key}: only {' and '.join(takers)} {verb} {key}, not {method!r}; drop it, or use "
+                        f"{key}: only {_and(takers)} {verb} {key}, not {method!r}; drop it, or use "
                         f"method={takers[0]!r}"
                     )
             else:
@@ -307,10 +307,15 @@ class SoupConfig:
                 "adapter_output='adapter' with it (a merged soup is exact and has no rank)"
             )
         weights = getattr(self.params, "weights", None)
-        if weights is not None and self.n_models is not None and len(weights) != self.n_models:
-            problems.append(
-                f"weights: weights has {len(weights)} values for {self.n_models} ingredients; give one per ingredient"
-            )
+        sweep = (
+            weights if weights and isinstance(weights[0], list) else [weights]
+        )  # a list of weight lists: a sweep
+        for w in sweep:
+            if w is not None and self.n_models is not None and len(w) != self.n_models:
+                problems.append(
+                    f"weights: weights has {len(w)} values for {self.n_models} ingredients; give one per ingredient"
+                )
+                break
         recipe = get_recipe(self.method)
         if recipe.check is not None and not problems:
             try:
@@ -361,6 +366,11 @@ def recipe_parameter_owners() -> dict[str, tuple[list[str], Any]]:
             default = f.default if f.default is not dataclasses.MISSING else None
             out.setdefault(f.name, ([], default))[0].append(name)
     return out
+
+
+def _and(names: list[str]) -> str:
+    """`"a, b and c"`."""
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
 
 
 def config_error(problems: list[str]) -> InvalidArgumentError:

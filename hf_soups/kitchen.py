@@ -17,11 +17,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .adapters.resolve import adapter_members, build_kitchen_adapter, load_base_model
-from .core.engine import ModelSink, WriterSink, combine
+from .core.engine import ModelSink, RecipeMix, WriterSink, combine
 from .core.plan import MergePlan, build_plan, match_live_model
 from .core.sources import AtomicDirectory, ShardedSafetensorsWriter, copy_companion_files
 from .errors import SoupError
 from .loading import model_class_for
+from .merge_ops import TensorRecipe
 from .utils import is_main_process, wait_for_everyone
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -76,8 +77,12 @@ class Kitchen:
     def sources(self):
         return [m.open() for m in self.members]
 
-    def full_coefficients(self, coefficients: Sequence[float], base: float = 0.0) -> list[float]:
-        """Pad ingredient coefficients with the base's (0 unless given) to match `members`."""
+    def full_coefficients(
+        self, coefficients: Sequence[float] | TensorRecipe, base: float = 0.0
+    ) -> list[float]:
+        """Pad ingredient coefficients with the base's (0 unless given) to match `members` (a two-pass method: [])."""
+        if isinstance(coefficients, TensorRecipe):
+            return []
         coefficients = list(coefficients)
         if len(coefficients) == len(self.members):
             return coefficients
@@ -104,17 +109,31 @@ class Kitchen:
         model.eval()
         return match_live_model(model, self.plan)
 
-    def load_into(self, model, coefficients: Sequence[float], *, progress: bool = False) -> None:
-        """Write the soup with these coefficients into `model`'s parameters, in place."""
-        combine(
-            self.plan, self.sources, self.full_coefficients(coefficients), ModelSink(model), progress=progress
-        )
+    def load_into(
+        self, model, coefficients: Sequence[float] | TensorRecipe, *, progress: bool = False
+    ) -> None:
+        """Write the soup with these coefficients (or this two-pass method) into `model`'s parameters, in place."""
+        self.combine(coefficients, ModelSink(model), progress=progress)
+
+    def combine(self, mixture: Sequence[float] | TensorRecipe, sink, *, progress: bool = False) -> None:
+        """Stream a soup into `sink`: linear coefficients (per ingredient or per member) or a two-pass method.
+
+        The one place where a [`~hf_soups.merge_ops.TensorRecipe`] (TIES, DARE, SLERP, Model Stock) meets the
+        engine: its θ₁..θ_N are the ingredients in order, θ₀ the base when the method takes one.
+        """
+        if isinstance(mixture, TensorRecipe):
+            mixture.check_ingredients(len(self.ingredients), has_base=self.base is not None)
+            base = len(self.ingredients) if mixture.needs_base else None
+            mix = RecipeMix(mixture, tuple(range(len(self.ingredients))), base)
+            combine(self.plan, self.sources, [], sink, progress=progress, mix=mix)
+        else:
+            combine(self.plan, self.sources, self.full_coefficients(mixture), sink, progress=progress)
 
     # ------------------------------------------------------------------------------------ serving
 
     def serve(
         self,
-        coefficients: Sequence[float],
+        coefficients: Sequence[float] | TensorRecipe,
         *,
         method: str,
         params: dict[str, Any] | None = None,
@@ -127,7 +146,7 @@ class Kitchen:
         """Make the final soup: stream it to `output_dir` (atomically) or build it in memory.
 
         Args:
-            coefficients: per ingredient (or per member, base last).
+            coefficients: per ingredient (or per member, base last), or a two-pass method.
             method: the recipe name.
             params: the recipe's parameters, recorded on the soup and its card.
             history: recipe steps (greedy additions, sweep points).
@@ -162,20 +181,20 @@ class Kitchen:
             if finish is not None:
                 live = model if model is not None else self.new_live_model()
                 if model is None:
-                    self.load_into(live, full)
+                    self.load_into(live, coefficients)
                 finish(soup, live)
                 model = live
         soup._kitchen_config = dict(self.plan.config)
         if self.output_dir is not None:
             soup.output_dir = Path(self.output_dir).expanduser().absolute()  # the card names the folder
             if is_main_process():
-                self.write(full, self.output_dir, soup)
+                self.write(coefficients, self.output_dir, soup)
             wait_for_everyone()
             soup._model = model
         else:
             if model is None:
                 model = self.new_live_model()
-                self.load_into(model, full, progress=self.progress)
+                self.load_into(model, coefficients, progress=self.progress)
             soup._model = model
         return soup
 
@@ -187,7 +206,10 @@ class Kitchen:
         return None
 
     def write(
-        self, coefficients: Sequence[float], target: str | os.PathLike, soup: Soup | None = None
+        self,
+        coefficients: Sequence[float] | TensorRecipe,
+        target: str | os.PathLike,
+        soup: Soup | None = None,
     ) -> Path:
         """Stream the soup into `target` through a temporary directory renamed into place at the end."""
         plan = self.plan
@@ -200,9 +222,7 @@ class Kitchen:
             )
             try:
                 sink = WriterSink(writer, max((t.nbytes for t in plan.tensors), default=1))
-                combine(
-                    plan, self.sources, self.full_coefficients(coefficients), sink, progress=self.progress
-                )
+                self.combine(coefficients, sink, progress=self.progress)
             except BaseException:
                 writer.abort()
                 raise
@@ -257,6 +277,11 @@ class AdapterKitchen(Kitchen):
         return new
 
     def serve(self, coefficients, **kwargs):
+        if isinstance(coefficients, TensorRecipe):
+            raise SoupError(
+                f"adapter_output='adapter' serves linear soups only; method {kwargs.get('method')!r} is not linear "
+                "in the adapters' ΔW. Use adapter_output='merged'."
+            )
         params = dict(kwargs.pop("params", None) or {})
         params["adapter_output"] = "adapter"
         if self.options.get("rank") is not None:

@@ -171,24 +171,75 @@ def _is_array(value: Any) -> bool:
     return hasattr(value, "tolist") and hasattr(value, "__len__")
 
 
-def check_alpha(value: Any, meta: Mapping) -> float | list[float]:
-    """A float in [0, 1], or a non-empty list of them (a sweep chosen on held-out data)."""
-
-    def one(a: Any, where: str) -> float:
-        try:
-            a = _number(a, "a number in [0, 1]")
-        except OptionProblem as e:
-            raise OptionProblem(f"{where}{e}") from None
-        if not 0.0 <= a <= 1.0:
-            raise OptionProblem(f"{where}expected a value in [0, 1], got {a!r} (outside [0, 1])")
-        return a
-
+def _number_or_list(value: Any, one: Callable[[Any, str], float]) -> float | list[float]:
+    """One checked number, or a non-empty list of them (a sweep chosen on held-out data)."""
     if isinstance(value, (list, tuple)) or _is_array(value):
         values = list(value)
         if not values:
             raise OptionProblem("expected a number or a non-empty list of numbers, got an empty list")
         return [one(a, f"[{i}]: ") for i, a in enumerate(values)]
     return one(value, "")
+
+
+def _in_range(low: float, high: float, *, low_open: bool = False) -> Callable[[Any, str], float]:
+    interval = f"{'(' if low_open else '['}{low:g}, {high:g}]"
+
+    def one(a: Any, where: str) -> float:
+        try:
+            a = _number(a, f"a number in {interval}")
+        except OptionProblem as e:
+            raise OptionProblem(f"{where}{e}") from None
+        if not (low < a if low_open else low <= a) or a > high:
+            raise OptionProblem(f"{where}expected a value in {interval}, got {a!r} (outside {interval})")
+        return a
+
+    return one
+
+
+def check_alpha(value: Any, meta: Mapping) -> float | list[float]:
+    """A float in [0, 1], or a non-empty list of them (a sweep chosen on held-out data); also SLERP's `t`."""
+    return _number_or_list(value, _in_range(0.0, 1.0))
+
+
+def check_density(value: Any, meta: Mapping) -> float | list[float]:
+    """A keep fraction in (0, 1] (TIES, DARE), or a non-empty list of them (a sweep)."""
+    return _number_or_list(value, _in_range(0.0, 1.0, low_open=True))
+
+
+def check_scaling(value: Any, meta: Mapping) -> float | list[float]:
+    """A finite number (task arithmetic's lambda), or a non-empty list of them (a sweep)."""
+
+    def one(a: Any, where: str) -> float:
+        try:
+            return _number(a)
+        except OptionProblem as e:
+            raise OptionProblem(f"{where}{e}") from None
+
+    return _number_or_list(value, one)
+
+
+def check_seed(value: Any, meta: Mapping) -> int:
+    """An integer in [0, 2**64) (DARE's random drop, reproducible from it)."""
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1 << 64:
+        return value
+    raise OptionProblem(f"expected an integer in [0, 2**64) such as 0, got {describe(value)}")
+
+
+def check_weights_or_sweep(value: Any, meta: Mapping) -> list[float] | list[list[float]]:
+    """Weights (see [`check_weights`]), or a non-empty list of weight lists (a sweep chosen on held-out data)."""
+    if (
+        isinstance(value, (list, tuple))
+        and value
+        and all(isinstance(v, (list, tuple)) or _is_array(v) for v in value)
+    ):
+        out = []
+        for i, w in enumerate(value):
+            try:
+                out.append(check_weights(w, meta))
+            except OptionProblem as e:
+                raise OptionProblem(f"[{i}]: {e}") from None
+        return out
+    return check_weights(value, meta)
 
 
 def check_scores(value: Any, meta: Mapping) -> dict[str, float]:
@@ -314,6 +365,10 @@ KINDS: dict[str, Callable[[Any, Mapping], Any]] = {
     "columns": check_str_or_str_list,
     "weights": check_weights,
     "alpha": check_alpha,
+    "density": check_density,
+    "scaling": check_scaling,
+    "seed": check_seed,
+    "weights_or_sweep": check_weights_or_sweep,
     "scores": check_scores,
     "dtype": check_dtype,
     "size": check_size,

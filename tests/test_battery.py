@@ -31,6 +31,7 @@ from hf_soups.recipes import available_recipes, get_recipe
 from tests.testing_common import (
     assert_same_tensors,
     assert_state_close,
+    family_reference,
     float64_combination,
     read_safetensors,
 )
@@ -220,6 +221,10 @@ class RecipeCase:
 
     kwargs: Callable[[ArchSetup], dict[str, Any]] = field(default=lambda arch: {})
     coefficients: Callable[[Any], list[float]] | None = None
+    n_ingredients: int = N_INGREDIENTS
+    reference: Callable[[ArchSetup, list[Path]], dict[str, torch.Tensor]] | None = None
+    """A method that is not `sum_i c_i theta_i` (TIES, DARE, SLERP, Model Stock): its float64 soup, given the
+    architecture and the ingredients cooked (`family_reference` on `arch.theta` of each)."""
 
 
 def _greedy_definition(soup) -> list[float]:
@@ -242,6 +247,33 @@ RECIPE_CASES: dict[str, RecipeCase] = {
         coefficients=lambda soup: [ALPHA / N_INGREDIENTS] * N_INGREDIENTS + [1.0 - ALPHA],
     ),
 }
+
+
+def _family_case(method: str, n: int = N_INGREDIENTS, **knobs) -> RecipeCase:
+    def reference(arch: ArchSetup, models: list[Path]) -> dict[str, torch.Tensor]:
+        base = arch.theta(arch.base) if method != "slerp" else None
+        return family_reference(method, base, [arch.theta(p) for p in models], **knobs)
+
+    return RecipeCase(
+        kwargs=lambda arch: {"base_model": str(arch.base), **knobs}, n_ingredients=n, reference=reference
+    )
+
+
+TA_SCALING = 0.8
+RECIPE_CASES.update(
+    {
+        # linear: the battery's coefficient check applies
+        "task-arithmetic": RecipeCase(
+            kwargs=lambda arch: {"base_model": str(arch.base), "weights": WEIGHTS, "scaling": TA_SCALING},
+            coefficients=lambda soup: [TA_SCALING * w for w in WEIGHTS] + [1.0 - TA_SCALING * sum(WEIGHTS)],
+        ),
+        "ties": _family_case("ties", density=0.5, scaling=1.2),
+        "dare-linear": _family_case("dare-linear", density=0.7, seed=3),
+        "dare-ties": _family_case("dare-ties", density=0.7, seed=3, weights=[1.0, 0.5, 2.0]),
+        "slerp": _family_case("slerp", n=2, t=0.4),
+        "model-stock": _family_case("model-stock"),
+    }
+)
 
 
 def recipe_case(method: str) -> RecipeCase:
@@ -275,10 +307,15 @@ def arch_setup(root: Path, arch: str) -> ArchSetup:
 def cook(root: Path, method: str, arch: ArchSetup, out: Path | None, **extra):
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
-    kwargs = recipe_case(method).kwargs(arch)
+    case = recipe_case(method)
+    kwargs = case.kwargs(arch)
     kwargs.update(extra)
     return merge_models(
-        [str(p) for p in arch.ingredients], method=method, output_dir=out, progress=False, **kwargs
+        [str(p) for p in arch.ingredients[: case.n_ingredients]],
+        method=method,
+        output_dir=out,
+        progress=False,
+        **kwargs,
     )
 
 
@@ -293,7 +330,11 @@ def cooked(root: Path, method: str, arch_name: str):
 
 
 def expected_state(soup, arch: ArchSetup) -> dict[str, torch.Tensor]:
-    """`sum_i c_i theta_i` in float64 from the reported coefficients (the base last when it has one)."""
+    """`sum_i c_i theta_i` in float64 from the reported coefficients (the base last when it has one), or the
+    method's own float64 reference."""
+    case = recipe_case(soup.method)
+    if case.reference is not None:
+        return case.reference(arch, list(arch.ingredients[: case.n_ingredients]))
     coefficients = list(soup.coefficients)
     sources = list(arch.ingredients)
     if len(coefficients) == len(sources) + 1:
@@ -373,7 +414,7 @@ def test_the_written_recipe_recooks_identical_tensors(battery_root, method, arch
 def test_the_model_card_names_every_ingredient(battery_root, method, arch):
     soup, setup = cooked(battery_root, method, arch)
     card = (soup.output_dir / "README.md").read_text()
-    for ingredient in setup.ingredients:
+    for ingredient in setup.ingredients[: recipe_case(method).n_ingredients]:
         assert ingredient.name in card, ingredient.name
     if soup.base is not None:
         assert setup.base.name in card
@@ -394,7 +435,9 @@ def test_an_ingredient_with_a_nan_is_refused_by_name(battery_root, method, arch)
     setup = arch_setup(battery_root, arch)
     bad = setup.base.parent / f"diverged-{method}"
     tensor = setup.poison(setup.ingredients[1], bad)
-    refs = [str(setup.ingredients[0]), str(bad), str(setup.ingredients[2])]
+    refs = [str(setup.ingredients[0]), str(bad), str(setup.ingredients[2])][
+        : recipe_case(method).n_ingredients
+    ]
     out = battery_root / "nan" / f"{method}-{arch}" / "soup"
     out.parent.mkdir(parents=True)
     kwargs = recipe_case(method).kwargs(setup)

@@ -92,7 +92,7 @@ def test_every_problem_is_reported_at_once(tmp_path):
         ({"ingredients": 5}, "ingredients: expected a non-empty list"),
         ({"ingredients": [3]}, "ingredients[0]: expected a model id/path or a mapping"),
         ({"ingredients": [{"weight": 1}]}, "ingredients[0].model: missing"),
-        ({"ingredients": ["org/a"], "method": "ties"}, "method: Unknown method 'ties'"),
+        ({"ingredients": ["org/a"], "method": "tiez"}, "method: Unknown method 'tiez'"),
         ({"ingredients": ["org/a"], "method": "wise-ft", "alpha": 0.5}, "base_model: method='wise-ft' needs"),
         (
             {"ingredients": ["org/a"], "method": "wise-ft", "base_model": "org/b", "alpha": 1.5},
@@ -108,7 +108,8 @@ def test_every_problem_is_reported_at_once(tmp_path):
         ),
         (
             {"ingredients": [{"model": "org/a", "weight": 1}], "method": "greedy", "scores": {"a": 1}},
-            "ingredients[].weight: only uniform and wise-ft take weights, not 'greedy'",
+            "ingredients[].weight: only dare-linear, dare-ties, task-arithmetic, ties, uniform and wise-ft take weights, "
+            "not 'greedy'",
         ),
         ({"ingredients": ["org/a"], "strict": True}, "strict: only greedy"),
         ({"ingredients": ["org/a"], "method": "greedy", "strict": "yes"}, "strict: expected true or false"),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import random
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -163,3 +164,102 @@ def replay_greedy(
         assert ing.weight == pytest.approx(1.0 / len(members) if name in members else 0.0)
     assert soup.score == pytest.approx(current, rel=rel)
     return members
+
+
+# ------------------------------------------------------------------------------------- the task-vector family
+
+
+def family_reference(
+    method: str,
+    base: Mapping[str, torch.Tensor] | None,
+    thetas: Sequence[Mapping[str, torch.Tensor]],
+    *,
+    weights: Sequence[float] | None = None,
+    scaling: float = 1.0,
+    density: float | None = None,
+    seed: int | None = None,
+    t: float | None = None,
+) -> dict[str, torch.Tensor]:
+    """A task-vector method written from its paper's definition, tensor by tensor, in float64 (whole tensors,
+    sorting instead of selection, DARE's documented mask from Python integers); see docs/methods.md.
+
+    Task vectors are `theta.float() - base.float()` (the documented float32 subtraction), everything after in
+    float64. Non-floating tensors are taken from the first ingredient.
+    """
+    n = len(thetas)
+    ws = [1.0] * n if weights is None else [float(w) for w in weights]
+    out: dict[str, torch.Tensor] = {}
+    for name, first in thetas[0].items():
+        if not first.is_floating_point():
+            out[name] = first.clone()
+            continue
+        xs = [th[name] for th in thetas]
+        b = None if base is None else base[name]
+        taus = None if b is None else [(x.float() - b.float()).double() for x in xs]
+        if method == "task-arithmetic":
+            out[name] = b.double() + scaling * sum(w * tau for w, tau in zip(ws, taus))
+        elif method in ("ties", "dare-ties", "dare-linear"):
+            if method == "ties":
+                sparse = [tau * _top_k_mask(tau, density) for tau in taus]
+            else:
+                sparse = [
+                    torch.where(_dare_keep(seed, i, name, density, tau.numel()).view(tau.shape), tau, 0.0)
+                    / density
+                    for i, tau in enumerate(taus)
+                ]
+            if method == "dare-linear":
+                merged = sum(w * s for w, s in zip(ws, sparse))
+            else:
+                elected = torch.where(sum(sparse) >= 0, 1.0, -1.0).double()
+                agree = [torch.sign(s) == elected for s in sparse]
+                merged = sum(w * s * a for w, s, a in zip(ws, sparse, agree)) / torch.clamp(
+                    sum(a.double() for a in agree), min=1.0
+                )
+            out[name] = b.double() + scaling * merged
+        elif method == "slerp":
+            a, c = xs[0].double(), xs[1].double()
+            na, nc = float(a.norm()), float(c.norm())
+            cos = float((a * c).sum()) / (na * nc) if na > 0 and nc > 0 else 1.0
+            if abs(cos) > 0.9995:
+                out[name] = (1 - t) * a + t * c
+            else:
+                omega = math.acos(cos)
+                out[name] = (math.sin((1 - t) * omega) * a + math.sin(t * omega) * c) / math.sin(omega)
+        elif method == "model-stock":
+            pairs = []
+            for i in range(n):
+                for j in range(i + 1, n):
+                    ni, nj = float(taus[i].norm()), float(taus[j].norm())
+                    pairs.append(float((taus[i] * taus[j]).sum()) / (ni * nj) if ni > 0 and nj > 0 else 0.0)
+            cos = min(1.0, max(0.0, sum(pairs) / len(pairs)))
+            ratio = n * cos / (1 + (n - 1) * cos)
+            out[name] = ratio * sum(x.double() for x in xs) / n + (1 - ratio) * b.double()
+        else:
+            raise ValueError(method)
+    return out
+
+
+def _top_k_mask(tau: torch.Tensor, density: float) -> torch.Tensor:
+    """The int(density * numel) largest |tau|, ties broken by the lowest flat index (a stable sort)."""
+    flat = tau.reshape(-1).abs()
+    k = int(density * flat.numel())
+    keep = torch.zeros(flat.numel(), dtype=torch.bool)
+    keep[torch.argsort(-flat, stable=True)[:k]] = True
+    return keep.view(tau.shape)
+
+
+def _dare_keep(seed: int, ingredient: int, name: str, density: float, numel: int) -> torch.Tensor:
+    """DARE's documented keep-mask: splitmix64 over the flat index, keyed by blake2b of (seed, ingredient, name)."""
+    import hashlib
+
+    m64 = (1 << 64) - 1
+    digest = hashlib.blake2b(f"hf_soups.dare\0{seed}\0{ingredient}\0{name}".encode(), digest_size=8).digest()
+    key = int.from_bytes(digest, "little")
+    out = []
+    for j in range(numel):
+        z = (key + (j + 1) * 0x9E3779B97F4A7C15) & m64
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & m64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & m64
+        z ^= z >> 31
+        out.append((z >> 11) / 2.0**53 < density)
+    return torch.tensor(out)

@@ -336,6 +336,8 @@ def merge_args_to_recipe(args: argparse.Namespace) -> dict[str, Any]:
             entry["weight"] = weights[i]
         models.append(entry if len(entry) > 1 else entry["model"])
     data["ingredients"] = models
+    if getattr(args, "base_model", None) is not None:  # a file key (FILE_KEYS), so not among option_keys()
+        data["base_model"] = _absolute_if_exists(args.base_model)
     for key in option_keys():
         value = getattr(args, key, None)
         if value is None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..errors import IncompatibleIngredientsError, NonFiniteTensorError, SoupError
@@ -24,6 +25,7 @@ from ..utils import numel
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
+    from ..merge_ops import TensorRecipe
     from .plan import MergePlan, TensorPlan
     from .sources import ShardedSafetensorsWriter, TensorSource
 
@@ -153,8 +155,12 @@ def combine(
     *,
     progress: bool = True,
     desc: str = "Cooking soup",
+    mix: RecipeMix | None = None,
 ) -> None:
     """Write `sum_i coefficients[i] * ingredient_i` for every tensor of `plan` into `sink`.
+
+    With `mix`, the soup is a non-linear method instead (TIES, DARE, SLERP, Model Stock): see [`RecipeMix`]
+    and [`combine_mix`]; `coefficients` then only mark the members that are read (non-zero).
 
     Floating point tensors are accumulated in float32 and handed to the sink as float32 (sinks cast to the
     planned dtype). Integer and boolean tensors are not averaged: they must be equal in every ingredient
@@ -166,6 +172,7 @@ def combine(
         coefficients (`Sequence[float]`): one per ingredient; zeros are skipped (never read).
         sink ([`TensorSink`]): where results go.
         progress (`bool`): show a progress bar over tensors (honours `HF_HUB_DISABLE_PROGRESS_BARS`).
+        mix ([`RecipeMix`], *optional*): a two-pass method replacing the linear combination.
 
     Raises:
         [`NonFiniteTensorError`]: an ingredient tensor holds NaN or inf, or the soup's value would be written as
@@ -175,6 +182,9 @@ def combine(
     import torch
     from huggingface_hub.utils import tqdm
 
+    if mix is not None:
+        combine_mix(plan, sources, mix, sink, progress=progress, desc=desc)
+        return
     if len(coefficients) != len(sources):
         raise SoupError(f"internal error: {len(coefficients)} coefficients for {len(sources)} ingredients.")
     active = [(i, float(c)) for i, c in enumerate(coefficients) if c != 0]
@@ -232,6 +242,148 @@ def combine(
     finish = getattr(sink, "finish", None)
     if finish is not None:
         finish()
+
+
+@dataclass(frozen=True)
+class RecipeMix:
+    """A two-pass merge method ([`~hf_soups.merge_ops.TensorRecipe`]) and the members it reads.
+
+    Attributes:
+        recipe ([`TensorRecipe`]): the method (its `needs` and element-wise `combine`).
+        ingredients (`tuple[int, ...]`): indices (in the plan's members) of θ₁..θ_N, in recipe order (DARE's
+            random stream is keyed by the position in this tuple).
+        base (`int`, *optional*): index of θ₀ among the members (None when the method takes no base).
+    """
+
+    recipe: TensorRecipe
+    ingredients: tuple[int, ...]
+    base: int | None = None
+
+
+def combine_mix(
+    plan: MergePlan,
+    sources: Sequence[TensorSource],
+    mix: RecipeMix,
+    sink: TensorSink,
+    *,
+    progress: bool = True,
+    desc: str = "Cooking soup",
+) -> None:
+    """Write a two-pass method's soup for every tensor of `plan` into `sink`.
+
+    Per tensor: pass 1 gathers the statistics `mix.recipe.needs` (magnitude thresholds on each whole task vector,
+    one ingredient at a time; Gram matrices over slices), pass 2 calls `mix.recipe.combine` on matching flat slices of
+    `CHUNK_ELEMENTS` of the base and of every ingredient. Slices are read with `get_range` when every member can
+    (safetensors, in-memory tensors); other members (adapter ingredients, permuted heads) are read whole once per
+    tensor. Memory beyond the linear engine's: N + 1 slice buffers, one float32 task vector of the largest tensor
+    (thresholds) and one float32 result of it when the sink takes whole tensors, whatever N (members read whole
+    add one copy each). The result is checked for non-finite values after the sink's cast, as the linear path does.
+
+    Raises:
+        [`NonFiniteTensorError`], [`IncompatibleIngredientsError`]: as [`combine`].
+    """
+    import torch
+    from huggingface_hub.utils import tqdm
+
+    members = list(mix.ingredients) + ([mix.base] if mix.base is not None else [])
+    active = [(i, 1.0) for i in members]
+    can_stream = hasattr(sink, "write_chunk")
+    max_numel = max((numel(t.shape) for t in plan.tensors if t.mergeable), default=0)
+    max_itemsize = max(
+        (sources[i].info(tp.source_keys[i]).dtype.itemsize for tp in plan.tensors for i in members), default=4
+    )
+    slice_bufs = [torch.empty(CHUNK_ELEMENTS * max(max_itemsize, 4), dtype=torch.uint8) for _ in members]
+    needs_tau = "thresholds" in mix.recipe.needs
+    tau_buf = torch.empty(max(max_numel, 1) if needs_tau else 1, dtype=torch.float32)
+    whole_out = None  # allocated when a tensor cannot be written slice by slice
+
+    with torch.no_grad():
+        for tp in tqdm(plan.tensors, desc=desc, unit="tensor", disable=not progress, name="hf_soups"):
+            if not tp.mergeable:
+                sink.write(tp, _copy_checked(tp, sources, [(i, 1.0) for i in mix.ingredients], plan.names))
+                continue
+            n = numel(tp.shape)
+            sliced = not any(
+                tp.row_permutations and tp.row_permutations[i] is not None for i in members
+            ) and all(sources[i].range_readable(tp.source_keys[i]) for i in members)
+            wholes = None if sliced else [read_aligned(tp, i, sources[i]).reshape(-1) for i in members]
+
+            def read(k: int, start: int, count: int, buf=None, wholes=wholes, tp=tp) -> torch.Tensor:
+                """Slice of member `members[k]`: in `buf` (or `slice_bufs[k]`), valid until its next read."""
+                if wholes is not None:
+                    return wholes[k][start : start + count]
+                i = members[k]
+                return sources[i].get_range(
+                    tp.source_keys[i], start, count, slice_bufs[k] if buf is None else buf
+                )
+
+            with _single_threaded():
+                stats = _mix_stats(tp, mix, read, n, tau_buf[:n] if needs_tau else None)
+                write_slices = can_stream and sliced and n > CHUNK_ELEMENTS
+                if not write_slices:
+                    if whole_out is None or whole_out.numel() < n:
+                        whole_out = torch.empty(max(max_numel, 1), dtype=torch.float32)
+                    result = whole_out[:n]
+                for start in range(0, n, CHUNK_ELEMENTS):
+                    count = min(CHUNK_ELEMENTS, n - start)
+                    thetas = [read(k, start, count) for k in range(len(mix.ingredients))]
+                    base = read(len(members) - 1, start, count) if mix.base is not None else None
+                    for k, t in enumerate(thetas + ([base] if base is not None else [])):
+                        if not _finite(t):  # also where the method would drop it (DARE): a broken ingredient
+                            _raise_non_finite(
+                                tp, sources, [(members[k], 1.0)], plan.names, None, None, t.dtype
+                            )
+                    piece = mix.recipe.combine(base, thetas, stats, start).reshape(-1)
+                    if write_slices:
+                        out = sink.cast(tp, piece)
+                        if not _finite(out):
+                            _raise_non_finite(tp, sources, active, plan.names, None, piece, out.dtype)
+                        sink.write_chunk(tp, out)
+                    else:
+                        result[start : start + count] = piece
+                if not write_slices:
+                    acc = result.view(tp.shape)
+                    out = sink.cast(tp, acc)
+                    if not _finite(out):
+                        _raise_non_finite(tp, sources, active, plan.names, None, acc, out.dtype)
+                    sink.write(tp, out)
+    finish = getattr(sink, "finish", None)
+    if finish is not None:
+        finish()
+
+
+def _mix_stats(tp: TensorPlan, mix: RecipeMix, read, n: int, tau: torch.Tensor | None):
+    """Pass 1 of [`combine_mix`] for one tensor: the [`TensorStats`] its recipe needs."""
+    from ..merge_ops import GramAccumulator, TensorStats, magnitude_threshold
+
+    recipe = mix.recipe
+    stats = TensorStats(name=tp.name, numel=n)
+    n_ing = len(mix.ingredients)
+    base_k = n_ing  # position of the base among the members read
+    if tau is not None:  # one whole float32 task vector at a time
+        stats.thresholds = []
+        for k in range(n_ing):
+            for start in range(0, n, CHUNK_ELEMENTS):
+                count = min(CHUNK_ELEMENTS, n - start)
+                piece = tau[start : start + count]
+                piece.copy_(read(k, start, count))
+                piece.sub_(read(base_k, start, count))
+            stats.thresholds.append(magnitude_threshold(tau, recipe.params["density"]))
+    if recipe.needs & {"task_gram", "weight_gram"}:
+        import torch
+
+        acc = GramAccumulator(n_ing)
+        task = "task_gram" in recipe.needs
+        for start in range(0, n, CHUNK_ELEMENTS):
+            count = min(CHUNK_ELEMENTS, n - start)
+            base = read(base_k, start, count) if task else None
+            vectors = []
+            for k in range(n_ing):
+                v = read(k, start, count).to(torch.float32, copy=True)
+                vectors.append(v.sub_(base) if task else v)
+            acc.add(vectors)
+        stats.gram = acc.result()
+    return stats
 
 
 def _streamable(tp: TensorPlan, sources: Sequence[TensorSource], active) -> bool:

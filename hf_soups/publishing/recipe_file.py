@@ -1030,7 +1030,8 @@ def recipe_from_soup(soup: Soup, *, portable: bool = False) -> dict[str, Any]:
     sweep = params.get("alphas") if isinstance(params.get("alphas"), (list, tuple)) else None
     if sweep is None and isinstance(params.get("alpha"), (list, tuple)):
         sweep = params["alpha"]
-    selection_needs_eval = method == "greedy" or (sweep is not None and len(sweep) > 1)
+    family_sweep = dict(params.get("sweep") or {})  # the task-vector family's knobs swept on eval data
+    selection_needs_eval = method == "greedy" or (sweep is not None and len(sweep) > 1) or bool(family_sweep)
     can_replay = source is not None and bool(source.eval)
     frozen = selection_needs_eval and not can_replay
     if frozen and method == "greedy":
@@ -1073,6 +1074,18 @@ def recipe_from_soup(soup: Soup, *, portable: bool = False) -> dict[str, Any]:
             out["alpha"] = [float(a) for a in sweep]
     elif method == "wise-ft" and alpha is not None:
         out["alpha"] = float(alpha[0]) if isinstance(alpha, (list, tuple)) else float(alpha)
+    for key in ("scaling", "density", "t", "seed"):  # task arithmetic, TIES, DARE, SLERP
+        if params.get(key) is None:
+            continue
+        if key in family_sweep and not frozen:
+            out[key] = list(family_sweep[key])
+        else:
+            if key in family_sweep:
+                notes.append(
+                    f"{method} sweep {key}={family_sweep[key]} frozen at the chosen {key}={params[key]}: the held-out "
+                    "data was an in-memory dataset (same tensors, no evaluation)."
+                )
+            out[key] = params[key]
 
     if not frozen and source is not None:
         src = source.to_dict()
@@ -1128,6 +1141,11 @@ def _recorded_weights(soup: Any, params: dict, source: Recipe | None) -> list[fl
     The weights of the recipe that cooked the soup are recorded as written (the same input re-cooks the
     same tensors); otherwise the normalised coefficients, which normalise to themselves.
     """
+    from ..recipes.family import FAMILY_METHODS
+
+    if soup.method in FAMILY_METHODS:  # the weights used, as given (the chosen ones after a sweep)
+        chosen = params.get("weights")
+        return [float(w) for w in chosen] if isinstance(chosen, list) else None
     if soup.method not in ("uniform", "wise-ft"):
         return None
     if source is not None and len(source.ingredients) == len(soup.ingredients):

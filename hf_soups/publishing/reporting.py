@@ -209,6 +209,18 @@ def render_report(soup: Soup) -> str:
             for h in history
         ]
         lines += _table(["alpha", *cols, ""], rows)
+    elif history and _swept(soup):
+        knobs = _swept(soup)
+        lines += ["", f"Sweep of {', '.join(knobs)} (each scored on the eval sets):"]
+        rows = [
+            [
+                *(_knob(h.get(k)) for k in knobs),
+                *_row_scores(h.get("scores"), sets, key),
+                "<- chosen" if h.get("selected") else "",
+            ]
+            for h in history
+        ]
+        lines += _table([*knobs, *cols, ""], rows)
     for name, value in (soup.report_extra or {}).items():
         if name == "baselines":
             continue
@@ -266,6 +278,23 @@ def plot(soup: Soup, path: str | os.PathLike) -> Path:
             ax.axvline(chosen, color="gray", linestyle="--", linewidth=1, label=f"chosen alpha={chosen:g}")
         ax.set_xlabel("alpha (0 = base, 1 = fine-tuned)")
         ax.set_title("WiSE-FT: held-out score along the interpolation")
+    elif history and _swept(soup):
+        knobs = _swept(soup)
+        single = len(knobs) == 1 and knobs[0] != "weights"
+        xs = [h[knobs[0]] for h in history] if single else list(range(len(history)))
+        for s in sets:
+            ys = [(h.get("scores") or {}).get(s, {}).get(key, math.nan) for h in history]
+            ax.plot(xs, ys, marker="o", label=s)
+        chosen = next((x for x, h in zip(xs, history) if h.get("selected")), None)
+        if chosen is not None:
+            ax.axvline(chosen, color="gray", linestyle="--", linewidth=1, label="chosen")
+        if single:
+            ax.set_xlabel(knobs[0])
+        else:
+            ax.set_xticks(
+                xs, [", ".join(f"{k}={_knob(h.get(k))}" for k in knobs) for h in history], rotation=30
+            )
+        ax.set_title(f"{_title(soup.method)}: held-out score along the sweep")
     elif soup.method == "greedy" and history:
         steps = list(range(len(history)))
         ax.plot(steps, [h.get("score") for h in history], marker="o", label="greedy soup")
@@ -319,3 +348,15 @@ def plot(soup: Soup, path: str | os.PathLike) -> Path:
 
 
 __all__ = ["plot", "render_report"]
+
+
+def _swept(soup: Soup) -> list[str]:
+    """The knobs a task-vector family recipe swept on eval data (`params["sweep"]`), in order."""
+    sweep = (soup.params or {}).get("sweep")
+    return list(sweep) if isinstance(sweep, Mapping) else []
+
+
+def _knob(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(f"{float(v):g}" for v in value) + "]"
+    return f"{value:g}" if isinstance(value, (int, float)) else str(value)

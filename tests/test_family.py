@@ -1,0 +1,325 @@
+"""The task-vector family through `merge_models`, the CLI and recipe files: task arithmetic, TIES, DARE, SLERP
+and Model Stock on tiny models against float64 references written from the definitions
+(`tests.testing_common.family_reference`), the streaming engine's two-pass path slice by slice, knob sweeps on
+eval data, and bad input refused by name before any download."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from hf_soups import merge_models
+from hf_soups.core import engine
+from hf_soups.errors import InvalidArgumentError, NonFiniteTensorError
+from tests.testing_common import (
+    assert_state_close,
+    family_reference,
+    read_safetensors,
+    write_yaml,
+)
+from tests.tiny_models import make_tiny_bert_dir
+
+CASES = {
+    "task-arithmetic": dict(weights=[1.0, 2.0, 0.5], scaling=0.7),
+    "ties": dict(density=0.4, weights=[1.0, 2.0, 0.5], scaling=1.3),
+    "dare-linear": dict(density=0.6, seed=7, scaling=0.9),
+    "dare-ties": dict(density=0.6, seed=7, weights=[0.5, 1.0, 2.0]),
+    "slerp": dict(t=0.3),
+    "model-stock": {},
+}
+
+
+@pytest.fixture(scope="module")
+def family_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("family")
+    base = make_tiny_bert_dir(root / "base", noise=0.0)
+    # a shared direction plus independent noise: task vectors at a positive angle (Model Stock's t in (0, 1))
+    ingredients = [make_tiny_bert_dir(root / f"ft-{i}", seed=i, noise=0.002) for i in range(3)]
+    return base, ingredients
+
+
+def _models(method, ingredients):
+    return ingredients[:2] if method == "slerp" else ingredients
+
+
+def _reference(method, base, ingredients, kwargs):
+    thetas = [read_safetensors(p) for p in _models(method, ingredients)]
+    return family_reference(method, read_safetensors(base), thetas, **kwargs)
+
+
+@pytest.mark.parametrize("method", list(CASES))
+def test_each_method_equals_its_float64_definition(family_dirs, tmp_path, method):
+    base, ingredients = family_dirs
+    kwargs = CASES[method]
+    soup = merge_models(
+        [str(p) for p in _models(method, ingredients)],
+        method=method,
+        base_model=str(base),
+        output_dir=tmp_path / "soup",
+        progress=False,
+        **kwargs,
+    )
+    expected = _reference(method, base, ingredients, kwargs)
+    assert_state_close(read_safetensors(tmp_path / "soup"), expected, atol=2e-6)
+    # the in-memory soup holds the same bits as the written one
+    in_memory = merge_models(
+        [str(p) for p in _models(method, ingredients)],
+        method=method,
+        base_model=str(base),
+        progress=False,
+        **kwargs,
+    ).model.state_dict()
+    for k, v in read_safetensors(tmp_path / "soup").items():
+        assert torch.equal(v, in_memory[k]), k
+    assert soup.method == method
+    for key, value in kwargs.items():
+        assert soup.params[key] == value
+
+
+@pytest.mark.parametrize("method", ["ties", "dare-ties", "slerp", "model-stock"])
+def test_two_pass_soup_is_the_same_bits_whatever_the_slice_size(family_dirs, tmp_path, monkeypatch, method):
+    """Streamed in slices of 64 elements (every tensor of the tiny model is then sliced, and written slice by
+    slice), the soup is bit for bit the one computed on whole tensors."""
+    base, ingredients = family_dirs
+    kwargs = CASES[method]
+    models = [str(p) for p in _models(method, ingredients)]
+    whole = merge_models(
+        models, method=method, base_model=str(base), output_dir=tmp_path / "a", progress=False, **kwargs
+    )
+    monkeypatch.setattr(engine, "CHUNK_ELEMENTS", 64)
+    merge_models(
+        models, method=method, base_model=str(base), output_dir=tmp_path / "b", progress=False, **kwargs
+    )
+    a, b = read_safetensors(whole.output_dir), read_safetensors(tmp_path / "b")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_a_nan_that_dare_would_drop_is_still_refused_by_name(family_dirs, tmp_path):
+    from safetensors.torch import save_file
+
+    base, ingredients = family_dirs
+    import shutil
+
+    bad = tmp_path / "diverged"
+    shutil.copytree(ingredients[1], bad)
+    state = read_safetensors(bad)
+    name = "bert.pooler.dense.weight"
+    state[name] = state[name].clone()
+    state[name].view(-1)[:] = float("nan")
+    state[name].view(-1)[0::2] = 0.0  # half the entries finite: whatever the mask, some NaN are dropped
+    (weights,) = sorted(bad.glob("*.safetensors"))
+    save_file(state, weights, metadata={"format": "pt"})
+    with pytest.raises(NonFiniteTensorError) as info:
+        merge_models(
+            [str(ingredients[0]), str(bad)],
+            method="dare-linear",
+            base_model=str(base),
+            density=0.01,
+            seed=0,
+            output_dir=tmp_path / "out" / "soup",
+            progress=False,
+        )
+    assert info.value.ingredient == "diverged"
+    assert info.value.tensor_name == name
+    assert not (tmp_path / "out" / "soup").exists()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(method="ties", density=0.5), "base_model"),
+        (dict(method="task-arithmetic"), "base_model"),
+        (dict(method="model-stock"), "base_model"),
+        (dict(method="ties", base_model="org/base", density=0.0), "density"),
+        (dict(method="ties", base_model="org/base", density=1.5), "density"),
+        (dict(method="dare-ties", base_model="org/base", density=[0.5, 0]), "density"),
+        (dict(method="ties", base_model="org/base"), "density"),
+        (dict(method="dare-linear", base_model="org/base", density=0.5), "seed"),
+        (dict(method="dare-linear", base_model="org/base", density=0.5, seed=-1), "seed"),
+        (dict(method="slerp", t=0.5), "exactly 2"),
+        (dict(method="slerp"), "t"),
+        (dict(method="slerp", t=1.5), "t"),
+        (dict(method="task-arithmetic", base_model="org/base", scaling=[0.5, 1.0]), "eval_dataset"),
+        (dict(method="uniform", density=0.5), "density"),
+        (dict(method="task-arithmetic", base_model="org/base", weights=[1.0, 2.0]), "weights"),
+    ],
+)
+def test_bad_input_is_refused_by_name_before_any_download(kwargs, match):
+    # three Hub ids that do not exist and no network: a download would fail with a different error
+    with pytest.raises(InvalidArgumentError, match=match):
+        merge_models(["org/a", "org/b", "org/c"], progress=False, **kwargs)
+
+
+def test_non_linear_methods_have_no_exact_adapter_form():
+    with pytest.raises(InvalidArgumentError, match="adapter_output"):
+        merge_models(
+            ["org/a", "org/b"], method="ties", base_model="org/base", density=0.5, adapter_output="adapter"
+        )
+
+
+# ------------------------------------------------------------------------------------------------ sweeps
+
+
+def _eval_set(base):
+    from datasets import Dataset
+    from transformers import BertForSequenceClassification
+
+    gen = torch.Generator().manual_seed(7)
+    rows = torch.randint(5, 99, (16, 8), generator=gen).tolist()
+    with torch.no_grad():
+        logits = BertForSequenceClassification.from_pretrained(base)(input_ids=torch.tensor(rows)).logits
+    return Dataset.from_dict({"input_ids": rows, "label": logits.argmax(-1).tolist()})
+
+
+def test_a_knob_sweep_scores_every_value_and_serves_the_best(family_dirs, tmp_path):
+    base, ingredients = family_dirs
+    data = _eval_set(base)
+    scalings, densities = [0.0, 1.0, 4.0], [0.3, 1.0]
+    soup = merge_models(
+        [str(p) for p in ingredients],
+        method="ties",
+        base_model=str(base),
+        scaling=scalings,
+        density=densities,
+        eval_dataset={"val": data, "shifted": data.select(range(8))},
+        select_on="val",
+        metric="accuracy",
+        output_dir=tmp_path / "soup",
+        progress=False,
+    )
+    assert [(h["scaling"], h["density"]) for h in soup.history] == [
+        (s, d) for s in scalings for d in densities
+    ]
+    assert all(set(h["scores"]) == {"val", "shifted"} for h in soup.history)
+    best = max(soup.history, key=lambda h: h["score"])  # ties: the first, as the sweep keeps it
+    assert soup.params["scaling"] == best["scaling"] and soup.params["density"] == best["density"]
+    assert soup.params["sweep"] == {"scaling": scalings, "density": densities}
+    assert [h["selected"] for h in soup.history].count(True) == 1 and best["selected"]
+    expected = family_reference(
+        "ties",
+        read_safetensors(base),
+        [read_safetensors(p) for p in ingredients],
+        scaling=best["scaling"],
+        density=best["density"],
+    )
+    assert_state_close(read_safetensors(tmp_path / "soup"), expected, atol=2e-6)
+    assert soup.score == best["score"]
+    # the served model is the scored one
+    for k, v in read_safetensors(tmp_path / "soup").items():
+        assert torch.equal(v, soup.model.state_dict()[k]), k
+
+
+# ------------------------------------------------------------------------------------- CLI and recipe files
+
+
+def test_cli_and_recipe_file_take_the_same_knobs(family_dirs, tmp_path):
+    base, ingredients = family_dirs
+    env_python = sys.executable
+    out_cli = tmp_path / "cli"
+    cmd = [env_python, "-m", "hf_soups.cli", "merge", *map(str, ingredients), "--method", "dare-ties"]
+    cmd += [
+        "--base-model",
+        str(base),
+        "--density",
+        "0.6",
+        "--seed",
+        "7",
+        "--scaling",
+        "0.8",
+        "-o",
+        str(out_cli),
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    expected = family_reference(
+        "dare-ties",
+        read_safetensors(base),
+        [read_safetensors(p) for p in ingredients],
+        density=0.6,
+        seed=7,
+        scaling=0.8,
+    )
+    assert_state_close(read_safetensors(out_cli), expected, atol=2e-6)
+
+    # the recipe written beside the soup records the knobs, and re-cooks the same bits
+    import yaml
+
+    from hf_soups.api import cook_recipe
+    from tests.testing_common import assert_same_tensors
+
+    written = yaml.safe_load((out_cli / "soup_recipe.yaml").read_text())
+    assert (written["method"], written["density"], written["seed"], written["scaling"]) == (
+        "dare-ties",
+        0.6,
+        7,
+        0.8,
+    )
+    cook_recipe(out_cli / "soup_recipe.yaml", output_dir=tmp_path / "again", progress=False)
+    assert_same_tensors(out_cli, tmp_path / "again")
+
+    # a hand-written recipe file with the same keys
+    recipe = write_yaml(
+        tmp_path / "recipe.yaml",
+        {
+            "method": "dare-ties",
+            "ingredients": [{"model": str(p)} for p in ingredients],
+            "base_model": str(base),
+            "density": 0.6,
+            "seed": 7,
+            "scaling": 0.8,
+        },
+    )
+    cook_recipe(recipe, output_dir=tmp_path / "from_file", progress=False)
+    assert_same_tensors(out_cli, tmp_path / "from_file")
+
+
+def test_a_sweep_is_in_the_report_the_plot_and_the_card(family_dirs, tmp_path):
+    pytest.importorskip("matplotlib")
+    base, ingredients = family_dirs
+    soup = merge_models(
+        [str(p) for p in ingredients[:2]],
+        method="slerp",
+        t=[0.0, 0.5, 1.0],
+        eval_dataset=_eval_set(base),
+        output_dir=tmp_path / "soup",
+        progress=False,
+    )
+    report = soup.report()
+    assert "Sweep of t" in report
+    chosen = next(h for h in soup.history if h["selected"])
+    assert soup.params["t"] == chosen["t"]
+    for h in soup.history:
+        assert f"{h['t']:g}" in report
+    assert report.count("<- chosen") == 1
+    image = soup.plot(tmp_path / "curve.png")
+    assert image.stat().st_size > 0
+    card = (tmp_path / "soup" / "README.md").read_text()
+    assert "Sweep of t" in card and "t chosen on the held-out" in card
+    assert "arxiv" in card.lower() or "doi.org" in card or "acm.org" in card  # the method's reference
+
+
+def test_task_arithmetic_of_lora_adapters_is_exact_in_both_output_forms(tmp_path):
+    """Linear in the adapters' ΔW: merged, the soup is base + λ Σ wᵢ ΔWᵢ; as an adapter, the same weights once
+    merged into the base (the concatenated factors, no truncation)."""
+    pytest.importorskip("peft")
+    from tests.test_battery import build_bert_lora
+
+    arch = build_bert_lora(tmp_path / "lora")
+    kwargs = dict(method="task-arithmetic", base_model=str(arch.base), weights=[1.0, 0.5, 2.0], scaling=0.6)
+    models = [str(p) for p in arch.ingredients]
+    merged = merge_models(models, output_dir=tmp_path / "merged", progress=False, **kwargs)
+    expected = family_reference(
+        "task-arithmetic",
+        arch.theta(arch.base),
+        [arch.theta(p) for p in arch.ingredients],
+        **{k: kwargs[k] for k in ("weights", "scaling")},
+    )
+    assert_state_close(read_safetensors(merged.output_dir), expected, atol=2e-6)
+    adapter = merge_models(models, adapter_output="adapter", progress=False, **kwargs)
+    state = adapter.model.merge_and_unload().state_dict()
+    assert_state_close({k: v for k, v in state.items() if k in expected}, expected, atol=2e-6)
