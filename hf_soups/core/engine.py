@@ -36,7 +36,7 @@ logger = logging.getLogger(__name__)
 CHUNK_ELEMENTS = 1 << 17
 # Distance statistics (compat.DistanceStats) are measured on one slice in STATS_EVERY of a streamed tensor, and
 # on an evenly strided sample of CHUNK_ELEMENTS // STATS_EVERY elements of a tensor read whole.
-STATS_EVERY = 32
+STATS_EVERY = 128
 
 
 class TensorSink:
