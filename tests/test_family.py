@@ -457,3 +457,65 @@ def test_several_methods_through_the_cli_and_the_recipe_file(family_dirs, tmp_pa
     )
     cook_recipe(recipe, output_dir=tmp_path / "from_file", progress=False)
     assert_same_tensors(tmp_path / "cli", tmp_path / "from_file")
+
+
+@pytest.mark.parametrize("method", ["ties", "dare-ties", "model-stock", "slerp"])
+def test_bf16_ingredients_through_the_two_pass_path(tmp_path, method):
+    """bf16 ingredients and base: the soup is written in bf16 (the ingredients' dtype) and every value is the float64
+    reference rounded to bf16, within one bf16 ulp (the float32 accumulation may round the other way)."""
+    from tests.tiny_models import make_tiny_bert
+
+    def save(path, **kwargs):
+        make_tiny_bert(**kwargs).to(torch.bfloat16).save_pretrained(path)
+        return path
+
+    base = save(tmp_path / "base", noise=0.0)
+    ingredients = [save(tmp_path / f"ft-{i}", seed=i, noise=0.01) for i in range(3)]
+    models = _models(method, ingredients)
+    kwargs = CASES[method]
+    merge_models(
+        [str(p) for p in models],
+        method=method,
+        base_model=str(base),
+        output_dir=tmp_path / "soup",
+        progress=False,
+        **kwargs,
+    )
+    got = read_safetensors(tmp_path / "soup")
+    expected = _reference(method, base, ingredients, kwargs)
+    assert got.keys() == expected.keys()
+    edges = total = 0
+    for name, value in got.items():
+        assert value.dtype == torch.bfloat16, name
+        ref = expected[name].double()
+        rounded = ref.to(torch.bfloat16).double()
+        # one bf16 ulp at the reference's magnitude: 2 ** (exponent - 7); 2**-133 is bf16's smallest subnormal
+        exponent = torch.floor(torch.log2(rounded.abs().clamp_min(2.0**-126)))
+        ulp = torch.where(rounded == 0, torch.full_like(ref, 2.0**-133), 2.0 ** (exponent - 7))
+        close = (value.double() - rounded).abs() <= ulp
+        if method == "dare-ties" and value.is_floating_point():
+            # bf16 task vectors on a coarse grid can cancel exactly (-a + b - c == 0): the elected sign is then
+            # decided by how the 1/density rescale rounds, in float32 here and float64 in the reference
+            edge = _exact_cancellations(
+                name, read_safetensors(base)[name], [read_safetensors(p)[name] for p in models]
+            )
+            close |= edge
+            edges, total = edges + int(edge.sum()), total + edge.numel()
+        assert bool(close.all()), name
+    assert edges <= total // 100  # a few elements (here ~0.1%); 3 of them elect differently
+
+
+def _exact_cancellations(name, base, thetas):
+    """Elements where DARE's kept task vectors (CASES' seed and density) are not all zero but sum to exactly 0."""
+    from tests.testing_common import _dare_keep
+
+    kwargs = CASES["dare-ties"]
+    kept = [
+        torch.where(
+            _dare_keep(kwargs["seed"], i, name, kwargs["density"], base.numel()).view(base.shape),
+            theta.double() - base.double(),
+            0.0,
+        )
+        for i, theta in enumerate(thetas)
+    ]
+    return (sum(kept) == 0) & torch.stack([k != 0 for k in kept]).any(0)
