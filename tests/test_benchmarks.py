@@ -143,3 +143,22 @@ def test_mergekit_configs_of_the_family_name_the_same_method_and_knobs():
     assert slerp["parameters"] == {"t": 0.5}
     stock = yaml.safe_load(merge_throughput.mergekit_config("model-stock", "/m/base", paths))
     assert stock["merge_method"] == "model_stock" and "parameters" not in stock["models"][0]
+
+
+def test_paper_repro_reports_the_family_beside_the_soups(tmp_path):
+    """A record of a tiny `--family` run (2 ingredients, 3 steps; written by the script itself) renders every family
+    member in the table, with its chosen knobs, its paired tests against the best single and its summary line."""
+    import paper_repro
+
+    fixture = Path(__file__).parent / "fixtures" / "paper_repro" / "family_tiny.json"
+    doc = tmp_path / "benchmarks.md"
+    code = paper_repro.main(["--render-json", str(fixture), "--docs", str(doc), "--img", ""])
+    assert code == 0
+    text = doc.read_text()
+    for label in paper_repro.FAMILY_LABELS.values():
+        assert f"| {label} (" in text
+        assert f"- {label[0].upper() + label[1:]} vs best single:" in text
+    for key in paper_repro.FAMILY_LABELS:
+        assert f"| {key} | test | 0 |" in text
+    assert "best of the family on validation in 1 of 1" in text
+    assert "--family" in text  # the command that made the record
