@@ -10,13 +10,22 @@ as a separate process, page cache warm, interleaved round by round:
 - `hf_soups`: `merge_models([...], output_dir=...)` (streaming);
 - `naive`: `from_pretrained` every ingredient, average the state dicts, `save_pretrained`;
 - `mergekit`: `mergekit-yaml` with `merge_method: linear`, when a Python with mergekit is found
-  (`--mergekit-python`, default `/tmp/mk-venv/bin/python`; install it in its own venv, never in ours).
+  (`--mergekit-python`, default `/tmp/mk-venv/bin/python`; install it in its own venv, never in ours);
+- the task-vector family, when named in `--methods` (`task-arithmetic`, `ties`, `dare-linear`, `dare-ties`,
+  `slerp`, `model-stock`): `hf_soups:<method>` is `merge_models(method=<method>, base_model=<base>, ...)` with the
+  knobs fixed (density 0.5, scaling 1.0, seed 0, t 0.5; SLERP on the first two ingredients), over the same
+  ingredients plus their base (the random model without noise, built once more); `mergekit:<method>` the same
+  method in mergekit (at the N values of `--baseline-n`).
 
 It prints the median wall time and peak RSS of each, the ratios to the floor and the goals of issue 2
 (hf_soups at most 1.5 x floor, peak RSS under 600 MB, RSS(N=8) within 10% of RSS(N=4)), and checks that
 `import hf_soups` loads no torch, transformers model code, peft or torch.distributed. Every merged
 output is checked once against the exact float64 mean of the ingredients, so a fast but wrong merge
-cannot pass.
+cannot pass; a task arithmetic output against base + sum of the task vectors in float64, and the other family
+methods against `hf_soups.merge_ops.merge_tensor` on whole in-memory tensors (the streamed soup must be the same
+bits as the unsliced math, which the test suite checks against float64 definitions). mergekit's TIES, DARE and
+Model Stock follow other conventions (weight normalisation, tie-breaking, its own random mask): their distance to
+hf_soups' result is printed, not judged.
 
 Usage:
 
@@ -24,6 +33,9 @@ Usage:
     .venv/bin/python benchmarks/merge_throughput.py --params 400M --n 4,8 --runs 5
     # smoke test
     .venv/bin/python benchmarks/merge_throughput.py --params 20M --n 2,4 --runs 1 --work-dir /tmp/hf_soups_bench_small
+    # the task-vector family beside the uniform soup (and mergekit's, when installed)
+    .venv/bin/python benchmarks/merge_throughput.py --params 400M --n 4,8 --runs 3 \
+        --methods floor,hf_soups,mergekit,task-arithmetic,ties,dare-ties,dare-linear,slerp,model-stock
 """
 
 from __future__ import annotations
@@ -162,6 +174,69 @@ def worker_hf_soups(out: str, dirs: list[str]) -> None:
     print("HEAVY_MODULES " + json.dumps(loaded_heavy_modules()))
 
 
+FAMILY = ("task-arithmetic", "ties", "dare-linear", "dare-ties", "slerp", "model-stock")
+"""The task-vector methods `--methods` accepts (measured as `hf_soups:<method>`, `mergekit:<method>`)."""
+FAMILY_KNOBS = {
+    "task-arithmetic": dict(scaling=1.0),
+    "ties": dict(density=0.5, scaling=1.0),
+    "dare-linear": dict(density=0.5, scaling=1.0, seed=0),
+    "dare-ties": dict(density=0.5, scaling=1.0, seed=0),
+    "slerp": dict(t=0.5),
+    "model-stock": {},
+}
+MERGEKIT_NAMES = {
+    "task-arithmetic": "task_arithmetic",
+    "ties": "ties",
+    "dare-linear": "dare_linear",
+    "dare-ties": "dare_ties",
+    "slerp": "slerp",
+    "model-stock": "model_stock",
+}
+
+
+def family_inputs(method: str, paths: list[str]) -> list[str]:
+    """The ingredients a family method merges (SLERP: the first two)."""
+    return paths[:2] if method == "slerp" else paths
+
+
+def worker_family(out: str, method: str, base: str, dirs: list[str]) -> None:
+    """hf_soups streaming, one task-vector method with its fixed knobs."""
+    from hf_soups import merge_models
+
+    base_model = None if method == "slerp" else base
+    merge_models(
+        list(dirs),
+        method=method,
+        base_model=base_model,
+        output_dir=out,
+        progress=False,
+        **FAMILY_KNOBS[method],
+    )
+    print("HEAVY_MODULES " + json.dumps(loaded_heavy_modules()))
+
+
+def mergekit_config(method: str, base: str, paths: list[str]) -> str:
+    """mergekit's YAML for the same method and knobs (weights 1, no normalisation, as hf_soups)."""
+    knobs = FAMILY_KNOBS[method]
+    lines = [f"merge_method: {MERGEKIT_NAMES[method]}", "dtype: float32"]
+    if method == "slerp":
+        lines += [f"base_model: {paths[0]}", "parameters:", f"  t: {knobs['t']}", "models:"]
+        lines += [f"  - model: {p}" for p in paths[:2]]
+        return "\n".join(lines) + "\n"
+    lines += [f"base_model: {base}", "parameters:", "  normalize: false"]
+    if "scaling" in knobs:
+        lines.append(f"  lambda: {knobs['scaling']}")
+    lines.append("models:")
+    for p in paths:
+        lines.append(f"  - model: {p}")
+        if method != "model-stock":
+            lines.append("    parameters:")
+            lines.append("      weight: 1.0")
+            if "density" in knobs:
+                lines.append(f"      density: {knobs['density']}")
+    return "\n".join(lines) + "\n"
+
+
 def worker_naive(out: str, dirs: list[str]) -> None:
     """A naive soup: from_pretrained every ingredient, average the state dicts, save_pretrained."""
     import torch
@@ -210,7 +285,8 @@ def worker_build(spec_json: str) -> None:
     total_size = sum(v.numel() * v.element_size() for v in base_state.values())
 
     for target in spec["missing"]:
-        index = int(Path(target).name.split("-")[-1])
+        is_base = Path(target).name == "base"  # the task-vector methods' base: the random model itself
+        index = -1 if is_base else int(Path(target).name.split("-")[-1])
         started = time.perf_counter()
         tmp = Path(target).with_name(Path(target).name + ".building")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -221,7 +297,7 @@ def worker_build(spec_json: str) -> None:
             tensors = {}
             for k in keys:
                 v = base_state[k]
-                if v.is_floating_point():
+                if v.is_floating_point() and not is_base:
                     noisy = torch.randn(v.shape, generator=gen, dtype=torch.float32)
                     noisy.mul_(spec["noise"]).add_(v)
                     tensors[k] = noisy
@@ -238,10 +314,15 @@ def worker_build(spec_json: str) -> None:
         print(f"built {target} ({time.perf_counter() - started:.1f} s)", flush=True)
 
 
-def worker_verify(out: str, dirs: list[str], label: str) -> None:
-    """Check a merged output against the float64 mean of the ingredients (every tensor)."""
+def worker_verify(out: str, dirs: list[str], label: str, base: str | None = None) -> None:
+    """Check a merged output against the float64 mean of the ingredients (every tensor); a family method's
+    (label `hf_soups:<method>` / `mergekit:<method>`) against its reference (see the module docstring)."""
     import torch
     from safetensors import safe_open
+
+    method = label.split(":", 1)[1] if ":" in label else None
+    if method is not None:
+        dirs = family_inputs(method, list(dirs))
 
     def index_of(d: Path) -> dict[str, Path]:
         idx = d / "model.safetensors.index.json"
@@ -263,18 +344,49 @@ def worker_verify(out: str, dirs: list[str], label: str) -> None:
     missing = expected_keys - set(out_map)
     if missing:
         raise SystemExit(f"{label}: output lacks {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
+    base_map = index_of(Path(base)) if base else None
+
+    def reference(name: str) -> torch.Tensor:
+        if method is None:
+            return sum(get(m, name).double() for m in in_maps) / len(in_maps)
+        thetas = [get(m, name) for m in in_maps]
+        b = get(base_map, name) if base_map is not None else None
+        if method == "task-arithmetic":  # linear: exact in float64
+            return b.double() + sum(t.double() - b.double() for t in thetas)
+        if not thetas[0].is_floating_point():
+            return thetas[0]
+        from hf_soups import merge_ops
+
+        recipes = {
+            "ties": lambda: merge_ops.ties_recipe(density=0.5),
+            "dare-linear": lambda: merge_ops.dare_recipe(density=0.5, seed=0, form="linear"),
+            "dare-ties": lambda: merge_ops.dare_recipe(density=0.5, seed=0, form="ties"),
+            "slerp": lambda: merge_ops.slerp_recipe(t=0.5),
+            "model-stock": merge_ops.model_stock_recipe,
+        }
+        return merge_ops.merge_tensor(
+            recipes[method](), name, b if method != "slerp" else None, thetas
+        ).double()
+
+    judged = method in (None, "task-arithmetic") or label.startswith("hf_soups")
     worst = 0.0
     for name in sorted(expected_keys):
-        mean = sum(get(m, name).double() for m in in_maps) / len(in_maps)
+        mean = reference(name)
         got = get(out_map, name)
         if got.shape != mean.shape:
             raise SystemExit(f"{label}: {name} has shape {tuple(got.shape)}, expected {tuple(mean.shape)}")
         err = (got.double() - mean).abs().max().item() if got.numel() else 0.0
         worst = max(worst, err)
+    what = "the mean" if method is None else f"the {method} reference"
+    if not judged:
+        print(
+            f"{label}: {len(expected_keys)} tensors, max abs difference {worst:.3g} from hf_soups' {method} (not judged)"
+        )
+        return
     if worst > 1e-5:
-        raise SystemExit(f"{label}: output differs from the mean of the ingredients by up to {worst:.3g}")
+        raise SystemExit(f"{label}: output differs from {what} of the ingredients by up to {worst:.3g}")
     print(
-        f"{label}: {len(expected_keys)} tensors equal the mean of {len(dirs)} ingredients (max abs err {worst:.2e})"
+        f"{label}: {len(expected_keys)} tensors equal {what} of {len(dirs)} ingredients (max abs err {worst:.2e})"
     )
 
 
@@ -290,7 +402,8 @@ WORKERS = {
     "hf_soups": lambda a: worker_hf_soups(a.out, a.paths),
     "naive": lambda a: worker_naive(a.out, a.paths),
     "build": lambda a: worker_build(a.spec),
-    "verify": lambda a: worker_verify(a.out, a.paths, a.label),
+    "verify": lambda a: worker_verify(a.out, a.paths, a.label, a.base),
+    "family": lambda a: worker_family(a.out, a.label, a.base, a.paths),
     "imports": lambda a: worker_imports(),
 }
 
@@ -302,7 +415,9 @@ def worker_cmd(name: str, *args: str) -> list[str]:
     return [sys.executable, str(HERE), "--worker", name, *args]
 
 
-def ensure_ingredients(args: argparse.Namespace, n_max: int) -> tuple[list[Path], dict]:
+def ensure_ingredients(
+    args: argparse.Namespace, n_max: int, with_base: bool = False
+) -> tuple[list[Path], dict]:
     target = parse_size(args.params)
     shape = llama_shape(target)
     params = count_params(shape)
@@ -311,8 +426,9 @@ def ensure_ingredients(args: argparse.Namespace, n_max: int) -> tuple[list[Path]
     root = Path(args.work_dir) / tag
     root.mkdir(parents=True, exist_ok=True)
     dirs = [root / f"ingredient-{i}" for i in range(n_max)]
-    missing = [str(d) for d in dirs if not (d / "model.safetensors.index.json").exists()]
-    info = dict(tag=tag, shape=shape, params=params, bytes_per_ingredient=params * 4)
+    wanted = dirs + ([root / "base"] if with_base else [])
+    missing = [str(d) for d in wanted if not (d / "model.safetensors.index.json").exists()]
+    info = dict(tag=tag, shape=shape, params=params, bytes_per_ingredient=params * 4, base=str(root / "base"))
     if missing:
         need = len(missing) * params * 4
         free = shutil.disk_usage(root).free
@@ -413,7 +529,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--methods",
         default="floor,hf_soups,naive,mergekit",
-        help="subset of floor,hf_soups,naive,mergekit (default: all)",
+        help="subset of floor,hf_soups,naive,mergekit (default: all), plus any of the task-vector methods "
+        f"{','.join(FAMILY)} (each as hf_soups:<method>, and mergekit:<method> with mergekit)",
     )
     parser.add_argument(
         "--baseline-n",
@@ -443,6 +560,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shard-bytes", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
     parser.add_argument("--label", help=argparse.SUPPRESS)
+    parser.add_argument("--base", help=argparse.SUPPRESS)
     parser.add_argument("paths", nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -453,6 +571,9 @@ def main(argv: list[str] | None = None) -> int:
     ns = [int(x) for x in args.n.split(",")]
     baseline_ns = {int(x) for x in args.baseline_n.split(",") if x}
     methods = [m.strip() for m in args.methods.split(",")]
+    unknown = [m for m in methods if m not in ("floor", "hf_soups", "naive", "mergekit", *FAMILY)]
+    if unknown:
+        raise SystemExit(f"--methods: unknown {', '.join(unknown)}")
     env = dict(os.environ)
     env.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     env.setdefault("HF_HUB_OFFLINE", "1")
@@ -469,7 +590,7 @@ def main(argv: list[str] | None = None) -> int:
         f"import hf_soups loads: {', '.join(loaded) if loaded else 'none of torch, transformers, peft, torch.distributed'}"
     )
 
-    dirs_all, info = ensure_ingredients(args, max(ns))
+    dirs_all, info = ensure_ingredients(args, max(ns), with_base=any(m in FAMILY for m in methods))
     if args.build_only:
         return 0
     ckpt_bytes = info["bytes_per_ingredient"]
@@ -510,6 +631,7 @@ def main(argv: list[str] | None = None) -> int:
             mergekit=mk,
             ckpt_bytes=ckpt_bytes,
             env=env,
+            base=info["base"],
         )
 
     print_goals(report, ns)
@@ -564,6 +686,7 @@ def measure_n(
     mergekit: list[str] | None,
     ckpt_bytes: int,
     env: dict[str, str],
+    base: str | None = None,
 ) -> dict:
     """Measure every command for N ingredients, round robin, and return the summary."""
     work = Path(args.work_dir)
@@ -617,6 +740,26 @@ def measure_n(
             "--quiet",
             "--no-write-model-card",
         ]
+    for method in (m for m in methods if m in FAMILY):
+        label = f"hf_soups:{method}"
+        outs[label] = work / f"out-hf_soups-{method}"
+        inputs = family_inputs(method, paths)
+        commands[label] = lambda label=label, method=method, inputs=inputs: worker_cmd(
+            "family", "--out", str(outs[label]), "--label", method, "--base", str(base), *inputs
+        )
+        if mergekit is not None and with_baselines:
+            mk_label = f"mergekit:{method}"
+            outs[mk_label] = work / f"out-mergekit-{method}"
+            mk_config = work / f"mergekit-{method}-{n}.yml"
+            mk_config.write_text(mergekit_config(method, str(base), paths))
+            commands[mk_label] = lambda mk_label=mk_label, mk_config=mk_config: [
+                *mergekit,
+                str(mk_config),
+                str(outs[mk_label]),
+                "--no-copy-tokenizer",
+                "--quiet",
+                "--no-write-model-card",
+            ]
 
     verified: set[str] = set()
     heavy_after_merge: dict = {}
@@ -631,11 +774,12 @@ def measure_n(
             line = next(li for li in run.output.splitlines() if li.startswith("HEAVY_MODULES "))
             heavy_after_merge.update(json.loads(line.split(" ", 1)[1]))
         if (
-            label in ("hf_soups", "hf_soups@other", "naive", "mergekit")
+            (label in ("hf_soups", "hf_soups@other", "naive", "mergekit") or ":" in label)
             and label not in verified
             and not args.no_verify
         ):
-            cmd = ["nice", *worker_cmd("verify", "--out", str(outs[label]), "--label", label, *paths)]
+            extra = ["--base", str(base)] if ":" in label else []
+            cmd = ["nice", *worker_cmd("verify", "--out", str(outs[label]), "--label", label, *extra, *paths)]
             res = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if res.returncode != 0:
                 raise SystemExit(f"verification failed (N={n}):\n{res.stdout}{res.stderr[-3000:]}")
@@ -741,6 +885,26 @@ def print_goals(report: dict, ns: list[int]) -> None:
             ok,
             f"peak RSS N={hi} vs N={lo}: {fmt_bytes(b)} vs {fmt_bytes(a)} ({(b - a) / a:+.1%}); goal within 10%",
         )
+    family = sorted({label for n in ns for label in res[str(n)] if label.startswith("hf_soups:")})
+    for label in family:  # the task-vector methods: the same goals as the uniform soup (issue 14)
+        for n in ns:
+            m = res[str(n)].get(label, {})
+            if "wall_s" not in m:
+                continue
+            if m.get("x_floor"):
+                ok = m["x_floor"] <= 1.5
+                goals[f"wall_N{n}_{label}"] = ok
+                line(ok, f"N={n}: {label} wall {m['wall_s']:.2f} s = {m['x_floor']:.2f} x floor; goal <= 1.5")
+            ok = m["max_peak_rss_bytes"] < 600 * 10**6
+            goals[f"rss_N{n}_{label}"] = ok
+            line(ok, f"N={n}: {label} peak RSS {fmt_bytes(m['max_peak_rss_bytes'])}; goal < 600 MB")
+        with_m = [n for n in ns if "wall_s" in res[str(n)].get(label, {})]
+        if len(with_m) >= 2:
+            lo, hi = min(with_m), max(with_m)
+            a, b = res[str(lo)][label]["peak_rss_bytes"], res[str(hi)][label]["peak_rss_bytes"]
+            ok = abs(b - a) <= 0.10 * a
+            goals[f"rss_flat_{label}"] = ok
+            line(ok, f"{label} peak RSS N={hi} vs N={lo}: {(b - a) / a:+.1%}; goal within 10%")
     imports = report["import_hf_soups_loads"]
     bad = [k for k in ("torch", "transformers model code", "peft", "torch.distributed") if imports.get(k)]
     goals["lazy_import"] = not bad

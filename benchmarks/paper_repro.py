@@ -12,6 +12,10 @@ it; the probe is WiSE-FT's robust end):
   kept set, WiSE-FT alpha, best single) on validation only, never on a test set;
 - accuracy on test and on typo-shifted copies of test; each soup against the best single ingredient with
   McNemar's exact test and a paired bootstrap 95% interval of the accuracy difference;
+- with `--family`, also the task-vector family on the same ingredients, from the probe they all started from:
+  task arithmetic (weights 1/N, scaling chosen from `--scalings`), TIES and DARE-TIES (density from `--densities`
+  x scaling, seed 0), Model Stock, and SLERP of the two best ingredients (t from `--slerp-ts`), every knob chosen on
+  validation, each reported like the soups (with the best of the family chosen on validation);
 - the table and the plot go into `docs/benchmarks.md` (one section per preset) and `docs/img/`; the raw
   numbers into `benchmarks/results/` (`--json`). `--render-json` re-writes a record's section and plot.
 
@@ -22,6 +26,10 @@ Full setting (hours of CPU; minutes on a GPU):
 Reduced setting that fits a shared 2-core CPU (clearly labelled as such in the record):
 
     python benchmarks/paper_repro.py --preset reduced
+
+With the task-vector family in the same table:
+
+    python benchmarks/paper_repro.py --preset reduced --family
 """
 
 from __future__ import annotations
@@ -98,6 +106,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--ingredient-test", action="store_true", help="also score every ingredient on test sets"
+    )
+    parser.add_argument(
+        "--family",
+        action="store_true",
+        help="also cook task arithmetic, TIES, DARE-TIES, Model Stock and SLERP (best two) on the same ingredients",
+    )
+    parser.add_argument("--scalings", type=float, nargs="+", default=[0.5, 1.0, 1.5], help="--family: lambda")
+    parser.add_argument(
+        "--densities", type=float, nargs="+", default=[0.2, 0.5, 0.8], help="--family: density"
+    )
+    parser.add_argument(
+        "--slerp-ts", type=float, nargs="+", default=[0.25, 0.5, 0.75], help="--family: SLERP t"
     )
     parser.add_argument("--bootstrap", type=int, default=2000, help="paired bootstrap resamples")
     parser.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")
@@ -271,10 +291,17 @@ def run_once(args, sweep_seed: int, workdir: Path, device) -> dict:
         select_on="validation",
         **common,
     )
+    cooked = [("uniform", uniform), ("greedy", greedy), ("wise-ft", wise)]
+    family_params = {}
+    if args.family:
+        cooked += cook_family(
+            args, runs, rows, probe.path, {"validation": evaluation_dataset(encoded["validation"])}, common
+        )
+        family_params = {key: _knobs(soup.params) for key, soup in cooked[3:]}
     cook_s = time.perf_counter() - t
 
     out = {}
-    for key, soup in (("uniform", uniform), ("greedy", greedy), ("wise-ft", wise)):
+    for key, soup in cooked:
         logits = logits_on(to_device(soup.model), {s: encoded[s] for s in sets})
         acc, hits = _accuracy_from_logits(logits, {s: encoded[s] for s in sets})
         out[key] = {"accuracy": acc, "hits": hits}
@@ -282,9 +309,12 @@ def run_once(args, sweep_seed: int, workdir: Path, device) -> dict:
     ens_logits = {s: np.mean([r["logits"][s] for r in rows], axis=0) for s in ens_sets}
     ens_acc, ens_hits = _accuracy_from_logits(ens_logits, {s: encoded[s] for s in ens_sets})
 
+    if family_params:  # the family member a user would keep: the best on validation (ties: the first cooked)
+        chosen = max(family_params, key=lambda k: out[k]["accuracy"]["validation"])
+        family_params[chosen]["chosen_on_validation"] = True
     comparisons = {
         f"{key}|{s}": compare(best["hits"][s], out[key]["hits"][s], args.bootstrap, seed=sweep_seed)
-        for key in ("uniform", "greedy", "wise-ft")
+        for key in out
         for s in test_sets
     }
     kept = [i.name for i in greedy.ingredients if i.selected]
@@ -303,6 +333,7 @@ def run_once(args, sweep_seed: int, workdir: Path, device) -> dict:
         "greedy_kept": kept,
         "greedy_order": greedy.params.get("order"),
         "wise_ft_alpha": wise.params["alpha"],
+        "family": family_params,
         "wise_ft_curve": curve,
         "comparisons": comparisons,
         "timings": {
@@ -313,6 +344,69 @@ def run_once(args, sweep_seed: int, workdir: Path, device) -> dict:
         },
         "typo_names": [typo_set_name(r) for r in args.typo_rates],
     }
+
+
+FAMILY_LABELS = {
+    "task-arithmetic": "task arithmetic",
+    "ties": "TIES",
+    "dare-ties": "DARE-TIES",
+    "model-stock": "Model Stock",
+    "slerp": "SLERP of the best two",
+}
+
+
+def _knobs(params: dict) -> dict:
+    return {k: params[k] for k in ("scaling", "density", "t", "seed") if params.get(k) is not None}
+
+
+def cook_family(args, runs, rows, base_path, validation, common) -> list:
+    """The task-vector family on the same ingredients (θ₀: the probe every fine-tune started from), every knob
+    chosen on validation by hf_soups' own sweeps; SLERP between the two ingredients best on validation."""
+    from hf_soups import Ingredient, merge_models
+
+    def refs(chosen=None):
+        return [Ingredient(str(r.path), name=r.name) for r in (chosen or runs)]
+
+    base = Ingredient(str(base_path), name="linear-probe")
+    n = len(runs)
+    sweep = dict(eval_dataset=validation, select_on="validation", **common)
+    out = [
+        (
+            "task-arithmetic",  # weights 1/N: scaling 1 is the uniform soup
+            merge_models(
+                refs(),
+                method="task-arithmetic",
+                base_model=base,
+                weights=[1.0 / n] * n,
+                scaling=args.scalings,
+                **sweep,
+            ),
+        ),
+        (
+            "ties",
+            merge_models(
+                refs(), method="ties", base_model=base, density=args.densities, scaling=args.scalings, **sweep
+            ),
+        ),
+        (
+            "dare-ties",
+            merge_models(
+                refs(),
+                method="dare-ties",
+                base_model=base,
+                density=args.densities,
+                scaling=args.scalings,
+                seed=0,
+                **sweep,
+            ),
+        ),
+        ("model-stock", merge_models(refs(), method="model-stock", base_model=base, **sweep)),
+    ]
+    top_two = sorted(range(n), key=lambda i: -rows[i]["accuracy"]["validation"])[:2]
+    out.append(
+        ("slerp", merge_models(refs([runs[i] for i in top_two]), method="slerp", t=args.slerp_ts, **sweep))
+    )
+    return out
 
 
 # ------------------------------------------------------------------------------------------- reporting
@@ -393,6 +487,23 @@ def render(
         f"WiSE-FT probe <-> best single (alpha {alphas}, chosen on validation)",
         lambda r: r["soups"]["wise-ft"]["accuracy"],
     )
+    for key, label in FAMILY_LABELS.items():
+        if all(key in r["soups"] for r in results):
+            knobs = "; ".join(
+                ", ".join(
+                    f"{k} {v:g}"
+                    for k, v in r["family"][key].items()
+                    if k not in ("seed", "chosen_on_validation")
+                )
+                or "no knobs"
+                for r in results
+            )
+            chosen = sum(1 for r in results if r["family"][key].get("chosen_on_validation"))
+            mark = f"; best of the family on validation in {chosen} of {len(results)}" if chosen else ""
+            row(
+                f"{label} ({knobs}, chosen on validation{mark})",
+                lambda r, key=key: r["soups"][key]["accuracy"],
+            )
     if all(set(sets) <= set(r["ensemble"]) for r in results):
         row(f"logit ensemble ({n_ing}x inference cost)", lambda r: r["ensemble"])
     else:  # only validation logits were kept for every ingredient (no --ingredient-test)
@@ -405,7 +516,7 @@ def render(
         "| soup | set | seed | diff | right only with soup / only with best | McNemar p | 95% CI |",
         "| --- | --- | ---: | ---: | ---: | ---: | --- |",
     ]
-    for key in ("uniform", "greedy", "wise-ft"):
+    for key in soup_keys(results):
         for s in test_sets:
             for r in results:
                 c = r["comparisons"][f"{key}|{s}"]
@@ -463,9 +574,18 @@ def verdict(comparisons: list[dict]) -> str:
     return text
 
 
+def soup_keys(results: list[dict]) -> list[str]:
+    """The soups every sweep seed has: uniform, greedy, WiSE-FT, then the family members when cooked."""
+    keys = ["uniform", "greedy", "wise-ft", *FAMILY_LABELS]
+    return [k for k in keys if all(k in r["soups"] for r in results)]
+
+
 def summarise(results: list[dict], test_sets: list[str]) -> list[str]:
     out = []
-    for key, label in (("uniform", "Uniform soup"), ("greedy", "Greedy soup"), ("wise-ft", "WiSE-FT")):
+    labels = {"uniform": "Uniform soup", "greedy": "Greedy soup", "wise-ft": "WiSE-FT"}
+    labels.update({k: v[0].upper() + v[1:] for k, v in FAMILY_LABELS.items()})
+    for key in soup_keys(results):
+        label = labels[key]
         parts = []
         for s in test_sets:
             comps = [r["comparisons"][f"{key}|{s}"] for r in results]
@@ -498,6 +618,12 @@ def plot(results: list[dict], path: Path) -> None:
                     alpha=0.6,
                 )
     style = {"uniform": ("D", "tab:orange"), "greedy": ("*", "tab:red"), "wise-ft": ("^", "tab:green")}
+    family_style = zip(
+        FAMILY_LABELS,
+        ("v", "P", "X", "p", "h"),
+        ("tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan"),
+    )
+    style.update({k: (m, c) for k, m, c in family_style if all(k in res["soups"] for res in results)})
     for i, res in enumerate(results):
         ax1.scatter(
             100 * res["probe"]["test"],

@@ -21,7 +21,7 @@ logger = logging.getLogger(__name__)
 def merge_models(
     models: Sequence[ModelReference] | str | os.PathLike,
     *,
-    method: str = "uniform",
+    method: str | Sequence[str] = "uniform",
     weights: Sequence[float] | None = None,
     base_model: ModelReference | None = None,
     alpha: float | Sequence[float] | None = None,
@@ -68,11 +68,13 @@ def merge_models(
             `save_pretrained` (Trainer `checkpoint-N` folders too), in-memory `PreTrainedModel`s, PEFT adapters,
             or [`Ingredient`] objects. A single folder written by [`SoupTrainerCallback`] expands into its
             ingredients.
-        method (`str`, *optional*, defaults to `"uniform"`):
+        method (`str` or `Sequence[str]`, *optional*, defaults to `"uniform"`):
             `"uniform"` (mean, or weighted mean with `weights`), `"greedy"` (greedy soup chosen on
             `eval_dataset`), `"wise-ft"` (interpolation with `base_model` by `alpha`), or one of the task-vector
             family: `"task-arithmetic"`, `"ties"`, `"dare-linear"`, `"dare-ties"`, `"slerp"`, `"model-stock"`
-            (see docs/methods.md).
+            (see docs/methods.md). A list of methods cooks each (with the knobs it takes, sweeps included), scores
+            each on `eval_dataset` with one live model, and keeps the best on `select_on`; `soup.comparison` and
+            the report list every method beside the best single ingredient.
         weights (`Sequence[float]`, *optional*):
             Relative weights of the ingredients (normalised; must be >= 0 and not all zero). Task arithmetic,
             TIES and DARE use them as given (default 1 each), and a list of weight lists is a sweep.
@@ -158,7 +160,7 @@ def merge_models(
     if weights is None and any(i.weight is not None for i in ingredients):
         options["weights"] = [1.0 if i.weight is None else i.weight for i in ingredients]
     config = SoupConfig.from_options(options, n_models=len(ingredients))
-    recipe = get_recipe(config.method)
+    recipes = [get_recipe(m) for m in config.methods]
     out_dtype = parse_dtype(config.dtype)
     output_dir = Path(config.output_dir).expanduser() if config.output_dir is not None else None
     check_output_dir(output_dir, ingredients, base=config.base_model)  # before any download or tensor read
@@ -206,16 +208,24 @@ def merge_models(
         dtype=out_dtype,
         max_shard_size=config.max_shard_size,
         progress=progress,
-        reference_index=len(resolved) if (recipe.needs_base and base is not None) else 0,
+        reference_index=len(resolved) if (any(r.needs_base for r in recipes) and base is not None) else 0,
         tokenizer=tokenizer,
     )
     try:
-        if any(r.kind == "adapter" for r in resolved) and config.adapter_output == "adapter":
+        adapter_form = any(r.kind == "adapter" for r in resolved) and config.adapter_output == "adapter"
+        if config.compared is not None:
+            from .kitchen import AdapterKitchen, cook_comparison
+
+            soup = cook_comparison(
+                AdapterKitchen.wrap(kitchen) if adapter_form else kitchen,
+                {m: config.recipe_options(m) for m in config.methods},
+            )
+        elif adapter_form:
             from .kitchen import cook_adapter_soup
 
-            soup = cook_adapter_soup(kitchen, recipe)
+            soup = cook_adapter_soup(kitchen, recipes[0])
         else:
-            soup = recipe.cook(kitchen)
+            soup = recipes[0].cook(kitchen)
     finally:
         for r in kitchen.members:
             r.close()

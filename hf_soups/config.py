@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import InvalidArgumentError
-from .options import OptionProblem, check_value, did_you_mean, option, option_fields
+from .options import OptionProblem, check_value, describe, did_you_mean, option, option_fields
 from .recipes import RecipeParams, all_recipes, get_recipe
 from .recipes.uniform import UniformParams
 
@@ -101,8 +101,13 @@ class SoupConfig:
         [`InvalidArgumentError`]: every invalid or inapplicable option at once, each named (`.problems` lists them).
     """
 
-    method: str = option(
-        "uniform", help="The recipe: uniform, greedy, wise-ft.", kind="method", cli={"short": "-m"}
+    method: str | list[str] = option(
+        "uniform",
+        help="The recipe: uniform, greedy, wise-ft, task-arithmetic, ties, dare-linear, dare-ties, slerp, "
+        "model-stock. Several (a list) are each cooked and scored on the eval data, and the best on select_on is "
+        "kept, with all of them reported side by side.",
+        kind="method",
+        cli={"short": "-m", "nargs": "+", "metavar": "METHOD"},
     )
     base_model: Any = option(
         help="WiSE-FT: the zero-shot / pre-trained end. Adapters: their base model.", file="ingredient"
@@ -173,6 +178,8 @@ class SoupConfig:
     )
     eval: EvalConfig = field(default_factory=EvalConfig, metadata={"internal": True})
     params: RecipeParams = field(default_factory=UniformParams, metadata={"internal": True})
+    compared: dict[str, RecipeParams] | None = field(default=None, metadata={"internal": True})
+    """When `method` is a list: each method's own parameters (those of the given options it declares)."""
     n_models: int | None = field(default=None, metadata={"internal": True})
     """How many ingredients the options are for (checks the number of weights), when known."""
     has_eval: bool | None = field(default=None, metadata={"internal": True})
@@ -184,7 +191,7 @@ class SoupConfig:
 
     def __post_init__(self) -> None:
         problems: list[str] = []
-        for obj in (self, self.eval, self.params):
+        for obj in (self, self.eval, self.params, *(self.compared or {}).values()):
             for f in option_fields(type(obj)):
                 setattr(obj, f.name, _checked(obj, f, problems, self.file_checks))
         if not problems and not self._skip_cross_checks:
@@ -225,13 +232,15 @@ class SoupConfig:
         recipe = None
         try:
             method = check_method(method)
-            recipe = get_recipe(method)
+            recipe = get_recipe(method if isinstance(method, str) else method[0])
         except OptionProblem as e:
             problems.append(f"method: {e}")
         own = {f.name for f in option_fields(cls)}
         evals = {f.name for f in option_fields(EvalConfig)}
-        params_cls = recipe.params if recipe is not None else RecipeParams
-        mine = {f.name for f in option_fields(params_cls)}
+        # the methods cooked (several when `method` is a list) and the parameters each declares
+        methods = method if isinstance(method, list) else [method] if recipe is not None else []
+        declared = {m: {f.name for f in option_fields(get_recipe(m).params)} for m in methods}
+        mine = set().union(*declared.values()) if declared else set()
         others = recipe_parameter_owners()
         known = own | evals | set(others)
         top, ev, params = {}, {}, {}
@@ -243,11 +252,12 @@ class SoupConfig:
             elif key in mine:
                 params[key] = value
             elif key in others:
-                if value is not None and value != others[key][1] and recipe is not None:
+                if value is not None and value != others[key][1] and methods:
                     takers = others[key][0]
                     verb = "takes" if len(takers) == 1 else "take"
+                    what = repr(method) if len(methods) == 1 else f"any of {', '.join(methods)}"
                     problems.append(
-                        f"{key}: only {_and(takers)} {verb} {key}, not {method!r}; drop it, or use "
+                        f"{key}: only {_and(takers)} {verb} {key}, not {what}; drop it, or use "
                         f"method={takers[0]!r}"
                     )
             else:
@@ -255,11 +265,21 @@ class SoupConfig:
         top = {k: v for k, v in top.items() if v is not None}
         ev = {k: v for k, v in ev.items() if v is not None}
         params = {k: v for k, v in params.items() if v is not None}
+        compared = None
+        if len(methods) > 1:
+            compared = {
+                m: get_recipe(m).params(**{k: v for k, v in params.items() if k in declared[m]})
+                for m in methods
+            }
+            params_cls, params = RecipeParams, {}
+        else:
+            params_cls = recipe.params if recipe is not None else RecipeParams
         try:
             config = cls(
                 method=method if recipe is not None else "uniform",
                 eval=EvalConfig(**ev),
                 params=params_cls(**params),
+                compared=compared,
                 n_models=n_models,
                 has_eval=has_eval,
                 file_checks=file_checks,
@@ -272,16 +292,44 @@ class SoupConfig:
             raise config_error(problems)
         return config
 
+    @property
+    def methods(self) -> list[str]:
+        """The methods cooked: `[method]`, or the list of methods compared."""
+        return list(self.method) if isinstance(self.method, list) else [self.method]
+
+    def method_params(self, method: str | None = None) -> RecipeParams:
+        """The parameters of `method` (one of [`methods`]; default: the only one)."""
+        if self.compared is None or method is None:
+            return self.params
+        return self.compared[method]
+
+    def _params_values(self, method: str | None = None) -> dict[str, Any]:
+        """name -> value of the parameters of `method`; with `None` and a list of methods, all of them."""
+        if method is None and self.compared is not None:
+            out: dict[str, Any] = {}
+            for m in self.methods:
+                for name, value in self._params_values(m).items():
+                    if out.get(name) is None:
+                        out[name] = value
+            return out
+        params = self.method_params(method)
+        return {f.name: getattr(params, f.name) for f in option_fields(type(params))}
+
     def to_options(self) -> dict[str, Any]:
         """The flat options again (what `merge_models` takes), every field included."""
         out = {f.name: getattr(self, f.name) for f in option_fields(SoupConfig)}
         out.update({f.name: getattr(self.eval, f.name) for f in option_fields(EvalConfig)})
-        out.update({f.name: getattr(self.params, f.name) for f in option_fields(type(self.params))})
+        out.update(self._params_values())
         return out
 
-    def recipe_options(self) -> dict[str, Any]:
-        """The dict a recipe's `check` and `Kitchen.options` read (its parameters plus context)."""
-        out = {f.name: getattr(self.params, f.name) for f in option_fields(type(self.params))}
+    def recipe_options(self, method: str | None = None) -> dict[str, Any]:
+        """The dict a recipe's `check` and `Kitchen.options` read (its parameters plus context).
+
+        Args:
+            method (`str`, *optional*): with a list of methods, the one whose parameters to give (default: the
+                parameters of every listed method, the first value of each).
+        """
+        out = self._params_values(method)
         out.update(
             {
                 "base_model": self.base_model,
@@ -306,7 +354,7 @@ class SoupConfig:
                 f"rank: rank={self.rank} truncates an adapter soup written as an adapter; pass "
                 "adapter_output='adapter' with it (a merged soup is exact and has no rank)"
             )
-        weights = getattr(self.params, "weights", None)
+        weights = self._params_values().get("weights")
         sweep = (
             weights if weights and isinstance(weights[0], list) else [weights]
         )  # a list of weight lists: a sweep
@@ -316,12 +364,18 @@ class SoupConfig:
                     f"weights: weights has {len(w)} values for {self.n_models} ingredients; give one per ingredient"
                 )
                 break
-        recipe = get_recipe(self.method)
-        if recipe.check is not None and not problems:
-            try:
-                recipe.check(self.recipe_options())
-            except InvalidArgumentError as e:
-                problems.append(str(e))
+        if self.compared is not None and not self._has_eval():
+            problems.append(
+                f"method: method={self.methods} compares several methods by their held-out scores; pass "
+                "eval_dataset= (a datasets.Dataset with labels, or a dict of them with select_on=), or one method"
+            )
+        for method in self.methods:
+            recipe = get_recipe(method)
+            if recipe.check is not None and not problems:
+                try:
+                    recipe.check(self.recipe_options(method if self.compared is not None else None))
+                except InvalidArgumentError as e:
+                    problems.append(str(e))
         return problems
 
 
@@ -345,9 +399,23 @@ def _checked(obj: Any, f: dataclasses.Field, problems: list[str], file_checks: M
         return None
 
 
-def check_method(value: Any) -> str:
-    """A registered recipe name (`"wise_ft"` reads as `"wise-ft"`)."""
+def check_method(value: Any) -> str | list[str]:
+    """A registered recipe name (`"wise_ft"` reads as `"wise-ft"`), or a list of them (methods to compare: repeats
+    dropped; a list of one is that method)."""
     names = sorted(all_recipes())
+    if isinstance(value, (list, tuple)):
+        if not value:
+            raise OptionProblem(
+                f"got an empty list; give one method, or several to compare ({', '.join(names)})"
+            )
+        methods: list[str] = []
+        for item in value:
+            key = check_method(item)
+            if isinstance(key, list):
+                raise OptionProblem(f"expected method names, got a nested list {describe(item)}")
+            if key not in methods:
+                methods.append(key)
+        return methods[0] if len(methods) == 1 else methods
     if not isinstance(value, str):
         raise OptionProblem(f"expected one of {', '.join(names)}, got {value!r}")
     key = value.strip().lower().replace("_", "-")

@@ -142,6 +142,7 @@ class Kitchen:
         scores: dict[str, dict[str, float]] | None = None,
         model=None,
         report_extra: dict[str, Any] | None = None,
+        comparison: list[dict[str, Any]] | None = None,
     ) -> Soup:
         """Make the final soup: stream it to `output_dir` (atomically) or build it in memory.
 
@@ -153,6 +154,7 @@ class Kitchen:
             score / scores: the soup's held-out results when the recipe already has them.
             model: a live model that already holds these coefficients (skips rebuilding in memory).
             report_extra: extra report entries (e.g. greedy's best-single / uniform / ensemble baselines).
+            comparison: the methods compared, when several were (see [`cook_comparison`]).
         """
         from .soup import Soup
 
@@ -173,6 +175,7 @@ class Kitchen:
         )
         if report_extra:
             soup.report_extra.update(report_extra)
+        soup.comparison = list(comparison or [])
         if self.evaluator is not None:  # what score means, before the card is written
             soup.metric_key = soup.metric_key or getattr(self.evaluator, "metric_key", None)
             soup.select_on = soup.select_on or getattr(self.evaluator, "select_on", None)
@@ -247,6 +250,128 @@ class Kitchen:
                 gen.save_pretrained(directory)
         if self.tokenizer is not None and not (directory / "tokenizer_config.json").exists():
             self.tokenizer.save_pretrained(directory)
+
+
+# ------------------------------------------------------------------------------------ several methods
+
+
+class _TastingKitchen(Kitchen):
+    """A kitchen that scores a recipe's soup instead of serving it: every candidate of every method is written into
+    one shared live model, and `serve` returns the evaluated soup with its mixture (`_mixture`), writing nothing."""
+
+    live: Any = None
+
+    def new_live_model(self):
+        return self.live
+
+    def serve(self, coefficients, **kwargs):
+        kwargs.pop("model", None)
+        soup = super().serve(
+            coefficients, model=self.live if kwargs.get("score") is not None else None, **kwargs
+        )
+        soup._mixture = coefficients  # type: ignore[attr-defined]
+        return soup
+
+
+def cook_comparison(kitchen: Kitchen, options: dict[str, dict[str, Any]]) -> Soup:
+    """Cook several recipes over the same ingredients, score each on the same eval sets, serve the best.
+
+    Each recipe runs as it would alone (its own knobs, its own sweeps), but into one live model: its candidates
+    and its chosen soup are written into that model in place and scored, nothing is written to disk. Every
+    ingredient is also scored alone, for the best single ingredient. The winner on `select_on` (ties: the first
+    listed) is then served as usual (streamed to `output_dir`, or the live model itself), with its own curve in
+    `history` and every method's chosen setting and scores in `comparison`.
+
+    Args:
+        kitchen ([`Kitchen`]): the ingredients (and base), with an evaluator.
+        options (`dict[str, dict]`): method name -> that recipe's options (`SoupConfig.recipe_options(method)`),
+            in the order given.
+
+    Returns:
+        [`Soup`]: the winning method's soup; `soup.comparison` holds one row per method (`method`, `params`,
+        `score`, `scores`, `selected`, `evaluations`, `kept`), `soup.params["methods"]` the methods compared and
+        `soup.report_extra["baselines"]["best_single"]` the best single ingredient on every eval set.
+
+    Raises:
+        [`EvaluationError`]: no eval set.
+    """
+    import dataclasses
+
+    from .errors import EvaluationError
+    from .recipes import get_recipe
+
+    evaluator = kitchen.evaluator
+    if evaluator is None:
+        raise EvaluationError("Comparing methods needs an eval set to score them: pass eval_dataset=.")
+    live = kitchen.new_live_model()
+    n = len(kitchen.ingredients)
+    # 1. each method, as it would cook alone, into the live model
+    tasted: list[tuple[Soup, list[tuple[Any, Any]]]] = []
+    rows: list[dict[str, Any]] = []
+    for method, method_options in options.items():
+        fields = {f.name: getattr(kitchen, f.name) for f in dataclasses.fields(kitchen)}
+        fields.update(options=dict(method_options), output_dir=None, _plan=kitchen.plan)
+        taster = _TastingKitchen(**fields)
+        taster.live = live
+        started = len(evaluator.timings)
+        soup = get_recipe(method).cook(taster)
+        states = [(m.ingredient.weight, m.ingredient.selected) for m in kitchen.ingredients]
+        tasted.append((soup, states))
+        params = {k: v for k, v in soup.params.items() if k != "greater_is_better"}
+        rows.append(
+            {
+                "method": method,
+                "params": params,
+                "score": soup.score,
+                "scores": dict(soup.scores or {}),
+                "evaluations": len(evaluator.timings) - started,
+                "kept": sum(1 for _, selected in states if selected),
+            }
+        )
+        logger.info(
+            "Compare: %s -> %s %.4f on %s", method, evaluator.metric_key, soup.score, evaluator.select_on
+        )
+    # 2. every ingredient alone (scores a recipe measured, e.g. greedy's, are kept), for the best single ingredient
+    for i, member in enumerate(kitchen.ingredients):
+        ing = member.ingredient
+        if not ing.scores:
+            kitchen.load_into(live, [1.0 if j == i else 0.0 for j in range(n)])
+            ing.scores = evaluator.evaluate(live)
+            ing.score = evaluator.primary(ing.scores)
+    best_single = min(
+        range(n), key=lambda i: (evaluator.sort_key(kitchen.ingredients[i].ingredient.score), i)
+    )
+    top = kitchen.ingredients[best_single].ingredient
+    best = 0
+    for i, row in enumerate(rows):
+        if evaluator.better(row["score"], rows[best]["score"], strict=True):
+            best = i
+    for i, row in enumerate(rows):
+        row["selected"] = i == best
+    # 3. serve the winner from the live model
+    winner, states = tasted[best]
+    for member, (weight, selected) in zip(kitchen.ingredients, states):
+        member.ingredient.weight, member.ingredient.selected = weight, selected
+    kitchen.load_into(live, winner._mixture)  # type: ignore[attr-defined]
+    baselines = dict((winner.report_extra or {}).get("baselines") or {})
+    baselines.setdefault(
+        "best_single", {"name": top.name, "score": top.score, "scores": dict(top.scores or {})}
+    )
+    soup = kitchen.serve(
+        winner._mixture,  # type: ignore[attr-defined]
+        method=winner.method,
+        params={**winner.params, "methods": list(options)},
+        history=winner.history,
+        score=winner.score,
+        scores=winner.scores,
+        model=live,
+        report_extra={**(winner.report_extra or {}), "baselines": baselines},
+        comparison=rows,
+    )
+    soup.metric_key = evaluator.metric_key
+    soup.select_on = evaluator.select_on
+    soup.params.setdefault("greater_is_better", evaluator.greater_is_better)
+    return soup
 
 
 # ------------------------------------------------------------------------------------ adapter form

@@ -36,6 +36,9 @@ class Soup:
         metric_key (`str`, *optional*), select_on (`str`, *optional*): what `score` means (the key of the metric's
             result it is, and the eval set it was measured on).
         report_extra (`dict`): extra report entries (e.g. adapter SVD errors).
+        comparison (`list[dict]`): when several methods were compared (`method=[...]`), one row per method:
+            `method`, `params` (its chosen setting), `score`, `scores` (every eval set), `selected` (the one
+            served), `evaluations`, `kept` (ingredients it kept); `method`, `params` and `history` are then the winner's.
         output_options (`dict`): how the tensors were written (`dtype` override or None, `max_shard_size`);
             recorded in `soup_recipe.yaml` so that a re-cook writes the same tensors.
 
@@ -60,6 +63,7 @@ class Soup:
     select_on: str | None = None
     report_extra: dict[str, Any] = field(default_factory=dict)
     output_options: dict[str, Any] = field(default_factory=dict)
+    comparison: list[dict[str, Any]] = field(default_factory=list)
     _model: Any = field(default=None, repr=False)
     _kitchen_config: dict[str, Any] = field(default_factory=dict, repr=False)
 

@@ -104,7 +104,7 @@ def test_tiny_end_to_end_run(tmp_path):
     out = tmp_path / "bench.json"
     code = merge_throughput.main(
         [
-            "--params", "3M", "--n", "3", "--runs", "1", "--warmup", "0", "--methods", "floor,hf_soups",
+            "--params", "3M", "--n", "3", "--runs", "1", "--warmup", "0", "--methods", "floor,hf_soups,ties,slerp",
             "--work-dir", str(tmp_path / "work"), "--max-shard-size", "4MB", "--json", str(out),
         ]
     )  # fmt: skip
@@ -120,3 +120,45 @@ def test_tiny_end_to_end_run(tmp_path):
     assert r["heavy_modules_after_hf_soups"]["transformers model code"] is False
     assert report["goals"]["lazy_import"] is True
     assert report["goals"]["rss_N3"] is True
+    # the task-vector methods, measured and verified beside the uniform soup, over the same ingredients + base
+    assert r["hf_soups:ties"]["peak_rss_bytes"] > 0 and r["hf_soups:slerp"]["wall_s"] > 0
+    assert (built / "base" / "model.safetensors.index.json").is_file()
+    assert "rss_N3_hf_soups:ties" in report["goals"]
+
+
+def test_mergekit_configs_of_the_family_name_the_same_method_and_knobs():
+    import merge_throughput
+    import yaml
+
+    paths = ["/m/a", "/m/b", "/m/c"]
+    ties = yaml.safe_load(merge_throughput.mergekit_config("ties", "/m/base", paths))
+    assert (ties["merge_method"], ties["base_model"], ties["parameters"]) == (
+        "ties",
+        "/m/base",
+        {"normalize": False, "lambda": 1.0},
+    )
+    assert [m["parameters"] for m in ties["models"]] == [{"weight": 1.0, "density": 0.5}] * 3
+    slerp = yaml.safe_load(merge_throughput.mergekit_config("slerp", "/m/base", paths))
+    assert slerp["base_model"] == "/m/a" and [m["model"] for m in slerp["models"]] == ["/m/a", "/m/b"]
+    assert slerp["parameters"] == {"t": 0.5}
+    stock = yaml.safe_load(merge_throughput.mergekit_config("model-stock", "/m/base", paths))
+    assert stock["merge_method"] == "model_stock" and "parameters" not in stock["models"][0]
+
+
+def test_paper_repro_reports_the_family_beside_the_soups(tmp_path):
+    """A record of a tiny `--family` run (2 ingredients, 3 steps; written by the script itself) renders every family
+    member in the table, with its chosen knobs, its paired tests against the best single and its summary line."""
+    import paper_repro
+
+    fixture = Path(__file__).parent / "fixtures" / "paper_repro" / "family_tiny.json"
+    doc = tmp_path / "benchmarks.md"
+    code = paper_repro.main(["--render-json", str(fixture), "--docs", str(doc), "--img", ""])
+    assert code == 0
+    text = doc.read_text()
+    for label in paper_repro.FAMILY_LABELS.values():
+        assert f"| {label} (" in text
+        assert f"- {label[0].upper() + label[1:]} vs best single:" in text
+    for key in paper_repro.FAMILY_LABELS:
+        assert f"| {key} | test | 0 |" in text
+    assert "best of the family on validation in 1 of 1" in text
+    assert "--family" in text  # the command that made the record

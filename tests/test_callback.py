@@ -756,3 +756,37 @@ def test_distributed_only_the_main_process_writes(tmp_path):
     assert records[0]["score"] == records[1]["score"]
     assert records[0]["model"] == records[1]["model"]
     assert records[0]["logged"] and records[1]["logged"]
+
+
+def test_the_task_vector_knobs_through_the_callback(tmp_path, train_ds, eval_ds):
+    """SoupTrainerCallback(method="ties", density=, scaling=, base_model=): the soup of two Trainer runs is the
+    float64 TIES of their task vectors from the model they started from; a list of methods is compared on the
+    trainer's eval set; a knob no method takes is refused when the callback is made."""
+    from tests.testing_common import family_reference
+
+    base_dir = tmp_path / "base"
+    make_tiny_bert(seed=0).save_pretrained(base_dir)  # what every run starts from
+    with pytest.raises(InvalidArgumentError, match="alpha"):
+        SoupTrainerCallback(method="ties", density=0.5, alpha=0.5)
+    cb = SoupTrainerCallback(
+        ingredients_dir=tmp_path / "ingredients",
+        method="ties",
+        density=0.4,
+        scaling=1.5,
+        base_model=str(base_dir),
+    )
+    finals = []
+    for i, lr in enumerate([1e-3, 1e-2]):
+        trainer = _trainer(
+            _args(tmp_path / f"run{i}", learning_rate=lr, seed=10 + i), train_ds, cb, eval_ds=eval_ds
+        )
+        trainer.train()
+        finals.append({k: v.detach().clone() for k, v in trainer.model.state_dict().items()})
+    soup = cb.cook(progress=False)
+    assert soup.method == "ties" and (soup.params["density"], soup.params["scaling"]) == (0.4, 1.5)
+    expected = family_reference("ties", read_safetensors(base_dir), finals, density=0.4, scaling=1.5)
+    assert_state_close(soup.model.state_dict(), expected, atol=2e-6)
+    # several methods, scored on the trainer's eval set (the callback's compute_metrics-free default: accuracy)
+    compared = cb.cook(method=["ties", "task-arithmetic"], progress=False, metric="accuracy")
+    assert [r["method"] for r in compared.comparison] == ["ties", "task-arithmetic"]
+    assert all(r["score"] is not None for r in compared.comparison)

@@ -323,3 +323,199 @@ def test_task_arithmetic_of_lora_adapters_is_exact_in_both_output_forms(tmp_path
     adapter = merge_models(models, adapter_output="adapter", progress=False, **kwargs)
     state = adapter.model.merge_and_unload().state_dict()
     assert_state_close({k: v for k, v in state.items() if k in expected}, expected, atol=2e-6)
+
+
+# ------------------------------------------------------------------------------------- several methods
+
+
+def test_several_methods_are_scored_alike_and_the_best_is_served(family_dirs, tmp_path):
+    """method=[...]: each method cooked with its own knobs (ties sweeps density), every one scored on the same eval
+    sets, the best on select_on served; the soup is the float64 reference of the winner at its chosen knobs."""
+    base, ingredients = family_dirs
+    data = _eval_set(base)
+    methods = ["task-arithmetic", "ties", "dare-ties", "model-stock"]
+    soup = merge_models(
+        [str(p) for p in ingredients],
+        method=methods,
+        base_model=str(base),
+        scaling=[0.5, 3.0],
+        density=[0.3, 1.0],
+        seed=0,
+        eval_dataset={"val": data, "shifted": data.select(range(8))},
+        select_on="val",
+        output_dir=tmp_path / "soup",
+        progress=False,
+    )
+    rows = soup.comparison
+    assert [r["method"] for r in rows] == methods
+    assert all(set(r["scores"]) == {"val", "shifted"} for r in rows)
+    assert [r["selected"] for r in rows].count(True) == 1
+    winner = next(r for r in rows if r["selected"])
+    assert winner["score"] == max(r["score"] for r in rows)
+    assert rows.index(winner) == [r["score"] for r in rows].index(winner["score"])  # ties: the first listed
+    assert soup.method == winner["method"] and soup.score == winner["score"]
+    assert soup.params["methods"] == methods
+    # each method chose its own knobs: model stock has none, the others swept theirs
+    assert "scaling" not in rows[3]["params"] and rows[1]["params"]["sweep"] == {
+        "scaling": [0.5, 3.0],
+        "density": [0.3, 1.0],
+    }
+    knobs = {k: v for k, v in winner["params"].items() if k in ("weights", "scaling", "density", "seed", "t")}
+    expected = family_reference(
+        winner["method"], read_safetensors(base), [read_safetensors(p) for p in ingredients], **knobs
+    )
+    assert_state_close(read_safetensors(tmp_path / "soup"), expected, atol=2e-6)
+    for k, v in read_safetensors(tmp_path / "soup").items():  # the served model is the scored one
+        assert torch.equal(v, soup.model.state_dict()[k]), k
+    # the best single ingredient, on every eval set, beside every method
+    best = soup.report_extra["baselines"]["best_single"]
+    assert set(best["scores"]) == {"val", "shifted"}
+    report = soup.report()
+    assert "Methods compared" in report and f"best single ({best['name']})" in report
+    for r in rows:
+        assert r["method"] in report.split("Methods compared")[1]
+    card = (tmp_path / "soup" / "README.md").read_text()
+    assert "Methods compared" in card and all(m in card for m in methods)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(method=["ties", "dare-ties"], base_model="org/base", density=0.5, seed=0), "^method"),
+        (dict(method=["ties", "slerp"], base_model="org/base", density=0.5, t=0.5, alpha=0.5), "alpha"),
+        (dict(method=["ties", "task-arithmetic"], base_model="org/base", t=0.5), "^t"),
+        (dict(method=[], base_model="org/base"), "method"),
+        (dict(method=["ties", "tie"], base_model="org/base"), "method"),
+    ],
+)
+def test_a_method_list_is_refused_by_name_before_any_download(kwargs, match):
+    from datasets import Dataset
+
+    data = None if match == "^method" else Dataset.from_dict({"input_ids": [[1, 2]], "label": [0]})
+    with pytest.raises(InvalidArgumentError, match=match):
+        merge_models(["org/a", "org/b", "org/c"], eval_dataset=data, progress=False, **kwargs)
+
+
+def test_several_methods_through_the_cli_and_the_recipe_file(family_dirs, tmp_path):
+    """`--method ties dare-ties` with eval data from a file: the written recipe lists both methods with their knobs
+    and the eval data, and cooking it compares them again into the same tensors; a hand-written file does too."""
+    import json
+
+    import yaml
+
+    from hf_soups.api import cook_recipe
+    from tests.testing_common import assert_same_tensors
+
+    base, ingredients = family_dirs
+    data = _eval_set(base)
+    val = tmp_path / "val.jsonl"
+    val.write_text("".join(json.dumps(row) + "\n" for row in data.to_list()))
+    cmd = [
+        sys.executable,
+        "-m",
+        "hf_soups.cli",
+        "merge",
+        *map(str, ingredients),
+        "--method",
+        "ties",
+        "dare-ties",
+    ]
+    cmd += ["--base-model", str(base), "--density", "0.3", "0.9", "--seed", "7", "--scaling", "0.5", "1.5"]
+    cmd += ["--eval-file", f"val={val}", "--metric", "accuracy", "-o", str(tmp_path / "cli")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "method ties:" in done.stdout and "method dare-ties:" in done.stdout
+    written = yaml.safe_load((tmp_path / "cli" / "soup_recipe.yaml").read_text())
+    assert written["method"] == ["ties", "dare-ties"]
+    assert (written["density"], written["seed"], written["scaling"]) == ([0.3, 0.9], 7, [0.5, 1.5])
+    assert [m["method"] for m in written["result"]["methods"]] == ["ties", "dare-ties"]
+    served = next(m for m in written["result"]["methods"] if m["selected"])
+    again = cook_recipe(tmp_path / "cli" / "soup_recipe.yaml", output_dir=tmp_path / "again", progress=False)
+    assert again.method == served["method"] and [r["method"] for r in again.comparison] == [
+        "ties",
+        "dare-ties",
+    ]
+    assert_same_tensors(tmp_path / "cli", tmp_path / "again")
+    knobs = {k: again.params[k] for k in ("density", "scaling", "seed") if k in again.params}
+    expected = family_reference(
+        again.method, read_safetensors(base), [read_safetensors(p) for p in ingredients], **knobs
+    )
+    assert_state_close(read_safetensors(tmp_path / "cli"), expected, atol=2e-6)
+
+    recipe = write_yaml(
+        tmp_path / "recipe.yaml",
+        {
+            "method": ["ties", "dare-ties"],
+            "ingredients": [{"model": str(p)} for p in ingredients],
+            "base_model": str(base),
+            "density": [0.3, 0.9],
+            "seed": 7,
+            "scaling": [0.5, 1.5],
+            "eval": {"val": {"data": str(val)}},
+            "metric": "accuracy",
+        },
+    )
+    cook_recipe(recipe, output_dir=tmp_path / "from_file", progress=False)
+    assert_same_tensors(tmp_path / "cli", tmp_path / "from_file")
+
+
+@pytest.mark.parametrize("method", ["ties", "dare-ties", "model-stock", "slerp"])
+def test_bf16_ingredients_through_the_two_pass_path(tmp_path, method):
+    """bf16 ingredients and base: the soup is written in bf16 (the ingredients' dtype) and every value is the float64
+    reference rounded to bf16, within one bf16 ulp (the float32 accumulation may round the other way)."""
+    from tests.tiny_models import make_tiny_bert
+
+    def save(path, **kwargs):
+        make_tiny_bert(**kwargs).to(torch.bfloat16).save_pretrained(path)
+        return path
+
+    base = save(tmp_path / "base", noise=0.0)
+    ingredients = [save(tmp_path / f"ft-{i}", seed=i, noise=0.01) for i in range(3)]
+    models = _models(method, ingredients)
+    kwargs = CASES[method]
+    merge_models(
+        [str(p) for p in models],
+        method=method,
+        base_model=str(base),
+        output_dir=tmp_path / "soup",
+        progress=False,
+        **kwargs,
+    )
+    got = read_safetensors(tmp_path / "soup")
+    expected = _reference(method, base, ingredients, kwargs)
+    assert got.keys() == expected.keys()
+    edges = total = 0
+    for name, value in got.items():
+        assert value.dtype == torch.bfloat16, name
+        ref = expected[name].double()
+        rounded = ref.to(torch.bfloat16).double()
+        # one bf16 ulp at the reference's magnitude: 2 ** (exponent - 7); 2**-133 is bf16's smallest subnormal
+        exponent = torch.floor(torch.log2(rounded.abs().clamp_min(2.0**-126)))
+        ulp = torch.where(rounded == 0, torch.full_like(ref, 2.0**-133), 2.0 ** (exponent - 7))
+        close = (value.double() - rounded).abs() <= ulp
+        if method == "dare-ties" and value.is_floating_point():
+            # bf16 task vectors on a coarse grid can cancel exactly (-a + b - c == 0): the elected sign is then
+            # decided by how the 1/density rescale rounds, in float32 here and float64 in the reference
+            edge = _exact_cancellations(
+                name, read_safetensors(base)[name], [read_safetensors(p)[name] for p in models]
+            )
+            close |= edge
+            edges, total = edges + int(edge.sum()), total + edge.numel()
+        assert bool(close.all()), name
+    assert edges <= total // 100  # a few elements (here ~0.1%); 3 of them elect differently
+
+
+def _exact_cancellations(name, base, thetas):
+    """Elements where DARE's kept task vectors (CASES' seed and density) are not all zero but sum to exactly 0."""
+    from tests.testing_common import _dare_keep
+
+    kwargs = CASES["dare-ties"]
+    kept = [
+        torch.where(
+            _dare_keep(kwargs["seed"], i, name, kwargs["density"], base.numel()).view(base.shape),
+            theta.double() - base.double(),
+            0.0,
+        )
+        for i, theta in enumerate(thetas)
+    ]
+    return (sum(kept) == 0) & torch.stack([k != 0 for k in kept]).any(0)

@@ -342,7 +342,7 @@ def merge_args_to_recipe(args: argparse.Namespace) -> dict[str, Any]:
         value = getattr(args, key, None)
         if value is None:
             continue
-        if key in ("alpha", "text_columns") and isinstance(value, list) and len(value) == 1:
+        if key in ("alpha", "text_columns", "method") and isinstance(value, list) and len(value) == 1:
             value = value[0]
         elif key in ("output_dir", "cache_dir"):
             value = _absolute(value)
@@ -428,6 +428,9 @@ def _print_soup(soup: Any) -> None:
         what = soup.metric_key or "score"
         where = f" on {soup.select_on}" if soup.select_on else ""
         lines.append(f"Soup {what}{where}: {soup.score:.4f}")
+    for row in soup.comparison:  # several methods compared: each one's score, the served one marked
+        mark = " (served)" if row.get("selected") else ""
+        lines.append(f"  method {row['method']}: {row['score']:.4f}{mark}")
     if soup.output_dir is not None:
         lines.append(
             f"Written to {soup.output_dir} (re-cook: hf-soups cook {soup.output_dir}/soup_recipe.yaml)"

@@ -494,8 +494,10 @@ class SoupTrainerCallback(_SoupCooking, TrainerCallback):
         last_k (`int`, *optional*):
             With `collect="checkpoints"`: keep only the last `k` checkpoints of each run (older ingredients of the
             run are deleted as new ones arrive).
-        method (`str`, *optional*, defaults to `"uniform"`):
-            The soup recipe: `"uniform"`, `"greedy"`, `"wise-ft"`, ... (see [`merge_models`]).
+        method (`str` or `list[str]`, *optional*, defaults to `"uniform"`):
+            The soup recipe: `"uniform"`, `"greedy"`, `"wise-ft"`, `"ties"`, ... (see [`merge_models`]); a list
+            compares them on the eval data and keeps the best. Their knobs (`density=`, `scaling=`, `seed=`, `t=`,
+            `base_model=`) go in `**merge_options`.
         eval_dataset (`datasets.Dataset` or `dict[str, datasets.Dataset]`, *optional*):
             Held-out data for greedy soups, sweeps and the soup's score. Defaults to the trainer's `eval_dataset`.
         metric (`str`, `evaluate.EvaluationModule` or callable, *optional*):
@@ -544,7 +546,7 @@ class SoupTrainerCallback(_SoupCooking, TrainerCallback):
         *,
         collect: Literal["final", "checkpoints"] = "final",
         last_k: int | None = None,
-        method: str = "uniform",
+        method: str | list[str] = "uniform",
         eval_dataset: Any = None,
         metric: Any = None,
         greater_is_better: bool | None = None,
@@ -575,7 +577,8 @@ class SoupTrainerCallback(_SoupCooking, TrainerCallback):
             )
         from ..recipes import get_recipe
 
-        get_recipe(method)  # an unknown method fails now, not after the sweep
+        for name in method if isinstance(method, (list, tuple)) else [method]:
+            get_recipe(name)  # an unknown method fails now, not after the sweep
         _check_option_names(merge_options, "SoupTrainerCallback")
         from ..config import SoupConfig
 

@@ -600,6 +600,11 @@ def _build(soup: Soup, *, repo_id: str | None, directory: Path | None) -> ModelC
         knobs = ", ".join(soup.params["sweep"])
         selection = f"{knobs} chosen on the held-out {metric} among {len(soup.history)} settings"
     curve_title, curve_header, curve_rows = _curve(soup)
+    from .reporting import format_value, method_comparison
+
+    methods_header, methods_rows = method_comparison(soup)
+    methods_header = [_md(h) for h in methods_header]
+    methods_rows = [[_md(format_value(c, "")) for c in row] for row in methods_rows]
 
     has_tokenizer = False
     for folder in (directory, Path(soup.output_dir) if soup.output_dir else None):
@@ -629,6 +634,8 @@ def _build(soup: Soup, *, repo_id: str | None, directory: Path | None) -> ModelC
         curve_title=curve_title,
         curve_header=curve_header,
         curve_rows=curve_rows,
+        methods_header=methods_header,
+        methods_rows=methods_rows,
         usage_code=usage,
         has_eval=soup.score is not None or bool(soup.scores),
     )

@@ -370,7 +370,8 @@ class Recipe:
         raise AttributeError(name)
 
     @property
-    def method(self) -> str:
+    def method(self) -> str | list[str]:
+        """The method, or the list of methods compared."""
         return self.options.get("method", "uniform")
 
     def __repr__(self) -> str:
@@ -586,8 +587,12 @@ class Recipe:
         return dataset
 
     def needs_eval(self) -> bool:
-        """Whether cooking this recipe evaluates (greedy, or a WiSE-FT sweep over several alphas)."""
-        return self.method == "greedy" or (isinstance(self.alpha, list) and len(self.alpha) > 1)
+        """Whether cooking this recipe evaluates (greedy, several methods, or a WiSE-FT sweep over several alphas)."""
+        return (
+            self.method == "greedy"
+            or isinstance(self.method, list)
+            or (isinstance(self.alpha, list) and len(self.alpha) > 1)
+        )
 
 
 def _spec_to_dict(spec: Any) -> dict[str, Any]:
@@ -1031,9 +1036,19 @@ def recipe_from_soup(soup: Soup, *, portable: bool = False) -> dict[str, Any]:
     if sweep is None and isinstance(params.get("alpha"), (list, tuple)):
         sweep = params["alpha"]
     family_sweep = dict(params.get("sweep") or {})  # the task-vector family's knobs swept on eval data
-    selection_needs_eval = method == "greedy" or (sweep is not None and len(sweep) > 1) or bool(family_sweep)
+    compared = params.get("methods")  # several methods compared on eval data, this soup the winner's
+    selection_needs_eval = (
+        method == "greedy" or (sweep is not None and len(sweep) > 1) or bool(family_sweep) or bool(compared)
+    )
     can_replay = source is not None and bool(source.eval)
     frozen = selection_needs_eval and not can_replay
+    if compared and not frozen:  # the comparison re-runs: the methods and every knob as given
+        return _replayed_comparison(soup, out, source, portable)
+    if compared:
+        notes.append(
+            f"Methods {compared} compared on an in-memory dataset: this recipe records the one served, {method}, "
+            "at its chosen setting (same tensors, no evaluation)."
+        )
     if frozen and method == "greedy":
         kept = [ing for ing in ingredients if ing.selected]
         notes.append(
@@ -1117,6 +1132,53 @@ def recipe_from_soup(soup: Soup, *, portable: bool = False) -> dict[str, Any]:
     return out
 
 
+def _replayed_comparison(soup: Any, out: dict[str, Any], source: Recipe, portable: bool) -> dict[str, Any]:
+    """The recipe of a soup cooked from several methods, re-run from its recipe file: the file's ingredients,
+    methods, knobs (lists included) and eval data, so that cooking it compares the same methods again."""
+    notes: list[str] = []
+    src = source.to_dict()
+    out["method"] = list(soup.params["methods"])
+    weights = [spec.weight for spec in source.ingredients]
+    entries = []
+    for ing, weight in zip(soup.ingredients, weights):
+        entry = _reference_entry(ing)
+        if weight is not None:
+            entry["weight"] = weight
+        entries.append(entry)
+    out["ingredients"] = entries
+    if soup.base is not None:
+        out["base_model"] = _reference_entry(soup.base)
+    from ..config import EvalConfig
+
+    knobs = [
+        "alpha",
+        "scaling",
+        "density",
+        "t",
+        "seed",
+        "strict",
+        "ensemble_baseline",
+        "adapter_output",
+        "rank",
+    ]
+    for key in knobs + ["eval", "metric_config", "scores"] + [f.name for f in option_fields(EvalConfig)]:
+        if key in src:
+            out[key] = src[key]
+    output = dict(getattr(soup, "output_options", None) or {})
+    if output.get("dtype") is not None:
+        out["dtype"] = str(output["dtype"]).removeprefix("torch.")
+    if output.get("max_shard_size") is not None:
+        out["max_shard_size"] = output["max_shard_size"]
+    if portable:
+        out = _without_local_paths(out, notes)
+    if notes:
+        out["notes"] = notes
+    result = _result_section(soup)
+    if result:
+        out["result"] = result
+    return out
+
+
 def _without_local_paths(value: Any, notes: list[str], where: str = "") -> Any:
     """`value` with every absolute path of this machine replaced by its last component (one note each)."""
     if isinstance(value, dict):
@@ -1181,6 +1243,11 @@ def _result_section(soup: Any) -> dict[str, Any]:
         rows.append(row)
     if any("score" in r or r.get("selected") is False for r in rows):
         result["ingredients"] = rows
+    if getattr(soup, "comparison", None):  # several methods compared: each one's score, the served one marked
+        result["methods"] = [
+            {"method": r["method"], "score": _plain(r["score"]), "selected": bool(r.get("selected"))}
+            for r in soup.comparison
+        ]
     return result
 
 

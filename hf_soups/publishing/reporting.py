@@ -180,6 +180,12 @@ def render_report(soup: Soup) -> str:
             )
         lines += _table(["model", *cols], comp)
 
+    # several methods compared
+    header, rows = method_comparison(soup)
+    if rows:
+        lines += ["", f"Methods compared (each with its knobs chosen on {soup.select_on!r}; best served):"]
+        lines += _table(header, rows)
+
     # recipe steps
     if soup.method == "greedy" and history:
         lines += [
@@ -235,6 +241,40 @@ def render_report(soup: Soup) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+SETTING_KEYS = ("alpha", "weights", "scaling", "density", "t", "seed")
+"""The parameters shown as a compared method's chosen setting."""
+
+
+def method_comparison(soup: Soup) -> tuple[list[str], list[list[Any]]]:
+    """The table of a soup cooked from several methods (`soup.comparison`): the best single ingredient, then each
+    method with its chosen setting and its score on every eval set, the served one marked.
+
+    Args:
+        soup ([`Soup`]): a soup cooked with `method=[...]`.
+
+    Returns:
+        `tuple[list[str], list[list]]`: the header and the rows (raw values); no rows for a single method.
+    """
+    if not soup.comparison:
+        return [], []
+    key = _key(soup)
+    sets = _sets(soup)
+    sets += [s for row in soup.comparison for s in (row.get("scores") or {}) if s not in sets]
+    header = ["model", "setting", *(f"{s}/{key}" for s in sets), ""]
+    rows: list[list[Any]] = []
+    best = ((soup.report_extra or {}).get("baselines") or {}).get("best_single")
+    if best is not None:
+        rows.append([f"best single ({best['name']})", "", *_row_scores(best.get("scores"), sets, key), ""])
+    for row in soup.comparison:
+        params = row.get("params") or {}
+        setting = ", ".join(f"{k}={_knob(params[k])}" for k in SETTING_KEYS if params.get(k) is not None)
+        if row["method"] == "greedy":
+            setting = f"{row.get('kept')} of {len(soup.ingredients)} kept"
+        scores = _row_scores(row.get("scores"), sets, key)
+        rows.append([row["method"], setting, *scores, "<- chosen" if row.get("selected") else ""])
+    return header, rows
+
+
 def plot(soup: Soup, path: str | os.PathLike) -> Path:
     """Draw the soup's curve into an image file (format from the suffix: .png, .pdf, .svg ...).
 
@@ -268,7 +308,16 @@ def plot(soup: Soup, path: str | os.PathLike) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig = Figure(figsize=(6.4, 4.2), layout="constrained")
     ax = fig.add_subplot()
-    if history and "alpha" in history[0]:
+    header, rows = method_comparison(soup)
+    if rows:  # several methods: one group of bars per model, one bar per eval set
+        width = 0.8 / max(len(sets), 1)
+        for j, s in enumerate(sets):
+            ys = [math.nan if v is None else v for v in (row[2 + j] for row in rows)]
+            ax.bar([i + j * width for i in range(len(rows))], ys, width=width, label=s)
+        labels = [f"{row[0]}{' (chosen)' if row[-1] else ''}" for row in rows]
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(rows))], labels, rotation=30, ha="right")
+        ax.set_title("Methods compared (knobs chosen on the held-out data)")
+    elif history and "alpha" in history[0]:
         alphas = [h["alpha"] for h in history]
         for s in sets:
             ys = [(h.get("scores") or {}).get(s, {}).get(key, math.nan) for h in history]
