@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 from .errors import InvalidArgumentError
 
@@ -111,3 +112,24 @@ def free_disk(path) -> int | None:
         return shutil.disk_usage(path).free
     except OSError:
         return None
+
+
+@contextmanager
+def single_threaded() -> Iterator[None]:
+    """Run torch's ops on one thread within the block (the previous setting is restored).
+
+    For short ops on data already in the CPU cache (slices, small tensors, small matrix products): splitting
+    each across threads costs more in synchronisation than it saves, and on a busy machine it is many times
+    slower (threads spin waiting for each other).
+    """
+    import torch
+
+    previous = torch.get_num_threads()
+    if previous == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

@@ -20,7 +20,6 @@ import logging
 import math
 import re
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,6 +30,7 @@ from ..errors import (
     InvalidArgumentError,
     UnsupportedAdapterError,
 )
+from ..utils import single_threaded
 from .lora import ADAPTER_SAFETENSORS_NAME, PEFT_PREFIX, LoraAdapter, LoraModule
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -177,22 +177,10 @@ def truncate_pair(a: torch.Tensor, b: torch.Tensor, rank: int) -> tuple[torch.Te
     r_in, n_in = a.shape
     n_out = b.shape[0]
     if r_in <= min(n_out, n_in):
-        with _one_thread():  # small eigendecompositions: thread start-up costs 100x the work on busy CPUs
+        with single_threaded():  # small eigendecompositions: thread start-up costs 100x the work on busy CPUs
             return _truncate_gram(a, b, rank)
     u, s_all, vh = torch.linalg.svd(b.float() @ a.float(), full_matrices=False)
     return _cut(u * s_all, vh, s_all, rank, a.dtype, b.dtype)
-
-
-@contextmanager
-def _one_thread():
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
 
 
 def _truncate_gram(a: torch.Tensor, b: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:

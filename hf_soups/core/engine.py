@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..errors import IncompatibleIngredientsError, NonFiniteTensorError, SoupError
-from ..utils import numel
+from ..utils import numel, single_threaded
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -226,12 +225,12 @@ def combine(
                 sink.write(tp, _copy_checked(tp, sources, active, plan.names))
                 continue
             if tp.name in streamed:
-                with _single_threaded():
+                with single_threaded():
                     _combine_slices(
                         tp, sources, active, sink, chunk_acc, chunk_read_buf, plan.names, stats=stats
                     )
             elif numel(tp.shape) <= CHUNK_ELEMENTS:
-                with _single_threaded():
+                with single_threaded():
                     _combine_whole(tp, sources, active, sink, acc_buf, read_buf, plan.names, stats)
             else:
                 _combine_whole(tp, sources, active, sink, acc_buf, read_buf, plan.names, stats)
@@ -317,7 +316,7 @@ def combine_mix(
                     tp.source_keys[i], start, count, slice_bufs[k] if buf is None else buf
                 )
 
-            with _single_threaded():
+            with single_threaded():
                 stats = _mix_stats(tp, mix, read, n, tau_buf[:n] if needs_tau else None)
                 write_slices = can_stream and sliced and n > CHUNK_ELEMENTS
                 if not write_slices:
@@ -401,7 +400,7 @@ def _combine_whole(tp: TensorPlan, sources, active, sink, acc_buf, read_buf, nam
 
     n = numel(tp.shape)
     acc = acc_buf[:n].view(tp.shape)
-    stride = -(-n // (CHUNK_ELEMENTS // STATS_EVERY))  # distance statistics: an evenly strided sample
+    stride = -(-n // (max(1, CHUNK_ELEMENTS // STATS_EVERY)))  # distance statistics: an evenly strided sample
     first = True
     for k, (i, c) in enumerate(active):
         t = read_aligned(tp, i, sources[i], read_buf)
@@ -425,27 +424,6 @@ def _combine_whole(tp: TensorPlan, sources, active, sink, acc_buf, read_buf, nam
         m = -(-n // stride)
         stats[0].add(tp.name, stats[1][:, :m], n)
     sink.write(tp, out)
-
-
-@contextmanager
-def _single_threaded():
-    """Run torch's element-wise ops on one thread (for slices and tensors of at most `CHUNK_ELEMENTS`).
-
-    Such ops are short and their data is in the cache: splitting each one across threads costs more in
-    synchronisation than it saves, and on a busy machine it is many times slower (threads spin waiting
-    for each other). Larger whole tensors keep torch's setting. The previous setting is restored.
-    """
-    import torch
-
-    previous = torch.get_num_threads()
-    if previous == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _combine_slices(

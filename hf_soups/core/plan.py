@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from ..utils import numel
 from .compat import (  # noqa: F401 - re-exported: the names other modules know align by
     HEAD_NAME_PARTS,
     INPUT_EMBEDDING_SUFFIXES,
@@ -50,10 +51,7 @@ class TensorPlan:
 
     @property
     def nbytes(self) -> int:
-        n = self.dtype.itemsize
-        for d in self.shape:
-            n *= d
-        return n
+        return numel(self.shape) * self.dtype.itemsize
 
 
 @dataclass

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import CorruptCheckpointError, IngredientNotFoundError, SoupError
-from ..utils import parse_size
+from ..utils import numel, parse_size
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -111,10 +111,7 @@ class TensorInfo:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return numel(self.shape)
 
 
 class TensorSource:
@@ -222,10 +219,7 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, dict], int]:
                 path=str(path),
                 tensor_name=name,
             ) from None
-        numel = 1
-        for d in shape:
-            numel *= d
-        if end - begin != numel * itemsize or begin < 0:
+        if end - begin != numel(shape) * itemsize or begin < 0:
             raise CorruptCheckpointError(
                 f"{path}: tensor {name!r} declares shape {shape} ({dtype_str}) but spans {end - begin} bytes.",
                 path=str(path),
@@ -867,10 +861,7 @@ class ShardedSafetensorsWriter:
         shards: list[list[tuple[str, tuple[int, ...], torch.dtype, int]]] = [[]]
         shard_bytes = 0
         for name, shape, dtype in tensors:
-            numel = 1
-            for d in shape:
-                numel *= d
-            nbytes = numel * dtype.itemsize
+            nbytes = numel(shape) * dtype.itemsize
             if shards[-1] and shard_bytes + nbytes > limit:
                 shards.append([])
                 shard_bytes = 0
