@@ -12,7 +12,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
 
     from .ingredients import ModelReference
-    from .publishing.recipe_file import Recipe
+    from .publishing.recipe_file import RecipeFile
     from .soup import Soup
 
 logger = logging.getLogger(__name__)
@@ -235,14 +235,14 @@ def merge_models(
 
 
 def cook_recipe(
-    recipe: Recipe | str | os.PathLike, *, trust_remote_code: bool = False, **overrides: Any
+    recipe: RecipeFile | str | os.PathLike, *, trust_remote_code: bool = False, **overrides: Any
 ) -> Soup:
     """Cooks a recipe: `merge_models(**recipe.to_merge_kwargs(), **overrides)`.
 
     The soup written to disk carries this recipe (with resolved revisions) as `soup_recipe.yaml`.
 
     Args:
-        recipe ([`Recipe`], `str` or `os.PathLike`):
+        recipe ([`RecipeFile`], `str` or `os.PathLike`):
             A recipe, or the path of a recipe file.
         trust_remote_code (`bool`, *optional*, defaults to `False`):
             Allow the recipe file to name code (see [`~publishing.recipe_file.load_recipe`]).
@@ -259,9 +259,9 @@ def cook_recipe(
     >>> soup = cook_recipe("recipe.yaml", output_dir="my-soup")  # doctest: +SKIP
     ```
     """
-    from .publishing.recipe_file import Recipe, active_recipe, load_recipe
+    from .publishing.recipe_file import RecipeFile, active_recipe, load_recipe
 
-    if not isinstance(recipe, Recipe):
+    if not isinstance(recipe, RecipeFile):
         recipe = load_recipe(recipe, trust_remote_code=trust_remote_code)
     elif trust_remote_code and not recipe.trust_remote_code:
         recipe = recipe.with_options()

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from hf_soups import IncompatibleIngredientsError, merge_models
 from hf_soups.cli.inspect import inspect_models, plan_merge
 from hf_soups.errors import SoupError
-from hf_soups.publishing.recipe_file import Recipe
+from hf_soups.publishing.recipe_file import RecipeFile
 from tests.testing_common import read_safetensors as _state
 from tests.tiny_models import make_tiny_bert, make_tiny_bert_dir
 
@@ -129,7 +129,7 @@ def test_merge_models_and_inspect_agree(case, tmp_path, tiny_bert_dirs):
         error = e
     assert (error is not None) == refused == (not report.compatible), (error, report.problems)
     # --dry-run runs the same checker on what is on disk (streaming-time checks, NaN and buffers, excepted)
-    recipe = Recipe.from_dict(
+    recipe = RecipeFile.from_dict(
         {"ingredients": [str(m) for m in models], "output_dir": str(tmp_path / "soup")},
         base_dir=str(tmp_path),
         source="test",

@@ -15,7 +15,7 @@ import yaml
 from hf_soups import merge_models
 from hf_soups.config import EvalConfig, SoupConfig, all_option_fields, option_names
 from hf_soups.errors import InvalidArgumentError
-from hf_soups.publishing.recipe_file import RECIPE_FILENAME, Recipe, RecipeError, load_recipe
+from hf_soups.publishing.recipe_file import RECIPE_FILENAME, RecipeError, RecipeFile, load_recipe
 from tests.tiny_models import make_tiny_bert_dir
 
 # issue 12, defect 12: each of these was a raw error, a silent wrong result, or accepted by one entry point and
@@ -254,14 +254,14 @@ def test_paths_in_a_recipe_stay_in_its_folder(tmp_path):
     ]:
         data = {"ingredients": ["inside"], key: value}
         with pytest.raises(RecipeError, match=r"points outside the recipe's folder.*write an absolute path"):
-            Recipe.from_dict(data, base_dir=folder)
+            RecipeFile.from_dict(data, base_dir=folder)
     # a path written absolute is honoured: the author meant that place
-    recipe = Recipe.from_dict({"ingredients": ["inside", str(outside)]}, base_dir=folder)
+    recipe = RecipeFile.from_dict({"ingredients": ["inside", str(outside)]}, base_dir=folder)
     assert recipe.ingredients[1].model == str(outside)
     # a symlink inside the folder that leads out escapes too
     (folder / "link").symlink_to(outside)
     with pytest.raises(RecipeError, match="points outside"):
-        Recipe.from_dict({"ingredients": ["./link"]}, base_dir=folder)
+        RecipeFile.from_dict({"ingredients": ["./link"]}, base_dir=folder)
 
 
 def test_a_local_metric_script_in_a_recipe_needs_trust_remote_code(tmp_path):
@@ -272,15 +272,15 @@ def test_a_local_metric_script_in_a_recipe_needs_trust_remote_code(tmp_path):
     with pytest.raises(
         RecipeError, match=r"metric: '.*my_metric' is a local metric script.*trust_remote_code"
     ):
-        Recipe.from_dict(data, base_dir=tmp_path)
-    trusted = Recipe.from_dict(data, base_dir=tmp_path, trust_remote_code=True)
+        RecipeFile.from_dict(data, base_dir=tmp_path)
+    trusted = RecipeFile.from_dict(data, base_dir=tmp_path, trust_remote_code=True)
     assert trusted.metric == str(metric)
     assert trusted.to_merge_kwargs(load_data=False)["trust_remote_code"] is True
     # bundled metric names need no opt-in
-    assert Recipe.from_dict({"ingredients": ["org/a"], "metric": "f1"}, base_dir=tmp_path).metric == "f1"
+    assert RecipeFile.from_dict({"ingredients": ["org/a"], "metric": "f1"}, base_dir=tmp_path).metric == "f1"
     # the flag is never read from the file itself
     with pytest.raises(RecipeError, match="trust_remote_code: unknown key"):
-        Recipe.from_dict({**data, "trust_remote_code": True}, base_dir=tmp_path)
+        RecipeFile.from_dict({**data, "trust_remote_code": True}, base_dir=tmp_path)
 
 
 def test_pushed_recipe_names_hub_ingredients_by_id_and_commit_and_local_ones_by_name(tmp_path, hub_server):

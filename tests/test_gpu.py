@@ -29,7 +29,11 @@ def case(tmp_path):
 def test_greedy_soup_on_cuda_decides_and_writes_as_on_cpu(case, tmp_path):
     base, ingredients = case
     cpu = merge_models(
-        ingredients, method="greedy", output_dir=tmp_path / "cpu", progress=False, **_classification_eval(base)
+        ingredients,
+        method="greedy",
+        output_dir=tmp_path / "cpu",
+        progress=False,
+        **_classification_eval(base),
     )
     gpu = merge_models(
         ingredients,
@@ -56,7 +60,9 @@ def test_greedy_soup_on_cuda_decides_and_writes_as_on_cpu(case, tmp_path):
 
 def test_in_memory_soup_evaluated_on_cuda_is_the_cpu_soup(case):
     base, ingredients = case
-    soup = merge_models(ingredients, method="greedy", device="cuda", progress=False, **_classification_eval(base))
+    soup = merge_models(
+        ingredients, method="greedy", device="cuda", progress=False, **_classification_eval(base)
+    )
     state = {k: v.detach().cpu() for k, v in soup.model.state_dict().items()}
     kept = [p for p, i in zip(ingredients, soup.ingredients) if i.selected]
     expected = float64_mean([read_safetensors(p) for p in kept])

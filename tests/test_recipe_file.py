@@ -13,8 +13,8 @@ from hf_soups.errors import InvalidArgumentError
 from hf_soups.publishing.recipe_file import (
     FORMAT_VERSION,
     RECIPE_FILENAME,
-    Recipe,
     RecipeError,
+    RecipeFile,
     load_eval_data,
     load_recipe,
     recipe_from_soup,
@@ -27,7 +27,7 @@ from tests.testing_common import assert_same_tensors, read_safetensors, write_ev
 
 def problems_of(data, tmp_path: Path) -> list[str]:
     with pytest.raises(RecipeError) as info:
-        Recipe.from_dict(data, base_dir=tmp_path)
+        RecipeFile.from_dict(data, base_dir=tmp_path)
     return info.value.problems
 
 
@@ -36,7 +36,7 @@ def problems_of(data, tmp_path: Path) -> list[str]:
 
 def test_minimal_recipe_and_short_forms(tmp_path):
     (tmp_path / "runs" / "a").mkdir(parents=True)
-    recipe = Recipe.from_dict(
+    recipe = RecipeFile.from_dict(
         {"ingredients": ["runs/a", "org/b@v2", {"model": "org/c", "revision": "main", "weight": 2}]},
         base_dir=tmp_path,
     )
@@ -173,11 +173,11 @@ def test_numbers_written_as_yaml_strings_are_accepted(tmp_path):
 def test_newer_format_version_drops_unknown_keys_with_a_warning(tmp_path, caplog):
     data = {"format_version": FORMAT_VERSION + 1, "ingredients": ["org/a"], "future_option": 3}
     with caplog.at_level(logging.WARNING, logger="hf_soups"):
-        recipe = Recipe.from_dict(data, base_dir=tmp_path)
+        recipe = RecipeFile.from_dict(data, base_dir=tmp_path)
     assert recipe.ingredients[0].model == "org/a"
     assert "future_option" in caplog.text and "newer" in caplog.text
     with pytest.raises(RecipeError, match="future_option: unknown key"):
-        Recipe.from_dict({**data, "format_version": FORMAT_VERSION}, base_dir=tmp_path)
+        RecipeFile.from_dict({**data, "format_version": FORMAT_VERSION}, base_dir=tmp_path)
 
 
 def test_every_key_is_a_configuration_field_with_help():
@@ -209,7 +209,7 @@ def test_every_key_is_a_configuration_field_with_help():
 def test_eval_sets_select_on_and_columns(tmp_path):
     write_eval_csv(tmp_path / "val.csv")
     write_eval_csv(tmp_path / "shift.csv", seed=1, text="review", label="y")
-    recipe = Recipe.from_dict(
+    recipe = RecipeFile.from_dict(
         {
             "method": "greedy",
             "ingredients": ["org/a", "org/b"],
@@ -236,12 +236,12 @@ def test_eval_sets_select_on_and_columns(tmp_path):
     assert sets["shifted"][0]["sentence"].startswith("w")
 
     with pytest.raises(RecipeError, match="select_on: 'test' is not an eval set"):
-        Recipe.from_dict({**recipe.to_dict(), "select_on": "test"}, base_dir=tmp_path)
+        RecipeFile.from_dict({**recipe.to_dict(), "select_on": "test"}, base_dir=tmp_path)
 
 
 def test_single_eval_set_is_passed_as_a_dataset(tmp_path):
     write_eval_csv(tmp_path / "val.csv")
-    recipe = Recipe.from_dict(
+    recipe = RecipeFile.from_dict(
         {"ingredients": ["org/a"], "eval": "val.csv", "text_columns": "sentence"}, base_dir=tmp_path
     )
     from datasets import Dataset
@@ -254,7 +254,7 @@ def test_single_eval_set_is_passed_as_a_dataset(tmp_path):
 
 def test_missing_eval_column_names_the_set_and_the_columns(tmp_path):
     write_eval_csv(tmp_path / "val.csv")
-    recipe = Recipe.from_dict(
+    recipe = RecipeFile.from_dict(
         {"ingredients": ["org/a"], "eval": {"dev": {"data": "val.csv", "text_columns": "text"}}},
         base_dir=tmp_path,
     )
@@ -301,7 +301,7 @@ def test_to_dict_round_trips_through_yaml(tmp_path):
         "dtype": "bf16",
         "max_shard_size": "2GB",
     }
-    recipe = Recipe.from_dict(data, base_dir=tmp_path)
+    recipe = RecipeFile.from_dict(data, base_dir=tmp_path)
     path = write_yaml(tmp_path / "again.yaml", recipe.to_dict())
     again = load_recipe(path)
     assert again.to_dict() == recipe.to_dict()
@@ -321,7 +321,7 @@ def test_compute_metrics_is_imported_only_with_trust_remote_code(tmp_path):
         load_recipe(path)
     recipe = load_recipe(path, trust_remote_code=True)
     assert recipe.to_merge_kwargs()["compute_metrics"] is json.dumps
-    bad = Recipe.from_dict(
+    bad = RecipeFile.from_dict(
         {"ingredients": ["org/a"], "compute_metrics": "json:nope"}, base_dir=tmp_path, trust_remote_code=True
     )
     with pytest.raises(InvalidArgumentError, match="compute_metrics='json:nope' cannot be imported"):

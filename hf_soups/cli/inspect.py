@@ -38,7 +38,7 @@ from ..utils import free_disk, human_bytes
 from ..utils import numel as count_elements
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..publishing.recipe_file import Recipe
+    from ..publishing.recipe_file import RecipeFile
 
 logger = logging.getLogger(__name__)
 
@@ -824,7 +824,7 @@ def _plan_hub(role: str, repo_id: str, revision: str | None, token: Any, cache_d
     return plan
 
 
-def plan_merge(recipe: Recipe, *, token: str | bool | None = None) -> MergePlanSummary:
+def plan_merge(recipe: RecipeFile, *, token: str | bool | None = None) -> MergePlanSummary:
     """What cooking `recipe` would download, write and use, without reading weights or writing anything.
 
     Sizes come from file sizes and safetensors headers (for Hub models: the Hub's file listing and the
@@ -833,7 +833,7 @@ def plan_merge(recipe: Recipe, *, token: str | bool | None = None) -> MergePlanS
     accumulator), plus one live model and a float32 running sum when the recipe evaluates, plus the runtime.
 
     Args:
-        recipe ([`Recipe`]):
+        recipe ([`RecipeFile`]):
             A validated recipe (see [`load_recipe`]).
         token (`str` or `bool`, *optional*):
             Hub token.

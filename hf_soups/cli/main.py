@@ -460,10 +460,10 @@ def _cmd_cook(args: argparse.Namespace) -> int:
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
-    from ..publishing.recipe_file import Recipe
+    from ..publishing.recipe_file import RecipeFile
 
     data = merge_args_to_recipe(args)
-    recipe = Recipe.from_dict(
+    recipe = RecipeFile.from_dict(
         data, base_dir=os.getcwd(), source="command line", trust_remote_code=bool(args.trust_remote_code)
     )
     if args.print_recipe:

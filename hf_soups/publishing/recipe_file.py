@@ -36,7 +36,7 @@ it runs code unless the caller opts in with `trust_remote_code=True` (`--trust-r
 `compute_metrics: pkg.mod:fn` import or a local metric script folder is refused otherwise, naming the key.
 
 Importing this module is cheap: `datasets`, `torch` and `transformers` are imported only by
-[`Recipe.to_merge_kwargs`] and [`cook`].
+[`RecipeFile.to_merge_kwargs`] and [`~hf_soups.api.cook_recipe`].
 """
 
 from __future__ import annotations
@@ -320,11 +320,11 @@ def recipe_keys() -> dict[str, str]:
     return out
 
 
-class Recipe:
+class RecipeFile:
     """A checked recipe file: its ingredients, eval sets and options (the configuration's fields, by name).
 
-    Build one with [`load_recipe`] (or [`Recipe.from_dict`]), turn it into `merge_models` arguments with
-    [`Recipe.to_merge_kwargs`], or cook it with [`cook`]. Options left out keep `merge_models`' defaults and read
+    Build one with [`load_recipe`] (or [`RecipeFile.from_dict`]), turn it into `merge_models` arguments with
+    [`RecipeFile.to_merge_kwargs`], or cook it with [`~hf_soups.api.cook_recipe`]. Options left out keep `merge_models`' defaults and read
     as `None` (`recipe.alpha`, `recipe.output_dir`, ...).
 
     Args:
@@ -375,11 +375,11 @@ class Recipe:
         return self.options.get("method", "uniform")
 
     def __repr__(self) -> str:
-        return f"Recipe({self.to_dict()!r})"
+        return f"RecipeFile({self.to_dict()!r})"
 
-    def with_options(self, **options: Any) -> Recipe:
+    def with_options(self, **options: Any) -> RecipeFile:
         """A copy with these options replaced (`None` removes one)."""
-        copy = Recipe.__new__(Recipe)
+        copy = RecipeFile.__new__(RecipeFile)
         copy.__dict__.update(self.__dict__)
         copy.options = {k: v for k, v in {**self.options, **options}.items() if v is not None}
         return copy
@@ -393,8 +393,8 @@ class Recipe:
         base_dir: str | os.PathLike | None = None,
         source: str | None = None,
         trust_remote_code: bool = False,
-    ) -> Recipe:
-        """Checks a recipe mapping (as read from YAML) and returns a [`Recipe`].
+    ) -> RecipeFile:
+        """Checks a recipe mapping (as read from YAML) and returns a [`RecipeFile`].
 
         Args:
             data (`dict`):
@@ -407,7 +407,7 @@ class Recipe:
                 Allow the recipe to name code (`compute_metrics` imports, local metric scripts).
 
         Returns:
-            [`Recipe`]: the checked recipe, local paths made absolute.
+            [`RecipeFile`]: the checked recipe, local paths made absolute.
 
         Raises:
             [`RecipeError`]: listing every problem with its key path.
@@ -415,8 +415,8 @@ class Recipe:
         Example:
 
         ```python
-        >>> from hf_soups.publishing.recipe_file import Recipe
-        >>> Recipe.from_dict({"method": "uniform", "ingredients": ["org/a", "org/b"]}).method
+        >>> from hf_soups.publishing.recipe_file import RecipeFile
+        >>> RecipeFile.from_dict({"method": "uniform", "ingredients": ["org/a", "org/b"]}).method
         'uniform'
         ```
         """
@@ -668,11 +668,11 @@ def _parse_eval_set(value: Any, where: str, problems: list[str], ctx: _FileConte
     return spec
 
 
-def _parse_recipe(data: Any, problems: list[str], ctx: _FileContext) -> Recipe | None:
+def _parse_recipe(data: Any, problems: list[str], ctx: _FileContext) -> RecipeFile | None:
     if not isinstance(data, dict):
         problems.append(f"<top level>: expected a mapping of recipe keys, got {describe(data)}")
         return None
-    recipe = Recipe()
+    recipe = RecipeFile()
     version = data.get("format_version", FORMAT_VERSION)
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
         problems.append(f"format_version: expected a positive integer, got {describe(version)}")
@@ -823,7 +823,7 @@ def _yaml_loader() -> type:
     return RecipeLoader
 
 
-def load_recipe(path: str | os.PathLike, *, trust_remote_code: bool = False) -> Recipe:
+def load_recipe(path: str | os.PathLike, *, trust_remote_code: bool = False) -> RecipeFile:
     """Reads and checks a YAML recipe file.
 
     Args:
@@ -833,7 +833,7 @@ def load_recipe(path: str | os.PathLike, *, trust_remote_code: bool = False) -> 
             Allow the recipe to name code: `compute_metrics: package.module:function`, a local metric script.
 
     Returns:
-        [`Recipe`]: the checked recipe (relative paths resolved against the file's folder).
+        [`RecipeFile`]: the checked recipe (relative paths resolved against the file's folder).
 
     Raises:
         [`RecipeError`]: the file is missing, too large, not UTF-8 text, not valid YAML, or has unknown keys, wrong
@@ -879,7 +879,7 @@ def load_recipe(path: str | os.PathLike, *, trust_remote_code: bool = False) -> 
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise RecipeError(f"{path}: not valid YAML{where}: {problem}", path=str(path)) from exc
-    recipe = Recipe.from_dict(
+    recipe = RecipeFile.from_dict(
         data, base_dir=path.resolve().parent, source=str(path), trust_remote_code=trust_remote_code
     )
     recipe.source_path = path.resolve()
@@ -960,13 +960,13 @@ def load_eval_data(
 # cooking and the round trip with Soup
 # --------------------------------------------------------------------------------------------------------
 
-_ACTIVE_RECIPE: contextvars.ContextVar[Recipe | None] = contextvars.ContextVar(
+_ACTIVE_RECIPE: contextvars.ContextVar[RecipeFile | None] = contextvars.ContextVar(
     "hf_soups_active_recipe", default=None
 )
 
 
 @contextlib.contextmanager
-def active_recipe(recipe: Recipe) -> Iterator[Recipe]:
+def active_recipe(recipe: RecipeFile) -> Iterator[RecipeFile]:
     """While active, soups written to disk record this recipe's eval data, metric and tokenizer."""
     token = _ACTIVE_RECIPE.set(recipe)
     try:
@@ -1002,7 +1002,7 @@ def recipe_from_soup(soup: Soup, *, portable: bool = False) -> dict[str, Any]:
     """The recipe that re-cooks `soup`, as a mapping (what `soup_recipe.yaml` holds).
 
     Ingredients are recorded with their resolved revisions (commit hashes) and local folders by absolute
-    path. When the soup was cooked from a recipe file ([`cook`], `hf-soups cook` / `merge`), its eval data,
+    path. When the soup was cooked from a recipe file ([`~hf_soups.api.cook_recipe`], `hf-soups cook` / `merge`), its eval data,
     metric and tokenizer are recorded by path too, and the recipe re-runs the selection. Otherwise the eval
     data (an in-memory `Dataset`) cannot be recorded: the recipe then freezes the outcome (greedy: a uniform
     soup of the kept ingredients; WiSE-FT sweep: the chosen alpha), which cooks the same tensors without
@@ -1017,7 +1017,7 @@ def recipe_from_soup(soup: Soup, *, portable: bool = False) -> dict[str, Any]:
             name, relative to the recipe, with a note saying it was local.
 
     Returns:
-        `dict`: the recipe mapping (see [`Recipe`] for the keys).
+        `dict`: the recipe mapping (see [`RecipeFile`] for the keys).
     """
     from .. import __version__
 
@@ -1132,7 +1132,9 @@ def recipe_from_soup(soup: Soup, *, portable: bool = False) -> dict[str, Any]:
     return out
 
 
-def _replayed_comparison(soup: Any, out: dict[str, Any], source: Recipe, portable: bool) -> dict[str, Any]:
+def _replayed_comparison(
+    soup: Any, out: dict[str, Any], source: RecipeFile, portable: bool
+) -> dict[str, Any]:
     """The recipe of a soup cooked from several methods, re-run from its recipe file: the file's ingredients,
     methods, knobs (lists included) and eval data, so that cooking it compares the same methods again."""
     notes: list[str] = []
@@ -1197,7 +1199,7 @@ def _without_local_paths(value: Any, notes: list[str], where: str = "") -> Any:
     return value
 
 
-def _recorded_weights(soup: Any, params: dict, source: Recipe | None) -> list[float] | None:
+def _recorded_weights(soup: Any, params: dict, source: RecipeFile | None) -> list[float] | None:
     """The per-ingredient weights to record (None for an unweighted soup).
 
     The weights of the recipe that cooked the soup are recorded as written (the same input re-cooks the
@@ -1309,7 +1311,7 @@ __all__ = [
     "RECIPE_FILENAME",
     "EvalSetSpec",
     "IngredientSpec",
-    "Recipe",
+    "RecipeFile",
     "RecipeError",
     "recipe_keys",
     "active_recipe",
