@@ -179,6 +179,9 @@ class Kitchen:
         if self.evaluator is not None:  # what score means, before the card is written
             soup.metric_key = soup.metric_key or getattr(self.evaluator, "metric_key", None)
             soup.select_on = soup.select_on or getattr(self.evaluator, "select_on", None)
+            direction = getattr(self.evaluator, "greater_is_better", None)
+            if direction is not None:
+                soup.params.setdefault("greater_is_better", direction)
         if self.evaluator is not None and score is None:
             finish = getattr(self.evaluator, "score_soup", None)
             if finish is not None:
@@ -368,9 +371,6 @@ def cook_comparison(kitchen: Kitchen, options: dict[str, dict[str, Any]]) -> Sou
         report_extra={**(winner.report_extra or {}), "baselines": baselines},
         comparison=rows,
     )
-    soup.metric_key = evaluator.metric_key
-    soup.select_on = evaluator.select_on
-    soup.params.setdefault("greater_is_better", evaluator.greater_is_better)
     return soup
 
 

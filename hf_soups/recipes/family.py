@@ -214,7 +214,4 @@ def cook_family(
         scores=best["scores"],
         model=live,
     )
-    soup.metric_key = evaluator.metric_key
-    soup.select_on = evaluator.select_on
-    soup.params.setdefault("greater_is_better", evaluator.greater_is_better)
     return soup

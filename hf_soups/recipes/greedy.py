@@ -361,7 +361,4 @@ def cook_greedy(kitchen: Kitchen) -> Soup:
         model=live,
         report_extra={"baselines": baselines, "cost": cost},
     )
-    result.metric_key = evaluator.metric_key
-    result.select_on = evaluator.select_on
-    result.params.setdefault("greater_is_better", evaluator.greater_is_better)
     return result
