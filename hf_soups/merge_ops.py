@@ -53,10 +53,13 @@ _TREE_FAN_IN = 1024
 # temporaries to a few MB whatever the tensor size.
 _BLOCK = 1 << 17
 
-# splitmix64 constants (Steele, Lea & Flood 2014), as signed int64 (torch has no uint64 arithmetic).
+# splitmix64 constants (Steele, Lea & Flood 2014): the per-segment keys of DARE's random stream.
 _GOLDEN_GAMMA = 0x9E3779B97F4A7C15
 _MIX1 = 0xBF58476D1CE4E5B9
 _MIX2 = 0x94D049BB133111EB
+# lowbias32 multipliers (C. Wellons, "Hash function prospector", 2018) as signed int32: DARE's per-element hash.
+_LB_MUL1 = 0x7FEB352D
+_LB_MUL2 = 0x846CA68B - (1 << 32)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -341,18 +344,14 @@ def magnitude_mask(
     Returns:
         `torch.Tensor`: a bool tensor of `task_vector`'s shape.
     """
-    import torch
-
     mags = _f32(task_vector).abs()
     keep = mags > threshold.value
     n = mags.numel()
     if threshold.last_tie_index < offset:
         return keep
-    ties = mags == threshold.value
-    if threshold.last_tie_index < offset + n - 1:
-        index = torch.arange(offset, offset + n, dtype=torch.int64).view(mags.shape)
-        ties &= index <= threshold.last_tie_index
-    return keep | ties
+    ties = (mags == threshold.value).reshape(-1)
+    ties[max(0, threshold.last_tie_index - offset + 1) :] = False  # ties after the last kept one are dropped
+    return keep.logical_or_(ties.view(keep.shape)) if n else keep
 
 
 def magnitude_prune(task_vector: torch.Tensor, density: float) -> torch.Tensor:
@@ -383,8 +382,9 @@ def disjoint_merge(
 
     Args:
         task_vectors (`Callable[[int], torch.Tensor]`):
-            `task_vectors(i)` returns the i-th sparsified task vector (float32, a new tensor). It is called
-            twice per ingredient, so that memory holds a fixed number of tensors whatever `n`.
+            `task_vectors(i)` returns the i-th sparsified task vector (float32, a new tensor the merge may
+            overwrite). It is called once per ingredient, so that memory holds a fixed number of tensors
+            (five accumulators) whatever `n`.
         n (`int`):
             The number of ingredients.
         weights (`Sequence[float]`):
@@ -395,21 +395,30 @@ def disjoint_merge(
     """
     import torch
 
-    mass = None
+    # One pass: the sums and counts of the positive and of the negative entries are kept apart, and the
+    # elected sign picks one of the two at the end. Same additions in the same order as summing the agreeing
+    # entries after the election (non-agreeing entries add +0.0), so the same bits, with each task vector
+    # computed once.
+    mass = pos_sum = neg_sum = pos_count = neg_count = None
     for i in range(n):
         tau = task_vectors(i)
-        mass = tau if mass is None else mass.add_(tau)
-    sign = torch.where(mass >= 0, 1.0, -1.0)
-    acc = torch.zeros_like(mass)
-    count = torch.zeros_like(mass)
-    for i in range(n):
-        tau = task_vectors(i)
-        agree = torch.sign(tau) == sign
+        if mass is None:
+            mass = tau.clone()
+            pos_sum, neg_sum = torch.zeros_like(tau), torch.zeros_like(tau)
+            pos_count, neg_count = torch.zeros_like(tau), torch.zeros_like(tau)
+        else:
+            mass.add_(tau)
+        pos, neg = tau > 0, tau < 0
         if weights[i] != 1.0:
             tau.mul_(weights[i])
-        acc.add_(torch.where(agree, tau, 0.0))
-        count.add_(agree)
-    return acc.div_(count.clamp_(min=1.0))
+        pos_sum.add_(torch.where(pos, tau, 0.0))
+        neg_sum.add_(torch.where(neg, tau, 0.0))
+        pos_count.add_(pos)
+        neg_count.add_(neg)
+    positive = mass >= 0
+    pos_sum.div_(pos_count.clamp_(min=1.0))
+    neg_sum.div_(neg_count.clamp_(min=1.0))
+    return torch.where(positive, pos_sum, neg_sum)
 
 
 def ties(
@@ -460,14 +469,19 @@ def ties(
 # DARE
 
 
-def _signed64(x: int) -> int:
-    x &= (1 << 64) - 1
-    return x - (1 << 64) if x >= 1 << 63 else x
+def _signed(x: int, bits: int) -> int:
+    """The two's-complement value of the low `bits` bits of `x` (torch has no unsigned 32/64-bit arithmetic)."""
+    x &= (1 << bits) - 1
+    return x - (1 << bits) if x >= 1 << (bits - 1) else x
 
 
-def _srl(z: torch.Tensor, s: int) -> torch.Tensor:
-    """Logical right shift of int64 bit patterns (torch's `>>` is arithmetic)."""
-    return (z >> s) & ((1 << (64 - s)) - 1)
+def _splitmix64(z: int) -> int:
+    """splitmix64's output function (Steele, Lea & Flood 2014) on a Python integer."""
+    m64 = (1 << 64) - 1
+    z &= m64
+    z = ((z ^ (z >> 30)) * _MIX1) & m64
+    z = ((z ^ (z >> 27)) * _MIX2) & m64
+    return z ^ (z >> 31)
 
 
 def dare_stream_key(seed: int, ingredient_index: int, tensor_name: str) -> int:
@@ -477,21 +491,49 @@ def dare_stream_key(seed: int, ingredient_index: int, tensor_name: str) -> int:
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
 
 
-def dare_uniform_bits(key: int, offset: int, count: int) -> torch.Tensor:
-    """53 random bits (as int64 in [0, 2**53)) for flat indices `offset .. offset + count - 1` of one stream.
+def _segment_key(key: int, segment: int) -> int:
+    """The 32-bit key of flat indices `segment * 2**32 .. (segment + 1) * 2**32 - 1` of one stream."""
+    return _splitmix64(key + (segment + 1) * _GOLDEN_GAMMA) & 0xFFFFFFFF
 
-    splitmix64 as a counter-based generator: element `j` gets `mix(key + (j + 1) * 0x9E3779B97F4A7C15)`,
-    a pure function of the key and of `j`, so any slice of the tensor gets the same bits wherever it is
-    computed. `bits / 2**53` is uniform in [0, 1).
+
+def dare_uniform_bits(key: int, offset: int, count: int) -> torch.Tensor:
+    """32 random bits per flat index `offset .. offset + count - 1` of one stream, as int32 bit patterns.
+
+    A counter-based generator: element `j` gets `lowbias32((j mod 2**32 + k) mod 2**32)`, `k` the 32-bit key of
+    the segment `j // 2**32` ([`_segment_key`]) and `lowbias32` Wellons' 32-bit integer hash (shift-xor 16,
+    multiply by 0x7FEB352D, shift-xor 15, multiply by 0x846CA68B, shift-xor 16, all modulo 2**32). It is a
+    pure function of the key and of `j`, so any slice of the tensor gets the same bits wherever it is
+    computed; and it runs on 32-bit lanes (about 1 ns per element on one core, where a 64-bit hash in torch's
+    int64 arithmetic took 20). The bits read as an unsigned integer `u` are uniform on [0, 2**32).
     """
     import torch
 
-    index = torch.arange(offset + 1, offset + count + 1, dtype=torch.int64)
-    z = index.mul_(_signed64(_GOLDEN_GAMMA)).add_(_signed64(key))
-    z = (z ^ _srl(z, 30)).mul_(_signed64(_MIX1))
-    z = (z ^ _srl(z, 27)).mul_(_signed64(_MIX2))
-    z = z ^ _srl(z, 31)
-    return _srl(z, 11)
+    out = torch.empty(count, dtype=torch.int32)
+    done = 0
+    while done < count:  # one piece per 2**32 segment (a single piece for any tensor of < 4G elements)
+        j = offset + done
+        piece = min(count - done, (1 << 32) - (j & 0xFFFFFFFF))
+        x = out[done : done + piece]
+        start = _signed((j & 0xFFFFFFFF) + _segment_key(key, j >> 32), 32)
+        torch.arange(piece, dtype=torch.int32, out=x)
+        x.add_(start)  # wraps modulo 2**32
+        _lowbias32_(x)
+        done += piece
+    return out
+
+
+def _lowbias32_(x: torch.Tensor) -> torch.Tensor:
+    """Wellons' lowbias32 hash, in place on int32 bit patterns (logical shifts by masking)."""
+    import torch
+
+    t = torch.empty_like(x)
+    for shift, mul in ((16, _LB_MUL1), (15, _LB_MUL2), (16, None)):
+        torch.bitwise_right_shift(x, shift, out=t)
+        t.bitwise_and_((1 << (32 - shift)) - 1)
+        x.bitwise_xor_(t)
+        if mul is not None:
+            x.mul_(mul)
+    return x
 
 
 def dare_mask(
@@ -505,9 +547,10 @@ def dare_mask(
 ) -> torch.Tensor:
     """DARE's keep-mask: each entry is kept with probability `density`, independently.
 
-    Entry `j` (flat index in the whole tensor) is kept when `u_j < density`, `u_j` = [`dare_uniform_bits`]
-    `/ 2**53` from the stream of `(seed, ingredient_index, tensor_name)`. The mask of a slice is the slice
-    of the whole mask: independent of chunking, thread count and order of reading.
+    Entry `j` (flat index in the whole tensor) is kept when `u_j >> 1 < ceil(density * 2**31)`, `u_j` the unsigned
+    value of [`dare_uniform_bits`] from the stream of `(seed, ingredient_index, tensor_name)` (so the keep
+    probability is `density` rounded up to a multiple of 2**-31). The mask of a slice is the slice of the whole
+    mask: independent of chunking, thread count and order of reading.
 
     Args:
         shape (`Sequence[int]` or `int`):
@@ -526,19 +569,31 @@ def dare_mask(
     Returns:
         `torch.Tensor`: a bool tensor of `shape`.
     """
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    key = dare_stream_key(seed, ingredient_index, tensor_name)
+    return _dare_keep_bits(math.prod(shape), check_density(density), key, offset).ne(0).view(shape)
+
+
+def _dare_keep_bits(numel: int, density: float, key: int, offset: int) -> torch.Tensor:
+    """[`dare_mask`] as int32 words: -1 (all bits set) where the entry is kept, 0 where it is dropped.
+
+    Integer arithmetic only (torch's boolean kernels cost several times more per element): with
+    `v = u >> 1` in [0, 2**31) and `L = ceil(density * 2**31)`, `(v - L) >> 31` (arithmetic) is -1 exactly when
+    `v < L`, and `v - L` cannot overflow.
+    """
     import torch
 
-    density = check_density(density)
-    key = dare_stream_key(seed, ingredient_index, tensor_name)
-    shape = (shape,) if isinstance(shape, int) else tuple(shape)
-    numel = math.prod(shape)
-    # u < density  <=>  bits < density * 2**53 (exact in float64)  <=>  bits < ceil(density * 2**53)
-    limit = math.ceil(density * float(1 << 53))
-    out = torch.empty(numel, dtype=torch.bool)
+    limit = math.ceil(density * float(1 << 31))  # exact: density * 2**31 is exact in float64
+    if limit >= 1 << 31:  # density 1 (or within 2**-31 of it): everything is kept
+        return torch.full((numel,), -1, dtype=torch.int32)
+    out = torch.empty(numel, dtype=torch.int32)
     for start in range(0, numel, _BLOCK):
         count = min(_BLOCK, numel - start)
-        torch.lt(dare_uniform_bits(key, offset + start, count), limit, out=out[start : start + count])
-    return out.view(shape)
+        bits = dare_uniform_bits(key, offset + start, count)
+        piece = out[start : start + count]
+        torch.bitwise_right_shift(bits, 1, out=piece)
+        piece.bitwise_and_(0x7FFFFFFF).sub_(limit).bitwise_right_shift_(31)
+    return out
 
 
 def dare_drop(
@@ -554,18 +609,19 @@ def dare_drop(
 
     The division (not a multiplication by `1 / density`) rounds as PEFT's `random_pruning(rescale=True)`.
     """
+    key = dare_stream_key(seed, ingredient_index, tensor_name)
+    return _dare_drop_(_f32(task_vector).clone(), check_density(density), key, offset)
+
+
+def _dare_drop_(tau: torch.Tensor, density: float, key: int, offset: int) -> torch.Tensor:
+    """[`dare_drop`] in place on a contiguous float32 task vector the caller owns, from the stream key."""
+    if density == 1.0:
+        return tau
     import torch
 
-    mask = dare_mask(
-        task_vector.shape,
-        density=density,
-        seed=seed,
-        ingredient_index=ingredient_index,
-        tensor_name=tensor_name,
-        offset=offset,
-    )
-    out = torch.where(mask, _f32(task_vector), 0.0)
-    return out if density == 1.0 else out.div_(density)
+    keep = _dare_keep_bits(tau.numel(), density, key, offset)
+    tau.view(torch.int32).view(-1).bitwise_and_(keep)  # dropped entries become +0.0 (view: never a copy)
+    return tau.div_(density)
 
 
 def dare_linear(
@@ -593,14 +649,7 @@ def dare_linear(
     seed = check_seed(seed)
     acc = None
     for i, theta in enumerate(thetas):
-        tau = dare_drop(
-            _task_vector(theta, base),
-            density=density,
-            seed=seed,
-            ingredient_index=i,
-            tensor_name=tensor_name,
-            offset=offset,
-        )
+        tau = _dare_drop_(_task_vector(theta, base), density, dare_stream_key(seed, i, tensor_name), offset)
         if ws[i] != 1.0:
             tau.mul_(ws[i])
         acc = tau if acc is None else acc.add_(tau)
@@ -633,13 +682,8 @@ def dare_ties(
     seed = check_seed(seed)
 
     def dropped(i: int) -> torch.Tensor:
-        return dare_drop(
-            _task_vector(thetas[i], base),
-            density=density,
-            seed=seed,
-            ingredient_index=i,
-            tensor_name=tensor_name,
-            offset=offset,
+        return _dare_drop_(
+            _task_vector(thetas[i], base), density, dare_stream_key(seed, i, tensor_name), offset
         )
 
     return _apply(base, disjoint_merge(dropped, len(thetas), ws), lam)

@@ -7,7 +7,6 @@ float32 and magnitudes are distinct unless a test is about ties, so that float32
 
 from __future__ import annotations
 
-import hashlib
 import math
 import warnings
 
@@ -16,6 +15,7 @@ import torch
 
 from hf_soups import merge_ops as mo
 from hf_soups.errors import InvalidArgumentError
+from tests.testing_common import _dare_keep
 
 SHAPE = (37, 61)  # 2257 elements: not a multiple of the slice sizes, more than one summation group
 
@@ -54,23 +54,6 @@ def ref_elect_merge(sparse: list[torch.Tensor], weights: list[float]) -> torch.T
     num = sum(w * s * (torch.sign(s) == elected) for s, w in zip(sparse, weights))
     cnt = sum((torch.sign(s) == elected).double() for s in sparse)
     return num / torch.clamp(cnt, min=1.0)
-
-
-def splitmix_keep(seed, ingredient, name, density, indices) -> torch.Tensor:
-    """DARE's documented mask, from Python integers: splitmix64 over the flat index, keyed by blake2b."""
-    m64 = (1 << 64) - 1
-    key = int.from_bytes(
-        hashlib.blake2b(f"hf_soups.dare\0{seed}\0{ingredient}\0{name}".encode(), digest_size=8).digest(),
-        "little",
-    )
-    out = []
-    for j in indices:
-        z = (key + (j + 1) * 0x9E3779B97F4A7C15) & m64
-        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & m64
-        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & m64
-        z ^= z >> 31
-        out.append((z >> 11) / 2.0**53 < density)
-    return torch.tensor(out)
 
 
 def close(actual: torch.Tensor, expected: torch.Tensor, atol=1e-6, rtol=1e-6) -> None:
@@ -193,9 +176,15 @@ def test_ties_with_nothing_kept_returns_the_base():
 
 
 def test_dare_mask_is_the_documented_counter_based_hash():
-    indices = list(range(0, 300)) + list(range(10**9, 10**9 + 50)) + [2**40 + 7]
+    # 75 indices across the 2**32 boundary (two segment keys; a length that is not a multiple of the SIMD width)
+    indices = (
+        list(range(0, 300))
+        + list(range(10**9, 10**9 + 50))
+        + [2**40 + 7]
+        + list(range(2**32 - 37, 2**32 + 38))
+    )
     for density in (0.1, 0.5, 0.9):
-        expected = splitmix_keep(12345, 2, "encoder.layer.0.weight", density, indices)
+        expected = _dare_keep(12345, 2, "encoder.layer.0.weight", density, indices)
         got = torch.cat(
             [
                 mo.dare_mask(
@@ -216,6 +205,14 @@ def test_dare_mask_is_the_documented_counter_based_hash():
                     ingredient_index=2,
                     tensor_name="encoder.layer.0.weight",
                     offset=2**40 + 7,
+                ),
+                mo.dare_mask(
+                    75,
+                    density=density,
+                    seed=12345,
+                    ingredient_index=2,
+                    tensor_name="encoder.layer.0.weight",
+                    offset=2**32 - 37,
                 ),
             ]
         )

@@ -248,18 +248,28 @@ def _top_k_mask(tau: torch.Tensor, density: float) -> torch.Tensor:
     return keep.view(tau.shape)
 
 
-def _dare_keep(seed: int, ingredient: int, name: str, density: float, numel: int) -> torch.Tensor:
-    """DARE's documented keep-mask: splitmix64 over the flat index, keyed by blake2b of (seed, ingredient, name)."""
+def _dare_keep(seed: int, ingredient: int, name: str, density: float, numel_or_indices) -> torch.Tensor:
+    """DARE's documented keep-mask from Python integers (docs/methods.md): lowbias32 over the flat index plus a
+    32-bit segment key (splitmix64 of the blake2b key of (seed, ingredient, name)); kept when u >> 1 < ceil(d * 2**31)."""
     import hashlib
+    import math
 
-    m64 = (1 << 64) - 1
+    m32, m64 = (1 << 32) - 1, (1 << 64) - 1
     digest = hashlib.blake2b(f"hf_soups.dare\0{seed}\0{ingredient}\0{name}".encode(), digest_size=8).digest()
     key = int.from_bytes(digest, "little")
+    indices = range(numel_or_indices) if isinstance(numel_or_indices, int) else numel_or_indices
+    limit = math.ceil(density * 2**31)
     out = []
-    for j in range(numel):
-        z = (key + (j + 1) * 0x9E3779B97F4A7C15) & m64
+    for j in indices:
+        z = (key + ((j >> 32) + 1) * 0x9E3779B97F4A7C15) & m64
         z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & m64
         z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & m64
-        z ^= z >> 31
-        out.append((z >> 11) / 2.0**53 < density)
+        k = (z ^ (z >> 31)) & m32
+        x = ((j & m32) + k) & m32
+        x ^= x >> 16
+        x = (x * 0x7FEB352D) & m32
+        x ^= x >> 15
+        x = (x * 0x846CA68B) & m32
+        x ^= x >> 16
+        out.append(x >> 1 < limit)
     return torch.tensor(out)
