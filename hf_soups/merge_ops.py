@@ -354,6 +354,27 @@ def magnitude_mask(
     return keep.logical_or_(ties.view(keep.shape)) if n else keep
 
 
+def _trim_(tau: torch.Tensor, threshold: MagnitudeThreshold, offset: int) -> torch.Tensor:
+    """Zero, in place, the entries of a contiguous float32 task vector (slice) that `threshold` does not keep.
+
+    The same entries as [`magnitude_mask`], with integer arithmetic on the float32 bit patterns (non-negative
+    floats order like their bits): with `a` the magnitude's bits and `v` the threshold's, `(v - a) >> 31` is -1
+    exactly where `a > v`, and `(v - a - 1) >> 31` where `a >= v` (the range of ties that is kept).
+    """
+    import torch
+
+    if threshold.k == 0:
+        return tau.zero_()
+    bits = tau.view(torch.int32).view(-1)
+    value_bits = int(torch.tensor([threshold.value], dtype=torch.float32).view(torch.int32))
+    mask = bits.bitwise_and(0x7FFFFFFF).neg_().add_(value_bits)  # v - a: no overflow, both in [0, 2**31)
+    tied_kept = min(bits.numel(), threshold.last_tie_index - offset + 1)  # entries [0, tied_kept) keep ties
+    if tied_kept > 0:
+        mask[:tied_kept].sub_(1)
+    bits.bitwise_and_(mask.bitwise_right_shift_(31))
+    return tau
+
+
 def magnitude_prune(task_vector: torch.Tensor, density: float) -> torch.Tensor:
     """Keep the `int(density * numel)` largest magnitudes of a whole task vector, zero the rest (float32).
 
@@ -395,30 +416,39 @@ def disjoint_merge(
     """
     import torch
 
-    # One pass: the sums and counts of the positive and of the negative entries are kept apart, and the
-    # elected sign picks one of the two at the end. Same additions in the same order as summing the agreeing
-    # entries after the election (non-agreeing entries add +0.0), so the same bits, with each task vector
-    # computed once.
+    # One pass: the sums and counts of the positive and of the negative entries are kept apart, and the elected
+    # sign picks one of the two at the end. The same additions in the same order as summing the agreeing entries
+    # after the election (a non-agreeing entry adds a zero), so the same bits, with each task vector computed
+    # once and no boolean kernels (several times slower per element than float ones in torch).
     mass = pos_sum = neg_sum = pos_count = neg_count = None
+    sign = pos = None
     for i in range(n):
         tau = task_vectors(i)
         if mass is None:
             mass = tau.clone()
             pos_sum, neg_sum = torch.zeros_like(tau), torch.zeros_like(tau)
             pos_count, neg_count = torch.zeros_like(tau), torch.zeros_like(tau)
+            sign, pos = torch.empty_like(tau), torch.empty_like(tau)
         else:
             mass.add_(tau)
-        pos, neg = tau > 0, tau < 0
+        torch.sign(tau, out=sign)
+        torch.clamp(sign, min=0.0, out=pos)  # 1 where tau > 0
+        sign.sub_(pos)  # -1 where tau < 0
         if weights[i] != 1.0:
             tau.mul_(weights[i])
-        pos_sum.add_(torch.where(pos, tau, 0.0))
-        neg_sum.add_(torch.where(neg, tau, 0.0))
+        pos_sum.addcmul_(tau, pos)
+        neg_sum.addcmul_(tau, sign)  # the negated sum of the negative entries (negation is exact)
         pos_count.add_(pos)
-        neg_count.add_(neg)
-    positive = mass >= 0
+        neg_count.sub_(sign)
     pos_sum.div_(pos_count.clamp_(min=1.0))
-    neg_sum.div_(neg_count.clamp_(min=1.0))
-    return torch.where(positive, pos_sum, neg_sum)
+    neg_sum.div_(neg_count.clamp_(min=1.0)).neg_()
+    # the elected sign is + where mass >= 0, i.e. where its sign bit is clear (-0.0 only arises when every task
+    # vector is -0.0 there, where both candidates are zero): a bitwise select keeps each candidate's exact bits
+    select = mass.view(torch.int32).bitwise_right_shift_(31)  # -1 where mass < 0
+    pos_bits = pos_sum.view(torch.int32)
+    return (
+        (pos_bits ^ neg_sum.view(torch.int32)).bitwise_and_(select).bitwise_xor_(pos_bits).view(torch.float32)
+    )
 
 
 def ties(
@@ -459,8 +489,7 @@ def ties(
         raise InvalidArgumentError(f"thresholds has {len(thresholds)} entries for {len(thetas)} ingredients.")
 
     def trimmed(i: int) -> torch.Tensor:
-        tau = _task_vector(thetas[i], base)
-        return tau.mul_(magnitude_mask(tau, thresholds[i], offset=offset))
+        return _trim_(_task_vector(thetas[i], base), thresholds[i], offset)
 
     return _apply(base, disjoint_merge(trimmed, len(thetas), ws), lam)
 
