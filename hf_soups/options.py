@@ -371,7 +371,9 @@ def check_templates(value: Any, meta: Mapping) -> list[str]:
     """Zero-shot prompt templates: a string or a non-empty list of strings, each with exactly one `{}`."""
     templates = [value] if isinstance(value, str) else value
     if not isinstance(templates, (list, tuple)) or not templates:
-        raise OptionProblem(f"expected a template such as 'a photo of a {{}}.' or a list of them, got {describe(value)}")
+        raise OptionProblem(
+            f"expected a template such as 'a photo of a {{}}.' or a list of them, got {describe(value)}"
+        )
     for t in templates:
         if not isinstance(t, str) or t.count("{}") != 1:
             raise OptionProblem(

@@ -48,7 +48,9 @@ def _accuracy_and_loss(logits: torch.Tensor, labels: list[int]) -> tuple[float, 
     """float64, from the logits alone."""
     z = logits.double().numpy()
     y = np.asarray(labels)
-    log_probs = z - z.max(1, keepdims=True) - np.log(np.exp(z - z.max(1, keepdims=True)).sum(1, keepdims=True))
+    log_probs = (
+        z - z.max(1, keepdims=True) - np.log(np.exp(z - z.max(1, keepdims=True)).sum(1, keepdims=True))
+    )
     return float((z.argmax(1) == y).mean()), float(-log_probs[np.arange(len(y)), y].mean())
 
 
@@ -57,7 +59,9 @@ def _clip_logits(model, images, prompts) -> torch.Tensor:
     text = tiny_clip_tokenizer()(prompts, padding=True, return_tensors="pt")
     pixels = tiny_clip_processor()(images=images, return_tensors="pt")["pixel_values"]
     with torch.no_grad():
-        return model(input_ids=text["input_ids"], attention_mask=text["attention_mask"], pixel_values=pixels).logits_per_image
+        return model(
+            input_ids=text["input_ids"], attention_mask=text["attention_mask"], pixel_values=pixels
+        ).logits_per_image
 
 
 # ------------------------------------------------------------------------------------------ preprocessing
@@ -83,7 +87,9 @@ def test_grey_images_are_converted_to_rgb_as_the_image_classification_example_do
     grey = [im.convert("L") for im in rgb]
     evaluator = _bound(Dataset.from_dict({"image": grey, "label": labels}), path)
     assert isinstance(grey[0], Image.Image) and grey[0].mode == "L"
-    expected = tiny_vit_processor()(images=[im.convert("RGB") for im in grey], return_tensors="np")["pixel_values"]
+    expected = tiny_vit_processor()(images=[im.convert("RGB") for im in grey], return_tensors="np")[
+        "pixel_values"
+    ]
     prepared = np.stack([ex["pixel_values"].numpy() for ex in evaluator._examples["eval"]])
     np.testing.assert_array_equal(prepared, expected)
 
@@ -225,7 +231,9 @@ def test_each_candidate_reembeds_the_prompts_with_its_own_text_tower(tmp_path):
     second = evaluator.predict(other)["eval"].logits
     images, _ = digit_images(20)
     prompts = [f"a photo of a {n}." for n in DIGIT_NAMES]
-    torch.testing.assert_close(torch.from_numpy(second), _clip_logits(other, images, prompts), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        torch.from_numpy(second), _clip_logits(other, images, prompts), rtol=1e-5, atol=1e-5
+    )
     assert not np.allclose(first, second)
 
 
@@ -313,7 +321,9 @@ def test_soup_folder_keeps_the_image_processor_and_tokenizer(tmp_path):
 
     paths = [save_clip(make_tiny_clip(seed=s, noise=0.02), tmp_path / f"ft{s}") for s in range(2)]
     merge_models([str(p) for p in paths], output_dir=tmp_path / "soup", progress=False)
-    assert type(AutoImageProcessor.from_pretrained(tmp_path / "soup")).__name__.startswith("CLIPImageProcessor")
+    assert type(AutoImageProcessor.from_pretrained(tmp_path / "soup")).__name__.startswith(
+        "CLIPImageProcessor"
+    )
     assert AutoTokenizer.from_pretrained(tmp_path / "soup")("a")["input_ids"]
 
 
@@ -397,7 +407,11 @@ def test_callback_cooks_a_greedy_soup_of_image_classifiers_with_the_trainers_ima
             use_cpu=True, seed=i,
         )  # fmt: skip
         trainer = Trainer(
-            model=make_tiny_vit(), args=args, train_dataset=train, processing_class=tiny_vit_processor(), callbacks=[cb]
+            model=make_tiny_vit(),
+            args=args,
+            train_dataset=train,
+            processing_class=tiny_vit_processor(),
+            callbacks=[cb],
         )
         cb.attach(trainer)
         trainer.train()

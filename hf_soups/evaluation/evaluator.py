@@ -84,7 +84,10 @@ class Evaluator:
         )
         self._tokenizers = TokenizerSource(tokenizer)
         self._image_processors = PreprocessorSource(
-            image_processor, auto_class="AutoImageProcessor", option="image_processor", fallback="a pixel_values column"
+            image_processor,
+            auto_class="AutoImageProcessor",
+            option="image_processor",
+            fallback="a pixel_values column",
         )
         self._task_options = {"class_names": class_names, "templates": templates}
         self.text_columns = text_columns
@@ -287,7 +290,12 @@ class Evaluator:
                 )
                 collector = task.collector(runtime.gather, keep_raw=self.compute_metrics is not None)
                 out[name] = runtime.run(
-                    model, loader, collector, desc=f"Evaluating on {name}", progress=self.progress, forward=forward
+                    model,
+                    loader,
+                    collector,
+                    desc=f"Evaluating on {name}",
+                    progress=self.progress,
+                    forward=forward,
                 )
         return out
 

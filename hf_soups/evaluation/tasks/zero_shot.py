@@ -130,7 +130,9 @@ class ZeroShotClassification(Classification):
         text = config.get("text_config") if isinstance(config.get("text_config"), Mapping) else {}
         max_positions = text.get("max_position_embeddings", config.get("max_position_embeddings"))
         padding: dict[str, Any] = {"padding": True}
-        if "siglip" in str(config.get("model_type", "")):  # as transformers' zero-shot pipeline tokenizes SigLIP
+        if "siglip" in str(
+            config.get("model_type", "")
+        ):  # as transformers' zero-shot pipeline tokenizes SigLIP
             padding = {"padding": "max_length", "max_length": int(max_positions or 64)}
         elif isinstance(max_positions, int) and max_positions > 0:
             padding["max_length"] = max_positions
@@ -138,7 +140,12 @@ class ZeroShotClassification(Classification):
         keep = ("input_ids", "attention_mask", "position_ids")
         self.prompts = {k: enc[k] for k in keep if k in enc}
         rows = [{"input_ids": ids} for ids in self.prompts["input_ids"].tolist()]
-        check_ranges("zero-shot prompts", input_ranges("zero-shot prompts", rows), input_limits(config), "the model config")
+        check_ranges(
+            "zero-shot prompts",
+            input_ranges("zero-shot prompts", rows),
+            input_limits(config),
+            "the model config",
+        )
 
     def forward(self, model: Any, *, device: Any, batch_size: int) -> Callable[[dict], torch.Tensor]:
         """Embed the class prompts with `model`'s text tower, then map each batch of images to zero-shot logits."""
@@ -151,7 +158,9 @@ class ZeroShotClassification(Classification):
         bias = bias.detach().float().reshape(()) if isinstance(bias, torch.Tensor) else 0.0
 
         def zero_shot_logits(inputs: dict) -> torch.Tensor:
-            embeds = _normalise(features(model.get_image_features(pixel_values=inputs["pixel_values"])).float())
+            embeds = _normalise(
+                features(model.get_image_features(pixel_values=inputs["pixel_values"])).float()
+            )
             return embeds @ classes.T * scale + bias
 
         return zero_shot_logits
