@@ -422,3 +422,32 @@ def test_callback_cooks_a_greedy_soup_of_image_classifiers_with_the_trainers_ima
     evaluator = build_evaluator(val, image_processor=tiny_vit_processor(), progress=False)
     assert soup.score == evaluator.evaluate(soup.model)["eval"]["accuracy"]
     assert any(i.selected for i in soup.ingredients)
+
+
+@pytest.mark.slow
+def test_example_clip_wise_ft_smoke(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(root / "examples" / "clip_wise_ft.py"),
+            "--smoke",
+            "--output-dir",
+            str(tmp_path),
+        ],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "HF_HUB_OFFLINE": "1"},
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    rows = [line.split() for line in out.stdout.splitlines() if line.strip()[:4] in ("0.00", "0.50", "1.00")]
+    assert [float(r[0]) for r in rows] == [0.0, 0.5, 1.0]
+    assert sum("chosen" in line for line in out.stdout.splitlines()) == 1
+    assert (tmp_path / "soup" / "model.safetensors").is_file()
+    assert (tmp_path / "soup" / "preprocessor_config.json").is_file()

@@ -1,7 +1,7 @@
 """Eval-set preparation: from a `datasets.Dataset` to the list of model-input examples every model is scored on.
 
-Done once per eval set when the evaluator is bound: keep the model-input columns of a pre-tokenized set (or guess
-and tokenize the text columns of a raw one), attach the labels under `labels`, and mask a masked-LM set without
+Done once per eval set when the evaluator is bound: keep the model-input columns of a pre-tokenized set (or
+preprocess the image column of an image set, see [`images`], or guess and tokenize the text columns of a raw one), attach the labels under `labels`, and mask a masked-LM set without
 labels with a fixed seed. What a task changes (word-aligned labels, masking) is asked of the task object; the
 checks of what comes out live in [`checks`].
 """
