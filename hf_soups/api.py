@@ -38,6 +38,9 @@ def merge_models(
     tokenizer: Any = None,
     text_columns: str | Sequence[str] | None = None,
     label_column: str | None = None,
+    image_processor: Any = None,
+    class_names: Sequence[str] | None = None,
+    templates: str | Sequence[str] | None = None,
     batch_size: int = 32,
     device: str | None = None,
     scores: Mapping[str, float] | None = None,
@@ -102,6 +105,12 @@ def merge_models(
         tokenizer (*optional*): tokenizer for raw-text eval sets (defaults to the ingredients' tokenizer).
         text_columns (`str` or `Sequence[str]`, *optional*): text column(s) of a raw eval set.
         label_column (`str`, *optional*): label column of the eval set (default `label`/`labels`).
+        image_processor (*optional*): image processor (or its folder / Hub ID) for eval sets with an image column
+            (default: the ingredients' own `preprocessor_config.json`); images are preprocessed once.
+        class_names (`Sequence[str]`, *optional*): zero-shot classification of CLIP-family models (`CLIPModel`,
+            `SiglipModel`, ...): the class names in label order (default: the label column's `ClassLabel` names).
+        templates (`str` or `Sequence[str]`, *optional*): zero-shot prompt templates with one `{}` (default
+            `"a photo of a {}."`); each candidate model embeds the prompts with its own text tower.
         batch_size (`int`, *optional*, defaults to 32): evaluation batch size.
         device (`str`, *optional*): evaluation device (CPU by default, CUDA when asked).
         scores (`Mapping[str, float]`, *optional*): held-out scores already known, by ingredient name (greedy).
@@ -180,6 +189,9 @@ def merge_models(
             tokenizer=ev.tokenizer,
             text_columns=ev.text_columns,
             label_column=ev.label_column,
+            image_processor=ev.image_processor,
+            class_names=ev.class_names,
+            templates=ev.templates,
             batch_size=ev.batch_size,
             device=ev.device,
             progress=progress,

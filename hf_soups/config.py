@@ -86,6 +86,23 @@ class EvalConfig:
     label_column: str | None = option(
         help="Label column of the eval sets (default: label/labels).", kind="str"
     )
+    image_processor: Any = option(
+        help="Image processor for eval sets with an image column (default: the reference ingredient's "
+        "preprocessor_config.json), or its id/folder.",
+        file="name_or_path",
+    )
+    class_names: list[str] | None = option(
+        help="Zero-shot classification (CLIP-family models): the class names, in label order (default: the names "
+        "of the label column's ClassLabel).",
+        kind="class_names",
+        cli={"nargs": "+", "metavar": "NAME"},
+    )
+    templates: str | list[str] | None = option(
+        help="Zero-shot classification: prompt templates with one '{}' for the class name, averaged per class "
+        "(default: 'a photo of a {}.').",
+        kind="templates",
+        cli={"nargs": "+", "metavar": "TEMPLATE"},
+    )
     batch_size: int = option(32, help="Evaluation batch size.", kind="positive_int", cli={"type": int})
     device: str | None = option(help="Evaluation device (cpu, cuda, cuda:1, mps; default: CPU).", kind="str")
 

@@ -351,6 +351,38 @@ def check_import_string(value: Any, meta: Mapping) -> str:
     raise OptionProblem(f"expected 'package.module:function', got {describe(value)}")
 
 
+def check_class_names(value: Any, meta: Mapping) -> list[str]:
+    """Zero-shot class names: at least two distinct non-empty strings, in label order."""
+    if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, (list, tuple)):
+        raise OptionProblem(f"expected a list of class names in label order, got {describe(value)}")
+    names = list(value)
+    bad = [n for n in names if not isinstance(n, str) or not n.strip()]
+    if bad:
+        raise OptionProblem(f"expected non-empty strings, got {describe(bad[0])}")
+    if len(names) < 2:
+        raise OptionProblem(f"expected at least two classes, got {describe(names)}")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise OptionProblem(f"class names must be distinct; {repeated[0]!r} is given more than once")
+    return names
+
+
+def check_templates(value: Any, meta: Mapping) -> list[str]:
+    """Zero-shot prompt templates: a string or a non-empty list of strings, each with exactly one `{}`."""
+    templates = [value] if isinstance(value, str) else value
+    if not isinstance(templates, (list, tuple)) or not templates:
+        raise OptionProblem(
+            f"expected a template such as 'a photo of a {{}}.' or a list of them, got {describe(value)}"
+        )
+    for t in templates:
+        if not isinstance(t, str) or t.count("{}") != 1:
+            raise OptionProblem(
+                f"each template needs exactly one '{{}}' where the class name goes (e.g. 'a photo of a {{}}.'), "
+                f"got {describe(t)}"
+            )
+    return list(templates)
+
+
 def check_any(value: Any, meta: Mapping) -> Any:
     return value
 
@@ -377,6 +409,8 @@ KINDS: dict[str, Callable[[Any, Mapping], Any]] = {
     "token": check_token,
     "callable": check_callable,
     "import_string": check_import_string,
+    "class_names": check_class_names,
+    "templates": check_templates,
 }
 """Every value check, by kind. Recipe files add their own path kinds (resolved against the file's folder)."""
 

@@ -519,7 +519,14 @@ def test_task_registry_names_every_task_once():
     from hf_soups.evaluation import TASKS
     from hf_soups.evaluation.tasks import TASK_CLASSES, Task, make_task
 
-    assert TASKS == ("classification", "token-classification", "causal-lm", "masked-lm", "custom")
+    assert TASKS == (
+        "classification",
+        "zero-shot-classification",
+        "token-classification",
+        "causal-lm",
+        "masked-lm",
+        "custom",
+    )
     for name in TASKS:
         task = make_task(name, num_labels=3)
         assert isinstance(task, Task) and task.name == name == TASK_CLASSES[name].name

@@ -346,7 +346,7 @@ def merge_args_to_recipe(args: argparse.Namespace) -> dict[str, Any]:
             value = value[0]
         elif key in ("output_dir", "cache_dir"):
             value = _absolute(value)
-        elif key in ("base_model", "metric", "tokenizer"):
+        elif key in ("base_model", "metric", "tokenizer", "image_processor"):
             value = _absolute_if_exists(value)
         data[key] = value
     if args.eval_file:

@@ -91,12 +91,39 @@ class ModelSink(TensorSink):
         self.model = model
         self._targets = model.state_dict()
         self._missing: list[str] = []
+        self._checkpoint_names: dict[str, torch.Tensor] | None = None
+
+    def target(self, name: str) -> torch.Tensor | None:
+        """The live tensor a soup tensor goes into: by its name, else by the name transformers saves it under.
+
+        transformers 5 renames some models' tensors between the checkpoint and the live model (its weight
+        conversions: ViT's `vit.encoder.layer.0.attention.attention.query.weight` is the live
+        `vit.layers.0.attention.q_proj.weight`); the soup's names are the checkpoint's. A renamed tensor is found
+        through `revert_weight_conversion` (what `save_pretrained` writes), matched by storage.
+        """
+        target = self._targets.get(name)
+        if target is not None:
+            return target
+        if self._checkpoint_names is None:
+            self._checkpoint_names = {}
+            try:
+                from transformers.core_model_loading import revert_weight_conversion
+
+                saved = revert_weight_conversion(self.model, dict(self._targets))
+            except Exception:  # not a transformers model, or an older transformers
+                saved = {}
+            live = {(t.data_ptr(), tuple(t.shape)): t for t in self._targets.values()}
+            for saved_name, tensor in saved.items():
+                match = live.get((tensor.data_ptr(), tuple(tensor.shape)))
+                if match is not None and saved_name not in self._targets:
+                    self._checkpoint_names[saved_name] = match
+        return self._checkpoint_names.get(name)
 
     def cast(self, plan: TensorPlan, tensor: torch.Tensor) -> torch.Tensor:
         """Copy `tensor` into the model's own parameter (its dtype and device) and return that parameter."""
         import torch
 
-        target = self._targets.get(plan.name)
+        target = self.target(plan.name)
         if target is None:
             return tensor
         with torch.no_grad():
@@ -106,7 +133,7 @@ class ModelSink(TensorSink):
     def write(self, plan: TensorPlan, tensor: torch.Tensor) -> None:
         import torch
 
-        target = self._targets.get(plan.name)
+        target = self.target(plan.name)
         if target is None:
             self._missing.append(plan.name)
             return

@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from ..errors import EvaluationError, InvalidArgumentError
+from ..options import OptionProblem, check_class_names, check_templates
 from .data import collect_sets, find_label_columns, label_kind, no_labels_message
 from .evaluator import Evaluator
 from .metrics import load_metric
@@ -32,6 +33,9 @@ def build_evaluator(
     tokenizer: Any = None,
     text_columns: str | Sequence[str] | None = None,
     label_column: str | None = None,
+    image_processor: Any = None,
+    class_names: Sequence[str] | None = None,
+    templates: str | Sequence[str] | None = None,
     batch_size: int = 32,
     device: str | None = None,
     metric_kwargs: Mapping[str, Any] | None = None,
@@ -72,6 +76,17 @@ def build_evaluator(
         label_column (`str`, *optional*):
             Label column (default: `labels`, `label` or `label_ids`). String labels are mapped with the model's
             `label2id`.
+        image_processor (*optional*):
+            Image processor (or folder / Hub ID) for sets with an image column (a `datasets.Image` feature, or an
+            `image` / `img` column of PIL images); defaults to the ingredients' `preprocessor_config.json`
+            (`AutoImageProcessor`). Images are converted to RGB (L for one-channel models) and preprocessed once.
+        class_names (`Sequence[str]`, *optional*):
+            Zero-shot classification of CLIP-family models (`CLIPModel`, `SiglipModel`, ...: models with
+            `get_text_features` and `get_image_features`): the class names in label order. Defaults to the names
+            of the label column's `datasets.ClassLabel`.
+        templates (`str` or `Sequence[str]`, *optional*):
+            Zero-shot prompt templates, each with one `{}` for the class name (default `"a photo of a {}."`); the
+            prompt embeddings of a class are averaged over templates, as in the CLIP paper.
         batch_size (`int`, *optional*, defaults to 32):
             Evaluation batch size (per process).
         device (`str`, *optional*):
@@ -125,6 +140,13 @@ def build_evaluator(
         raise InvalidArgumentError(f"batch_size={batch_size!r} must be a positive integer.")
     if compute_metrics is not None and not callable(compute_metrics):
         raise EvaluationError("compute_metrics must be a callable taking a transformers.EvalPrediction.")
+    task_options = {"class_names": class_names, "templates": templates}
+    for key, check in (("class_names", check_class_names), ("templates", check_templates)):
+        if task_options[key] is not None:
+            try:
+                task_options[key] = check(task_options[key], {})
+            except OptionProblem as e:
+                raise InvalidArgumentError(f"{key}: {e}") from None
     if isinstance(text_columns, str):
         text_columns = [text_columns]
     text_columns = list(text_columns) if text_columns else None
@@ -167,6 +189,8 @@ def build_evaluator(
         max_length=max_length,
         progress=progress,
         trust_remote_code=trust_remote_code,
+        image_processor=image_processor,
+        **task_options,
     )
     if config is not None or model is not None:
         evaluator.bind(config=config, model=model)

@@ -1,7 +1,7 @@
 """Eval-set preparation: from a `datasets.Dataset` to the list of model-input examples every model is scored on.
 
-Done once per eval set when the evaluator is bound: keep the model-input columns of a pre-tokenized set (or guess
-and tokenize the text columns of a raw one), attach the labels under `labels`, and mask a masked-LM set without
+Done once per eval set when the evaluator is bound: keep the model-input columns of a pre-tokenized set (or
+preprocess the image column of an image set, see [`images`], or guess and tokenize the text columns of a raw one), attach the labels under `labels`, and mask a masked-LM set without
 labels with a fixed seed. What a task changes (word-aligned labels, masking) is asked of the task object; the
 checks of what comes out live in [`checks`].
 """
@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..errors import EvaluationError
+from .images import find_image_column, preprocess_images
 
 if TYPE_CHECKING:  # pragma: no cover
     from .tasks.base import Task
@@ -144,41 +145,60 @@ def guess_text_columns(columns: Sequence[str]) -> list[str] | None:
     return None
 
 
-class TokenizerSource:
-    """The tokenizer of raw-text sets: the one given (object, folder or Hub ID), else the ingredients' own.
+class PreprocessorSource:
+    """A preprocessor (tokenizer or image processor): the one given (object, folder or Hub ID), else the ingredients'.
 
-    Loaded on first use only, so that pre-tokenized sets never need one.
+    Loaded on first use only, so that pre-tokenized (or pre-processed) sets never need one.
+
+    Args:
+        value (*optional*): the preprocessor, or a folder / Hub ID to load it from.
+        auto_class (`str`, *optional*, defaults to `"AutoTokenizer"`): the transformers `Auto*` class that loads it.
+        option (`str`, *optional*, defaults to `"tokenizer"`): the option that gives it (named in errors).
+        fallback (`str`, *optional*): what else the user may pass instead (completes the error message).
     """
 
-    def __init__(self, tokenizer: Any = None):
-        self.value = tokenizer
-        self.members: Sequence[
-            Any
-        ] = ()  # resolved ingredients (and base), whose folders may hold a tokenizer
+    def __init__(
+        self,
+        value: Any = None,
+        *,
+        auto_class: str = "AutoTokenizer",
+        option: str = "tokenizer",
+        fallback: str = "a pre-tokenized eval set (input_ids, attention_mask and labels columns)",
+    ):
+        self.value = value
+        self.auto_class = auto_class
+        self.option = option
+        self.fallback = fallback
+        self.members: Sequence[Any] = ()  # resolved ingredients (and base), whose folders may hold one
 
     def get(self, why: str) -> Any:
-        """The tokenizer; `why` completes the error message when there is none."""
-        tok = self.value
-        if tok is not None and not isinstance(tok, (str, bytes)) and not hasattr(tok, "__fspath__"):
-            return tok
-        from transformers import AutoTokenizer
+        """The preprocessor; `why` completes the error message when there is none."""
+        value = self.value
+        if value is not None and not isinstance(value, (str, bytes)) and not hasattr(value, "__fspath__"):
+            return value
+        import transformers
 
-        candidates = [tok] if tok is not None else []
+        auto = getattr(transformers, self.auto_class)
+        candidates = [value] if value is not None else []
         for member in self.members:
             if getattr(member, "path", None) is not None and member.kind != "adapter":
                 candidates.append(member.path)
         errors = []
         for cand in candidates:
             try:
-                self.value = AutoTokenizer.from_pretrained(str(cand))
+                self.value = auto.from_pretrained(str(cand))
                 return self.value
-            except Exception as err:  # a folder without tokenizer files, a Hub ID offline, ...
+            except Exception as err:  # a folder without the files, a Hub ID offline, ...
                 errors.append(f"{cand}: {type(err).__name__}")
+        what = self.option.replace("_", " ")
         raise EvaluationError(
-            f"A tokenizer is needed to {why}, but none was given and the ingredients ship none"
-            f"{' (' + '; '.join(errors) + ')' if errors else ''}. Pass tokenizer= or a pre-tokenized eval set "
-            "(input_ids, attention_mask and labels columns)."
+            f"A {what} is needed to {why}, but none was given and the ingredients ship none"
+            f"{' (' + '; '.join(errors) + ')' if errors else ''}. Pass {self.option}= or {self.fallback}."
         )
+
+
+class TokenizerSource(PreprocessorSource):
+    """The tokenizer of raw-text sets (see [`PreprocessorSource`])."""
 
 
 def tokenize_text(
@@ -257,6 +277,9 @@ class EvalSetPreparer:
         text_columns (`list[str]`, *optional*): the text column(s) of raw sets (guessed when not given).
         label_columns (`dict[str, str | None]`): per set, its label column.
         tokenizers ([`TokenizerSource`]): where the tokenizer comes from, when one is needed.
+        images ([`PreprocessorSource`], *optional*): where the image processor comes from, for sets with an image
+            column (see [`images`]).
+        image_mode (`str`, *optional*, defaults to `"RGB"`): the PIL mode images are converted to.
         max_length (`int`, *optional*): truncation length (default: the tokenizer's / model's limit).
         pad_token_id (`int`, *optional*): the config's `pad_token_id` (else the tokenizer's, once one is loaded).
     """
@@ -270,8 +293,12 @@ class EvalSetPreparer:
         tokenizers: TokenizerSource,
         max_length: int | None,
         pad_token_id: int | None,
+        images: PreprocessorSource | None = None,
+        image_mode: str = "RGB",
     ):
         self.task = task
+        self.images = images
+        self.image_mode = image_mode
         self.text_columns = text_columns
         self.label_columns = label_columns
         self.tokenizers = tokenizers
@@ -284,7 +311,10 @@ class EvalSetPreparer:
         columns = list(ds.column_names)
         label_col = self.label_columns.get(name)
         pretokenized = any(c in columns for c in PRIMARY_INPUTS)
-        if pretokenized and not self.text_columns:
+        image_column = None if pretokenized or self.text_columns else find_image_column(ds)
+        if image_column is not None:
+            examples = self._preprocess_images(name, ds, image_column, label_col)
+        elif pretokenized and not self.text_columns:
             keep = [c for c in columns if c in MODEL_INPUT_COLUMNS]
             data = ds.select_columns(keep + ([label_col] if label_col else [])).to_dict()
             examples = [{k: data[k][i] for k in keep} for i in range(len(ds))]
@@ -295,8 +325,8 @@ class EvalSetPreparer:
             text_cols = self.text_columns or guess_text_columns(columns)
             if not text_cols:
                 raise EvaluationError(
-                    f"Eval set {name!r} has neither model inputs ({', '.join(PRIMARY_INPUTS[:2])}) nor a known text "
-                    f"column (its columns: {columns}); pass text_columns= naming the text column(s)."
+                    f"Eval set {name!r} has neither model inputs ({', '.join(PRIMARY_INPUTS[:2])}), an image column "
+                    f"nor a known text column (its columns: {columns}); pass text_columns= naming the text column(s)."
                 )
             missing = [c for c in text_cols if c not in columns]
             if missing:
@@ -320,6 +350,16 @@ class EvalSetPreparer:
         labels = list(ds[label_col]) if label_col else None
         return self.task.tokenize(tok, columns, labels, self._max_length(tok))
 
+    def _preprocess_images(
+        self, name: str, ds: Any, column: str, label_col: str | None
+    ) -> list[dict[str, Any]]:
+        source = self.images or PreprocessorSource(
+            auto_class="AutoImageProcessor", option="image_processor", fallback="a pixel_values column"
+        )
+        processor = source.get(f"preprocess the images (column {column!r}) of eval set {name!r}")
+        labels = list(ds[label_col]) if label_col else None
+        return preprocess_images(processor, ds, column, labels, name=name, mode=self.image_mode)
+
     def _max_length(self, tokenizer: Any) -> int:
         if self.max_length:
             return int(self.max_length)
@@ -335,6 +375,7 @@ __all__ = [
     "LABEL_COLUMNS",
     "MODEL_INPUT_COLUMNS",
     "EvalSetPreparer",
+    "PreprocessorSource",
     "TokenizerSource",
     "collect_sets",
     "find_label_columns",

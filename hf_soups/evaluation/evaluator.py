@@ -15,13 +15,14 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .checks import check_ranges, input_limits, input_ranges, model_limits
-from .data import EvalSetPreparer, TokenizerSource
+from .data import EvalSetPreparer, PreprocessorSource, TokenizerSource
 from .ensemble import add_predictions, mean_predictions
+from .images import image_mode
 from .results import annotate
 from .runtime import PadCollator, Runtime
 from .scoring import MetricScorer
 from .selection import Selector
-from .tasks import TASK_CLASSES, Predictions, Task, task_for
+from .tasks import TASK_CLASSES, Predictions, Task, TaskContext, task_for
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..ingredients import ResolvedIngredient
@@ -63,6 +64,9 @@ class Evaluator:
         max_length: int | None,
         progress: bool,
         trust_remote_code: bool = False,
+        image_processor: Any = None,
+        class_names: Sequence[str] | None = None,
+        templates: str | Sequence[str] | None = None,
     ):
         self._datasets = datasets
         self._selector = Selector(
@@ -79,6 +83,13 @@ class Evaluator:
             trust_remote_code=trust_remote_code,
         )
         self._tokenizers = TokenizerSource(tokenizer)
+        self._image_processors = PreprocessorSource(
+            image_processor,
+            auto_class="AutoImageProcessor",
+            option="image_processor",
+            fallback="a pixel_values column",
+        )
+        self._task_options = {"class_names": class_names, "templates": templates}
         self.text_columns = text_columns
         self._label_columns = label_columns
         self.batch_size = int(batch_size)
@@ -200,8 +211,13 @@ class Evaluator:
         if tokenizer is not None:
             self._tokenizers.value = tokenizer
         self._tokenizers.members = members
+        self._image_processors.members = members
         task = self._task = task_for(
             config, model, task=self._user_task, custom=self.compute_metrics is not None
+        )
+        task.configure(
+            self._task_options,
+            TaskContext(config, self._datasets, self._label_columns, self.select_on, self._tokenizers),
         )
         preparer = EvalSetPreparer(
             task,
@@ -210,6 +226,8 @@ class Evaluator:
             tokenizers=self._tokenizers,
             max_length=self.max_length,
             pad_token_id=config.get("pad_token_id"),
+            images=self._image_processors,
+            image_mode=image_mode(config),
         )
         self._examples = None
         self._runtime.forget_loaders()
@@ -265,13 +283,19 @@ class Evaluator:
         collate = PadCollator(self._pad_token_id or 0, causal_labels=task.labels_from_inputs)
         out: dict[str, Predictions] = {}
         with runtime.evaluating(model):
+            forward = task.forward(model, device=runtime.device, batch_size=self.batch_size)
             for name in self._datasets:
                 loader = runtime.loader(
                     name, self._examples[name], batch_size=self.batch_size, collate_fn=collate
                 )
                 collector = task.collector(runtime.gather, keep_raw=self.compute_metrics is not None)
                 out[name] = runtime.run(
-                    model, loader, collector, desc=f"Evaluating on {name}", progress=self.progress
+                    model,
+                    loader,
+                    collector,
+                    desc=f"Evaluating on {name}",
+                    progress=self.progress,
+                    forward=forward,
                 )
         return out
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -187,8 +187,21 @@ class Runtime:
             if was_training:
                 model.train()
 
-    def run(self, model: Any, loader: Any, collector: Collector, *, desc: str, progress: bool) -> Predictions:
-        """Feed every batch of `loader` to `model` (inside [`evaluating`]) and collect its logits."""
+    def run(
+        self,
+        model: Any,
+        loader: Any,
+        collector: Collector,
+        *,
+        desc: str,
+        progress: bool,
+        forward: Callable[[dict], torch.Tensor] | None = None,
+    ) -> Predictions:
+        """Feed every batch of `loader` to `model` (inside [`evaluating`]) and collect its logits.
+
+        `forward(inputs) -> logits`, when given, replaces `model(**inputs).logits` (a task's own forward, such as
+        zero-shot classification's).
+        """
         from huggingface_hub.utils import tqdm
 
         device = self.device
@@ -204,8 +217,11 @@ class Runtime:
         for batch in batches:
             labels = batch.pop("labels", None)
             inputs = {k: v.to(device) for k, v in batch.items() if accepted is None or k in accepted}
-            output = model(**inputs)
-            logits = output.logits if hasattr(output, "logits") else output[0]
+            if forward is not None:
+                logits = forward(inputs)
+            else:
+                output = model(**inputs)
+                logits = output.logits if hasattr(output, "logits") else output[0]
             collector.add(logits.float(), labels.to(device) if labels is not None else None)
         return collector.finish()
 

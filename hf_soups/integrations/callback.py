@@ -157,6 +157,22 @@ def _check_option_names(options: Mapping[str, Any], where: str) -> None:
         )
 
 
+def _preprocessors(processing_class: Any) -> dict[str, Any]:
+    """The trainer's `processing_class` as `merge_models` options: a tokenizer, an image processor, or both (a
+    multimodal processor such as `CLIPProcessor`)."""
+    from transformers.image_processing_base import ImageProcessingMixin
+    from transformers.processing_utils import ProcessorMixin
+
+    if isinstance(processing_class, ImageProcessingMixin):
+        return {"image_processor": processing_class}
+    out = {}
+    if isinstance(processing_class, ProcessorMixin):
+        for key in ("tokenizer", "image_processor"):
+            if getattr(processing_class, key, None) is not None:
+                out[key] = getattr(processing_class, key)
+    return out or {"tokenizer": processing_class}
+
+
 def _strip_eval_prefix(name: str) -> str:
     return name[len("eval_") :] if name.startswith("eval_") else name
 
@@ -350,7 +366,7 @@ class _SoupCooking:
             if trainer.eval_dataset is not None:
                 kwargs["eval_dataset"] = trainer.eval_dataset
             if trainer.processing_class is not None:
-                kwargs["tokenizer"] = trainer.processing_class
+                kwargs.update(_preprocessors(trainer.processing_class))
             kwargs["batch_size"] = args.per_device_eval_batch_size
             best = args.metric_for_best_model
             if trainer.compute_metrics is not None:

@@ -10,15 +10,17 @@ from typing import Any
 
 from ...errors import EvaluationError
 from ..checks import input_limits
-from .base import Collector, Predictions, Task
+from .base import Collector, Predictions, Task, TaskContext
 from .classification import Classification
 from .custom import Custom
 from .language_modeling import CausalLM, MaskedLM
 from .token_classification import TokenClassification
+from .zero_shot import ZeroShotClassification, is_dual_encoder
 
 #: task name -> class (the names `task=` accepts, in this order)
 TASK_CLASSES: dict[str, type[Task]] = {
-    cls.name: cls for cls in (Classification, TokenClassification, CausalLM, MaskedLM, Custom)
+    cls.name: cls
+    for cls in (Classification, ZeroShotClassification, TokenClassification, CausalLM, MaskedLM, Custom)
 }
 TASKS = tuple(TASK_CLASSES)
 
@@ -37,7 +39,9 @@ def infer_task(config: Mapping[str, Any] | None, model: Any = None) -> tuple[str
 
     Returns:
         `(task, problem_type)`: `task` is one of [`TASKS`] (`None` when unknown); `problem_type` is
-        `"single_label_classification"`, `"multi_label_classification"` or `"regression"` for classification.
+        `"single_label_classification"`, `"multi_label_classification"` or `"regression"` for classification
+        (zero-shot classification of CLIP-family models, which have `get_text_features` and `get_image_features`,
+        is single-label).
 
     Example:
 
@@ -68,6 +72,8 @@ def infer_task(config: Mapping[str, Any] | None, model: Any = None) -> tuple[str
             num_labels = len(config.get("id2label") or {}) or int(config.get("num_labels", 2) or 2)
             problem = "regression" if num_labels == 1 else None
         return "classification", problem
+    if is_dual_encoder(arch, model):
+        return "zero-shot-classification", "single_label_classification"
     return None, None
 
 
@@ -94,8 +100,8 @@ def task_for(
             arch = (config.get("architectures") or [type(model).__name__ if model is not None else None])[0]
             raise EvaluationError(
                 f"Cannot tell how to score a {arch or 'model without architectures in its config'}: hf_soups "
-                "scores sequence/image/audio classification, token classification and causal/masked language "
-                "models. Pass compute_metrics= (a Trainer-style compute_metrics(EvalPrediction) -> dict)."
+                "scores sequence/image/audio classification, zero-shot classification with CLIP-family models, token "
+                "classification and causal/masked language models. Pass compute_metrics= (a Trainer-style compute_metrics(EvalPrediction) -> dict)."
             )
         name = "custom"
     labels = config.get("id2label") or {}
@@ -108,4 +114,14 @@ def task_for(
     )
 
 
-__all__ = ["TASKS", "TASK_CLASSES", "Collector", "Predictions", "Task", "infer_task", "make_task", "task_for"]
+__all__ = [
+    "TASKS",
+    "TASK_CLASSES",
+    "Collector",
+    "Predictions",
+    "Task",
+    "TaskContext",
+    "infer_task",
+    "make_task",
+    "task_for",
+]

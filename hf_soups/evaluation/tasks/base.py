@@ -10,19 +10,34 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from ...errors import EvaluationError
 from ..checks import labels_of
-from ..data import tokenize_text
+from ..data import TokenizerSource, tokenize_text
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
     import torch
 
-    from ..data import TokenizerSource
 
 #: `gather(tensors, pad_dims, pad_values)`: pad across processes along `pad_dims`, then `gather_for_metrics`
 Gather = Callable[..., tuple[Any, ...]]
 #: `metric(predictions, references) -> {name: float}`
 MetricFn = Callable[["np.ndarray", "np.ndarray"], dict[str, float]]
+
+
+@dataclass
+class TaskContext:
+    """What [`Task.configure`] may read: the model config, the eval sets and where preprocessors come from."""
+
+    config: Mapping[str, Any]
+    sets: Mapping[str, Any]  # name -> datasets.Dataset
+    label_columns: Mapping[str, str | None]
+    select_on: str
+    tokenizers: TokenizerSource
+
+    @property
+    def architecture(self) -> str | None:
+        return (self.config.get("architectures") or [None])[0]
 
 
 @dataclass
@@ -144,6 +159,30 @@ class Task:
     def check_labels(self, name: str, examples: list[dict]) -> None:
         """Normalise and check labels as the set is prepared (before the id checks)."""
 
+    def configure(self, options: Mapping[str, Any], context: TaskContext) -> None:
+        """Take the task's own options (zero-shot: `class_names`, `templates`) before the sets are prepared.
+
+        Tasks other than zero-shot classification take none: a given one is refused by name, since it would
+        silently change nothing.
+
+        Raises:
+            [`EvaluationError`]: an option this task does not take.
+        """
+        given = [key for key, value in options.items() if value is not None]
+        if given:
+            raise EvaluationError(
+                f"{given[0]}= is for zero-shot classification of CLIP-family models (CLIPModel, SiglipModel, ...), "
+                f"but this {context.architecture or 'model'} is scored as {self.name!r}; drop {given[0]}=."
+            )
+
+    def forward(self, model: Any, *, device: Any, batch_size: int) -> Callable[[dict], torch.Tensor] | None:
+        """What the evaluator calls on each batch's inputs to get logits; `None`: `model(**inputs).logits`.
+
+        Called once per evaluation of `model` (inside `torch.inference_mode()`), so a task may compute per-model
+        state first (zero-shot classification embeds its prompts with the model's own text tower).
+        """
+        return None
+
     def learn_from(self, examples: list[dict]) -> None:
         """Settle what the config left open, from the prepared selection set."""
 
@@ -173,4 +212,4 @@ class Task:
         return None
 
 
-__all__ = ["Collector", "Gather", "MetricFn", "Predictions", "Task"]
+__all__ = ["Collector", "Gather", "MetricFn", "Predictions", "Task", "TaskContext"]
