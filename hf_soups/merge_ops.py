@@ -773,8 +773,11 @@ def _halving_sum(rows: torch.Tensor) -> torch.Tensor:
 class GramAccumulator:
     """The float64 Gram matrix `G[i, j] = <v_i, v_j>` of N vectors streamed in matching slices.
 
-    Products of float32 values are exact in float64; their sums use a fixed pairwise tree, so the result is
-    bit-for-bit the same whatever the slicing. Memory: a few KB per pair.
+    The vectors are cut into chunks of 1024 elements at fixed global positions (partial chunks wait for the next
+    slice); the N x N dot products of every chunk come from one batched float64 matrix product on one thread
+    (products of float32 values are exact in float64), and the chunk sums of each pair are added by a fixed
+    pairwise tree. The result is therefore bit-for-bit the same whatever the slicing, and costs about one
+    multiply-add per element and pair. Memory: the N partial chunks and a few KB per pair.
 
     Args:
         n (`int`): the number of vectors.
@@ -796,6 +799,7 @@ class GramAccumulator:
     def __init__(self, n: int):
         self.n = n
         self._sums = {(i, j): _TreeSum() for i in range(n) for j in range(i, n)}
+        self._pending: torch.Tensor | None = None  # (n, r) float64, r < 1024: the current partial chunk
 
     def add(self, vectors: Sequence[torch.Tensor]) -> None:
         """Add the next slice of every vector (same length, same position in each)."""
@@ -803,18 +807,46 @@ class GramAccumulator:
 
         if len(vectors) != self.n:
             raise InvalidArgumentError(f"GramAccumulator({self.n}) got {len(vectors)} vectors.")
-        v64 = [v.reshape(-1).to(torch.float64) for v in vectors]
-        for (i, j), acc in self._sums.items():
-            acc.add(v64[i] * v64[j])
+        rows = torch.stack([v.reshape(-1).to(torch.float64) for v in vectors])
+        if self._pending is not None and self._pending.shape[1]:
+            rows = torch.cat([self._pending, rows], dim=1)
+        full = rows.shape[1] // _TREE_FAN_IN * _TREE_FAN_IN
+        self._pending = rows[:, full:].clone()
+        if full:
+            self._add_chunks(rows[:, :full])
+
+    def _add_chunks(self, rows: torch.Tensor, sums: dict | None = None) -> None:
+        """Add the dot products of whole 1024-element chunks `rows` (n, C * 1024) to `sums` (default: ours)."""
+        import torch
+
+        from .utils import single_threaded
+
+        chunks = rows.reshape(self.n, -1, _TREE_FAN_IN).transpose(0, 1).contiguous()  # (C, n, 1024)
+        with single_threaded():  # one kernel, one summation order, whatever the caller's thread count
+            dots = torch.bmm(chunks, chunks.transpose(1, 2))  # (C, n, n)
+        for (i, j), acc in (self._sums if sums is None else sums).items():
+            acc.add(dots[:, i, j].contiguous())
 
     def result(self) -> torch.Tensor:
         """The (n, n) float64 Gram matrix."""
         import torch
 
+        sums = self._sums
+        if self._pending is not None and self._pending.shape[1]:  # the last partial chunk, zero-padded
+            padded = torch.zeros(self.n, _TREE_FAN_IN, dtype=torch.float64)
+            padded[:, : self._pending.shape[1]] = self._pending
+            sums = {key: _copy_tree(acc) for key, acc in sums.items()}  # result() leaves the stream open
+            self._add_chunks(padded, sums)
         out = torch.zeros(self.n, self.n, dtype=torch.float64)
-        for (i, j), acc in self._sums.items():
+        for (i, j), acc in sums.items():
             out[i, j] = out[j, i] = acc.result()
         return out
+
+
+def _copy_tree(tree: _TreeSum) -> _TreeSum:
+    copy = _TreeSum()
+    copy._pending = [p.clone() for p in tree._pending]
+    return copy
 
 
 def _blockwise_gram(base: torch.Tensor | None, thetas: Sequence[torch.Tensor]) -> torch.Tensor:
