@@ -49,6 +49,9 @@ SLERP_PARALLEL_THRESHOLD = 0.9995
 
 # Fan-in of the pairwise summation tree used for every float64 reduction (dot products, norms).
 _TREE_FAN_IN = 1024
+# Sample size of the magnitude selection's first guess (TIES): tensors of more than 4x this many elements are
+# trimmed from a band around the sample's estimate of the threshold, found in one pass.
+_SAMPLE = 1 << 16
 # Elements processed at once by the whole-tensor loops (magnitude selection, DARE mask): bounds their
 # temporaries to a few MB whatever the tensor size.
 _BLOCK = 1 << 17
@@ -258,12 +261,15 @@ class MagnitudeThreshold:
 def magnitude_threshold(task_vector: torch.Tensor, density: float) -> MagnitudeThreshold:
     """The [`MagnitudeThreshold`] keeping the `int(density * numel)` largest magnitudes of a whole task vector.
 
-    This is the first pass of TIES for one ingredient. The k-th largest magnitude is found exactly by a radix
-    selection on the float32 bit patterns (non-negative floats sort like their bits): two counting passes
-    of 32768 and 65536 bins over blocks of the tensor, plus one pass to place the ties. Unlike
-    `torch.kthvalue` (which copies the tensor and allocates int64 indices: 12 bytes per element) it needs
-    no memory beyond the task vector itself and a few MB of temporaries, so the peak of TIES's first pass
-    is one float32 copy of the largest tensor (the task vector of one ingredient at a time), whatever N.
+    This is the first pass of TIES for one ingredient, and it is exact. For tensors of more than 262,144 elements
+    an evenly strided sample of 65,536 magnitudes brackets the threshold, and one pass counts the entries above
+    the bracket and collects the few inside it (with their flat indices), where the k-th largest and the kept
+    ties are found ([`_threshold_from_band`]). When the sample misleads (a band that misses the threshold) and
+    for small tensors, a radix selection on the float32 bit patterns (non-negative floats sort like their bits)
+    does it: two counting passes of 32768 and 65536 bins over blocks of the tensor, plus one pass to place the
+    ties. Unlike `torch.kthvalue` on the whole tensor (which copies it and allocates int64 indices: 12 bytes per
+    element) neither needs memory beyond the task vector itself and a few MB, so the peak of TIES's first
+    pass is one float32 copy of the largest tensor (the task vector of one ingredient at a time), whatever N.
 
     Args:
         task_vector (`torch.Tensor`):
@@ -289,7 +295,12 @@ def magnitude_threshold(task_vector: torch.Tensor, density: float) -> MagnitudeT
 
     def blocks():
         for start in range(0, numel, _BLOCK):
-            yield start, _f32(flat[start : start + _BLOCK]).abs().view(torch.int32)
+            yield start, _magnitude_bits(flat[start : start + _BLOCK])
+
+    if numel > 4 * _SAMPLE:
+        found = _threshold_from_band(flat, numel, k, blocks)
+        if found is not None:
+            return found
 
     # pass 1: histogram of the high 16 bits (sign bit is 0: values 0..32767)
     hist = torch.zeros(1 << 15, dtype=torch.int64)
@@ -316,6 +327,49 @@ def magnitude_threshold(task_vector: torch.Tensor, density: float) -> MagnitudeT
             return MagnitudeThreshold(k=k, value=value, last_tie_index=index)
         seen += count
     raise AssertionError("unreachable: the selected value occurs in the tensor")  # pragma: no cover
+
+
+def _magnitude_bits(values: torch.Tensor) -> torch.Tensor:
+    """The float32 bit patterns of `|values|` as int32 (non-negative floats order like their bits)."""
+    import torch
+
+    return _f32(values).view(torch.int32).bitwise_and(0x7FFFFFFF)
+
+
+def _threshold_from_band(flat: torch.Tensor, numel: int, k: int, blocks) -> MagnitudeThreshold | None:
+    """The exact [`MagnitudeThreshold`] in one pass, when an evenly strided sample brackets it well enough.
+
+    The sample's order statistics give a band of magnitudes [lo, hi] that holds the k-th largest with a margin
+    of four binomial standard deviations; one pass counts the entries above `hi` and collects the (about 2%)
+    entries inside the band with their flat indices; the k-th largest and the kept ties are then found inside
+    the band exactly. Returns None when the band missed it (the caller falls back to the radix selection).
+    """
+    import torch
+
+    stride = numel // _SAMPLE
+    sample = torch.sort(_magnitude_bits(flat[::stride][:_SAMPLE]), descending=True).values
+    m = sample.numel()
+    rank = k / numel * m  # expected 0-based rank of the k-th largest in the sample, from the top
+    margin = 4.0 * math.sqrt(m * (k / numel) * (1.0 - k / numel)) + 8.0
+    top, bottom = math.floor(rank - margin), math.ceil(rank + margin)
+    hi = int(sample[top]) if top >= 0 else (1 << 31) - 1
+    lo = int(sample[bottom]) if bottom < m else 0
+    above = 0
+    values, indices = [], []
+    for start, bits in blocks():
+        above += int((bits > hi).sum())
+        where = ((bits >= lo) & (bits <= hi)).nonzero().view(-1)
+        values.append(bits[where])
+        indices.append(where.add_(start))
+    band, index = torch.cat(values), torch.cat(indices)
+    rank_in_band = k - above  # the k-th largest is the rank_in_band-th largest of the band
+    if not 1 <= rank_in_band <= band.numel():
+        return None
+    pattern = int(torch.kthvalue(band, band.numel() - rank_in_band + 1).values)
+    ties_needed = k - above - int((band > pattern).sum())
+    last_tie_index = int(index[band == pattern][ties_needed - 1])
+    value = float(torch.tensor([pattern], dtype=torch.int32).view(torch.float32))
+    return MagnitudeThreshold(k=k, value=value, last_tie_index=last_tie_index)
 
 
 def _select_bin(hist: torch.Tensor, k: int) -> tuple[int, int]:

@@ -111,6 +111,27 @@ def test_magnitude_ties_at_the_threshold_keep_the_lowest_indices_and_exactly_k()
         assert torch.equal(torch.cat(pieces), mask)
 
 
+@pytest.mark.parametrize("kind", ["normal", "ties", "strided"])
+def test_magnitude_threshold_on_large_tensors_is_exact(kind):
+    """Tensors large enough for the sampled band (and one whose strided sample is misleading: the radix fallback)."""
+    n = 4 * (1 << 16) * 3 + 12345
+    g = torch.Generator().manual_seed(11)
+    if kind == "normal":
+        tau = torch.randn(n, generator=g)
+    elif kind == "ties":  # a handful of magnitudes, as in low-precision checkpoints
+        tau = torch.randint(-3, 4, (n,), generator=g).to(torch.float32)
+    else:  # every sampled entry is tiny, the rest large: the sample's estimate is far off
+        tau = torch.randn(n, generator=g) + 10.0
+        tau[:: n // (1 << 16)] = 1e-3
+    for density in (0.01, 0.3, 0.77):
+        threshold = mo.magnitude_threshold(tau, density)
+        expected = ref_keep(tau, density)
+        assert torch.equal(mo.magnitude_mask(tau, threshold), expected)
+        # the integer-mask trim of the two-pass path keeps the same entries, slice by slice
+        pieces = [mo._trim_(tau[s : s + 100003].clone(), threshold, s) for s in range(0, n, 100003)]
+        assert torch.equal(torch.cat(pieces), torch.where(expected, tau, 0.0))
+
+
 def test_magnitude_small_tensor_keeps_nothing_below_one_element():
     tau = torch.tensor([3.0, -1.0, 2.0])
     threshold = mo.magnitude_threshold(tau, 0.3)  # int(0.9) == 0, as PEFT's topk(k=0)
