@@ -264,3 +264,75 @@ def test_compared_with_greedy_and_uniform_on_one_live_model(folders, eval_sets):
     rows = {row["method"]: row for row in soup.comparison}
     assert set(rows) == {"uniform", "greedy", "learned"}
     assert rows["learned"]["scores"]["val"]["loss"] < rows["uniform"]["scores"]["val"]["loss"]
+
+
+def test_layer_soup_written_is_the_float64_combination_of_its_coefficient_table(folders, eval_sets, tmp_path):
+    paths = [folders["ruined"], *folders["good"]]
+    soup = merge_models(
+        paths,
+        method="learned",
+        granularity="layer",
+        base_model=folders["base"],
+        include_base=True,
+        eval_dataset=eval_sets,
+        select_on="val",
+        epochs=1,
+        learning_rate=0.3,
+        output_dir=tmp_path / "soup",
+        progress=False,
+    )
+    table = {row["group"]: row for row in soup.history}
+    members = [p.name for p in paths] + ["base"]
+    states = [read_safetensors(p) for p in [*paths, folders["base"]]]
+    written = read_safetensors(tmp_path / "soup")
+    in_memory = soup.model.state_dict()
+    for name, value in written.items():
+        if not value.is_floating_point():
+            continue
+        row = table[_block(name)]
+        expected = sum(row[m] * states[k][name].double() for k, m in enumerate(members))
+        torch.testing.assert_close(value.double(), expected, rtol=0, atol=2e-6, msg=name)
+        assert torch.equal(value, in_memory[name]), name  # the scored soup is the written one
+    assert len({round(row["base"], 6) for row in soup.history}) > 1  # the groups learned apart
+
+
+def test_adapter_soup_learned_by_ingredient_in_adapter_form(tmp_path, eval_sets):
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import BertForSequenceClassification
+
+    base_dir = save(pretrained_model(), tmp_path / "base")
+    adapters = []
+    for seed, scale in ((1, 0.05), (2, 3.0)):  # a mild adapter and a ruined one
+        model = get_peft_model(
+            BertForSequenceClassification.from_pretrained(base_dir),
+            LoraConfig(r=2, lora_alpha=4, target_modules=["query", "value"], init_lora_weights=False),
+        )
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.copy_(torch.randn(p.shape, generator=gen) * scale)
+        model.save_pretrained(tmp_path / f"lora-{seed}")
+        adapters.append(tmp_path / f"lora-{seed}")
+    soup = merge_models(
+        [str(a) for a in adapters],
+        method="learned",
+        eval_dataset=eval_sets,
+        select_on="val",
+        epochs=2,
+        learning_rate=0.3,
+        adapter_output="adapter",
+        output_dir=tmp_path / "soup",
+        progress=False,
+    )
+    weights = [i.weight for i in soup.ingredients]
+    assert weights[0] > weights[1]
+    # the adapter written is the exact soup of the deltas: it scores what the recipe scored
+    model = PeftModel.from_pretrained(
+        BertForSequenceClassification.from_pretrained(base_dir), soup.output_dir
+    )
+    ids = torch.tensor(eval_sets["val"]["input_ids"])
+    labels = torch.tensor(eval_sets["val"]["label"])
+    with torch.no_grad():
+        loss = torch.nn.functional.cross_entropy(model.eval()(input_ids=ids).logits, labels)
+    assert float(loss) == pytest.approx(soup.scores["val"]["loss"], rel=1e-4)

@@ -487,16 +487,23 @@ def cook_learned(kitchen: Kitchen) -> Soup:
     if not val:
         best_beta, best_step = beta.detach().clone(), step
     final = torch.softmax(best_beta, dim=1)
-    if best_step != step:
-        kitchen.load_into(live, mixture.mixture(final, n_members))
     served = mixture.mixture(final, n_members)
+    frozen_weights = None
+    if isinstance(served, list) and not include_base:
+        # Served as the uniform soup of these weights would be, so that a recipe file that cannot replay the
+        # learning (in-memory eval data) records `uniform` with `weight: softmax(β)ᵢ` and re-cooks the same bits.
+        from .uniform import normalized_weights
+
+        frozen_weights = [float(c) for c in final[0].tolist()]
+        served = normalized_weights(frozen_weights, n_ing) + ([0.0] if n_members > n_ing else [])
+    kitchen.load_into(live, served)  # the served soup is the one scored (bit for bit)
 
     # what the soup is: the coefficient table, each ingredient's weight (element-weighted mean over groups)
     sizes = torch.tensor(mixture.group_numel, dtype=torch.float64)
     mean = (final * sizes[:, None]).sum(0) / sizes.sum()
     for k, i in enumerate(members[:n_ing]):
         member = kitchen.ingredients[i].ingredient
-        member.weight = float(mean[k])
+        member.weight = float(served[i]) if isinstance(served, list) else float(mean[k])
         member.selected = True
     table = [
         {"group": g, **{names[k]: float(final[row, k]) for k in range(len(members))}}
@@ -532,6 +539,8 @@ def cook_learned(kitchen: Kitchen) -> Soup:
         "validation_fraction": fraction,
         "seed": seed,
     }
+    if frozen_weights is not None:
+        params_out["weights"] = frozen_weights
     return kitchen.serve(
         served,
         method="learned",
