@@ -336,3 +336,76 @@ def test_adapter_soup_learned_by_ingredient_in_adapter_form(tmp_path, eval_sets)
     with torch.no_grad():
         loss = torch.nn.functional.cross_entropy(model.eval()(input_ids=ids).logits, labels)
     assert float(loss) == pytest.approx(soup.scores["val"]["loss"], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_learned_merge_from_flags_recooks_the_same_soup_from_its_recipe(tmp_path):
+    """The CLI takes the learned soup's flags; its recipe carries the eval data and the seed, so `cook` learns the
+    same coefficients again and writes the same bits."""
+    import csv
+
+    import yaml
+
+    from tests import synthetic_task as task
+    from tests.test_cli import hf_soups
+    from tests.testing_common import assert_same_tensors
+
+    trained = task.trained_model()
+    folders = []
+    for i, scale in enumerate([0.5, 3.0]):
+        folder = task.save(task.add_noise(trained, scale, seed=i), tmp_path / f"ft-{i}")
+        task.tiny_tokenizer().save_pretrained(folder)
+        folders.append(folder)
+    ids, labels = task.make_split(96, seed=7)
+    with open(tmp_path / "val.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["text", "label"])
+        writer.writerows(zip(task.ids_to_text(ids), labels.tolist()))
+    result = hf_soups(
+        "merge", *[str(f) for f in folders], "--method", "learned", "--granularity", "layer", "--epochs", "2",
+        "--learning-rate", "0.2", "--eval-file", "val.csv", "--text-column", "text", "--output-dir", "soup",
+        "--quiet",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    written = yaml.safe_load((tmp_path / "soup" / "soup_recipe.yaml").read_text())
+    assert written["method"] == "learned" and written["granularity"] == "layer" and written["epochs"] == 2
+    assert written["seed"] == 0 and "eval" in written
+    again = hf_soups("cook", "soup", "--output-dir", "again", "--quiet", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert_same_tensors(tmp_path / "soup", tmp_path / "again")
+
+
+def test_in_memory_eval_freezes_a_learned_soup_by_ingredient_to_its_weights(folders, eval_sets, tmp_path):
+    from hf_soups.api import cook_recipe
+
+    soup = merge_models(
+        [folders["ruined"], folders["good"][0]],
+        method="learned",
+        eval_dataset=eval_sets,
+        select_on="val",
+        epochs=1,
+        learning_rate=0.2,
+        output_dir=tmp_path / "soup",
+        progress=False,
+    )
+    import yaml
+
+    written = yaml.safe_load((tmp_path / "soup" / "soup_recipe.yaml").read_text())
+    assert written["method"] == "uniform"
+    assert [e["weight"] for e in written["ingredients"]] == soup.params["weights"]
+    cook_recipe(tmp_path / "soup" / "soup_recipe.yaml", output_dir=tmp_path / "again", progress=False)
+    from tests.testing_common import assert_same_tensors
+
+    assert_same_tensors(tmp_path / "soup", tmp_path / "again")
+
+
+def test_the_callback_takes_the_learned_soups_options(tmp_path):
+    from hf_soups import SoupTrainerCallback
+
+    cb = SoupTrainerCallback(
+        ingredients_dir=tmp_path / "ingredients", method="learned", granularity="layer", epochs=2
+    )
+    assert cb is not None
+    with pytest.raises(InvalidArgumentError, match="granularity"):
+        SoupTrainerCallback(ingredients_dir=tmp_path / "other", method="learned", granularity="block")
