@@ -126,7 +126,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--json", default=None, help="default: the preset's record under benchmarks/results/")
     parser.add_argument("--render-json", default=None, help="only re-write the record from this --json file")
     parser.add_argument("--workdir", default=None, help="keep ingredients here (default: a temp folder)")
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="with --workdir: reuse the probe and fine-tunes already saved there by this script (complete "
+        "safetensors, config and tokenizer files) instead of retraining them; same preset and sizes required",
+    )
+    parser.add_argument(
+        "--learned",
+        action="store_true",
+        help="also cook the learned soup by ingredient and by layer (coefficients learned on validation)",
+    )
+    parser.add_argument("--learned-epochs", type=int, default=5, help="--learned: epochs over validation")
+    parser.add_argument("--learned-lr", type=float, default=0.05, help="--learned: Adam learning rate")
     args = parser.parse_args(argv)
+    if args.reuse and not args.workdir:
+        parser.error("--reuse needs --workdir (the folder holding the saved ingredients)")
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -179,6 +194,29 @@ def best_on_validation(rows: list[dict]) -> dict:
 # ------------------------------------------------------------------------------------------- one repetition
 
 
+MARKER = "paper_repro_run.json"
+"""Written beside each fine-tune after it is saved: its config and measured speed (for --reuse)."""
+
+
+def saved_model_complete(folder: Path) -> bool:
+    """Whether `folder` holds a whole classifier saved by this script: config, tokenizer (saved after the weights)
+    and a `model.safetensors` whose size is exactly what its header announces (not a file still being written)."""
+    weights = folder / "model.safetensors"
+    if not all((folder / f).is_file() for f in ("config.json", "tokenizer_config.json", "model.safetensors")):
+        return False
+    try:
+        with open(weights, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return weights.stat().st_size == 8 + n + end and "ForSequenceClassification" in str(
+        config.get("architectures")
+    )
+
+
 def run_once(args, sweep_seed: int, workdir: Path, device) -> dict:
     from hf_soups import Ingredient, merge_models
     from hf_soups.demo.data import load_tokenizer
@@ -209,14 +247,20 @@ def run_once(args, sweep_seed: int, workdir: Path, device) -> dict:
     def to_device(model):
         return model.to(device) if device is not None else model
 
-    probe = train_linear_probe(
-        encoded["train"],
-        encoded["validation"],
-        output_dir=workdir / "probe",
-        tokenizer=tokenizer,
-        seed=sweep_seed,
-        device=device,
-    )
+    if args.reuse and saved_model_complete(workdir / "probe"):
+        from types import SimpleNamespace
+
+        print(f"[seed {sweep_seed}] reusing the linear probe in {workdir / 'probe'}", flush=True)
+        probe = SimpleNamespace(path=workdir / "probe", model=load_classifier(workdir / "probe"))
+    else:
+        probe = train_linear_probe(
+            encoded["train"],
+            encoded["validation"],
+            output_dir=workdir / "probe",
+            tokenizer=tokenizer,
+            seed=sweep_seed,
+            device=device,
+        )
     probe_logits = logits_on(to_device(probe.model), {s: encoded[s] for s in sets})
     probe_acc, probe_hits = _accuracy_from_logits(probe_logits, {s: encoded[s] for s in sets})
     print(f"[seed {sweep_seed}] probe validation {probe_acc['validation']:.4f}", flush=True)
@@ -229,15 +273,30 @@ def run_once(args, sweep_seed: int, workdir: Path, device) -> dict:
             for seed in args.seeds:
                 cfg = FineTuneConfig(learning_rate=lr, steps=steps, seed=1000 * sweep_seed + seed)
                 t = time.perf_counter()
-                run = fine_tune(
-                    probe.path,
-                    encoded["train"],
-                    cfg,
-                    output_dir=workdir / cfg.name,
-                    tokenizer=tokenizer,
-                    device=device,
-                )
-                train_s += time.perf_counter() - t
+                folder = workdir / cfg.name
+                if args.reuse and saved_model_complete(folder):
+                    from hf_soups.demo.train import FineTuneResult
+
+                    marker = folder / MARKER
+                    known = json.loads(marker.read_text()) if marker.is_file() else {}
+                    run = FineTuneResult(
+                        path=folder,
+                        config=cfg,
+                        seconds_per_step=float(known.get("seconds_per_step", math.nan)),
+                        final_loss=float(known.get("final_loss", math.nan)),
+                    )
+                    print(f"[seed {sweep_seed}] reusing {folder}", flush=True)
+                else:
+                    run = fine_tune(
+                        probe.path,
+                        encoded["train"],
+                        cfg,
+                        output_dir=folder,
+                        tokenizer=tokenizer,
+                        device=device,
+                    )
+                    (folder / MARKER).write_text(json.dumps(run.to_dict(), indent=1, default=str))
+                    train_s += time.perf_counter() - t
                 model = to_device(load_classifier(run.path))
                 logits = logits_on(model, {s: encoded[s] for s in ingredient_sets})
                 acc, hits = _accuracy_from_logits(logits, {s: encoded[s] for s in ingredient_sets})
@@ -272,6 +331,7 @@ def run_once(args, sweep_seed: int, workdir: Path, device) -> dict:
     common = dict(metric="accuracy", batch_size=128, progress=False, device=device)
     t = time.perf_counter()
     uniform = merge_models(refs, method="uniform", progress=False)
+    t_greedy = time.perf_counter()
     greedy = merge_models(
         [Ingredient(str(r.path), name=r.name) for r in runs],
         method="greedy",
@@ -279,6 +339,7 @@ def run_once(args, sweep_seed: int, workdir: Path, device) -> dict:
         scores=val_scores,
         **common,
     )
+    soup_seconds = {"greedy": time.perf_counter() - t_greedy}
     # the curve on validation (which chooses alpha) and, unless --no-shifted-curve, on the most shifted set
     curve_sets = ["validation"] if args.no_shifted_curve else ["validation", sets[-1]]
     sweep_sets = {s: evaluation_dataset(encoded[s]) for s in curve_sets}
@@ -298,6 +359,36 @@ def run_once(args, sweep_seed: int, workdir: Path, device) -> dict:
             args, runs, rows, probe.path, {"validation": evaluation_dataset(encoded["validation"])}, common
         )
         family_params = {key: _knobs(soup.params) for key, soup in cooked[3:]}
+    learned_info = {}
+    if args.learned:
+        for key, granularity in (("learned", "ingredient"), ("learned-layer", "layer")):
+            t_learned = time.perf_counter()
+            soup = merge_models(
+                [Ingredient(str(r.path), name=r.name) for r in runs],
+                method="learned",
+                granularity=granularity,
+                epochs=args.learned_epochs,
+                learning_rate=args.learned_lr,
+                eval_dataset={"validation": evaluation_dataset(encoded["validation"])},
+                select_on="validation",
+                **common,
+            )
+            soup_seconds[key] = time.perf_counter() - t_learned
+            info = soup.report_extra["learned"]
+            learned_info[key] = {
+                "weights": {i.name: i.weight for i in soup.ingredients},
+                "groups": info["groups"],
+                "steps": info["steps"],
+                "best_step": info["best_step"],
+                "validation_loss": info["validation_loss"],
+                "seconds": soup_seconds[key],
+            }
+            print(
+                f"[seed {sweep_seed}] {key}: {info['steps']} steps (step {info['best_step']} served), "
+                f"{soup_seconds[key]:.0f} s vs greedy {soup_seconds['greedy']:.0f} s",
+                flush=True,
+            )
+            cooked.append((key, soup))
     cook_s = time.perf_counter() - t
 
     out = {}
@@ -334,13 +425,15 @@ def run_once(args, sweep_seed: int, workdir: Path, device) -> dict:
         "greedy_order": greedy.params.get("order"),
         "wise_ft_alpha": wise.params["alpha"],
         "family": family_params,
+        "learned": learned_info,
+        "soup_seconds": soup_seconds,
         "wise_ft_curve": curve,
         "comparisons": comparisons,
         "timings": {
             "total_s": time.perf_counter() - t0,
             "train_s": train_s,
             "cook_s": cook_s,
-            "s_per_step": float(np.mean([r["s_per_step"] for r in rows])),
+            "s_per_step": _nanmean([r["s_per_step"] for r in rows]),  # NaN for reused fine-tunes
         },
         "typo_names": [typo_set_name(r) for r in args.typo_rates],
     }
@@ -353,6 +446,14 @@ FAMILY_LABELS = {
     "model-stock": "Model Stock",
     "slerp": "SLERP of the best two",
 }
+
+
+def _nanmean(values: list[float]) -> float:
+    finite = [float(v) for v in values if v is not None and math.isfinite(v)]
+    return float(np.mean(finite)) if finite else math.nan
+
+
+LEARNED_LABELS = {"learned": "learned soup by ingredient", "learned-layer": "learned soup by layer"}
 
 
 def _knobs(params: dict) -> dict:
@@ -442,7 +543,7 @@ def render(
         "",
         f"Command: `{args.command.strip()}`  ",
         f"Machine: {device_name}; {elapsed / 60:.0f} min of run time in all "
-        f"(mean {np.mean([r['timings']['s_per_step'] for r in results]):.2f} s per training step, batch 32, "
+        f"(mean {_nanmean([r['timings']['s_per_step'] for r in results]):.2f} s per training step, batch 32, "
         "max length 48; the machine was shared with other jobs, so times are pessimistic).",
         "",
     ]
@@ -487,6 +588,13 @@ def render(
         f"WiSE-FT probe <-> best single (alpha {alphas}, chosen on validation)",
         lambda r: r["soups"]["wise-ft"]["accuracy"],
     )
+    for key, label in LEARNED_LABELS.items():
+        if all(key in r["soups"] for r in results):
+            secs = "; ".join(
+                f"{r['soup_seconds'][key]:.0f} s vs greedy {r['soup_seconds']['greedy']:.0f} s"
+                for r in results
+            )
+            row(f"{label} (chosen on validation; {secs})", lambda r, key=key: r["soups"][key]["accuracy"])
     for key, label in FAMILY_LABELS.items():
         if all(key in r["soups"] for r in results):
             knobs = "; ".join(
@@ -576,14 +684,14 @@ def verdict(comparisons: list[dict]) -> str:
 
 def soup_keys(results: list[dict]) -> list[str]:
     """The soups every sweep seed has: uniform, greedy, WiSE-FT, then the family members when cooked."""
-    keys = ["uniform", "greedy", "wise-ft", *FAMILY_LABELS]
+    keys = ["uniform", "greedy", "wise-ft", *LEARNED_LABELS, *FAMILY_LABELS]
     return [k for k in keys if all(k in r["soups"] for r in results)]
 
 
 def summarise(results: list[dict], test_sets: list[str]) -> list[str]:
     out = []
     labels = {"uniform": "Uniform soup", "greedy": "Greedy soup", "wise-ft": "WiSE-FT"}
-    labels.update({k: v[0].upper() + v[1:] for k, v in FAMILY_LABELS.items()})
+    labels.update({k: v[0].upper() + v[1:] for k, v in {**LEARNED_LABELS, **FAMILY_LABELS}.items()})
     for key in soup_keys(results):
         label = labels[key]
         parts = []
@@ -624,6 +732,8 @@ def plot(results: list[dict], path: Path) -> None:
         ("tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan"),
     )
     style.update({k: (m, c) for k, m, c in family_style if all(k in res["soups"] for res in results)})
+    learned_style = zip(LEARNED_LABELS, ("<", ">"), ("gold", "darkgoldenrod"))
+    style.update({k: (m, c) for k, m, c in learned_style if all(k in res["soups"] for res in results)})
     for i, res in enumerate(results):
         ax1.scatter(
             100 * res["probe"]["test"],

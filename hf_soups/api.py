@@ -29,6 +29,12 @@ def merge_models(
     density: float | Sequence[float] | None = None,
     seed: int | None = None,
     t: float | Sequence[float] | None = None,
+    granularity: str = "ingredient",
+    include_base: bool = False,
+    learning_rate: float = 0.05,
+    epochs: int = 5,
+    accumulation_steps: int = 4,
+    validation_fraction: float = 0.2,
     eval_dataset: Any = None,
     metric: Any = "accuracy",
     metric_key: str | None = None,
@@ -74,8 +80,8 @@ def merge_models(
         method (`str` or `Sequence[str]`, *optional*, defaults to `"uniform"`):
             `"uniform"` (mean, or weighted mean with `weights`), `"greedy"` (greedy soup chosen on
             `eval_dataset`), `"wise-ft"` (interpolation with `base_model` by `alpha`), or one of the task-vector
-            family: `"task-arithmetic"`, `"ties"`, `"dare-linear"`, `"dare-ties"`, `"slerp"`, `"model-stock"`
-            (see docs/methods.md). A list of methods cooks each (with the knobs it takes, sweeps included), scores
+            family: `"task-arithmetic"`, `"ties"`, `"dare-linear"`, `"dare-ties"`, `"slerp"`, `"model-stock"`,
+            or `"learned"` (coefficients learned on `eval_dataset`'s loss) (see docs/methods.md). A list of methods cooks each (with the knobs it takes, sweeps included), scores
             each on `eval_dataset` with one live model, and keeps the best on `select_on`; `soup.comparison` and
             the report list every method beside the best single ingredient.
         weights (`Sequence[float]`, *optional*):
@@ -91,9 +97,20 @@ def merge_models(
         density (`float` or `Sequence[float]`, *optional*):
             TIES, DARE (required): fraction of each task vector kept per tensor, in (0, 1]. A list is a sweep.
         seed (`int`, *optional*):
-            DARE (required): seed of the random drop; the soup is reproducible bit for bit from it.
+            DARE (required): seed of the random drop; the soup is reproducible bit for bit from it. Learned soups:
+            seed of the validation split and the batch order (default 0).
         t (`float` or `Sequence[float]`, *optional*):
             SLERP (required): interpolation in [0, 1] between the two ingredients. A list is a sweep.
+        granularity (`str`, *optional*, defaults to `"ingredient"`):
+            Learned soups: one coefficient per ingredient, or per ingredient and per block (`"layer"`; see
+            docs/methods.md for how tensors are grouped).
+        include_base (`bool`, *optional*, defaults to `False`): learned soups: mix `base_model` as a member too.
+        learning_rate (`float`, *optional*, defaults to 0.05): learned soups: Adam's step on the mixing logits.
+        epochs (`int`, *optional*, defaults to 5): learned soups: passes over the training part of `select_on`.
+        accumulation_steps (`int`, *optional*, defaults to 4): learned soups: batches per optimiser step (each
+            step streams every ingredient twice).
+        validation_fraction (`float`, *optional*, defaults to 0.2): learned soups: part of `select_on` held back
+            to pick the best step and stop early (0: the fixed budget, no early stopping).
         eval_dataset (`datasets.Dataset` or `dict[str, datasets.Dataset]`, *optional*):
             Held-out data for greedy soups, sweeps and reporting.
         metric (`str`, `tuple`, `evaluate.EvaluationModule` or callable, *optional*, defaults to `"accuracy"`):

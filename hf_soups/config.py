@@ -121,7 +121,7 @@ class SoupConfig:
     method: str | list[str] = option(
         "uniform",
         help="The recipe: uniform, greedy, wise-ft, task-arithmetic, ties, dare-linear, dare-ties, slerp, "
-        "model-stock. Several (a list) are each cooked and scored on the eval data, and the best on select_on is "
+        "model-stock, learned. Several (a list) are each cooked and scored on the eval data, and the best on select_on is "
         "kept, with all of them reported side by side.",
         kind="method",
         cli={"short": "-m", "nargs": "+", "metavar": "METHOD"},

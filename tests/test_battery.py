@@ -272,6 +272,8 @@ RECIPE_CASES.update(
         "dare-ties": _family_case("dare-ties", density=0.7, seed=3, weights=[1.0, 0.5, 2.0]),
         "slerp": _family_case("slerp", n=2, t=0.4),
         "model-stock": _family_case("model-stock"),
+        # learned by ingredient: its learned coefficients are reported, and the written soup is their combination
+        "learned": RecipeCase(kwargs=lambda arch: {**arch.eval_kwargs, "epochs": 1}),
     }
 )
 

@@ -14,12 +14,13 @@ import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from ..errors import EvaluationError
 from .checks import check_ranges, input_limits, input_ranges, model_limits
 from .data import EvalSetPreparer, PreprocessorSource, TokenizerSource
 from .ensemble import add_predictions, mean_predictions
 from .images import image_mode
 from .results import annotate
-from .runtime import PadCollator, Runtime
+from .runtime import PadCollator, Runtime, forward_arguments
 from .scoring import MetricScorer
 from .selection import Selector
 from .tasks import TASK_CLASSES, Predictions, Task, TaskContext, task_for
@@ -305,6 +306,41 @@ class Evaluator:
         if not self._scorer.key_checked:
             self._scorer.adopt_keys(list(scores[self.select_on]))
         return scores
+
+    def examples(self, name: str | None = None) -> list[dict[str, Any]]:
+        """The prepared (tokenized, checked) examples of eval set `name` (default: `select_on`), whole on every process."""
+        if self._examples is None:
+            raise EvaluationError("internal error: the evaluator is not bound to the ingredients yet.")
+        return self._examples[name or self.select_on]
+
+    def loss_sum(self, model: Any, examples: Sequence[dict[str, Any]]) -> tuple[Any, int]:
+        """The task's loss of `model` on one batch of prepared examples, summed, with gradients (learned soups).
+
+        The batch is padded as evaluation batches are and run on the evaluation device, in the model's current
+        mode, outside `inference_mode`; nothing is gathered across processes.
+
+        Args:
+            model (`PreTrainedModel`): the model (moved to the evaluation device when it is elsewhere).
+            examples (`Sequence[dict]`): examples as [`examples`] returns them.
+
+        Returns:
+            `tuple[torch.Tensor, int]`: the summed loss (a scalar with gradients) and what it sums over (examples,
+            or scored tokens); their ratio is the `loss` that [`evaluate`] reports.
+
+        Raises:
+            [`EvaluationError`]: the task has no loss hf_soups knows (`compute_metrics` tasks).
+        """
+        task = self._task
+        device = self.device
+        first = next(iter(model.parameters()), None)
+        if first is not None and first.device != device:
+            model.to(device)
+        batch = PadCollator(self._pad_token_id or 0, causal_labels=task.labels_from_inputs)(list(examples))
+        labels = batch.pop("labels", None)
+        accepted = forward_arguments(model)
+        output = model(**{k: v.to(device) for k, v in batch.items() if accepted is None or k in accepted})
+        logits = output.logits if hasattr(output, "logits") else output[0]
+        return task.loss_sum(logits.float(), labels.to(device) if labels is not None else None)
 
     def evaluate(self, model: Any) -> dict[str, dict[str, float]]:
         """Score `model` on every eval set.

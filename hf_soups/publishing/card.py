@@ -386,6 +386,8 @@ def _curve(soup: Soup) -> tuple[str | None, list[str], list[list[str]]]:
         title = "WiSE-FT curve (held-out results along alpha; alpha = 0 is the base, 1 the fine-tuned end)"
     elif soup.method == "greedy":
         title = "Greedy soup steps (ingredients tried in order of held-out score)"
+    elif soup.method == "learned":
+        title = "Learned coefficients (softmax weights of each member, one row per group of tensors)"
     elif isinstance(soup.params.get("sweep"), dict):
         title = f"Sweep of {', '.join(soup.params['sweep'])} (each value scored on the held-out sets)"
     else:
@@ -596,6 +598,10 @@ def _build(soup: Soup, *, repo_id: str | None, directory: Path | None) -> ModelC
         selection = f"an ingredient is kept when adding it {rule} the held-out {metric}"
     elif soup.method == "wise-ft" and isinstance(soup.history, list) and len(soup.history) > 1:
         selection = f"alpha chosen on the held-out {metric} among {len(soup.history)} values"
+    elif soup.method == "learned":
+        from .reporting import learned_summary
+
+        selection = " ".join(learned_summary(soup)) or None
     elif isinstance(soup.params.get("sweep"), dict) and len(soup.history) > 1:
         knobs = ", ".join(soup.params["sweep"])
         selection = f"{knobs} chosen on the held-out {metric} among {len(soup.history)} settings"

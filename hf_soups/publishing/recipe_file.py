@@ -587,9 +587,10 @@ class RecipeFile:
         return dataset
 
     def needs_eval(self) -> bool:
-        """Whether cooking this recipe evaluates (greedy, several methods, or a WiSE-FT sweep over several alphas)."""
+        """Whether cooking this recipe evaluates (greedy, learned, several methods, or a WiSE-FT sweep over several
+        alphas)."""
         return (
-            self.method == "greedy"
+            self.method in ("greedy", "learned")
             or isinstance(self.method, list)
             or (isinstance(self.alpha, list) and len(self.alpha) > 1)
         )
@@ -1038,7 +1039,10 @@ def recipe_from_soup(soup: Soup, *, portable: bool = False) -> dict[str, Any]:
     family_sweep = dict(params.get("sweep") or {})  # the task-vector family's knobs swept on eval data
     compared = params.get("methods")  # several methods compared on eval data, this soup the winner's
     selection_needs_eval = (
-        method == "greedy" or (sweep is not None and len(sweep) > 1) or bool(family_sweep) or bool(compared)
+        method in ("greedy", "learned")
+        or (sweep is not None and len(sweep) > 1)
+        or bool(family_sweep)
+        or bool(compared)
     )
     can_replay = source is not None and bool(source.eval)
     frozen = selection_needs_eval and not can_replay
@@ -1057,7 +1061,30 @@ def recipe_from_soup(soup: Soup, *, portable: bool = False) -> dict[str, Any]:
         )
         out["method"] = "uniform"
         ingredients = kept
-    weights = None if (frozen and method == "greedy") else _recorded_weights(soup, params, source)
+    learned_keys = ("granularity", "include_base", "learning_rate", "epochs", "accumulation_steps")
+    learned_keys += ("validation_fraction",)
+    if method == "learned" and frozen and params.get("weights") is not None:
+        notes.append(
+            "Learned soup frozen: the held-out data was an in-memory dataset, so this recipe records the learned "
+            "coefficients as the weights of a uniform soup (same tensors)."
+        )
+        out["method"] = "uniform"
+        params = {"weights": params["weights"]}
+    elif method == "learned" and frozen:
+        notes.append(
+            "Learned soup: the held-out data was an in-memory dataset and its per-layer coefficients cannot be "
+            "written as weights; give this recipe an `eval:` section to learn them again (the soup's card lists "
+            "them)."
+        )
+    if method == "learned" and out["method"] == "learned":
+        out.update({k: params[k] for k in learned_keys if params.get(k) is not None})
+    weights = (
+        None
+        if (frozen and method == "greedy")
+        else [float(w) for w in params["weights"]]
+        if (method == "learned" and out["method"] == "uniform")
+        else _recorded_weights(soup, params, source)
+    )
     entries = []
     for i, ing in enumerate(ingredients):
         entry = _reference_entry(ing)
@@ -1154,6 +1181,12 @@ def _replayed_comparison(
 
     knobs = [
         "alpha",
+        "granularity",
+        "include_base",
+        "learning_rate",
+        "epochs",
+        "accumulation_steps",
+        "validation_fraction",
         "scaling",
         "density",
         "t",

@@ -227,8 +227,19 @@ def render_report(soup: Soup) -> str:
             for h in history
         ]
         lines += _table([*knobs, *cols, ""], rows)
+    elif soup.method == "learned" and history:
+        lines += [
+            "",
+            *learned_summary(soup),
+            "",
+            "Learned coefficients (softmax weights; one row per group):",
+        ]
+        members = [k for k in history[0] if k != "group"]
+        lines += _table(
+            ["group", *members], [[h.get("group"), *(h.get(m) for m in members)] for h in history]
+        )
     for name, value in (soup.report_extra or {}).items():
-        if name == "baselines":
+        if name == "baselines" or (name == "learned" and soup.method == "learned"):
             continue
         if name == "cost" and isinstance(value, Mapping) and "evaluations" in value:
             lines += [
@@ -241,7 +252,28 @@ def render_report(soup: Soup) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-SETTING_KEYS = ("alpha", "weights", "scaling", "density", "t", "seed")
+def learned_summary(soup: Soup) -> list[str]:
+    """What a learned soup's optimisation did, in a few lines (from `report_extra["learned"]`)."""
+    info = (soup.report_extra or {}).get("learned") or {}
+    if not info:
+        return []
+    out = [
+        f"Learned by {info.get('granularity')} ({info.get('groups')} group(s) x {len(info.get('members') or [])} "
+        f"members): {info.get('steps')} Adam step(s) on {info.get('train_examples')} examples of "
+        f"{soup.select_on!r}, step {info.get('best_step')} served ({info.get('stopped')})."
+    ]
+    val = info.get("validation_loss")
+    if val:
+        out.append(
+            f"Validation loss on {info.get('validation_examples')} held-back examples: uniform start "
+            f"{val['uniform']:.4f}, served {val['learned']:.4f}."
+        )
+    if info.get("base_weight") is not None:
+        out.append(f"Base model weight (element-weighted mean over groups): {info['base_weight']:.4f}.")
+    return out
+
+
+SETTING_KEYS = ("alpha", "weights", "scaling", "density", "t", "seed", "granularity")
 """The parameters shown as a compared method's chosen setting."""
 
 
@@ -379,6 +411,14 @@ def plot(soup: Soup, path: str | os.PathLike) -> Path:
         ax.set_xticks(steps, [str(h.get("candidate")) for h in history], rotation=30, ha="right")
         ax.set_xlabel("candidate, in order of individual score")
         ax.set_title("Greedy soup")
+    elif soup.method == "learned" and history:
+        members = [k for k in history[0] if k != "group"]
+        xs = list(range(len(history)))
+        for m in members:
+            ax.plot(xs, [h.get(m) for h in history], marker="o", label=m)
+        ax.set_xticks(xs, [str(h.get("group")) for h in history], rotation=30, ha="right")
+        ax.set_title("Learned soup: coefficients per group")
+        ax.set_ylabel("coefficient (softmax weight)")
     else:
         names = [i.name for i in soup.ingredients] + ["soup"]
         values = [i.score if i.score is not None else math.nan for i in soup.ingredients] + [soup.score]
@@ -387,6 +427,8 @@ def plot(soup: Soup, path: str | os.PathLike) -> Path:
         ax.set_title(f"{_title(soup.method)} against its ingredients")
     if history and "alpha" in history[0]:
         ax.set_ylabel(f"{key} (alpha chosen on {soup.select_on})" if soup.select_on else key)
+    elif soup.method == "learned" and history:
+        pass
     else:
         ax.set_ylabel(f"{key} on {soup.select_on}" if soup.select_on else key)
     ax.grid(True, alpha=0.3)

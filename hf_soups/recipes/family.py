@@ -68,7 +68,8 @@ class DareParams(TiesParams):
     """Parameters of DARE (linear and TIES forms)."""
 
     seed: int | None = option(
-        help="DARE: seed of the random drop (required; the soup is reproducible bit for bit from it).",
+        help="DARE: seed of the random drop (required; the soup is reproducible bit for bit from it). learned: seed of "
+        "the validation split and the batch order (default 0).",
         kind="seed",
         cli={"type": int},
     )

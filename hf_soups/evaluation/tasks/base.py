@@ -200,6 +200,16 @@ class Task:
         """The task's own loss (and perplexity), plus `metric` of its predictions when there is one."""
         raise NotImplementedError
 
+    def loss_sum(self, logits: torch.Tensor, labels: torch.Tensor | None) -> tuple[torch.Tensor, int]:
+        """The task's loss of one batch, summed (with gradients), and what it sums over: the `loss` it reports is
+        their ratio over a whole set. Learned soups descend it."""
+        from ...errors import EvaluationError
+
+        raise EvaluationError(
+            f"The {self.name!r} task has no loss hf_soups can differentiate (it is scored by compute_metrics); "
+            "method='learned' needs a classification, token-classification or language-model task."
+        )
+
     def add_own_scores(self, result: dict[str, float], out: Predictions) -> None:
         """Add the task's own loss (and perplexity) to what a `compute_metrics` returned, unless it has them."""
 

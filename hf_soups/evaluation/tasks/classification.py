@@ -27,6 +27,12 @@ def _tensor(logits: np.ndarray) -> torch.Tensor:
 class SingleLabel:
     """Class ids; cross-entropy loss; the argmax is the prediction."""
 
+    def loss_sum(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+        import torch
+
+        refs = labels.long().reshape(-1)
+        return torch.nn.functional.cross_entropy(logits, refs, reduction="sum"), len(refs)
+
     def loss(self, logits: torch.Tensor, labels: Any) -> float:
         import torch
 
@@ -50,6 +56,13 @@ class SingleLabel:
 
 class MultiLabel:
     """One 0/1 target per label; binary cross-entropy; a positive logit predicts the label."""
+
+    def loss_sum(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+        import torch
+
+        refs = labels.float()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, refs, reduction="sum")
+        return loss, refs.numel()
 
     def loss(self, logits: torch.Tensor, labels: Any) -> float:
         import torch
@@ -75,6 +88,12 @@ class MultiLabel:
 
 class Regression:
     """One real-valued output; mean squared error; the first output is the prediction."""
+
+    def loss_sum(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+        import torch
+
+        preds, refs = logits.reshape(len(logits), -1)[:, 0], labels.float().reshape(-1)
+        return torch.nn.functional.mse_loss(preds, refs, reduction="sum"), len(refs)
 
     def loss(self, logits: torch.Tensor, labels: Any) -> float:
         import torch
@@ -169,6 +188,9 @@ class Classification(Task):
 
     def score(self, out: Predictions, metric: MetricFn | None) -> dict[str, float]:
         return score_logits(self.problem, out, metric)
+
+    def loss_sum(self, logits: torch.Tensor, labels: torch.Tensor | None) -> tuple[torch.Tensor, int]:
+        return self.problem.loss_sum(logits, labels)
 
     def add_own_scores(self, result: dict[str, float], out: Predictions) -> None:
         if out.logits is not None and out.labels is not None:

@@ -93,6 +93,13 @@ class _LanguageModel(Task):
     def collector(self, gather: Gather, keep_raw: bool) -> Collector:
         return LMCollector(gather, keep_raw, shift=self.labels_from_inputs)
 
+    def loss_sum(self, logits: torch.Tensor, labels: torch.Tensor | None) -> tuple[torch.Tensor, int]:
+        from .token_classification import token_loss_sum
+
+        if self.labels_from_inputs:
+            logits, labels = logits[:, :-1], labels[:, 1:]
+        return token_loss_sum(logits, labels)
+
     def score(self, out: Predictions, metric: MetricFn | None) -> dict[str, float]:
         loss = out.loss_sum / out.loss_count if out.loss_count else float("nan")
         result = {"loss": loss, "perplexity": perplexity(loss)}

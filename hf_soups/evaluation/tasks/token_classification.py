@@ -14,6 +14,17 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
 
 
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Summed cross-entropy of the tokens whose label is not -100, and how many there are."""
+    import torch
+
+    flat = labels.reshape(-1)
+    loss = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), flat, ignore_index=-100, reduction="sum"
+    )
+    return loss, int((flat != -100).sum())
+
+
 class TokenCollector(Collector):
     def add(self, logits: torch.Tensor, labels: torch.Tensor | None) -> None:
         self.add_per_token(logits, labels)
@@ -48,6 +59,9 @@ class TokenClassification(Task):
 
     def score(self, out: Predictions, metric: MetricFn | None) -> dict[str, float]:
         return score_logits(PROBLEM_TYPES["single_label_classification"], out, metric)
+
+    def loss_sum(self, logits: torch.Tensor, labels: torch.Tensor | None) -> tuple[torch.Tensor, int]:
+        return token_loss_sum(logits, labels)
 
     def dry_outputs(self) -> Predictions:
         return dry_logits(PROBLEM_TYPES["single_label_classification"], self.n_classes)
