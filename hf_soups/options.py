@@ -242,6 +242,22 @@ def check_weights_or_sweep(value: Any, meta: Mapping) -> list[float] | list[list
     return check_weights(value, meta)
 
 
+def check_number_or_numbers(value: Any, meta: Mapping) -> float | list[float]:
+    """A number, or a non-empty list of numbers (one ingredient's weight in each setting of a weights sweep)."""
+    if isinstance(value, (list, tuple)) or _is_array(value):
+        values = list(value)
+        if not values:
+            raise OptionProblem("expected a number or a non-empty list of numbers, got an empty list")
+        out = []
+        for i, v in enumerate(values):
+            try:
+                out.append(check_number(v, meta))
+            except OptionProblem as e:
+                raise OptionProblem(f"[{i}]: {e}") from None
+        return out
+    return check_number(value, meta)
+
+
 def check_scores(value: Any, meta: Mapping) -> dict[str, float]:
     if not isinstance(value, Mapping):
         raise OptionProblem(f"expected a mapping of ingredient name to score, got {describe(value)}")
@@ -393,6 +409,7 @@ KINDS: dict[str, Callable[[Any, Mapping], Any]] = {
     "bool": check_bool,
     "positive_int": check_positive_int,
     "number": check_number,
+    "number_or_numbers": check_number_or_numbers,
     "choice": check_choice,
     "columns": check_str_or_str_list,
     "weights": check_weights,

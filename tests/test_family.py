@@ -523,3 +523,78 @@ def _exact_cancellations(name, base, thetas):
         for i, theta in enumerate(thetas)
     ]
     return (sum(kept) == 0) & torch.stack([k != 0 for k in kept]).any(0)
+
+
+def test_a_weights_sweep_from_the_cli_and_from_a_recipe_file(family_dirs, tmp_path):
+    """`--weights` repeated (CLI) and a weight list per ingredient (recipe file) are the same weights sweep."""
+    import json
+
+    import yaml
+
+    from hf_soups.api import cook_recipe
+    from hf_soups.publishing.recipe_file import RecipeError
+    from tests.testing_common import assert_same_tensors
+
+    base, ingredients = family_dirs
+    data = _eval_set(base)
+    val = tmp_path / "val.jsonl"
+    val.write_text("".join(json.dumps(row) + "\n" for row in data.to_list()))
+    settings = [[1.0, 0.0, 0.0], [0.0, 0.5, 0.5], [0.2, 0.3, 0.5]]
+    cmd = [
+        sys.executable,
+        "-m",
+        "hf_soups.cli",
+        "merge",
+        *map(str, ingredients),
+        "--method",
+        "task-arithmetic",
+    ]
+    cmd += ["--base-model", str(base)]
+    for weights in settings:
+        cmd += ["--weights", *map(str, weights)]
+    cmd += ["--eval-file", f"val={val}", "--metric", "accuracy", "-o", str(tmp_path / "cli")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    written = yaml.safe_load((tmp_path / "cli" / "soup_recipe.yaml").read_text())
+    chosen = [entry["weight"] for entry in written["ingredients"]]
+    assert chosen in settings
+    expected = family_reference(
+        "task-arithmetic", read_safetensors(base), [read_safetensors(p) for p in ingredients], weights=chosen
+    )
+    assert_state_close(read_safetensors(tmp_path / "cli"), expected, atol=2e-6)
+
+    # the same sweep from a hand-written file: each ingredient lists its weight in each setting
+    recipe = write_yaml(
+        tmp_path / "recipe.yaml",
+        {
+            "method": "task-arithmetic",
+            "ingredients": [
+                {"model": str(p), "weight": [w[i] for w in settings]} for i, p in enumerate(ingredients)
+            ],
+            "base_model": str(base),
+            "eval": {"val": {"data": str(val)}},
+            "metric": "accuracy",
+        },
+    )
+    soup = cook_recipe(recipe, output_dir=tmp_path / "from_file", progress=False)
+    assert [h["weights"] for h in soup.history] == settings
+    assert_same_tensors(tmp_path / "cli", tmp_path / "from_file")
+
+    # lists of different lengths are refused by key, before any work
+    bad = write_yaml(
+        tmp_path / "bad.yaml",
+        {
+            "method": "task-arithmetic",
+            "ingredients": [
+                {"model": str(ingredients[0]), "weight": [1.0, 0.5]},
+                {"model": str(ingredients[1]), "weight": [1.0]},
+            ],
+            "base_model": str(base),
+            "eval": {"val": {"data": str(val)}},
+        },
+    )
+    with pytest.raises(
+        RecipeError, match=r"ingredients\[\]\.weight: the weight lists of a sweep have different lengths"
+    ):
+        cook_recipe(bad, output_dir=tmp_path / "never", progress=False)
+    assert not (tmp_path / "never").exists()

@@ -325,15 +325,16 @@ def merge_args_to_recipe(args: argparse.Namespace) -> dict[str, Any]:
 
     data: dict[str, Any] = {}
     models: list[Any] = []
-    weights = getattr(args, "weights", None)
-    if weights is not None and len(weights) != len(args.models):
-        raise _usage(
-            f"--weights: {len(weights)} value(s) for {len(args.models)} model(s); give one per model"
-        )
+    settings = getattr(args, "weights", None)  # one list per --weights: several are a weights sweep
+    for values in settings or []:
+        if len(values) != len(args.models):
+            raise _usage(
+                f"--weights: {len(values)} value(s) for {len(args.models)} model(s); give one per model"
+            )
     for i, ref in enumerate(args.models):
         entry: dict[str, Any] = {"model": _absolute_if_exists(ref)}
-        if weights is not None:
-            entry["weight"] = weights[i]
+        if settings:
+            entry["weight"] = settings[0][i] if len(settings) == 1 else [values[i] for values in settings]
         models.append(entry if len(entry) > 1 else entry["model"])
     data["ingredients"] = models
     if getattr(args, "base_model", None) is not None:  # a file key (FILE_KEYS), so not among option_keys()

@@ -249,9 +249,11 @@ class IngredientSpec:
         help="Hub revision: a branch, tag or commit hash. Written soups record the resolved commit hash.",
         kind="str",
     )
-    weight: float | None = option(
-        help="Uniform and WiSE-FT soups: this ingredient's relative weight (weights are normalised).",
-        kind="number",
+    weight: float | list[float] | None = option(
+        help="This ingredient's weight: relative and normalised for uniform and WiSE-FT soups, used as given by the "
+        "task-vector methods. A list gives its weight in each setting of a weights sweep (every listed ingredient "
+        "gives as many values; a single number is the same in every setting), scored on the eval data.",
+        kind="number_or_numbers",
     )
     name: str | None = option(help="Display name (defaults from the reference).", kind="str")
 
@@ -483,9 +485,9 @@ class RecipeFile:
             kwargs["models"] = self.ingredients[
                 0
             ].model  # merge_models expands the folder into its ingredients
-        weights = [spec.weight for spec in self.ingredients]
-        if any(w is not None for w in weights):
-            kwargs["weights"] = [1.0 if w is None else w for w in weights]
+        weights = ingredient_weights(self.ingredients)
+        if weights is not None:
+            kwargs["weights"] = weights
         special = ("base_model", "metric", "compute_metrics", "tokenizer", "text_columns", "label_column")
         kwargs.update({k: v for k, v in self.options.items() if k not in special})
         kwargs["method"] = self.method
@@ -753,9 +755,13 @@ def _parse_recipe(data: Any, problems: list[str], ctx: _FileContext) -> RecipeFi
             )
 
     # the options: the same configuration (and checks) as merge_models, with the file's path and code checks
-    weights = [s.weight for s in recipe.ingredients]
-    if any(w is not None for w in weights):
-        values["weights"] = [1.0 if w is None else w for w in weights]
+    try:
+        weights = ingredient_weights(recipe.ingredients)
+    except InvalidArgumentError as e:
+        problems.append(str(e))
+        weights = None
+    if weights is not None:
+        values["weights"] = weights
     if recipe.base_model is not None and recipe.base_model.model is not None:
         values["base_model"] = recipe.base_model.model
     elif "base_model" in data and data["base_model"] is not None:
@@ -785,6 +791,33 @@ def _parse_recipe(data: Any, problems: list[str], ctx: _FileContext) -> RecipeFi
     if recipe.metric_config is not None and data.get("metric") is None:
         problems.append("metric_config: set metric too")
     return recipe
+
+
+def ingredient_weights(specs: list[IngredientSpec]) -> list[float] | list[list[float]] | None:
+    """The `weights=` of `merge_models` from the ingredients' `weight:` keys (None when none is given).
+
+    Numbers give one weight per ingredient (1 where missing); lists give a weights sweep, one weight list per
+    setting, with a number (or a missing weight: 1) repeated in every setting.
+
+    Raises:
+        [`InvalidArgumentError`]: lists of different lengths.
+    """
+    given = [s.weight for s in specs]
+    if all(w is None for w in given):
+        return None
+    lengths = {len(w) for w in given if isinstance(w, list)}
+    if not lengths:
+        return [1.0 if w is None else w for w in given]
+    if len(lengths) > 1:
+        listed = ", ".join(f"ingredients[{i}]: {len(w)}" for i, w in enumerate(given) if isinstance(w, list))
+        raise InvalidArgumentError(
+            f"ingredients[].weight: the weight lists of a sweep have different lengths ({listed}); give every "
+            "listed ingredient one weight per setting."
+        )
+    return [
+        [w[k] if isinstance(w, list) else (1.0 if w is None else w) for w in given]
+        for k in range(lengths.pop())
+    ]
 
 
 def _file_problem(problem: str) -> str:

@@ -39,10 +39,11 @@ class TaskVectorParams(RecipeParams):
 
     weights: list[float] | list[list[float]] | None = option(
         help="Weight of each ingredient's task vector, used as given (default 1 each); a list of weight lists is a "
-        "sweep chosen on the eval data. Recipe files: `weight:` per ingredient.",
+        "sweep chosen on the eval data (CLI: repeat --weights; recipe files: `weight:` per ingredient, a list per "
+        "ingredient for a sweep).",
         kind="weights_or_sweep",
         file=False,
-        cli={"nargs": "+", "type": float, "metavar": "W"},
+        cli={"nargs": "+", "type": float, "metavar": "W", "action": "append"},
     )
     scaling: float | list[float] | None = option(
         help="lambda, the factor on the merged task vector (default 1); a list is a sweep chosen on the eval data.",

@@ -25,7 +25,7 @@ class UniformParams(RecipeParams):
         "ingredient.",
         kind="weights",
         file=False,
-        cli={"nargs": "+", "type": float, "metavar": "W"},
+        cli={"nargs": "+", "type": float, "metavar": "W", "action": "append"},
     )
 
 
