@@ -232,29 +232,27 @@ def check_weights_or_sweep(value: Any, meta: Mapping) -> list[float] | list[list
         and value
         and all(isinstance(v, (list, tuple)) or _is_array(v) for v in value)
     ):
-        out = []
-        for i, w in enumerate(value):
-            try:
-                out.append(check_weights(w, meta))
-            except OptionProblem as e:
-                raise OptionProblem(f"[{i}]: {e}") from None
-        return out
+        return _check_each(value, check_weights, meta)
     return check_weights(value, meta)
+
+
+def _check_each(values: Any, check: Callable[[Any, Mapping], Any], meta: Mapping) -> list:
+    """`check` applied to every item, a problem prefixed with the item's index (`[2]: expected a number ...`)."""
+    out = []
+    for i, v in enumerate(values):
+        try:
+            out.append(check(v, meta))
+        except OptionProblem as e:
+            raise OptionProblem(f"[{i}]: {e}") from None
+    return out
 
 
 def check_number_or_numbers(value: Any, meta: Mapping) -> float | list[float]:
     """A number, or a non-empty list of numbers (one ingredient's weight in each setting of a weights sweep)."""
     if isinstance(value, (list, tuple)) or _is_array(value):
-        values = list(value)
-        if not values:
+        if not len(value):
             raise OptionProblem("expected a number or a non-empty list of numbers, got an empty list")
-        out = []
-        for i, v in enumerate(values):
-            try:
-                out.append(check_number(v, meta))
-            except OptionProblem as e:
-                raise OptionProblem(f"[{i}]: {e}") from None
-        return out
+        return _check_each(value, check_number, meta)
     return check_number(value, meta)
 
 
