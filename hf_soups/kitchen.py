@@ -402,11 +402,6 @@ class AdapterKitchen(Kitchen):
         return new
 
     def serve(self, coefficients, **kwargs):
-        if isinstance(coefficients, TensorRecipe):
-            raise SoupError(
-                f"adapter_output='adapter' serves linear soups only; method {kwargs.get('method')!r} is not linear "
-                "in the adapters' ΔW. Use adapter_output='merged'."
-            )
         params = dict(kwargs.pop("params", None) or {})
         params["adapter_output"] = "adapter"
         if self.options.get("rank") is not None:

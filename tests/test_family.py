@@ -155,11 +155,85 @@ def test_bad_input_is_refused_by_name_before_any_download(kwargs, match):
         merge_models(["org/a", "org/b", "org/c"], progress=False, **kwargs)
 
 
-def test_non_linear_methods_have_no_exact_adapter_form():
-    with pytest.raises(InvalidArgumentError, match="adapter_output"):
+def test_non_linear_methods_need_a_rank_for_the_adapter_form_and_slerp_has_none():
+    with pytest.raises(InvalidArgumentError, match="rank: method='ties' is not linear"):
         merge_models(
             ["org/a", "org/b"], method="ties", base_model="org/base", density=0.5, adapter_output="adapter"
         )
+    with pytest.raises(InvalidArgumentError, match="adapter_output: method='slerp' interpolates the weights"):
+        merge_models(["org/a", "org/b"], method="slerp", t=0.5, adapter_output="adapter", rank=4)
+
+
+@pytest.mark.parametrize(
+    "method, kwargs",
+    [("ties", dict(density=0.5, scaling=1.2)), ("dare-ties", dict(density=0.6, seed=3)), ("model-stock", {})],
+)
+def test_non_linear_methods_of_lora_adapters_as_an_svd_adapter(tmp_path, method, kwargs):
+    """TIES, DARE and Model Stock on the adapters' exact ΔWᵢ: merged, the float64 reference on the full weights;
+    as an adapter of full rank, the same weights once merged into the base; truncated, the error is reported and
+    equals the float64 SVD's own."""
+    pytest.importorskip("peft")
+    from tests.test_battery import build_bert_lora
+
+    arch = build_bert_lora(tmp_path / "lora")
+    models = [str(p) for p in arch.ingredients]
+    merged = merge_models(
+        models,
+        method=method,
+        base_model=str(arch.base),
+        output_dir=tmp_path / "merged",
+        progress=False,
+        **kwargs,
+    )
+    base_state = arch.theta(arch.base)
+    expected = family_reference(method, base_state, [arch.theta(p) for p in arch.ingredients], **kwargs)
+    assert_state_close(read_safetensors(merged.output_dir), expected, atol=2e-6)
+
+    full = merge_models(
+        models,
+        method=method,
+        base_model=str(arch.base),
+        adapter_output="adapter",
+        rank=10**6,  # every module at its full numerical rank: exact up to float rounding
+        output_dir=tmp_path / "adapter",
+        progress=False,
+        **kwargs,
+    )
+    assert (tmp_path / "adapter" / "adapter_config.json").exists()
+    state = full.model.merge_and_unload().state_dict()
+    assert_state_close({k: v for k, v in state.items() if k in expected}, expected, atol=2e-5)
+
+    low = merge_models(
+        models,
+        method=method,
+        base_model=str(arch.base),
+        adapter_output="adapter",
+        rank=1,
+        progress=False,
+        **kwargs,
+    )
+    errors = low.report_extra["adapter_svd_error"]
+    assert errors and all(0.0 <= e <= 1.0 for e in errors.values())
+    merged_low = low.model.merge_and_unload().state_dict()
+    for module, error in errors.items():
+        name = f"{module}.weight"
+        delta = (
+            expected[name].double() - base_state[name].double()
+        )  # BERT's Linear: (out, in), the LoRA layout
+        s = torch.linalg.svdvals(delta)
+        if float(s[0]) == 0.0:  # e.g. Model Stock with opposed task vectors keeps the base there
+            assert error == 0.0
+            torch.testing.assert_close(
+                merged_low[name].double(), base_state[name].double(), atol=2e-6, rtol=0
+            )
+            continue
+        assert error == pytest.approx(
+            float(torch.sqrt((s[1:] ** 2).sum() / (s**2).sum())), rel=1e-4, abs=1e-6
+        )
+        # the served weight is the base plus the best rank-1 approximation of the soup's change
+        u, sv, vh = torch.linalg.svd(delta)
+        best = base_state[name].double() + sv[0] * torch.outer(u[:, 0], vh[0])
+        torch.testing.assert_close(merged_low[name].double(), best, atol=2e-5, rtol=1e-4)
 
 
 # ------------------------------------------------------------------------------------------------ sweeps

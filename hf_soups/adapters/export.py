@@ -37,6 +37,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
 
     from ..core.sources import TensorSource
+    from ..merge_ops import TensorRecipe
 
 logger = logging.getLogger(__name__)
 
@@ -238,6 +239,7 @@ def build_adapter_soup(
     dtype: torch.dtype | None = None,
     names: Sequence[str] | None = None,
     sink: Callable[[str, torch.Tensor], None] | None = None,
+    recipe: TensorRecipe | None = None,
 ) -> AdapterSoup:
     """One LoRA adapter equal to `sum_i coefficients[i] * member_i` (members over one base model).
 
@@ -261,6 +263,12 @@ def build_adapter_soup(
             Display names of the members, for messages.
         sink (`Callable[[str, torch.Tensor], None]`, *optional*):
             Receives every saved-form tensor as it is computed. Default: collect them in `AdapterSoup.tensors`.
+        recipe ([`~hf_soups.merge_ops.TensorRecipe`], *optional*):
+            A method on task vectors that is not linear in them (TIES, DARE, Model Stock) instead of
+            `coefficients` (whose non-zero entries then only mark the adapters, in recipe order). Each module's
+            soup delta is the method applied to the members' exact ΔWᵢ (in the base tensor's layout, so that
+            DARE drops the same entries as the merged form), written as the truncated SVD of rank `rank`
+            (required: such a delta has no exact low-rank form).
 
     Returns:
         [`AdapterSoup`]
@@ -278,7 +286,7 @@ def build_adapter_soup(
         )
     names = list(names) if names is not None else [m.name if m is not None else "base model" for m in members]
     total = float(sum(coefficients))
-    if not math.isclose(total, 1.0, rel_tol=0, abs_tol=1e-6):
+    if recipe is None and not math.isclose(total, 1.0, rel_tol=0, abs_tol=1e-6):
         raise InvalidArgumentError(
             f"An adapter soup written as an adapter needs coefficients that sum to 1 (got {total:.6g}): the base "
             'weights appear once in base + sum_i c_i * delta_i. Use adapter_output="merged" for other combinations.'
@@ -292,6 +300,8 @@ def build_adapter_soup(
             "No adapter has a non-zero coefficient: the soup is the base model itself."
         )
     first = adapters[0][2]
+    if recipe is not None:
+        return _build_svd_adapter_soup(recipe, adapters, first, base=base, rank=rank, dtype=dtype, sink=sink)
 
     # ---- full tensors: replaced somewhere, or folded (a LoRA module whose weight is replaced elsewhere)
     full: dict[str, None] = {}
@@ -430,9 +440,6 @@ def build_adapter_soup(
         del acc, base_value
 
     # ---- config
-    ranks = list(module_ranks.values())
-    r = max(set(ranks), key=lambda v: (ranks.count(v), v)) if ranks else 8
-    pattern = {_escape_module(p): k for p, k in module_ranks.items() if k != r}
     modules_to_save: list[str] = []
     for _, _, m in adapters:
         for entry in m.modules_to_save:
@@ -441,7 +448,30 @@ def build_adapter_soup(
     bias_mode = max(
         (str(m.config.get("bias", "none")) for _, _, m in adapters), key=lambda v: _BIAS_ORDER.get(v, 0)
     )
-    config = {
+    config = _adapter_config(
+        first,
+        adapters,
+        module_ranks,
+        modules_to_save=modules_to_save or None,
+        bias=bias_mode,
+        lora_bias=lora_bias,
+    )
+    return AdapterSoup(
+        tensors=tensors,
+        config=config,
+        module_ranks=module_ranks,
+        svd_error=svd_error,
+        full_tensors=list(full),
+    )
+
+
+def _adapter_config(first, adapters, module_ranks, *, modules_to_save, bias, lora_bias) -> dict[str, Any]:
+    """The `adapter_config.json` of a soup: the most common module rank as `r`, the others in `rank_pattern`, and
+    `lora_alpha` equal to each rank (the factors already carry every scaling)."""
+    ranks = list(module_ranks.values())
+    r = max(set(ranks), key=lambda v: (ranks.count(v), v)) if ranks else 8
+    pattern = {_escape_module(p): k for p, k in module_ranks.items() if k != r}
+    return {
         "base_model_name_or_path": first.base_model_name_or_path,
         "revision": first.base_revision,
         "task_type": first.task_type,
@@ -451,20 +481,94 @@ def build_adapter_soup(
         "alpha_pattern": dict(pattern),
         "use_rslora": False,
         "target_modules": sorted(module_ranks),
-        "modules_to_save": modules_to_save or None,
+        "modules_to_save": modules_to_save,
         "fan_in_fan_out": any(bool(m.config.get("fan_in_fan_out", False)) for _, _, m in adapters),
-        "bias": bias_mode,
+        "bias": bias,
         "lora_bias": lora_bias,
         "lora_dropout": float(first.config.get("lora_dropout", 0.0) or 0.0),
         "init_lora_weights": True,
         "inference_mode": True,
     }
+
+
+def _build_svd_adapter_soup(recipe, adapters, first, *, base, rank, dtype, sink) -> AdapterSoup:
+    """[`build_adapter_soup`] of a non-linear method: per module, the method on the exact ΔWᵢ, then its SVD."""
+    import torch
+
+    from ..merge_ops import merge_tensor
+
+    method = recipe.method
+    if not recipe.needs_base:
+        raise UnsupportedAdapterError(
+            f"adapter_output='adapter': method={method!r} interpolates the weights themselves, not their changes, "
+            "so its soup is no change of the base model; use adapter_output='merged'."
+        )
+    if rank is None:
+        raise InvalidArgumentError(
+            f"rank: method={method!r} is not linear in the adapters' ΔW, so its adapter form is a truncated SVD of "
+            "each module's merged change: pass rank= (its error per module is in the report), or use "
+            "adapter_output='merged' for the exact soup."
+        )
+    for _, _, m in adapters:
+        full = [t for t in m.full_tensors] + [
+            mod.bias_name for mod in m.modules.values() if mod.bias_key is not None
+        ]
+        if full:
+            raise UnsupportedAdapterError(
+                f"adapter_output='adapter': adapter {m.name!r} also trains full tensors or LoRA biases ({full[0]!r}), "
+                f"which the SVD form of method={method!r} does not cover; use adapter_output='merged'.",
+                ingredient=m.name,
+                tensor_name=full[0],
+            )
+    base_keys = set(base.keys()) if base is not None else set()
+    tensors: dict[str, torch.Tensor] = {}
+    emit = sink if sink is not None else tensors.__setitem__
+    module_ranks: dict[str, int] = {}
+    svd_error: dict[str, float] = {}
+    paths = sorted({p for _, _, m in adapters for p in m.modules})
+    for p in paths:
+        owner, mod = next((m, m.modules[p]) for _, _, m in adapters if p in m.modules)
+        lora_layout = (mod.out_features, mod.in_features)
+        key = mod.weight_name if mod.weight_name in base_keys else tied_alias(mod.weight_name, base_keys)
+        shape = tuple(base.info(key).shape) if key is not None else lora_layout  # type: ignore[union-attr]
+        transposed = owner.is_transposed(mod, shape)
+        deltas = []
+        for _, _, m in adapters:  # every adapter, in recipe order (DARE's stream is keyed by the position)
+            other = m.modules.get(p)
+            if other is not None and (other.kind, other.in_features, other.out_features) != (
+                mod.kind,
+                mod.in_features,
+                mod.out_features,
+            ):
+                raise IncompatibleIngredientsError(
+                    f"Adapters {owner.name!r} and {m.name!r} adapt module {p!r} differently: they were not trained "
+                    "on the same base model.",
+                    ingredient=m.name,
+                    tensor_name=mod.weight_name,
+                )
+            delta = m.delta(mod.weight_name, shape) if other is not None else None
+            deltas.append(delta if delta is not None else torch.zeros(shape, dtype=torch.float32))
+        merged = merge_tensor(recipe, mod.weight_name, torch.zeros(shape, dtype=torch.float32), deltas)
+        del deltas
+        if transposed:
+            merged = merged.t()
+        u, s_all, vh = torch.linalg.svd(merged.double(), full_matrices=False)
+        factor_dtype = dtype or owner.source.info(mod.a_key).dtype
+        a_k, b_k, err = _cut(u * s_all, vh, s_all, rank, factor_dtype, factor_dtype)
+        svd_error[p] = err
+        module_ranks[p] = int(a_k.shape[0])
+        a_name, b_name = (
+            ("lora_A.weight", "lora_B.weight")
+            if mod.kind == "linear"
+            else ("lora_embedding_A", "lora_embedding_B")
+        )
+        emit(f"{PEFT_PREFIX}{p}.{a_name}", a_k)
+        emit(f"{PEFT_PREFIX}{p}.{b_name}", b_k)
+    config = _adapter_config(
+        first, adapters, module_ranks, modules_to_save=None, bias="none", lora_bias=False
+    )
     return AdapterSoup(
-        tensors=tensors,
-        config=config,
-        module_ranks=module_ranks,
-        svd_error=svd_error,
-        full_tensors=list(full),
+        tensors=tensors, config=config, module_ranks=module_ranks, svd_error=svd_error, full_tensors=[]
     )
 
 

@@ -497,6 +497,7 @@ def adapter_members(kitchen: Kitchen) -> list[LoraAdapter | None]:
 def build_kitchen_adapter(kitchen: Kitchen, coefficients, directory: Path | None = None) -> Any:
     """The [`AdapterSoup`] of these coefficients (one per kitchen member); streamed into `directory` when
     given (its `tensors` then stay empty), else held in memory."""
+    from ..merge_ops import TensorRecipe
     from .export import build_adapter_soup, write_adapter_soup
 
     members = adapter_members(kitchen)
@@ -507,7 +508,14 @@ def build_kitchen_adapter(kitchen: Kitchen, coefficients, directory: Path | None
         dtype=kitchen.dtype,
         names=[r.name for r in kitchen.members],
     )
-    full = kitchen.full_coefficients(coefficients)
+    if isinstance(coefficients, TensorRecipe):  # TIES, DARE, Model Stock: the method on each module's ΔWᵢ
+        members = [
+            r.adapter.adapter for r in kitchen.ingredients
+        ]  # recipe order (adapter_members checked them)
+        kwargs.update(recipe=coefficients, names=[r.name for r in kitchen.ingredients])
+        full = [1.0] * len(members)
+    else:
+        full = kitchen.full_coefficients(coefficients)
     if directory is not None:
         soup = write_adapter_soup(directory, members, full, **kwargs)
     else:

@@ -140,10 +140,17 @@ def check_family(
             f"value; pass an eval set or a single value."
         )
     if not linear and options.get("adapter_output") == "adapter":
-        raise InvalidArgumentError(
-            f"adapter_output: method={method!r} is not linear in the adapters' weights, so its soup has no exact "
-            "LoRA form; use adapter_output='merged' (see docs/methods.md)."
-        )
+        if not needs_base:
+            raise InvalidArgumentError(
+                f"adapter_output: method={method!r} interpolates the weights themselves, not their changes, so its "
+                "soup has no adapter form; use adapter_output='merged' (see docs/methods.md)."
+            )
+        if options.get("rank") is None:
+            raise InvalidArgumentError(
+                f"rank: method={method!r} is not linear in the adapters' weights, so its adapter form is a truncated "
+                "SVD of each module's merged change: pass rank= (the error per module is in the report), or use "
+                "adapter_output='merged' for the exact soup (see docs/methods.md)."
+            )
 
 
 def settings(options: dict[str, Any], knobs: Sequence[str]) -> list[dict[str, Any]]:
