@@ -869,15 +869,34 @@ class GramAccumulator:
         if full:
             self._add_chunks(rows[:, :full])
 
-    def _add_chunks(self, rows: torch.Tensor, sums: dict | None = None) -> None:
-        """Add the dot products of whole 1024-element chunks `rows` (n, C * 1024) to `sums` (default: ours)."""
+    CHUNK = _TREE_FAN_IN
+    """Elements per chunk: slices whose length is a multiple of it can go through [`chunk_dots`]."""
+
+    def chunk_dots(self, vectors: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The (C, n, n) dot products of the C whole chunks of `vectors` (a length that is a multiple of `CHUNK`).
+
+        A pure function (threads may compute those of several slices at once); [`add_chunk_dots`] then adds
+        them in stream order.
+        """
         import torch
 
-        from .utils import single_threaded
+        rows = torch.stack([v.reshape(-1).to(torch.float64) for v in vectors])
+        if rows.shape[1] % _TREE_FAN_IN:
+            raise InvalidArgumentError(
+                f"chunk_dots: {rows.shape[1]} elements is not a multiple of {_TREE_FAN_IN}."
+            )
+        return _chunk_dots(rows, self.n)
 
-        chunks = rows.reshape(self.n, -1, _TREE_FAN_IN).transpose(0, 1).contiguous()  # (C, n, 1024)
-        with single_threaded():  # one kernel, one summation order, whatever the caller's thread count
-            dots = torch.bmm(chunks, chunks.transpose(1, 2))  # (C, n, n)
+    def add_chunk_dots(self, dots: torch.Tensor) -> None:
+        """Add [`chunk_dots`] of the next slice (only while no partial chunk is waiting)."""
+        if self._pending is not None and self._pending.shape[1]:
+            raise InvalidArgumentError("add_chunk_dots after a slice that ended inside a chunk: use add().")
+        for (i, j), acc in self._sums.items():
+            acc.add(dots[:, i, j].contiguous())
+
+    def _add_chunks(self, rows: torch.Tensor, sums: dict | None = None) -> None:
+        """Add the dot products of whole 1024-element chunks `rows` (n, C * 1024) to `sums` (default: ours)."""
+        dots = _chunk_dots(rows, self.n)
         for (i, j), acc in (self._sums if sums is None else sums).items():
             acc.add(dots[:, i, j].contiguous())
 
@@ -895,6 +914,17 @@ class GramAccumulator:
         for (i, j), acc in sums.items():
             out[i, j] = out[j, i] = acc.result()
         return out
+
+
+def _chunk_dots(rows: torch.Tensor, n: int) -> torch.Tensor:
+    """(C, n, n) float64 dot products of the C 1024-element chunks of `rows` (n, C * 1024), on one thread."""
+    import torch
+
+    from .utils import single_threaded
+
+    chunks = rows.reshape(n, -1, _TREE_FAN_IN).transpose(0, 1).contiguous()  # (C, n, 1024)
+    with single_threaded():  # one kernel, one summation order, whatever the caller's thread count
+        return torch.bmm(chunks, chunks.transpose(1, 2))
 
 
 def _copy_tree(tree: _TreeSum) -> _TreeSum:

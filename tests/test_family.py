@@ -672,3 +672,32 @@ def test_a_weights_sweep_from_the_cli_and_from_a_recipe_file(family_dirs, tmp_pa
     ):
         cook_recipe(bad, output_dir=tmp_path / "never", progress=False)
     assert not (tmp_path / "never").exists()
+
+
+@pytest.mark.parametrize("method", ["ties", "dare-ties", "model-stock"])
+def test_slices_combined_on_several_threads_give_the_same_bits_as_one(
+    family_dirs, tmp_path, monkeypatch, method
+):
+    """The two-pass methods combine a tensor's slices on up to two threads (torch's thread count permitting): the
+    soup is bit-for-bit the one computed on a single thread, on tensors of several slices."""
+    base, ingredients = family_dirs
+    monkeypatch.setattr(engine, "CHUNK_ELEMENTS", 1024)  # the tiny model's tensors span many slices
+    outs = []
+    previous = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            merge_models(
+                [str(p) for p in ingredients],
+                method=method,
+                base_model=str(base),
+                output_dir=tmp_path / f"threads-{threads}",
+                progress=False,
+                **CASES[method],
+            )
+            outs.append(read_safetensors(tmp_path / f"threads-{threads}"))
+    finally:
+        torch.set_num_threads(previous)
+    assert outs[0].keys() == outs[1].keys()
+    for name in outs[0]:
+        assert torch.equal(outs[0][name], outs[1][name]), name

@@ -33,6 +33,9 @@ logger = logging.getLogger(__name__)
 # Tensors of more elements than this are streamed in slices of this many elements (512 KB of float32:
 # a read buffer and the accumulator slice stay in a core's L2 cache). See docs/benchmarks.md.
 CHUNK_ELEMENTS = 1 << 17
+# Threads that combine the slices of a two-pass method (TIES, DARE, SLERP, Model Stock) side by side, at most
+# torch's own thread count (see _SliceRunner).
+MIX_WORKERS = 2
 # Distance statistics (compat.DistanceStats) are measured on one slice in STATS_EVERY of a streamed tensor, and
 # on an evenly strided sample of CHUNK_ELEMENTS // STATS_EVERY elements of a tensor read whole.
 STATS_EVERY = 128
@@ -301,9 +304,10 @@ def combine_mix(
     one ingredient at a time; Gram matrices over slices), pass 2 calls `mix.recipe.combine` on matching flat slices of
     `CHUNK_ELEMENTS` of the base and of every ingredient. Slices are read with `get_range` when every member can
     (safetensors, in-memory tensors); other members (adapter ingredients, permuted heads) are read whole once per
-    tensor. Memory beyond the linear engine's: N + 1 slice buffers, one float32 task vector of the largest tensor
-    (thresholds) and one float32 result of it when the sink takes whole tensors, whatever N (members read whole
-    add one copy each). The result is checked for non-finite values after the sink's cast, as the linear path does.
+    tensor. The slices of a tensor are combined by up to `MIX_WORKERS` threads side by side (each kernel on one
+    thread, results written in order: see [`_SliceRunner`]), in both passes. Memory beyond the linear engine's:
+    N + 1 slice buffers per thread, one float32 task vector of the largest tensor (thresholds) and one float32
+    result of it when the sink takes whole tensors, whatever N (members read whole add one copy each). The result is checked for non-finite values after the sink's cast, as the linear path does.
 
     Raises:
         [`NonFiniteTensorError`], [`IncompatibleIngredientsError`]: as [`combine`].
@@ -318,12 +322,16 @@ def combine_mix(
     max_itemsize = max(
         (sources[i].info(tp.source_keys[i]).dtype.itemsize for tp in plan.tensors for i in members), default=4
     )
-    slice_bufs = [torch.empty(CHUNK_ELEMENTS * max(max_itemsize, 4), dtype=torch.uint8) for _ in members]
+    workers = max(1, min(MIX_WORKERS, torch.get_num_threads()))  # OMP_NUM_THREADS=1: one thread, as asked
+    slice_bufs = [
+        [torch.empty(CHUNK_ELEMENTS * max(max_itemsize, 4), dtype=torch.uint8) for _ in members]
+        for _ in range(workers)
+    ]
     needs_tau = "thresholds" in mix.recipe.needs
     tau_buf = torch.empty(max(max_numel, 1) if needs_tau else 1, dtype=torch.float32)
     whole_out = None  # allocated when a tensor cannot be written slice by slice
 
-    with torch.no_grad():
+    with torch.no_grad(), _SliceRunner(workers) as runner:
         for tp in tqdm(plan.tensors, desc=desc, unit="tensor", disable=not progress, name="hf_soups"):
             if not tp.mergeable:
                 sink.write(tp, _copy_checked(tp, sources, [(i, 1.0) for i in mix.ingredients], plan.names))
@@ -334,39 +342,48 @@ def combine_mix(
             ) and all(sources[i].range_readable(tp.source_keys[i]) for i in members)
             wholes = None if sliced else [read_aligned(tp, i, sources[i]).reshape(-1) for i in members]
 
-            def read(k: int, start: int, count: int, buf=None, wholes=wholes, tp=tp) -> torch.Tensor:
-                """Slice of member `members[k]`: in `buf` (or `slice_bufs[k]`), valid until its next read."""
+            def read(k: int, start: int, count: int, slot: int = 0, wholes=wholes, tp=tp) -> torch.Tensor:
+                """Slice of member `members[k]` in worker `slot`'s buffer, valid until that worker's next read."""
                 if wholes is not None:
                     return wholes[k][start : start + count]
                 i = members[k]
-                return sources[i].get_range(
-                    tp.source_keys[i], start, count, slice_bufs[k] if buf is None else buf
-                )
+                return sources[i].get_range(tp.source_keys[i], start, count, slice_bufs[slot][k])
+
+            write_slices = can_stream and sliced and n > CHUNK_ELEMENTS
 
             with single_threaded():
-                stats = _mix_stats(tp, mix, read, n, tau_buf[:n] if needs_tau else None)
-                write_slices = can_stream and sliced and n > CHUNK_ELEMENTS
-                if not write_slices:
-                    if whole_out is None or whole_out.numel() < n:
-                        whole_out = torch.empty(max(max_numel, 1), dtype=torch.float32)
-                    result = whole_out[:n]
-                for start in range(0, n, CHUNK_ELEMENTS):
+                stats = _mix_stats(tp, mix, read, n, tau_buf[:n] if needs_tau else None, runner)
+
+                def piece(
+                    start: int, slot: int, tp=tp, n=n, read=read, write_slices=write_slices, stats=stats
+                ):
+                    """The soup's slice at `start` (cast as the sink stores it when written slice by slice), checked."""
                     count = min(CHUNK_ELEMENTS, n - start)
-                    thetas = [read(k, start, count) for k in range(len(mix.ingredients))]
-                    base = read(len(members) - 1, start, count) if mix.base is not None else None
+                    thetas = [read(k, start, count, slot) for k in range(len(mix.ingredients))]
+                    base = read(len(members) - 1, start, count, slot) if mix.base is not None else None
                     for k, t in enumerate(thetas + ([base] if base is not None else [])):
                         if not _finite(t):  # also where the method would drop it (DARE): a broken ingredient
                             _raise_non_finite(
                                 tp, sources, [(members[k], 1.0)], plan.names, None, None, t.dtype
                             )
-                    piece = mix.recipe.combine(base, thetas, stats, start).reshape(-1)
+                    value = mix.recipe.combine(base, thetas, stats, start).reshape(-1)
+                    if not write_slices:
+                        return value
+                    out = sink.cast(tp, value)
+                    if not _finite(out):
+                        _raise_non_finite(tp, sources, active, plan.names, None, value, out.dtype)
+                    return out
+
+                if not write_slices:
+                    if whole_out is None or whole_out.numel() < n:
+                        whole_out = torch.empty(max(max_numel, 1), dtype=torch.float32)
+                    result = whole_out[:n]
+                starts = range(0, n, CHUNK_ELEMENTS)
+                for start, out in zip(starts, runner.map(piece, starts)):
                     if write_slices:
-                        out = sink.cast(tp, piece)
-                        if not _finite(out):
-                            _raise_non_finite(tp, sources, active, plan.names, None, piece, out.dtype)
                         sink.write_chunk(tp, out)
                     else:
-                        result[start : start + count] = piece
+                        result[start : start + out.numel()] = out
                 if not write_slices:
                     acc = result.view(tp.shape)
                     out = sink.cast(tp, acc)
@@ -378,36 +395,94 @@ def combine_mix(
         finish()
 
 
-def _mix_stats(tp: TensorPlan, mix: RecipeMix, read, n: int, tau: torch.Tensor | None):
+class _SliceRunner:
+    """Runs `fn(item, slot)` over items on `workers` threads, results in order (the two-pass methods' slices).
+
+    At most `workers` items are in flight and item `j` runs in slot `j % workers`, so a slot's buffers are free
+    again when its next item starts. Torch's element-wise kernels release the GIL, so slices of one tensor are
+    combined in parallel while each kernel runs on one thread (on cache-sized slices, splitting each kernel
+    across threads costs more than it saves). With one worker, everything runs in the calling thread.
+    """
+
+    def __init__(self, workers: int):
+        self.workers = workers
+        self._pool = None
+
+    def __enter__(self) -> _SliceRunner:
+        if self.workers > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="hf_soups_slices")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def map(self, fn, items):
+        if self._pool is None:
+            for item in items:
+                yield fn(item, 0)
+            return
+        from collections import deque
+
+        pending = deque()
+        todo = iter(enumerate(items))
+        for j, item in todo:
+            pending.append(self._pool.submit(fn, item, j % self.workers))
+            if len(pending) == self.workers:
+                break
+        while pending:
+            result = pending.popleft().result()
+            nxt = next(todo, None)
+            if nxt is not None:
+                pending.append(self._pool.submit(fn, nxt[1], nxt[0] % self.workers))
+            yield result
+
+
+def _mix_stats(tp: TensorPlan, mix: RecipeMix, read, n: int, tau: torch.Tensor | None, runner: _SliceRunner):
     """Pass 1 of [`combine_mix`] for one tensor: the [`TensorStats`] its recipe needs."""
+    import torch
+
     from ..merge_ops import GramAccumulator, TensorStats, magnitude_threshold
 
     recipe = mix.recipe
     stats = TensorStats(name=tp.name, numel=n)
     n_ing = len(mix.ingredients)
     base_k = n_ing  # position of the base among the members read
+    starts = range(0, n, CHUNK_ELEMENTS)
     if tau is not None:  # one whole float32 task vector at a time
         stats.thresholds = []
         for k in range(n_ing):
-            for start in range(0, n, CHUNK_ELEMENTS):
+
+            def fill(start: int, slot: int, k=k) -> None:
                 count = min(CHUNK_ELEMENTS, n - start)
                 piece = tau[start : start + count]
-                piece.copy_(read(k, start, count))
-                piece.sub_(read(base_k, start, count))
+                piece.copy_(read(k, start, count, slot))
+                piece.sub_(read(base_k, start, count, slot))
+
+            for _ in runner.map(fill, starts):
+                pass
             stats.thresholds.append(magnitude_threshold(tau, recipe.params["density"]))
     if recipe.needs & {"task_gram", "weight_gram"}:
-        import torch
-
         acc = GramAccumulator(n_ing)
         task = "task_gram" in recipe.needs
-        for start in range(0, n, CHUNK_ELEMENTS):
+
+        def vectors(start: int, slot: int):
             count = min(CHUNK_ELEMENTS, n - start)
-            base = read(base_k, start, count) if task else None
-            vectors = []
+            base = read(base_k, start, count, slot) if task else None
+            out = []
             for k in range(n_ing):
-                v = read(k, start, count).to(torch.float32, copy=True)
-                vectors.append(v.sub_(base) if task else v)
-            acc.add(vectors)
+                v = read(k, start, count, slot).to(torch.float32, copy=True)
+                out.append(v.sub_(base) if task else v)
+            # whole 1024-element chunks (every slice but a tensor's last): their dot products, in this worker
+            return acc.chunk_dots(out) if count % acc.CHUNK == 0 else out
+
+        for part in runner.map(vectors, starts):
+            if isinstance(part, list):
+                acc.add(part)
+            else:
+                acc.add_chunk_dots(part)
         stats.gram = acc.result()
     return stats
 

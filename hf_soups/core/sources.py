@@ -19,6 +19,7 @@ import logging
 import os
 import shutil
 import struct
+import threading
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -274,6 +275,7 @@ class SafetensorsSource(TensorSource):
                     tuple(entry["shape"]),
                 )
         self._handles: dict[Path, Any] = {}
+        self._open_lock = threading.Lock()  # readers may share this source across threads
 
     def keys(self) -> list[str]:
         return list(self._entries)
@@ -322,12 +324,15 @@ class SafetensorsSource(TensorSource):
         raw = buffer[:nbytes]
         f = self._handles.get(path)
         if f is None:
-            f = self._handles[path] = open(path, "rb", buffering=0)
-        f.seek(offset)
+            with self._open_lock:
+                f = self._handles.get(path)
+                if f is None:
+                    f = self._handles[path] = open(path, "rb", buffering=0)
+        fd = f.fileno()
         view = memoryview(raw.numpy())
         got = 0
-        while got < nbytes:
-            n = f.readinto(view[got:])
+        while got < nbytes:  # positional reads: no shared file offset, so threads may read one file at once
+            n = os.preadv(fd, [view[got:]], offset + got)
             if not n:
                 raise CorruptCheckpointError(
                     f"{path} ended while reading tensor {name!r}: the file was truncated after it was opened.",
