@@ -258,7 +258,9 @@ class MagnitudeThreshold:
     last_tie_index: int
 
 
-def magnitude_threshold(task_vector: torch.Tensor, density: float) -> MagnitudeThreshold:
+def magnitude_threshold(
+    task_vector: torch.Tensor, density: float, *, map_blocks: Callable[..., Any] | None = None
+) -> MagnitudeThreshold:
     """The [`MagnitudeThreshold`] keeping the `int(density * numel)` largest magnitudes of a whole task vector.
 
     This is the first pass of TIES for one ingredient, and it is exact. For tensors of more than 262,144 elements
@@ -277,6 +279,9 @@ def magnitude_threshold(task_vector: torch.Tensor, density: float) -> MagnitudeT
         density (`float`):
             Fraction kept, in (0, 1]; `k = int(density * numel)` as in PEFT's `magnitude_based_pruning`
             (so a tensor with `density * numel < 1` keeps nothing).
+        map_blocks (`Callable`, *optional*):
+            `map_blocks(fn, starts)` yields `fn(start, slot)` for every block start, in order: how the one-pass
+            scan of large tensors is run (e.g. on several threads, as the engine does). Default: in this thread.
 
     Returns:
         [`MagnitudeThreshold`]
@@ -298,7 +303,7 @@ def magnitude_threshold(task_vector: torch.Tensor, density: float) -> MagnitudeT
             yield start, _magnitude_bits(flat[start : start + _BLOCK])
 
     if numel > 4 * _SAMPLE:
-        found = _threshold_from_band(flat, numel, k, blocks)
+        found = _threshold_from_band(flat, numel, k, map_blocks)
         if found is not None:
             return found
 
@@ -336,7 +341,9 @@ def _magnitude_bits(values: torch.Tensor) -> torch.Tensor:
     return _f32(values).view(torch.int32).bitwise_and(0x7FFFFFFF)
 
 
-def _threshold_from_band(flat: torch.Tensor, numel: int, k: int, blocks) -> MagnitudeThreshold | None:
+def _threshold_from_band(
+    flat: torch.Tensor, numel: int, k: int, map_blocks: Callable[..., Any] | None
+) -> MagnitudeThreshold | None:
     """The exact [`MagnitudeThreshold`] in one pass, when an evenly strided sample brackets it well enough.
 
     The sample's order statistics give a band of magnitudes [lo, hi] that holds the k-th largest with a margin
@@ -354,14 +361,17 @@ def _threshold_from_band(flat: torch.Tensor, numel: int, k: int, blocks) -> Magn
     top, bottom = math.floor(rank - margin), math.ceil(rank + margin)
     hi = int(sample[top]) if top >= 0 else (1 << 31) - 1
     lo = int(sample[bottom]) if bottom < m else 0
-    above = 0
-    values, indices = [], []
-    for start, bits in blocks():
-        above += int((bits > hi).sum())
+
+    def scan(start: int, slot: int = 0):
+        bits = _magnitude_bits(flat[start : start + _BLOCK])
         where = ((bits >= lo) & (bits <= hi)).nonzero().view(-1)
-        values.append(bits[where])
-        indices.append(where.add_(start))
-    band, index = torch.cat(values), torch.cat(indices)
+        return int((bits > hi).sum()), bits[where], where.add_(start)
+
+    starts = range(0, numel, _BLOCK)
+    scans = list(map_blocks(scan, starts) if map_blocks is not None else (scan(s) for s in starts))
+    above = sum(count for count, _, _ in scans)
+    band, index = torch.cat([v for _, v, _ in scans]), torch.cat([i for _, _, i in scans])
+    del scans
     rank_in_band = k - above  # the k-th largest is the rank_in_band-th largest of the band
     if not 1 <= rank_in_band <= band.numel():
         return None

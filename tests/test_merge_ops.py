@@ -123,8 +123,12 @@ def test_magnitude_threshold_on_large_tensors_is_exact(kind):
     else:  # every sampled entry is tiny, the rest large: the sample's estimate is far off
         tau = torch.randn(n, generator=g) + 10.0
         tau[:: n // (1 << 16)] = 1e-3
+    from hf_soups.core.engine import _SliceRunner
+
     for density in (0.01, 0.3, 0.77):
         threshold = mo.magnitude_threshold(tau, density)
+        with _SliceRunner(2) as runner:  # the engine's scan of the blocks on two threads: the same threshold
+            assert mo.magnitude_threshold(tau, density, map_blocks=runner.map) == threshold
         expected = ref_keep(tau, density)
         assert torch.equal(mo.magnitude_mask(tau, threshold), expected)
         # the integer-mask trim of the two-pass path keeps the same entries, slice by slice

@@ -463,7 +463,7 @@ def _mix_stats(tp: TensorPlan, mix: RecipeMix, read, n: int, tau: torch.Tensor |
 
             for _ in runner.map(fill, starts):
                 pass
-            stats.thresholds.append(magnitude_threshold(tau, recipe.params["density"]))
+            stats.thresholds.append(magnitude_threshold(tau, recipe.params["density"], map_blocks=runner.map))
     if recipe.needs & {"task_gram", "weight_gram"}:
         acc = GramAccumulator(n_ing)
         task = "task_gram" in recipe.needs
