@@ -307,7 +307,8 @@ def combine_mix(
     tensor. The slices of a tensor are combined by up to `MIX_WORKERS` threads side by side (each kernel on one
     thread, results written in order: see [`_SliceRunner`]), in both passes. Memory beyond the linear engine's:
     N + 1 slice buffers per thread, one float32 task vector of the largest tensor (thresholds) and one float32
-    result of it when the sink takes whole tensors, whatever N (members read whole add one copy each). The result is checked for non-finite values after the sink's cast, as the linear path does.
+    result of it when the sink takes whole tensors, whatever N (members read whole add one copy each). The result
+    is checked for non-finite values after the sink's cast, as the linear path does.
 
     Raises:
         [`NonFiniteTensorError`], [`IncompatibleIngredientsError`]: as [`combine`].
