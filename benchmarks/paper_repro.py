@@ -538,13 +538,18 @@ def render(
     test_sets = [s for s in sets if s != "validation"]
     n_ing = len(results[0]["ingredients"])
     record = RECORDS[args.preset]
+    step = _nanmean([r["timings"]["s_per_step"] for r in results])
+    speed = (
+        f"mean {step:.2f} s per training step, batch 32, max length 48"
+        if math.isfinite(step)
+        else "fine-tunes reused from an earlier run of the preset (`--reuse`), so no training in this time"
+    )
     lines = [
         record.section,
         "",
         f"Command: `{args.command.strip()}`  ",
-        f"Machine: {device_name}; {elapsed / 60:.0f} min of run time in all "
-        f"(mean {_nanmean([r['timings']['s_per_step'] for r in results]):.2f} s per training step, batch 32, "
-        "max length 48; the machine was shared with other jobs, so times are pessimistic).",
+        f"Machine: {device_name}; {elapsed / 60:.0f} min of run time in all ({speed}; the machine was shared "
+        "with other jobs, so times are pessimistic).",
         "",
     ]
     if note:
