@@ -1182,14 +1182,7 @@ def recipe_from_soup(soup: Soup, *, portable: bool = False) -> dict[str, Any]:
     shard = output.get("max_shard_size") or (source.max_shard_size if source is not None else None)
     if shard is not None:
         out["max_shard_size"] = shard
-    if portable:
-        out = _without_local_paths(out, notes)
-    if notes:
-        out["notes"] = notes
-    result = _result_section(soup)
-    if result:
-        out["result"] = result
-    return out
+    return _closing_sections(out, soup, notes, portable)
 
 
 def _replayed_comparison(
@@ -1237,6 +1230,11 @@ def _replayed_comparison(
         out["dtype"] = str(output["dtype"]).removeprefix("torch.")
     if output.get("max_shard_size") is not None:
         out["max_shard_size"] = output["max_shard_size"]
+    return _closing_sections(out, soup, notes, portable)
+
+
+def _closing_sections(out: dict[str, Any], soup: Any, notes: list[str], portable: bool) -> dict[str, Any]:
+    """The end of every written recipe: local paths replaced when `portable`, then `notes` and `result`."""
     if portable:
         out = _without_local_paths(out, notes)
     if notes:
