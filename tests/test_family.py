@@ -239,6 +239,15 @@ def test_non_linear_methods_of_lora_adapters_as_an_svd_adapter(tmp_path, method,
 # ------------------------------------------------------------------------------------------------ sweeps
 
 
+def _eval_file(base, tmp_path):
+    """`_eval_set(base)` written as a JSON-lines file, for the CLI and recipe files."""
+    import json
+
+    path = tmp_path / "val.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in _eval_set(base).to_list()))
+    return path
+
+
 def _eval_set(base):
     from datasets import Dataset
     from transformers import BertForSequenceClassification
@@ -473,7 +482,6 @@ def test_a_method_list_is_refused_by_name_before_any_download(kwargs, match):
 def test_several_methods_through_the_cli_and_the_recipe_file(family_dirs, tmp_path):
     """`--method ties dare-ties` with eval data from a file: the written recipe lists both methods with their knobs
     and the eval data, and cooking it compares them again into the same tensors; a hand-written file does too."""
-    import json
 
     import yaml
 
@@ -481,9 +489,7 @@ def test_several_methods_through_the_cli_and_the_recipe_file(family_dirs, tmp_pa
     from tests.testing_common import assert_same_tensors
 
     base, ingredients = family_dirs
-    data = _eval_set(base)
-    val = tmp_path / "val.jsonl"
-    val.write_text("".join(json.dumps(row) + "\n" for row in data.to_list()))
+    val = _eval_file(base, tmp_path)
     cmd = [
         sys.executable,
         "-m",
@@ -601,7 +607,6 @@ def _exact_cancellations(name, base, thetas):
 
 def test_a_weights_sweep_from_the_cli_and_from_a_recipe_file(family_dirs, tmp_path):
     """`--weights` repeated (CLI) and a weight list per ingredient (recipe file) are the same weights sweep."""
-    import json
 
     import yaml
 
@@ -610,9 +615,7 @@ def test_a_weights_sweep_from_the_cli_and_from_a_recipe_file(family_dirs, tmp_pa
     from tests.testing_common import assert_same_tensors
 
     base, ingredients = family_dirs
-    data = _eval_set(base)
-    val = tmp_path / "val.jsonl"
-    val.write_text("".join(json.dumps(row) + "\n" for row in data.to_list()))
+    val = _eval_file(base, tmp_path)
     settings = [[1.0, 0.0, 0.0], [0.0, 0.5, 0.5], [0.2, 0.3, 0.5]]
     cmd = [
         sys.executable,
