@@ -49,3 +49,48 @@ def make_tiny_bert_dir(path: Path, seed: int = 0, **kwargs) -> Path:
     model = make_tiny_bert(seed=seed, **kwargs)
     model.save_pretrained(path)
     return Path(path)
+
+
+# ------------------------------------------------------------------------------ a tiny chat model (SFT tests)
+
+CHAT_WORDS = ["<pad>", "<eos>", "<unk>", "user", "assistant", ":"] + [f"w{i}" for i in range(40)]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} <eos> {% endfor %}"
+    "{% if add_generation_prompt %}assistant : {% endif %}"
+)
+
+
+def make_tiny_chat_tokenizer():
+    """A word-level `PreTrainedTokenizerFast` with a chat template, built in memory (no download)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(CHAT_WORDS)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def make_tiny_llama_dir(path: Path, seed: int = 0) -> Path:
+    """A tiny `LlamaForCausalLM` (GQA, 2 layers) and its chat tokenizer, saved in `path`: the 'pre-trained' model."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(CHAT_WORDS),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=1,
+    )
+    LlamaForCausalLM(config).save_pretrained(path)
+    make_tiny_chat_tokenizer().save_pretrained(path)
+    return Path(path)

@@ -34,7 +34,7 @@ from transformers.trainer_callback import TrainerCallback
 
 from ..core.sources import find_weight_files
 from ..errors import IncompatibleIngredientsError, IngredientNotFoundError, InvalidArgumentError
-from ..ingredients import list_ingredients
+from ..ingredients import _is_peft_model, list_ingredients
 from ..ingredients_folder import (
     INGREDIENT_METADATA,
     INGREDIENTS_MANIFEST,
@@ -171,6 +171,77 @@ def _preprocessors(processing_class: Any) -> dict[str, Any]:
             if getattr(processing_class, key, None) is not None:
                 out[key] = getattr(processing_class, key)
     return out or {"tokenizer": processing_class}
+
+
+# Columns of raw (untokenized) chat / instruction data, in the formats TRL's trainers take.
+_RAW_TEXT_FORMATS = (("messages",), ("prompt", "completion"), ("conversations",))
+
+
+def _raw_text_format(dataset: Any) -> tuple[str, ...] | None:
+    """The chat / prompt-completion columns of an untokenized eval set (`None`: tokenized or another kind)."""
+    columns = list(getattr(dataset, "column_names", None) or [])
+    if not columns or "input_ids" in columns:
+        return None
+    return next((fmt for fmt in _RAW_TEXT_FORMATS if all(c in columns for c in fmt)), None)
+
+
+def _prepare_like_trainer(trainer: Trainer | None, eval_dataset: Any) -> Any:
+    """Untokenized chat / instruction eval sets, tokenized the way `trainer` tokenizes its own eval set.
+
+    TRL's `SFTTrainer` turns `messages` or `prompt`/`completion` rows into `input_ids` and `labels` (chat
+    template, completion-only or assistant-only labels, truncation to `max_length`) when it is built; an eval set
+    given to the callback (or to `cook`) goes through the same preparation, unpacked, so that the soup is scored on
+    the tokens the runs were trained on. Tokenized sets are used as they are.
+
+    Raises:
+        [`InvalidArgumentError`]: a raw chat set and no trainer that prepares datasets, or a packed set.
+    """
+    if eval_dataset is None:
+        return None
+    single = not isinstance(eval_dataset, Mapping)
+    sets = {"eval": eval_dataset} if single else dict(eval_dataset)
+    packed = [name for name, ds in sets.items() if "seq_lengths" in (getattr(ds, "column_names", None) or [])]
+    if packed:
+        raise InvalidArgumentError(
+            f"eval_dataset: set {packed[0]!r} is packed (several examples per row, a seq_lengths column: SFTConfig "
+            "packing / eval_packing). Scored as one sequence per row, its examples would attend to each other and "
+            "its loss would not be the trainer's. Set eval_packing=False in the SFTConfig, or give the callback the "
+            "untokenized eval set (eval_dataset=...), which it prepares unpacked."
+        )
+    raw = {name: fmt for name, ds in sets.items() if (fmt := _raw_text_format(ds)) is not None}
+    if not raw:
+        return eval_dataset
+    prepare = getattr(trainer, "_prepare_dataset", None) if trainer is not None else None
+    if prepare is None or getattr(trainer, "_skip_prepare_dataset", False):
+        name, fmt = next(iter(raw.items()))
+        why = (
+            "the trainer skips dataset preparation (dataset_kwargs={'skip_prepare_dataset': True})"
+            if prepare is not None
+            else "no trainer that prepares chat data (TRL's SFTTrainer) was given"
+        )
+        raise InvalidArgumentError(
+            f"eval_dataset: set {name!r} is untokenized chat / instruction data (columns {list(fmt)}) and {why}. "
+            "Give the callback its SFTTrainer (cb.attach(trainer), or cb.set_trainer(trainer) for from_dir) so that "
+            "the set is tokenized as the trainer tokenizes its own, or pass a tokenized set (input_ids and labels "
+            "columns, such as trainer.eval_dataset)."
+        )
+    for name in raw:
+        try:
+            sets[name] = prepare(
+                sets[name],
+                trainer.processing_class,
+                trainer.args,
+                False,  # unpacked: packed rows would attend across examples in a plain forward pass
+                getattr(trainer, "_formatting_func", None),
+                name,
+            )
+        except TypeError as err:  # a TRL whose private preparation takes other arguments
+            raise InvalidArgumentError(
+                f"eval_dataset: set {name!r} is untokenized chat / instruction data, and this "
+                f"{type(trainer).__name__} could not tokenize it for the soup ({err}). Pass a tokenized set "
+                "(input_ids and labels columns, such as trainer.eval_dataset)."
+            ) from err
+    return sets["eval"] if single else sets
 
 
 def _strip_eval_prefix(name: str) -> str:
@@ -421,6 +492,7 @@ class _SoupCooking:
                     kwargs.pop(key, None)
         kwargs.update(options)
 
+        kwargs["eval_dataset"] = _prepare_like_trainer(trainer, kwargs.get("eval_dataset"))
         if kwargs.get("eval_dataset") is None:
             # nothing to evaluate on: evaluation-only options would make merge_models complain for nothing
             for key in ("compute_metrics", "metric_key", "greater_is_better"):
@@ -708,6 +780,8 @@ class SoupTrainerCallback(_SoupCooking, TrainerCallback):
             raise InvalidArgumentError(
                 _NEEDS_TRAINER.format(what="replace_model=True (it updates trainer.model)")
             )
+        if self.replace_model:  # before the run, not after a sweep
+            _check_not_peft(kwargs.get("model"))
         if trainer is None and _shards_parameters(args):
             raise InvalidArgumentError(
                 _NEEDS_TRAINER.format(
@@ -997,12 +1071,14 @@ def load_soup_into_model(soup: Soup, model: torch.nn.Module, *, trainer: Trainer
 
     Raises:
         [`IncompatibleIngredientsError`]: The soup's tensors do not match the model's (names or shapes).
-        [`InvalidArgumentError`]: The trainer shards its parameters.
+        [`InvalidArgumentError`]: The trainer shards its parameters, or `model` is a `PeftModel`.
     """
     import torch
 
     if trainer is not None:
-        _check_replaceable(trainer)
+        _check_replaceable(trainer, model)
+    else:
+        _check_not_peft(model)
     source = soup.model.state_dict()
     target = model.state_dict()
     missing = sorted(set(target) - set(source))
@@ -1028,11 +1104,23 @@ def load_soup_into_model(soup: Soup, model: torch.nn.Module, *, trainer: Trainer
     logger.info("SoupTrainerCallback: loaded the soup's weights into %s", type(model).__name__)
 
 
-def _check_replaceable(trainer: Trainer) -> None:
+def _check_replaceable(trainer: Trainer, model: Any = None) -> None:
     if _shards_parameters(trainer.args, trainer):
         raise InvalidArgumentError(
             "replace_model=True cannot load a soup into FSDP / DeepSpeed sharded parameters. Cook with "
             "output_dir=... and load the soup with from_pretrained instead."
+        )
+    _check_not_peft(model if model is not None else getattr(trainer, "model", None))
+
+
+def _check_not_peft(model: Any) -> None:
+    if model is not None and _is_peft_model(model):
+        raise InvalidArgumentError(
+            "replace_model=True cannot load a soup into trainer.model: it is a PeftModel (LoRA training), whose "
+            "adapter has one rank while a soup of adapters is a full model or an adapter of another rank (the sum "
+            "of the ingredients' ranks). Cook with replace_model=False: use soup.model (base + the averaged "
+            "deltas), or cook with adapter_output='adapter', output_dir=... and load that folder with "
+            "PeftModel.from_pretrained(base, folder)."
         )
 
 
