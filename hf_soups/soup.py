@@ -140,11 +140,12 @@ class Soup:
         return target
 
     def _write_extras(self, directory: Path) -> None:
-        """The model card (README.md) and the recipe file that re-cooks this soup."""
-        from .publishing.card import write_model_card
+        """The model card (README.md), the Hub's evaluation-results files and the recipe file that re-cooks it."""
+        from .publishing.card import write_eval_results, write_model_card
         from .publishing.recipe_file import write_recipe
 
         write_model_card(self, directory)
+        write_eval_results(self, directory)
         write_recipe(self, directory)
 
     # --------------------------------------------------------------------------------------- hub

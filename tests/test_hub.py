@@ -342,3 +342,88 @@ def test_end_to_end_hub_ids_to_pushed_soup(hub_server, api, hub_models, tmp_path
         merge_models(refs[:2], push_to_hub=f"{hub_server.user}/{unique('x')}", token=reader, progress=False)
     with pytest.raises(IngredientNotFoundError, match="missing-model"):
         merge_models([ids[0], f"{hub_server.user}/missing-model"], token=hub_server.token, progress=False)
+
+
+# ------------------------------------------------------------------------------------------------
+# the Hub's evaluation-results files (.eval_results/*.yaml)
+# ------------------------------------------------------------------------------------------------
+def _labelled_set(n: int, seed: int):
+    import torch
+    from datasets import Dataset
+
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, 99, (n, 8), generator=gen)
+    return Dataset.from_dict(
+        {
+            "input_ids": ids.tolist(),
+            "attention_mask": torch.ones_like(ids).tolist(),
+            "labels": (ids[:, 0] % 3).tolist(),
+        }
+    )
+
+
+def test_eval_results_files_only_for_sets_with_a_hub_dataset_id(hub_server, api, tiny_bert_dirs, tmp_path):
+    import yaml
+    from huggingface_hub import hf_hub_download, parse_eval_result_entries
+
+    from hf_soups import merge_models
+
+    soup = merge_models(
+        tiny_bert_dirs,
+        method="greedy",
+        eval_dataset={"validation": _labelled_set(24, seed=1), "typos": _labelled_set(16, seed=2)},
+        select_on="validation",
+        progress=False,
+    )
+    # where the sets came from, as an evaluator records it: one Hub dataset, one set known only by its name
+    soup.report_extra["eval_datasets"] = {
+        "validation": {
+            "id": "org/reviews",
+            "config": "plain_text",
+            "split": "validation",
+            "revision": "a" * 40,
+        },
+        "typos": {"name": "Typos"},
+    }
+    folder = soup.save_pretrained(tmp_path / "saved")
+    files = sorted(p.relative_to(folder).as_posix() for p in (folder / ".eval_results").iterdir())
+    assert files == [".eval_results/org__reviews.yaml"]  # nothing invented for "typos"
+    data = yaml.safe_load((folder / ".eval_results" / "org__reviews.yaml").read_text())
+    assert data == [
+        {
+            "dataset": {"id": "org/reviews", "task_id": "plain_text", "revision": "a" * 40},
+            "value": soup.scores["validation"]["accuracy"],
+            "notes": "accuracy (validation split) of a greedy soup, measured by hf_soups",
+        }
+    ]
+    # the saved folder (with its hidden .eval_results folder) can be replaced by the next save
+    soup.save_pretrained(tmp_path / "saved")
+
+    repo = f"{hub_server.user}/{unique('eval-results')}"
+    soup.push_to_hub(repo, token=hub_server.token)
+    remote = [f for f in api.list_repo_files(repo) if f.startswith(".eval_results/")]
+    assert remote == [".eval_results/org__reviews.yaml"]
+    pulled = yaml.safe_load(Path(hf_hub_download(repo, ".eval_results/org__reviews.yaml")).read_text())
+    (entry,) = parse_eval_result_entries(pulled)
+    assert (entry.dataset_id, entry.task_id, entry.dataset_revision) == (
+        "org/reviews",
+        "plain_text",
+        "a" * 40,
+    )
+    assert entry.value == soup.scores["validation"]["accuracy"]
+    # the model-index names the same dataset; the set without an ID keeps its name there
+    card = ModelCard.load(repo)
+    assert {r.dataset_type for r in card.data.eval_results} == {"org/reviews", "typos"}
+
+
+def test_no_eval_results_files_without_a_hub_dataset_id(hub_server, api, tiny_bert_dirs, tmp_path):
+    from hf_soups import merge_models
+
+    soup = merge_models(
+        tiny_bert_dirs, method="greedy", eval_dataset=_labelled_set(24, seed=1), output_dir=tmp_path / "soup"
+    )
+    soup.report_extra["eval_datasets"] = {"eval": {"id": "not a hub id", "name": "local csv"}}
+    assert not (tmp_path / "soup" / ".eval_results").exists()
+    repo = f"{hub_server.user}/{unique('no-eval-results')}"
+    soup.push_to_hub(repo, token=hub_server.token)
+    assert not [f for f in api.list_repo_files(repo) if f.startswith(".eval_results")]

@@ -458,6 +458,100 @@ def _eval_results(soup: Soup, task_type: str | None, dataset_ids: dict[str, dict
     return results, rows
 
 
+def _eval_datasets(soup: Soup) -> dict[str, dict[str, Any]]:
+    """Where each eval set came from, as the evaluator recorded it: `soup.report_extra["eval_datasets"][name]`
+    (`id` = Hub dataset ID, `name`, `config`, `split`, `revision`, `task_id`, `metric`); `{}` when unknown."""
+    extra = soup.report_extra if isinstance(soup.report_extra, dict) else {}
+    info = extra.get("eval_datasets") or {}
+    return {k: v for k, v in info.items() if isinstance(v, dict)} if isinstance(info, dict) else {}
+
+
+# --------------------------------------------------------------------------------------------------
+# the Hub's evaluation-results files (.eval_results/*.yaml)
+# --------------------------------------------------------------------------------------------------
+EVAL_RESULTS_DIR = ".eval_results"
+
+
+def eval_result_entries(soup: Soup) -> dict[str, list[Any]]:
+    """The soup's results in the Hub's `.eval_results/*.yaml` format, per Hub dataset ID.
+
+    Only eval sets whose origin names a Hub dataset ID (`soup.report_extra["eval_datasets"][name]["id"]`, the same
+    record the card's `model-index` reads) give an entry; a set known only by its name gives none, since these
+    files feed the dataset's leaderboard on the Hub. One entry per such set: the value of its `metric` (when the
+    record names the benchmark's metric), else of the soup's selection metric; `task_id` is the record's
+    `task_id`, else its `config`, else `"default"`; `dataset_revision` only when it is a commit hash.
+
+    Args:
+        soup ([`Soup`]):
+            A cooked soup.
+
+    Returns:
+        `dict[str, list[huggingface_hub.EvalResultEntry]]`: entries by dataset ID; `{}` when nothing qualifies or
+        when the installed `huggingface_hub` has no `EvalResultEntry` (before 1.4).
+    """
+    try:
+        from huggingface_hub import EvalResultEntry
+    except ImportError:  # pragma: no cover - huggingface_hub < 1.4
+        return {}
+    scores = dict(soup.scores or {})
+    out: dict[str, list[Any]] = {}
+    for set_name, info in _eval_datasets(soup).items():
+        dataset_id = info.get("id")
+        if not (isinstance(dataset_id, str) and _HUB_ID.match(dataset_id)):
+            continue
+        metric = info.get("metric") or soup.metric_key
+        value = (scores.get(set_name) or {}).get(metric) if metric else None
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+            logger.info("No .eval_results entry for %s: it has no %s score.", set_name, metric or "selection")
+            continue
+        revision = info.get("revision")
+        split = f" ({info['split']} split)" if info.get("split") else ""
+        out.setdefault(dataset_id, []).append(
+            EvalResultEntry(
+                dataset_id=dataset_id,
+                task_id=str(info.get("task_id") or info.get("config") or "default"),
+                value=float(value),
+                dataset_revision=revision if isinstance(revision, str) and _COMMIT.match(revision) else None,
+                notes=f"{metric}{split} of a {soup.method} soup, measured by hf_soups",
+            )
+        )
+    return out
+
+
+def write_eval_results(soup: Soup, directory: str | os.PathLike) -> list[Path]:
+    """Write the soup's `.eval_results/<org>__<dataset>.yaml` files (see [`eval_result_entries`]) in `directory`.
+
+    The folder's previous `.eval_results` (a copy of a streamed soup's) is replaced; nothing is written when no
+    result qualifies.
+
+    Args:
+        soup ([`Soup`]):
+            A cooked soup.
+        directory (`str` or `os.PathLike`):
+            The soup folder (or the staging folder of a push).
+
+    Returns:
+        `list[Path]`: the files written (empty when none).
+    """
+    import shutil
+
+    import yaml
+    from huggingface_hub import eval_result_entries_to_yaml
+
+    folder = Path(directory) / EVAL_RESULTS_DIR
+    if folder.is_dir() and not folder.is_symlink():
+        shutil.rmtree(folder)
+    written = []
+    for dataset_id, entries in eval_result_entries(soup).items():
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / (dataset_id.replace("/", "__") + ".yaml")
+        path.write_text(
+            yaml.safe_dump(eval_result_entries_to_yaml(entries), sort_keys=False), encoding="utf-8"
+        )
+        written.append(path)
+    return written
+
+
 def _usage(repo: str, auto_class: str, has_tokenizer: bool, adapter_base: str | None) -> str:
     lines = [f"from transformers import {auto_class}" + (", AutoTokenizer" if has_tokenizer else ""), ""]
     if adapter_base is not None:
@@ -519,20 +613,16 @@ def _build(soup: Soup, *, repo_id: str | None, directory: Path | None) -> ModelC
     )
     language = json.loads(language) if language else None
 
-    eval_info = (
-        (soup.report_extra or {}).get("eval_datasets", {}) if isinstance(soup.report_extra, dict) else {}
-    )
+    eval_info = _eval_datasets(soup)
     datasets: list[str] = []
     for meta in metas.values():
         datasets.extend(d for d in _as_list(meta.get("datasets")) if d not in datasets)
-    for info in eval_info.values() if isinstance(eval_info, dict) else []:
+    for info in eval_info.values():
         ds = info.get("id") if isinstance(info, dict) else None
         if isinstance(ds, str) and _HUB_ID.match(ds) and ds not in datasets:
             datasets.append(ds)
 
-    eval_results, eval_rows = _eval_results(
-        soup, pipeline_tag, eval_info if isinstance(eval_info, dict) else {}
-    )
+    eval_results, eval_rows = _eval_results(soup, pipeline_tag, eval_info)
     model_name = (
         repo_id.split("/")[-1]
         if repo_id

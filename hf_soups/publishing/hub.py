@@ -5,9 +5,9 @@
 branch, `create_pr` opens a pull request) with two guarantees:
 
 - **one commit or none**: every file (sharded safetensors, config, tokenizer files, the model card as
-  `README.md`, and `soup_recipe.yaml`) goes into a single `create_commit`. Large files are uploaded
-  first and only become visible when that commit lands, so a push that fails midway leaves the
-  repository as it was, and the local soup untouched;
+  `README.md`, the Hub's `.eval_results/*.yaml` files and `soup_recipe.yaml`) goes into a single
+  `create_commit`. Large files are uploaded first and only become visible when that commit lands, so a push that
+  fails midway leaves the repository as it was, and the local soup untouched;
 - **streamed soups stay on disk**: a soup written with `output_dir=` is uploaded from its folder; the
   model is never loaded. An in-memory soup is first saved to a temporary folder.
 
@@ -172,10 +172,12 @@ def push_soup(
             else:
                 folder = soup.save_pretrained(tmp_dir / "soup")
                 files = _soup_files(folder)
-            from .card import write_model_card
+            from .card import write_eval_results, write_model_card
 
             extras = tmp_dir / "extras"
             files["README.md"] = write_model_card(soup, extras, repo_id=repo_id)
+            for path in write_eval_results(soup, extras):  # hidden folder: _soup_files skips the local copy
+                files[path.relative_to(extras).as_posix()] = path
             from .recipe_file import write_recipe
 
             # the recipe on disk names this machine's folders; the pushed one does not (issue 12, defect 13)
