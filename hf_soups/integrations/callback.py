@@ -588,6 +588,8 @@ class SoupTrainerCallback(_SoupCooking, TrainerCallback):
             `base_model=`) go in `**merge_options`.
         eval_dataset (`datasets.Dataset` or `dict[str, datasets.Dataset]`, *optional*):
             Held-out data for greedy soups, sweeps and the soup's score. Defaults to the trainer's `eval_dataset`.
+            Untokenized chat / instruction sets (`messages`, `prompt`/`completion`) are tokenized by an attached
+            TRL `SFTTrainer` as it tokenizes its own (same chat template and loss labels, unpacked).
         metric (`str`, `evaluate.EvaluationModule` or callable, *optional*):
             The metric to select on. Defaults to the trainer's `compute_metrics` (keyed by
             `metric_for_best_model`), else `metric_for_best_model`, else `"accuracy"`.
