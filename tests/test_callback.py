@@ -17,7 +17,13 @@ from safetensors.torch import load_file
 
 from hf_soups import IngredientNotFoundError, InvalidArgumentError, SoupTrainerCallback, merge_models
 from hf_soups.integrations.callback import INGREDIENT_METADATA, INGREDIENTS_MANIFEST, list_ingredients
-from tests.testing_common import assert_state_close, float64_mean, read_safetensors, replay_greedy
+from tests.testing_common import (
+    QUIET_CPU_RUN,
+    assert_state_close,
+    float64_mean,
+    read_safetensors,
+    replay_greedy,
+)
 from tests.tiny_models import make_tiny_bert
 
 NUM_LABELS = 3
@@ -63,13 +69,7 @@ def _args(output_dir: Path, **overrides):
         per_device_eval_batch_size=8,
         max_steps=4,
         learning_rate=1e-3,
-        save_strategy="no",
-        eval_strategy="no",
-        logging_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
-        use_cpu=True,
-        dataloader_num_workers=0,
+        **QUIET_CPU_RUN,
     )
     kwargs.update(overrides)
     return TrainingArguments(**kwargs)

@@ -19,7 +19,13 @@ pytest.importorskip("trl")
 pytest.importorskip("peft")
 
 from hf_soups import InvalidArgumentError, SoupTrainerCallback, merge_models  # noqa: E402
-from tests.testing_common import assert_state_close, float64_mean, read_safetensors, replay_greedy  # noqa: E402
+from tests.testing_common import (
+    QUIET_CPU_RUN,
+    assert_state_close,
+    float64_mean,
+    read_safetensors,
+    replay_greedy,
+)  # noqa: E402
 from tests.tiny_models import CHAT_WORDS, make_tiny_chat_tokenizer, make_tiny_llama_dir  # noqa: E402
 
 WORDS = CHAT_WORDS[6:]  # w0 .. w39
@@ -124,13 +130,7 @@ def sft_args(output_dir: Path, **overrides):
         max_steps=12,
         per_device_train_batch_size=8,
         per_device_eval_batch_size=5,  # 12 eval rows: a last partial batch, padded
-        save_strategy="no",
-        eval_strategy="no",
-        logging_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
-        use_cpu=True,
-        dataloader_num_workers=0,
+        **QUIET_CPU_RUN,
     )
     kwargs.update(overrides)
     return SFTConfig(**kwargs)

@@ -69,6 +69,20 @@ def assert_state_close(
             assert torch.equal(v, expected[k].to(v.dtype)), k
 
 
+# ------------------------------------------------------------------------------------------------ trainers
+
+#: TrainingArguments of the tests' short CPU runs: no saving, evaluation, logging, reporting or progress bars
+QUIET_CPU_RUN = dict(
+    save_strategy="no",
+    eval_strategy="no",
+    logging_strategy="no",
+    report_to="none",
+    disable_tqdm=True,
+    use_cpu=True,
+    dataloader_num_workers=0,
+)
+
+
 # --------------------------------------------------------------------------------------- text models, eval files
 
 VOCAB_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(5, 99)]
