@@ -19,7 +19,14 @@ import pytest
 import torch
 import yaml
 
-from tests.testing_common import assert_state_close, read_safetensors, save_tokenizer, write_eval_csv
+from tests.testing_common import (
+    assert_state_close,
+    float64_combination,
+    float64_mean,
+    read_safetensors,
+    save_tokenizer,
+    write_eval_csv,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -34,15 +41,6 @@ def run_example(args: list[str], *, cwd: Path, env: dict | None = None, timeout:
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return out
-
-
-def float64_mix(states: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[str, torch.Tensor]:
-    total = sum(weights)
-    return {
-        k: sum(w / total * s[k].double() for w, s in zip(weights, states))
-        for k, v in states[0].items()
-        if v.is_floating_point()
-    }
 
 
 # ------------------------------------------------------------------------------------------------ wise_ft.py
@@ -75,7 +73,7 @@ def test_wise_ft_example_smoke(tmp_path):
 
     probe, tuned = read_safetensors(tmp_path / "linear-probe"), read_safetensors(tmp_path / "fine-tuned")
     alpha = results["alpha"]
-    expected = float64_mix([probe, tuned], [1 - alpha, alpha])
+    expected = float64_combination([probe, tuned], [1 - alpha, alpha])
     soup = read_safetensors(tmp_path / "soup")
     assert_state_close({k: v for k, v in soup.items() if v.is_floating_point()}, expected, atol=1e-6)
     assert not torch.equal(probe["classifier.weight"], tuned["classifier.weight"])  # the ends differ
@@ -148,7 +146,7 @@ def test_push_to_hub_workflow_against_the_local_hub(tmp_path, hub_server):
     files = set(api.list_repo_files(target, revision=commit))
     assert {"README.md", "soup_recipe.yaml", "config.json", "tokenizer.json"} <= files
     pushed = read_safetensors(Path(api.snapshot_download(target, revision=commit)))
-    expected = float64_mix([states[i] for i in kept], [1.0] * len(kept))
+    expected = float64_mean([states[i] for i in kept])
     assert_state_close({k: v for k, v in pushed.items() if v.is_floating_point()}, expected, atol=1e-6)
     recipe = yaml.safe_load(
         Path(api.hf_hub_download(target, "soup_recipe.yaml", revision=commit)).read_text()
@@ -264,7 +262,7 @@ def test_add_to_your_training_script_page_runs_as_written(tmp_path, hub_server):
     kept = [name for name in states if re.search(rf"- {re.escape(name)} \((?![^)]*left out)", merged)]
     assert kept and all(f"- {name} " in merged for name in states)
     soup = read_safetensors(tmp_path / "soup")
-    expected = float64_mix([states[name] for name in kept], [1.0] * len(kept))
+    expected = float64_mean([states[name] for name in kept])
     assert_state_close({k: v for k, v in soup.items() if v.is_floating_point()}, expected, atol=1e-6)
     # the printed soup score is the soup's accuracy on validation.csv, computed here from its weights
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
