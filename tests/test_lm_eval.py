@@ -164,7 +164,8 @@ def test_greedy_soup_chooses_by_the_lm_eval_score(tmp_path, tasks):
 
 @pytest.mark.slow
 def test_recipe_file_and_cli_round_trip(tmp_path, tasks):
-    dirs = [make_tiny_llama_dir(tmp_path / f"ft-{i}", seed=i, noise=0.01) for i in range(2)]
+    for i in range(2):
+        make_tiny_llama_dir(tmp_path / f"ft-{i}", seed=i, noise=0.01)
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(
         yaml.safe_dump(
@@ -282,8 +283,8 @@ def test_spellings_and_refusals(tasks):
         SoupConfig.from_options({"metric": "lm-eval:mc?num_fewshot=-1"})
     with pytest.raises(InvalidArgumentError, match="unknown lm-eval key"):
         LMEvalTask.from_dict({"lm_eval": "mc", "shots": 1})
-    from hf_soups.evaluation import build_evaluator
     from hf_soups.errors import EvaluationError
+    from hf_soups.evaluation import build_evaluator
 
     with pytest.raises(EvaluationError, match="no task 'nope'"):
         build_evaluator(None, metric=LMEvalTask("nope", include_path=tasks), tokenizer=tiny_word_tokenizer())
