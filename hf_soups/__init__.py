@@ -31,6 +31,7 @@ _SUBMOD_ATTRS: dict[str, str] = {
     "OutputDirError": "errors",
     "OutputWriteError": "errors",
     "UntrustedCodeError": "errors",
+    "LMEvalTask": "lm_eval_task",
 }
 
 __all__ = sorted(_SUBMOD_ATTRS)
@@ -71,4 +72,5 @@ if TYPE_CHECKING:  # pragma: no cover (mirrors _SUBMOD_ATTRS for type checkers)
     )
     from .ingredients import Ingredient  # noqa: F401
     from .integrations.callback import SoupTrainerCallback  # noqa: F401
+    from .lm_eval_task import LMEvalTask  # noqa: F401
     from .soup import Soup  # noqa: F401

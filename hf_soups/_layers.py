@@ -8,7 +8,11 @@ This module imports nothing.
 
 LAYERS: list[tuple[str, str, tuple[str, ...]]] = [
     # (layer, its one idea, modules and packages relative to hf_soups)
-    ("base", "errors, option declarations, sizes and ranks", ("errors", "options", "utils", "_layers")),
+    (
+        "base",
+        "errors, option declarations, sizes and ranks",
+        ("errors", "options", "utils", "lm_eval_task", "_layers"),
+    ),
     ("core", "tensors in, tensors out", ("core", "merge_ops")),
     (
         "ingredients",

@@ -179,6 +179,7 @@ def merge_models(
     from .core.sources import parse_dtype
     from .ingredients import as_ingredients, resolve
     from .kitchen import Kitchen
+    from .lm_eval_task import LMEvalTask
     from .recipes import get_recipe
 
     check_models(models)
@@ -193,7 +194,9 @@ def merge_models(
     ev = config.eval
 
     evaluator = None
-    if ev.eval_dataset is not None:
+    if ev.eval_dataset is not None or isinstance(
+        ev.metric, LMEvalTask
+    ):  # an lm-eval task brings its own data
         from .evaluation import build_evaluator
 
         evaluator = build_evaluator(

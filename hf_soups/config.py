@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import InvalidArgumentError
+from .lm_eval_task import LMEvalTask
 from .options import OptionProblem, check_value, describe, did_you_mean, option, option_fields
 from .recipes import RecipeParams, all_recipes, get_recipe
 from .recipes.uniform import UniformParams
@@ -50,7 +51,9 @@ class EvalConfig:
     metric: Any = option(
         "accuracy",
         help="evaluate metric name (accuracy, f1, ...), (name, config), a loaded module or a callable; a local "
-        "metric script folder runs code and needs trust_remote_code.",
+        "metric script folder runs code and needs trust_remote_code. An lm-eval task: LMEvalTask(...), "
+        "'lm-eval:TASK?metric=acc&include_path=DIR', or in recipe files {lm_eval: TASK, ...}.",
+        kind="metric",
         file="metric",
     )
     metric_key: str | None = option(help="Which value of the metric's result to maximise.", kind="str")
@@ -361,7 +364,9 @@ class SoupConfig:
         return out
 
     def _has_eval(self) -> bool:
-        return self.has_eval if self.has_eval is not None else self.eval.eval_dataset is not None
+        if self.has_eval is not None:
+            return self.has_eval
+        return self.eval.eval_dataset is not None or isinstance(self.eval.metric, LMEvalTask)
 
     def _cross_problems(self) -> list[str]:
         """Checks across options (after every value passed its own check)."""
@@ -386,6 +391,7 @@ class SoupConfig:
                 f"method: method={self.methods} compares several methods by their held-out scores; pass "
                 "eval_dataset= (a datasets.Dataset with labels, or a dict of them with select_on=), or one method"
             )
+        problems.extend(lm_eval_problems(self))
         for method in self.methods:
             recipe = get_recipe(method)
             if recipe.check is not None and not problems:
@@ -414,6 +420,28 @@ def _checked(obj: Any, f: dataclasses.Field, problems: list[str], file_checks: M
     except OptionProblem as e:
         problems.append(f"{f.name}{e}" if str(e).startswith("[") else f"{f.name}: {e}")
         return None
+
+
+def lm_eval_problems(config: SoupConfig) -> list[str]:
+    """An lm-eval task as the metric: it brings its own data, and gives a score, not the loss learned soups need."""
+    task = config.eval.metric
+    if not isinstance(task, LMEvalTask):
+        return []
+    problems = []
+    if config.eval.eval_dataset is not None:
+        problems.append(
+            "eval_dataset: an lm-eval metric evaluates on its task's own data; drop eval_dataset (several tasks, "
+            "such as a selection task and a held-out task, are several eval sets)"
+        )
+    if "learned" in config.methods:
+        problems.append(
+            "metric: method='learned' learns its coefficients on the model's loss over eval_dataset, which an lm-eval "
+            "task does not give; use greedy, wise-ft or a family sweep with an lm-eval metric, or a loss metric "
+            "with learned"
+        )
+    if config.eval.compute_metrics is not None:
+        problems.append("compute_metrics: an lm-eval metric scores the model itself; drop compute_metrics")
+    return problems
 
 
 def check_method(value: Any) -> str | list[str]:

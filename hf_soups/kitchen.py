@@ -182,6 +182,9 @@ class Kitchen:
             direction = getattr(self.evaluator, "greater_is_better", None)
             if direction is not None:
                 soup.params.setdefault("greater_is_better", direction)
+            describe = getattr(self.evaluator, "record", None)  # an lm-eval metric: its tasks and versions
+            if describe is not None:
+                soup.report_extra["lm_eval"] = describe()
         if self.evaluator is not None and score is None:
             finish = getattr(self.evaluator, "score_soup", None)
             if finish is not None:

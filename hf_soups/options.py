@@ -401,8 +401,21 @@ def check_any(value: Any, meta: Mapping) -> Any:
     return value
 
 
+def check_metric(value: Any, meta: Mapping) -> Any:
+    """Any metric `merge_models` takes; an lm-eval task (`"lm-eval:task"`, `{lm_eval: task}`) becomes an `LMEvalTask`."""
+    from .errors import InvalidArgumentError
+    from .lm_eval_task import as_lm_eval_task
+
+    try:
+        task = as_lm_eval_task(value)
+    except InvalidArgumentError as e:
+        raise OptionProblem(str(e).removeprefix("metric: ")) from None
+    return value if task is None else task
+
+
 KINDS: dict[str, Callable[[Any, Mapping], Any]] = {
     "any": check_any,
+    "metric": check_metric,
     "str": check_str,
     "bool": check_bool,
     "positive_int": check_positive_int,

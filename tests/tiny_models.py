@@ -94,3 +94,53 @@ def make_tiny_llama_dir(path: Path, seed: int = 0) -> Path:
     LlamaForCausalLM(config).save_pretrained(path)
     make_tiny_chat_tokenizer().save_pretrained(path)
     return Path(path)
+
+
+# ------------------------------------------------------------------------------------------ tiny causal LM (Llama)
+
+TINY_WORDS = ["<pad>", "<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(60)]
+
+
+def tiny_word_tokenizer():
+    """A whitespace word-level tokenizer over `TINY_WORDS` (a fast tokenizer: saves and loads offline)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(TINY_WORDS)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>"
+    )
+
+
+def make_tiny_llama(seed: int = 0, base_seed: int = 1234, noise: float = 0.02):
+    """A tiny random LlamaForCausalLM: one shared 'pre-trained' init plus seeded noise."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(TINY_WORDS),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        pad_token_id=0,
+        bos_token_id=2,
+        eos_token_id=3,
+    )
+    torch.manual_seed(base_seed)
+    model = LlamaForCausalLM(config)
+    if noise:
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=gen) * noise)
+    return model.eval()
+
+
+def make_tiny_word_llama_dir(path: Path, seed: int = 0, **kwargs) -> Path:
+    """`make_tiny_llama` saved with its tokenizer."""
+    make_tiny_llama(seed=seed, **kwargs).save_pretrained(path)
+    tiny_word_tokenizer().save_pretrained(path)
+    return Path(path)

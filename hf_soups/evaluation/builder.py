@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from ..errors import EvaluationError, InvalidArgumentError
+from ..lm_eval_task import as_lm_eval_task
 from ..options import OptionProblem, check_class_names, check_templates
 from .data import collect_sets, find_label_columns, label_kind, no_labels_message
 from .evaluator import Evaluator
@@ -57,7 +58,9 @@ def build_evaluator(
             pearsonr and spearmanr work offline; others, such as `("glue", "mrpc")` or a local metric folder, run
             the metric's script and need `trust_remote_code=True`), a loaded module or `evaluate.combine(...)`,
             a callable `fn(predictions, references) -> dict | float`, or `"loss"` / `"perplexity"` (the model's
-            own loss; the default scores of language models). `None` picks the task's default.
+            own loss; the default scores of language models). `None` picks the task's default. An
+            [`~hf_soups.LMEvalTask`] (or `"lm-eval:TASK"`) scores causal LMs on lm-eval tasks, which bring their
+            own data: `eval_dataset` is then `None` (see `hf_soups.evaluation.lm_harness`).
         metric_key (`str`, *optional*):
             The number to maximise among the metric's outputs (default: the metric's own name, else its first
             output). Checked now by a dry call of the metric.
@@ -127,6 +130,16 @@ def build_evaluator(
     ('val', 'f1')
     ```
     """
+    lm_eval_task = as_lm_eval_task(metric)
+    if lm_eval_task is not None:  # the task brings its data, prompts and scoring (evaluation/lm_harness.py)
+        from .lm_harness import build_lm_eval_evaluator
+
+        kwargs = {
+            k: v
+            for k, v in locals().items()
+            if k not in ("metric", "lm_eval_task", "build_lm_eval_evaluator")
+        }
+        return build_lm_eval_evaluator(lm_eval_task, **kwargs)
     sets = collect_sets(eval_dataset)
     if select_on is None:
         select_on = next(iter(sets))

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..lm_eval_task import describe_lm_eval
 from .reporting import format_value
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -734,5 +735,6 @@ def _build(soup: Soup, *, repo_id: str | None, directory: Path | None) -> ModelC
         methods_rows=methods_rows,
         usage_code=usage,
         has_eval=soup.score is not None or bool(soup.scores),
+        evaluation_notes=describe_lm_eval((soup.report_extra or {}).get("lm_eval") or {}),
     )
     return ModelCard.from_template(card_data, template_path=str(TEMPLATE_PATH), **template_kwargs)

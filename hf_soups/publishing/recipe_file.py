@@ -54,6 +54,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..config import SoupConfig, all_option_fields
 from ..errors import InvalidArgumentError
+from ..lm_eval_task import LMEvalTask, as_lm_eval_task
 from ..options import (
     OptionProblem,
     check_import_string,
@@ -204,8 +205,20 @@ class _FileContext:
             return str(path)
         return value
 
-    def metric(self, value: Any, meta: Mapping) -> str:
-        """A metric name (bundled ones need no opt-in), or a local metric script folder (code: gated)."""
+    def metric(self, value: Any, meta: Mapping) -> Any:
+        """A metric name (bundled ones need no opt-in), a local metric script folder (code: gated), or an lm-eval
+        task (`{lm_eval: task, include_path: folder, ...}`: the folder relative to this file)."""
+        try:
+            task = as_lm_eval_task(value)
+        except InvalidArgumentError as e:
+            raise OptionProblem(str(e).removeprefix("metric: ")) from None
+        if task is not None:
+            if task.include_path is None:
+                return task
+            folder = self.path(os.fspath(task.include_path))
+            if not folder.is_dir():
+                raise OptionProblem(f"include_path: no such folder {str(folder)!r}")
+            return dataclasses.replace(task, include_path=str(folder))
         value = self.name_or_path(value, meta)
         if os.path.isabs(value):
             self.gate(f"{value!r} is a local metric script")
@@ -444,7 +457,8 @@ class RecipeFile:
             out["base_model"] = _spec_to_dict(self.base_model)
         for key in option_keys():
             if key not in ("method", "base_model") and key in self.options:
-                out[key] = self.options[key]
+                value = self.options[key]
+                out[key] = value.to_dict() if isinstance(value, LMEvalTask) else value
         if self.eval:
             out["eval"] = {k: _spec_to_dict(v) for k, v in self.eval.items()}
         for key in ("metric_config", "notes", "result"):
@@ -771,7 +785,10 @@ def _parse_recipe(data: Any, problems: list[str], ctx: _FileContext) -> RecipeFi
     )
     try:
         config = SoupConfig.from_options(
-            values, n_models=n_models, has_eval=bool(recipe.eval), file_checks=ctx.checks()
+            values,
+            n_models=n_models,
+            has_eval=bool(recipe.eval) or _names_lm_eval(data.get("metric")),
+            file_checks=ctx.checks(),
         )
     except InvalidArgumentError as e:
         problems.extend(_file_problem(p) for p in getattr(e, "problems", [str(e)]))
@@ -1009,6 +1026,14 @@ def active_recipe(recipe: RecipeFile) -> Iterator[RecipeFile]:
         _ACTIVE_RECIPE.reset(token)
 
 
+def _names_lm_eval(metric: Any) -> bool:
+    """Whether a recipe's `metric` is an lm-eval task (which brings its own eval data)."""
+    try:
+        return as_lm_eval_task(metric) is not None
+    except InvalidArgumentError:
+        return True  # refused, naming the key, by the metric's own check
+
+
 def _reference_entry(ingredient: Any) -> dict[str, Any]:
     """`{model, revision, name}` for a resolved ingredient (local folders by absolute path)."""
     ref = ingredient.reference
@@ -1077,7 +1102,11 @@ def recipe_from_soup(soup: Soup, *, portable: bool = False) -> dict[str, Any]:
         or bool(family_sweep)
         or bool(compared)
     )
-    can_replay = source is not None and bool(source.eval)
+    lm_eval = (getattr(soup, "report_extra", None) or {}).get("lm_eval") or {}
+    # an lm-eval metric brings its own data: the selection re-runs from the recipe, wherever the soup was cooked
+    can_replay = (
+        source is not None and (bool(source.eval) or _names_lm_eval(source.options.get("metric")))
+    ) or (source is None and bool(lm_eval.get("spec")))
     frozen = selection_needs_eval and not can_replay
     if compared and not frozen:  # the comparison re-runs: the methods and every knob as given
         return _replayed_comparison(soup, out, source, portable)
@@ -1162,6 +1191,10 @@ def recipe_from_soup(soup: Soup, *, portable: bool = False) -> dict[str, Any]:
                 )
             out[key] = params[key]
 
+    if not frozen and source is None and lm_eval.get("spec"):
+        out["metric"] = dict(lm_eval["spec"])
+        if lm_eval.get("select_on"):
+            out["select_on"] = lm_eval["select_on"]
     if not frozen and source is not None:
         src = source.to_dict()
         # what the file said about evaluation: every evaluation option, plus the file's own eval keys

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import EvaluationError, InvalidArgumentError
+from ..lm_eval_task import describe_lm_eval
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..soup import Soup
@@ -247,6 +248,9 @@ def render_report(soup: Soup) -> str:
                 f"Cost: {value['evaluations']} held-out evaluations took {value['evaluation_seconds']:.1f} s of the "
                 f"recipe's {value['recipe_seconds']:.1f} s.",
             ]
+            continue
+        if name == "lm_eval" and isinstance(value, Mapping):
+            lines += ["", *describe_lm_eval(value)]
             continue
         lines += ["", f"{name}: {value}"]
     return "\n".join(lines).rstrip() + "\n"
