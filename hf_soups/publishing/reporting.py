@@ -57,6 +57,15 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]], indent: str = "
     return lines
 
 
+def _candidate_cell(step: dict[str, Any], greater_is_better: bool) -> str:
+    """A greedy candidate's score, or for one rejected early: `<= best reachable (partial: k/n units)`."""
+    partial = step.get("partial")
+    if not partial:
+        return format_value(step.get("candidate_score"))
+    bound = format_value(partial.get("bound"))
+    return f"{'<=' if greater_is_better else '>='} {bound} (partial: {partial.get('units')}/{partial.get('of')} {partial.get('unit')})"
+
+
 def _key(soup: Soup) -> str | None:
     return soup.metric_key
 
@@ -196,7 +205,7 @@ def render_report(soup: Soup) -> str:
             [
                 h.get("step"),
                 h.get("candidate"),
-                h.get("candidate_score"),
+                _candidate_cell(h, soup.params.get("greater_is_better", True)),
                 h.get("kept"),
                 h.get("score"),
                 h.get("n_ingredients"),
@@ -204,6 +213,11 @@ def render_report(soup: Soup) -> str:
             for h in history
         ]
         lines += _table(["step", "candidate", f"with it ({soup.select_on})", "kept", "soup", "size"], rows)
+        if any(h.get("partial") for h in history):
+            lines.append(
+                "  (partial: rejected before the end of the set; the number is the best it could still reach, "
+                "the other sets were not scored)"
+            )
     elif history and "alpha" in history[0]:
         lines += ["", "Alpha sweep:"]
         rows = [

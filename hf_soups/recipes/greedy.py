@@ -53,6 +53,13 @@ class GreedyParams(RecipeParams):
         kind="bool",
         cli={"action": "store_true"},
     )
+    full_evaluation: bool = option(
+        False,
+        help="Score every candidate to the end on every eval set (default: a candidate whose accuracy, loss or "
+        "perplexity can no longer match the soup is rejected as soon as that is certain; same decisions).",
+        kind="bool",
+        cli={"action": "store_true"},
+    )
 
 
 def _check(options: dict[str, Any]) -> None:
@@ -220,6 +227,7 @@ def cook_greedy(kitchen: Kitchen) -> Soup:
     if evaluator is None:
         raise EvaluationError("method='greedy' needs an eval set: pass eval_dataset=.")
     strict = bool(kitchen.options.get("strict", False))
+    full_evaluation = bool(kitchen.options.get("full_evaluation", False))
     want_ensemble = bool(kitchen.options.get("ensemble_baseline", False))
     if want_ensemble and not evaluator.supports_ensemble():
         raise InvalidArgumentError(
@@ -243,8 +251,7 @@ def cook_greedy(kitchen: Kitchen) -> Soup:
             ing.score = known[i]
             logger.info("Greedy soup: %s scores %.4f (given, not re-evaluated).", names[i], known[i])
             continue
-        soup.start(i, running=False)
-        scores, predictions = evaluator.evaluate_with_predictions(live)
+        scores, predictions = kitchen.taste_ingredient(i, live, load=lambda i=i: soup.start(i, running=False))
         if want_ensemble:
             ensemble_sum = evaluator.add_predictions(ensemble_sum, predictions)
         ing.scores = scores
@@ -301,11 +308,16 @@ def cook_greedy(kitchen: Kitchen) -> Soup:
             )
     history: list[dict[str, Any]] = [step0]
     members[best].ingredient.selected = True
+    rejected_early = 0
     for step, i in enumerate(order[1:], start=1):
         soup.try_candidate(i)
-        cand_scores = evaluator.evaluate(live)
-        cand = evaluator.primary(cand_scores)
-        keep = evaluator.better(cand, current, strict=strict)
+        if full_evaluation:
+            cand_scores, early = evaluator.evaluate(live), None
+        else:  # stops as soon as the candidate can no longer be kept (same decision as a full evaluation)
+            cand_scores, early = evaluator.evaluate_candidate(live, current, strict=strict)
+        # a candidate stopped early is reported with the best score it could still have reached
+        cand = early.bound if early is not None else evaluator.primary(cand_scores)
+        keep = early is None and evaluator.better(cand, current, strict=strict)
         if keep:
             soup.accept(i)
             current, current_scores = cand, cand_scores
@@ -313,25 +325,30 @@ def cook_greedy(kitchen: Kitchen) -> Soup:
             soup.restore()
         members[i].ingredient.selected = keep
         logger.info(
-            "Greedy soup: step %d/%d, %s -> %.4f (soup %.4f): %s",
+            "Greedy soup: step %d/%d, %s -> %s%.4f (soup %.4f): %s",
             step,
             n_total - 1,
             names[i],
+            "at best " if early is not None else "",
             cand,
             current,
-            "kept" if keep else "dropped",
+            "kept"
+            if keep
+            else "dropped" + (f" after {early.units}/{early.of} {early.unit}" if early else ""),
         )
-        history.append(
-            {
-                "step": step,
-                "candidate": names[i],
-                "candidate_score": cand,
-                "kept": keep,
-                "score": current,
-                "n_ingredients": soup.n,
-                "scores": cand_scores,
-            }
-        )
+        entry = {
+            "step": step,
+            "candidate": names[i],
+            "candidate_score": cand,
+            "kept": keep,
+            "score": current,
+            "n_ingredients": soup.n,
+            "scores": cand_scores,
+        }
+        if early is not None:  # `scores` are partial: select_on only, over the units scored
+            entry["partial"] = early.as_dict()
+            rejected_early += 1
+        history.append(entry)
     soup.restore()
     kept = set(soup.members)
     coefficients = [1.0 / len(kept) if i in kept else 0.0 for i in range(n_total)]
@@ -347,6 +364,7 @@ def cook_greedy(kitchen: Kitchen) -> Soup:
         "evaluations": len(timings),
         "evaluation_seconds": round(sum(timings), 3),
         "recipe_seconds": round(time.perf_counter() - started, 3),
+        "rejected_early": rejected_early,
     }
     for i, member in enumerate(members):
         member.ingredient.weight = coefficients[i]
