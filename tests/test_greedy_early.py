@@ -245,3 +245,29 @@ def test_a_candidate_that_ties_the_soup_is_kept_with_ge_and_dropped_with_strict(
     assert early is None and scores == full  # just below: a strict improvement, scored to the end
     scores, early = ev.evaluate_candidate(model, math.nextafter(exact, 1.0))
     assert early is not None or not ev.better(ev.primary(scores), math.nextafter(exact, 1.0))
+
+
+def test_each_phase_is_announced_with_a_bar_over_evaluations_unless_bars_are_off(
+    seeded_dirs, sets, capsys, monkeypatch
+):
+    import importlib
+
+    hub_tqdm = importlib.import_module("huggingface_hub.utils.tqdm")  # the module (the package exports the class)
+    data, _ = sets
+    paths = [str(p) for p in seeded_dirs[0][:3]]
+    # the suite runs with HF_HUB_DISABLE_PROGRESS_BARS=1, which huggingface_hub reads once into this constant
+    monkeypatch.setattr(hub_tqdm, "HF_HUB_DISABLE_PROGRESS_BARS", None)
+    merge_models(paths, method="greedy", eval_dataset=data, select_on="val", batch_size=64, progress=True)
+    err = capsys.readouterr().err
+    for line in (
+        "Greedy soup: scoring 3 ingredient(s) alone on 2 eval set(s)",
+        "Greedy soup: scoring the uniform soup of all 3 ingredients",
+        "Greedy soup: trying 2 candidate(s) best first",
+    ):
+        assert line in err
+    assert "evaluation" in err and "6/6" in err  # the bar: 3 alone + the uniform soup + 2 candidates
+    merge_models(paths, method="greedy", eval_dataset=data, select_on="val", batch_size=64, progress=False)
+    assert "Greedy soup" not in capsys.readouterr().err
+    monkeypatch.setattr(hub_tqdm, "HF_HUB_DISABLE_PROGRESS_BARS", True)  # HF_HUB_DISABLE_PROGRESS_BARS=1
+    merge_models(paths, method="greedy", eval_dataset=data, select_on="val", batch_size=64, progress=True)
+    assert "Greedy soup" not in capsys.readouterr().err
