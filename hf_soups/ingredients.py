@@ -338,7 +338,9 @@ def weights_fingerprint(member: ResolvedIngredient) -> dict[str, Any]:
     if member.kind == "hub" and member.commit_hash:
         out.update(repo=parse_reference(str(member.ingredient.reference))[0], commit=member.commit_hash)
         return out
-    if member.kind == "local" and member.path is not None:
+    if (
+        member.kind in ("local", "hub") and member.path is not None
+    ):  # a Hub snapshot without a commit: its files
         weights = find_weight_files(member.path)
         if weights is not None:
             files = ([weights.index] if weights.index is not None else []) + list(weights.files)

@@ -133,7 +133,9 @@ def test_two_processes_match_one(tmp_path):
     # process stops after a multiple of 16), and the ruined candidate was rejected early
     assert [h.get("partial") for h in r0["history"]] == [h.get("partial") for h in r1["history"]]
     assert any(h.get("partial") for h in r0["history"]) and any(h.get("partial") for h in one["history"])
-    assert len(list((multi / "cache").glob("*.safetensors"))) == 2 * len(refs)  # written once, by the main process
+    assert len(list((multi / "cache").glob("*.safetensors"))) == 2 * len(
+        refs
+    )  # written once, by the main process
     # only the main process wrote the soup, once
     assert (multi / "soup" / "config.json").is_file()
     assert not [p for p in multi.iterdir() if p.name.startswith(".soup")]

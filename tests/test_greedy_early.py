@@ -252,7 +252,9 @@ def test_each_phase_is_announced_with_a_bar_over_evaluations_unless_bars_are_off
 ):
     import importlib
 
-    hub_tqdm = importlib.import_module("huggingface_hub.utils.tqdm")  # the module (the package exports the class)
+    hub_tqdm = importlib.import_module(
+        "huggingface_hub.utils.tqdm"
+    )  # the module (the package exports the class)
     data, _ = sets
     paths = [str(p) for p in seeded_dirs[0][:3]]
     # the suite runs with HF_HUB_DISABLE_PROGRESS_BARS=1, which huggingface_hub reads once into this constant

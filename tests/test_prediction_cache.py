@@ -204,3 +204,45 @@ def test_weights_fingerprint_follows_the_content():
         w = model.classifier.weight
         w[0, 0] = torch.nextafter(w[0, 0], torch.tensor(float("inf")))  # one ulp of one value
     assert weights_fingerprint(resolve(Ingredient(model))) != first
+
+
+def test_a_hub_ingredient_is_keyed_by_its_commit_and_a_new_commit_misses(hub_server, tmp_path):
+    import uuid
+
+    from tests.tiny_models import make_tiny_bert
+
+    repos, local = [], []
+    for i in range(2):
+        name = f"cached-{i}-{uuid.uuid4().hex[:8]}"
+        model = make_tiny_bert(seed=i, noise=0.05)
+        model.push_to_hub(name, token=hub_server.token)
+        repos.append(f"{hub_server.user}/{name}")
+        local.append(save(model, tmp_path / "local" / f"v0-{i}"))
+    sets = _sets()
+    cache = tmp_path / "cache"
+
+    def run():
+        return merge_models(
+            repos,
+            method="greedy",
+            eval_dataset=sets,
+            select_on="val",
+            batch_size=BATCH,
+            progress=False,
+            prediction_cache_dir=cache,
+            cache_dir=tmp_path / "hf-cache",
+            token=hub_server.token,
+        )
+
+    first = run()
+    assert all(i.revision for i in first.ingredients)
+    with ForwardCounter(local) as again:
+        run()
+    assert again.ingredients() == {}  # same commits: nothing re-scored
+    moved = make_tiny_bert(seed=7, noise=0.05)  # a new commit on main for the second repository
+    moved.push_to_hub(repos[1], token=hub_server.token)
+    local.append(save(moved, tmp_path / "local" / "v1-1"))
+    with ForwardCounter(local) as after:
+        soup = run()
+    assert after.ingredients() == {"v1-1": N_VAL + N_OOD}
+    assert soup.ingredients[1].revision != first.ingredients[1].revision

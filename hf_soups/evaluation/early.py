@@ -42,7 +42,7 @@ class EarlyStop:
     Attributes:
         units (`int`): units (examples, or scored tokens) scored before the stop.
         of (`int`): units in the whole selection set.
-        unit (`str`): `"examples"` or `"tokens"`.
+        unit (`str`): `"examples"`, `"tokens"`, or `"labels"` (a multi-label loss: one unit per example and label).
         bound (`float`): the best score the candidate could still have reached (already losing to the soup).
     """
 
@@ -68,6 +68,12 @@ class SumMetric:
         self.key = key
         self.hits = key == "accuracy"
         self.unit = "examples" if task.name == "classification" else "tokens"
+        if (
+            task.name == "classification"
+            and task.problem_type == "multi_label_classification"
+            and not self.hits
+        ):
+            self.unit = "labels"  # binary cross-entropy is a mean over every (example, label) pair
 
     def _part_sums(self, logits: Any, labels: Any) -> tuple[float, int]:
         """(sum, units) of one block of per-row logits and labels (classification and token classification)."""
