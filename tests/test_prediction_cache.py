@@ -12,17 +12,24 @@ import shutil
 from collections import Counter
 
 import pytest
-import torch
 
-from hf_soups import merge_models
-from tests.synthetic_task import add_noise, as_dataset, make_split, pretrained_model, save, trained_model
+from tests.hub_server import reserve_port
+
+reserve_port()  # no-op when conftest already did it; HF_ENDPOINT must be set before huggingface_hub is imported
+
+import torch  # noqa: E402
+
+from hf_soups import merge_models  # noqa: E402
+from tests.synthetic_task import (  # noqa: E402
+    add_noise,
+    as_dataset,
+    make_split,
+    pretrained_model,
+    save,
+    trained_model,
+)
 
 N_VAL, N_OOD, BATCH = 64, 32, 16
-
-
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
 @pytest.fixture()
@@ -40,6 +47,20 @@ def _sets(flip_ood_label: bool = False):
         ood_labels = ood_labels.clone()
         ood_labels[0] = 1 - ood_labels[0]
     return {"val": as_dataset(ids, labels), "ood": as_dataset(ood_ids, ood_labels)}
+
+
+def _greedy(refs, cache, sets=None, **options):
+    """A greedy soup of `refs` on the two sets, with the prediction cache in `cache`."""
+    return merge_models(
+        [str(r) for r in refs],
+        method="greedy",
+        eval_dataset=sets if sets is not None else _sets(),
+        select_on="val",
+        batch_size=BATCH,
+        progress=False,
+        prediction_cache_dir=cache,
+        **options,
+    )
 
 
 def _signature(state) -> float:
@@ -101,16 +122,7 @@ def test_an_ingredient_is_evaluated_once_per_run_across_compared_recipes(tmp_pat
 def test_the_cache_spares_re_scoring_and_misses_a_changed_checkpoint_or_eval_set(ingredients, tmp_path):
     cache = tmp_path / "cache"
     names = {p.name for p in ingredients}
-    run = lambda sets, **kw: merge_models(  # noqa: E731
-        [str(p) for p in ingredients],
-        method="greedy",
-        eval_dataset=sets,
-        select_on="val",
-        batch_size=BATCH,
-        progress=False,
-        prediction_cache_dir=cache,
-        **kw,
-    )
+    run = lambda sets, **kw: _greedy(ingredients, cache, sets, **kw)  # noqa: E731
     with ForwardCounter(ingredients) as first:
         soup = run(_sets())
     assert first.ingredients() == {n: N_VAL + N_OOD for n in names}
@@ -142,15 +154,7 @@ def test_the_cache_spares_re_scoring_and_misses_a_changed_checkpoint_or_eval_set
     # 4. a copy of the folders elsewhere holds the same bytes: a hit (the key is the content, not the path)
     copies = [shutil.copytree(p, tmp_path / "copies" / p.name) for p in ingredients]
     with ForwardCounter(ingredients) as copied:
-        merge_models(
-            [str(p) for p in copies],
-            method="greedy",
-            eval_dataset=_sets(),
-            select_on="val",
-            batch_size=BATCH,
-            progress=False,
-            prediction_cache_dir=cache,
-        )
+        _greedy(copies, cache)
     assert copied.ingredients() == {}
     assert not list(cache.glob("*.incomplete")) and not list(cache.glob(".*"))
 
@@ -163,19 +167,10 @@ def test_cache_files_are_safetensors_with_their_key_and_a_damaged_one_is_a_miss(
     from safetensors import safe_open
 
     cache = tmp_path / "cache"
-    kwargs = dict(
-        method="greedy",
-        eval_dataset=_sets(),
-        select_on="val",
-        batch_size=BATCH,
-        progress=False,
-        prediction_cache_dir=cache,
-    )
-    soup = merge_models([str(p) for p in ingredients], **kwargs)
+    soup = _greedy(ingredients, cache)
     for path in cache.iterdir():
-        with safe_open(
-            str(path), framework="numpy"
-        ) as f:  # plain tensors and a JSON header: nothing to execute
+        # plain arrays and a JSON header: nothing to execute
+        with safe_open(str(path), framework="numpy") as f:
             key = json.loads(f.metadata()["key"])
             assert {"weights", "eval_set", "task", "metric"} <= set(key)
             assert key["metric"]["name"] == "accuracy" and key["task"]["name"] == "classification"
@@ -183,11 +178,9 @@ def test_cache_files_are_safetensors_with_their_key_and_a_damaged_one_is_a_miss(
     victim = sorted(cache.iterdir())[0]
     victim.write_bytes(victim.read_bytes()[:40])  # truncated
     with ForwardCounter(ingredients) as counter:
-        again = merge_models([str(p) for p in ingredients], **kwargs)
-    assert sum(counter.ingredients().values()) in (
-        N_VAL,
-        N_OOD,
-    )  # the damaged set of one ingredient ran again
+        again = _greedy(ingredients, cache)
+    rows = sum(counter.ingredients().values())
+    assert rows in (N_VAL, N_OOD)  # only the damaged set of one ingredient ran again
     assert "cannot be read" in caplog.text
     assert [i.scores for i in again.ingredients] == [i.scores for i in soup.ingredients]
 
@@ -222,17 +215,7 @@ def test_a_hub_ingredient_is_keyed_by_its_commit_and_a_new_commit_misses(hub_ser
     cache = tmp_path / "cache"
 
     def run():
-        return merge_models(
-            repos,
-            method="greedy",
-            eval_dataset=sets,
-            select_on="val",
-            batch_size=BATCH,
-            progress=False,
-            prediction_cache_dir=cache,
-            cache_dir=tmp_path / "hf-cache",
-            token=hub_server.token,
-        )
+        return _greedy(repos, cache, sets, cache_dir=tmp_path / "hf-cache", token=hub_server.token)
 
     first = run()
     assert all(i.revision for i in first.ingredients)
