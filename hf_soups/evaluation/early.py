@@ -30,7 +30,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .tasks import Collector, Predictions, Task
 
 #: relative margin on a loss bound: the reported mean is float32, the bound sums the same losses in another order
-LOSS_MARGIN = 1e-5
+LOSS_MARGIN = 1e-4
 
 _LOSSES = ("loss", "perplexity")
 
