@@ -252,6 +252,9 @@ def main() -> int:
         action="store_true",
         help="measure early rejection against full evaluation (same decisions)",
     )
+    parser.add_argument(
+        "--repeats", type=int, default=2, help="--early: runs of each mode (the fastest counts)"
+    )
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--root", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
