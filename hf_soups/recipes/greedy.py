@@ -4,7 +4,9 @@ Every ingredient is scored once on the selection set (scores already known are r
 sorted best first, and the soup starts as the best one. Known scores only decide the order: the start is scored
 on the selection set like every candidate, so the keep/drop comparisons are between measured numbers. Each next ingredient is tried as
 `(n * soup + candidate) / (n + 1)` and kept when the held-out score does not drop (`>=`, the paper's rule;
-`strict=True` keeps only strict improvements, like the paper's reference code).
+`strict=True` keeps only strict improvements, like the paper's reference code). A candidate whose selection score
+is a sum over examples or tokens is rejected as soon as even a perfect rest of the set could not keep it
+(`Evaluator.evaluate_candidate`, same decision as a full evaluation; `full_evaluation=True` scores it to the end).
 
 Memory stays flat in the number of ingredients: one float32 running sum of the kept ingredients, one live
 model whose parameters receive each candidate in place (no `from_pretrained` per candidate), and one tensor
@@ -255,9 +257,8 @@ def _known_scores(kitchen: Kitchen) -> dict[int, float]:
 )
 def cook_greedy(kitchen: Kitchen) -> Soup:
     n = len(kitchen.ingredients)
-    with _Progress(
-        kitchen.progress, total=2 * n
-    ) as progress:  # n alone + the uniform soup + n - 1 candidates
+    # the bar's first total: n alone + the uniform soup + n - 1 candidates (settled once the known scores are)
+    with _Progress(kitchen.progress, total=2 * n) as progress:
         return _cook_greedy(kitchen, progress)
 
 
