@@ -273,3 +273,18 @@ def test_each_phase_is_announced_with_a_bar_over_evaluations_unless_bars_are_off
     monkeypatch.setattr(hub_tqdm, "HF_HUB_DISABLE_PROGRESS_BARS", True)  # HF_HUB_DISABLE_PROGRESS_BARS=1
     merge_models(paths, method="greedy", eval_dataset=data, select_on="val", batch_size=64, progress=True)
     assert "Greedy soup" not in capsys.readouterr().err
+
+
+def test_the_model_card_labels_a_partial_step(seeded_dirs, sets):
+    data, _ = sets
+    soup = _cook(seeded_dirs[0], data, select_on="val")
+    partial = [h for h in soup.history if "partial" in h]
+    card = str(soup.model_card())
+    labelled = [row for row in card.splitlines() if row.startswith("|") and "stopped after" in row]
+    assert len(labelled) == len(partial) >= 1
+    for step, row in zip(partial, labelled):
+        info = step["partial"]
+        assert (
+            f"| {step['candidate']} |" in row
+            and f"stopped after {info['units']}/{info['of']} examples" in row
+        )
