@@ -275,7 +275,7 @@ def test_each_phase_is_announced_with_a_bar_over_evaluations_unless_bars_are_off
     assert "Greedy soup" not in capsys.readouterr().err
 
 
-def test_the_model_card_labels_a_partial_step(seeded_dirs, sets):
+def test_the_model_card_and_the_plot_label_a_partial_step(seeded_dirs, sets, tmp_path):
     data, _ = sets
     soup = _cook(seeded_dirs[0], data, select_on="val")
     partial = [h for h in soup.history if "partial" in h]
@@ -288,3 +288,5 @@ def test_the_model_card_labels_a_partial_step(seeded_dirs, sets):
             f"| {step['candidate']} |" in row
             and f"stopped after {info['units']}/{info['of']} examples" in row
         )
+    svg = soup.plot(tmp_path / "steps.svg").read_text()
+    assert "dropped early: at best" in svg

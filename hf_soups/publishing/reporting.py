@@ -394,7 +394,16 @@ def plot(soup: Soup, path: str | os.PathLike) -> Path:
         steps = list(range(len(history)))
         ax.plot(steps, [h.get("score") for h in history], marker="o", label="greedy soup")
         kept = [i for i, h in enumerate(history) if h.get("kept")]
-        dropped = [i for i, h in enumerate(history) if not h.get("kept")]
+        dropped = [i for i, h in enumerate(history) if not h.get("kept") and not h.get("partial")]
+        stopped = [i for i, h in enumerate(history) if h.get("partial")]
+        if stopped:  # rejected early: drawn at the best score they could still have reached
+            ax.scatter(
+                stopped,
+                [history[i]["candidate_score"] for i in stopped],
+                marker="v",
+                label="candidate (dropped early: at best)",
+                zorder=3,
+            )
         ax.scatter(
             kept,
             [history[i]["candidate_score"] for i in kept],
