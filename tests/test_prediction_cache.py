@@ -1,6 +1,6 @@
 """No evaluation twice: one evaluation of each ingredient per run across recipes, and the opt-in prediction cache.
 
-Evaluations are counted as real forward passes: a global forward pre-hook sees every batch the top-level model
+Evaluations are counted as real forward passes: a global forward hook sees every batch the top-level model
 runs and recognises which ingredient's weights it holds (by the exact float64 sum of its classifier), so nothing
 of hf_soups is mocked.
 """
@@ -12,22 +12,10 @@ import shutil
 from collections import Counter
 
 import pytest
+import torch
 
-from tests.hub_server import reserve_port
-
-reserve_port()  # no-op when conftest already did it; HF_ENDPOINT must be set before huggingface_hub is imported
-
-import torch  # noqa: E402
-
-from hf_soups import merge_models  # noqa: E402
-from tests.synthetic_task import (  # noqa: E402
-    add_noise,
-    as_dataset,
-    make_split,
-    pretrained_model,
-    save,
-    trained_model,
-)
+from hf_soups import merge_models
+from tests.synthetic_task import add_noise, as_dataset, make_split, pretrained_model, save, trained_model
 
 N_VAL, N_OOD, BATCH = 64, 32, 16
 

@@ -393,31 +393,22 @@ def plot(soup: Soup, path: str | os.PathLike) -> Path:
     elif soup.method == "greedy" and history:
         steps = list(range(len(history)))
         ax.plot(steps, [h.get("score") for h in history], marker="o", label="greedy soup")
-        kept = [i for i, h in enumerate(history) if h.get("kept")]
-        dropped = [i for i, h in enumerate(history) if not h.get("kept") and not h.get("partial")]
-        stopped = [i for i, h in enumerate(history) if h.get("partial")]
-        if stopped:  # rejected early: drawn at the best score they could still have reached
-            ax.scatter(
-                stopped,
-                [history[i]["candidate_score"] for i in stopped],
-                marker="v",
-                label="candidate (dropped early: at best)",
-                zorder=3,
-            )
-        ax.scatter(
-            kept,
-            [history[i]["candidate_score"] for i in kept],
-            marker="^",
-            label="candidate (kept)",
-            zorder=3,
+        groups = (
+            ("^", "candidate (kept)", lambda h: h.get("kept")),
+            ("x", "candidate (dropped)", lambda h: not h.get("kept") and not h.get("partial")),
+            # rejected early: drawn at the best score they could still have reached
+            ("v", "candidate (dropped early: at best)", lambda h: h.get("partial")),
         )
-        ax.scatter(
-            dropped,
-            [history[i]["candidate_score"] for i in dropped],
-            marker="x",
-            label="candidate (dropped)",
-            zorder=3,
-        )
+        for marker, label, member in groups:
+            chosen = [i for i, h in enumerate(history) if member(h)]
+            if chosen or marker != "v":
+                ax.scatter(
+                    chosen,
+                    [history[i]["candidate_score"] for i in chosen],
+                    marker=marker,
+                    label=label,
+                    zorder=3,
+                )
         baselines = (soup.report_extra or {}).get("baselines", {})
         if "uniform" in baselines:
             ax.axhline(
