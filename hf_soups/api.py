@@ -52,6 +52,8 @@ def merge_models(
     scores: Mapping[str, float] | None = None,
     strict: bool = False,
     ensemble_baseline: bool = False,
+    full_evaluation: bool = False,
+    prediction_cache_dir: str | os.PathLike | None = None,
     adapter_output: str = "merged",
     rank: int | None = None,
     output_dir: str | os.PathLike | None = None,
@@ -133,6 +135,12 @@ def merge_models(
         scores (`Mapping[str, float]`, *optional*): held-out scores already known, by ingredient name (greedy).
         strict (`bool`, *optional*, defaults to `False`): greedy keeps a candidate only on strict improvement.
         ensemble_baseline (`bool`, *optional*): also score the logit ensemble of the ingredients (reported only).
+        full_evaluation (`bool`, *optional*, defaults to `False`): greedy: score every candidate on every set to
+            the end, even one that can no longer be kept (by default a candidate whose accuracy, loss or
+            perplexity can no longer match the soup is rejected as soon as that is certain; docs/evaluation.md).
+        prediction_cache_dir (`str` or `os.PathLike`, *optional*): opt-in folder where ingredients' predictions
+            on the eval sets are kept (keyed by their commit or content hash, the eval set, task and metric) and
+            reused by later runs, e.g. cooking the same ingredients with another recipe.
         adapter_output (`str`, *optional*, defaults to `"merged"`): for adapter soups, `"merged"` (a full model)
             or `"adapter"` (one LoRA adapter; exact, or truncated to `rank`).
         rank (`int`, *optional*): rank of the SVD-truncated adapter form.
@@ -216,6 +224,7 @@ def merge_models(
             device=ev.device,
             progress=progress,
             trust_remote_code=config.trust_remote_code,
+            prediction_cache_dir=ev.prediction_cache_dir,
         )
 
     hub_kwargs = {"token": token, "cache_dir": cache_dir, "revision": revision}

@@ -108,6 +108,13 @@ class EvalConfig:
     )
     batch_size: int = option(32, help="Evaluation batch size.", kind="positive_int", cli={"type": int})
     device: str | None = option(help="Evaluation device (cpu, cuda, cuda:1, mps; default: CPU).", kind="str")
+    prediction_cache_dir: Any = option(
+        help="Opt-in folder where ingredients' predictions are kept, keyed by their weights (commit or content "
+        "hash), the eval set, the task and the metric, so that cooking again (another recipe) does not re-score them.",
+        kind="path",
+        file=False,
+        cli={"metavar": "DIR"},
+    )
 
 
 @dataclass

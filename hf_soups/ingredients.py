@@ -305,6 +305,67 @@ class ResolvedIngredient:
             self._source.close()
 
 
+def weights_fingerprint(member: ResolvedIngredient) -> dict[str, Any]:
+    """What fixes an ingredient's weights, for caches of what it predicts (`prediction_cache_dir=`).
+
+    - a Hub ingredient: its repository and resolved commit (a commit fixes every file);
+    - a local folder: a SHA-256 of each file `from_pretrained` reads (the weight files [`find_weight_files`]
+      picks, with their index), i.e. one sequential read of the weights: hashing runs at disk speed, far less
+      than one evaluation, and a file rewritten in place with the same size and time still misses;
+    - an adapter: the SHA-256 of its `adapter_config.json` and weight files, plus its base's fingerprint;
+    - an in-memory model (or an adapter without files): a SHA-256 of every tensor's name, dtype, shape and bytes.
+
+    The ingredient's `config.json` (as a dict) is part of it in every case.
+
+    Args:
+        member ([`ResolvedIngredient`]): a resolved ingredient.
+
+    Returns:
+        `dict`: JSON-able; equal for two ingredients only if their weights and config are the same.
+    """
+    import hashlib
+
+    config = hashlib.sha256(json.dumps(member.config, sort_keys=True, default=str).encode()).hexdigest()
+    out: dict[str, Any] = {"kind": member.kind, "config": config}
+
+    def file_digests(paths: list[Path]) -> dict[str, str]:
+        digests = {}
+        for path in paths:
+            with open(path, "rb") as f:
+                digests[path.name] = hashlib.file_digest(f, "sha256").hexdigest()
+        return digests
+
+    if member.kind == "hub" and member.commit_hash:
+        out.update(repo=parse_reference(str(member.ingredient.reference))[0], commit=member.commit_hash)
+        return out
+    if (
+        member.kind in ("local", "hub") and member.path is not None
+    ):  # a Hub snapshot without a commit: its files
+        weights = find_weight_files(member.path)
+        if weights is not None:
+            files = ([weights.index] if weights.index is not None else []) + list(weights.files)
+            out["files"] = file_digests(files)
+            return out
+    if member.kind == "adapter" and member.path is not None:
+        weights = find_weight_files(member.path, prefix="adapter_model")
+        config_file = member.path / "adapter_config.json"
+        if weights is not None and config_file.is_file():
+            out["files"] = file_digests([config_file, *weights.files])
+            base = getattr(member.adapter, "base", None)
+            out["base"] = weights_fingerprint(base) if base is not None else None
+            return out
+    import torch
+
+    source = member.open()
+    digest = hashlib.sha256()
+    for name in sorted(source.keys()):
+        tensor = source.get(name).detach().cpu().contiguous()
+        digest.update(f"{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    out["tensors"] = digest.hexdigest()
+    return out
+
+
 def _no_weights_message(name: str, path: Path) -> str:
     checkpoints = sorted(
         (p for p in path.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()),

@@ -8,6 +8,7 @@ or into an in-memory model.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
 import os
@@ -57,6 +58,8 @@ class Kitchen:
     reference_index: int = 0
     tokenizer: Any = None
     _plan: MergePlan | None = field(default=None, repr=False)
+    # ingredient index -> (scores, predictions): shared by the kitchens of one run (copies keep the same dict)
+    _tasted: dict[int, tuple[Any, Any]] = field(default_factory=dict, repr=False)
 
     @property
     def members(self) -> list[ResolvedIngredient]:
@@ -128,6 +131,56 @@ class Kitchen:
             combine(self.plan, self.sources, [], sink, progress=progress, mix=mix)
         else:
             combine(self.plan, self.sources, self.full_coefficients(mixture), sink, progress=progress)
+
+    def evaluate_soup(self, model, mixture: Sequence[float] | TensorRecipe) -> dict[str, dict[str, float]]:
+        """Write the soup `mixture` into `model` and score it on every eval set.
+
+        A linear mixture that is one member alone (a coefficient of 1 on it, 0 elsewhere: WiSE-FT's alpha = 1 or 0,
+        task arithmetic's lambda = 1 on one ingredient) is that member's [`taste_ingredient`] result, so it is
+        evaluated once per run whichever recipe asks.
+        """
+        self.load_into(model, mixture)
+        if not isinstance(mixture, TensorRecipe):
+            full = self.full_coefficients(mixture)
+            ones = [i for i, c in enumerate(full) if c == 1.0]
+            if len(ones) == 1 and all(c == 0.0 for i, c in enumerate(full) if i != ones[0]):
+                return self.taste_ingredient(ones[0], model, load=lambda: None)[0]
+        return self.evaluator.evaluate(model)
+
+    def taste_ingredient(self, index: int, model, *, load=None) -> tuple[dict[str, dict[str, float]], dict]:
+        """Member `index` alone (an ingredient; the base is last) on every eval set: `(scores, predictions)`,
+        evaluated at most once per run (`model` then holds it only if it was evaluated now).
+
+        Every recipe of a run (the methods of a comparison too) shares these results; with
+        `prediction_cache_dir=` they also come from, and go to, the on-disk cache (keyed by
+        [`~hf_soups.ingredients.weights_fingerprint`]), so a later run does not score the ingredient again.
+
+        Args:
+            index (`int`): the ingredient.
+            model (`PreTrainedModel`): the live model it is written into when it must be run.
+            load (`Callable[[], None]`, *optional*): writes the ingredient into `model` (default: [`load_into`]
+                with a coefficient of 1 on it).
+        """
+        if index in self._tasted:
+            return self._tasted[index]
+        from .ingredients import weights_fingerprint
+
+        n = len(self.members)
+
+        def default_load() -> None:
+            self.load_into(model, [1.0 if j == index else 0.0 for j in range(n)])
+
+        weights = None
+        if getattr(self.evaluator, "prediction_cache", None) is not None:
+            weights = {
+                "ingredient": weights_fingerprint(self.members[index]),
+                "live_config": hashlib.sha256(
+                    json.dumps(self.plan.config, sort_keys=True, default=str).encode()
+                ).hexdigest(),
+            }
+        result = self.evaluator.evaluate_member(model, load or default_load, weights=weights)
+        self._tasted[index] = result
+        return result
 
     # ------------------------------------------------------------------------------------ serving
 
@@ -337,12 +390,12 @@ def cook_comparison(kitchen: Kitchen, options: dict[str, dict[str, Any]]) -> Sou
         logger.info(
             "Compare: %s -> %s %.4f on %s", method, evaluator.metric_key, soup.score, evaluator.select_on
         )
-    # 2. every ingredient alone (scores a recipe measured, e.g. greedy's, are kept), for the best single ingredient
+    # 2. every ingredient alone, for the best single ingredient: once per run (a recipe that scored it, e.g. greedy,
+    # already did) unless its score was given
     for i, member in enumerate(kitchen.ingredients):
         ing = member.ingredient
         if not ing.scores:
-            kitchen.load_into(live, [1.0 if j == i else 0.0 for j in range(n)])
-            ing.scores = evaluator.evaluate(live)
+            ing.scores = kitchen.taste_ingredient(i, live)[0]
             ing.score = evaluator.primary(ing.scores)
     best_single = min(
         range(n), key=lambda i: (evaluator.sort_key(kitchen.ingredients[i].ingredient.score), i)

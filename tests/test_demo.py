@@ -276,6 +276,8 @@ def test_demo_smoke_end_to_end(tmp_path, capsys):
     assert cli_main(["demo", "--smoke", "--output-dir", str(out)]) == 0
     printed = capsys.readouterr().out
     for label in (
+        "Scoring the probe and",  # a line as each phase starts
+        "Cooking soups of the",
         "linear probe (LP)",
         "best single",
         "uniform soup",

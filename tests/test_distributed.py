@@ -45,8 +45,14 @@ WORKER = textwrap.dedent(
 
     soup = merge_models(
         refs, method="greedy", eval_dataset=sets, batch_size=16, device="cpu", ensemble_baseline=True,
-        output_dir=out / "soup", progress=False,
+        output_dir=out / "soup", progress=False, prediction_cache_dir=out / "cache",
     )
+    # cooked again from the cache: the processes agree set by set on what they reuse (else they would hang)
+    again = merge_models(
+        refs, method="greedy", eval_dataset=sets, batch_size=16, device="cpu", strict=True, progress=False,
+        prediction_cache_dir=out / "cache",
+    )
+    assert [i.scores for i in again.ingredients] == [i.scores for i in soup.ingredients]
     rank = int(os.environ.get("RANK", "0"))
     result = {
         "num_processes": evaluator.num_processes,
@@ -123,6 +129,13 @@ def test_two_processes_match_one(tmp_path):
         ens = other["baselines"]["ensemble"]["scores"]
         assert ens["val"]["accuracy"] == ens_one["val"]["accuracy"]
     assert one["selected"]["ruined"] is False
+    # early rejection: both processes stopped at the same gathered batch (a step of 2 x 16 examples here, where one
+    # process stops after a multiple of 16), and the ruined candidate was rejected early
+    assert [h.get("partial") for h in r0["history"]] == [h.get("partial") for h in r1["history"]]
+    assert any(h.get("partial") for h in r0["history"]) and any(h.get("partial") for h in one["history"])
+    assert len(list((multi / "cache").glob("*.safetensors"))) == 2 * len(
+        refs
+    )  # written once, by the main process
     # only the main process wrote the soup, once
     assert (multi / "soup" / "config.json").is_file()
     assert not [p for p in multi.iterdir() if p.name.startswith(".soup")]

@@ -150,7 +150,8 @@ def replay_greedy(
     For every step, the candidate soup (float64 mean of the members kept so far plus the candidate) is scored
     with `score` (the test's own evaluation of a state dict) and compared with the score the library recorded;
     the keep decision is re-derived from these independent scores with the paper's rule (`>=`, or `>` when
-    `strict`). The soup's kept set, weights and final score must match the replay. Unlike checking the recorded
+    `strict`). A candidate rejected early (`partial`) must be one the replay drops, and its recorded best reachable
+    score must be at least as good as its real one. The soup's kept set, weights and final score must match the replay. Unlike checking the recorded
     fields against each other, this fails when the library scores the wrong weights or keeps the wrong set.
     """
     import pytest
@@ -163,7 +164,23 @@ def replay_greedy(
     for step in history[1:]:
         candidate = step["candidate"]
         measured = score(float64_mean([states[m] for m in [*members, candidate]]))
-        assert step["candidate_score"] == pytest.approx(measured, rel=rel), (candidate, step, measured)
+        if step.get(
+            "partial"
+        ):  # rejected early: its number is the best it could reach, at least its real score
+            assert step["kept"] is False and step["candidate_score"] == step["partial"]["bound"]
+            assert 0 < step["partial"]["units"] < step["partial"]["of"]
+            beyond = (
+                measured <= step["candidate_score"]
+                if greater_is_better
+                else measured >= step["candidate_score"]
+            )
+            assert beyond or measured == pytest.approx(step["candidate_score"], rel=rel), (
+                candidate,
+                step,
+                measured,
+            )
+        else:
+            assert step["candidate_score"] == pytest.approx(measured, rel=rel), (candidate, step, measured)
         if strict:
             keep = measured > current if greater_is_better else measured < current
         else:

@@ -513,6 +513,7 @@ def run(config: DemoConfig) -> DemoResult:
 
         # every ingredient (and the probe) on every set; decisions use "validation" only
         t = time.perf_counter()
+        print(f"Scoring the probe and {len(runs)} fine-tunes on {', '.join(eval_sets)}", flush=True)
         import numpy as np
 
         from .train import load_classifier
@@ -537,6 +538,10 @@ def run(config: DemoConfig) -> DemoResult:
         timings["eval_ingredients_s"] = time.perf_counter() - t
 
         t = time.perf_counter()
+        print(
+            f"Cooking soups of the {len(runs)} fine-tunes: uniform, greedy and WiSE-FT (chosen on validation)",
+            flush=True,
+        )
         validation_scores = {r.name: r.accuracy["validation"] for r in rows}
         soups = cook_soups(
             probe.path,

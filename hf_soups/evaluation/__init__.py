@@ -14,7 +14,8 @@ and hence takes the same greedy decisions, as a single process would.
 Modules: `builder` (checks before any model), `evaluator` (the runner), `data` (eval-set preparation), `images`
 (image sets and their processor), `checks`
 (input validation), `tasks/` (one class per task), `scoring` (metric set-up, key, scores), `selection` (decision
-rules), `runtime` (accelerate, dataloaders, gathering), `ensemble` (logit ensembles), `results` (scores onto a
+rules), `early` (stopping a greedy candidate that can no longer be kept), `cache` (the opt-in prediction cache),
+`runtime` (accelerate, dataloaders, gathering), `ensemble` (logit ensembles), `results` (scores onto a
 soup), `metrics/` (bundled offline metrics). Nothing here imports torch, transformers, evaluate or accelerate at
 import time.
 """

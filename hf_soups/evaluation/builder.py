@@ -8,6 +8,7 @@ on made-up predictions; the task itself is learned later, when the evaluator is 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -46,6 +47,7 @@ def build_evaluator(
     model: Any = None,
     progress: bool = True,
     trust_remote_code: bool = False,
+    prediction_cache_dir: str | os.PathLike | None = None,
 ) -> Evaluator:
     """Check the evaluation set-up and build an [`Evaluator`], before any model is loaded.
 
@@ -110,6 +112,9 @@ def build_evaluator(
             Allow a `metric` that runs code: a local metric folder or script, or a Hub metric that is not bundled
             with hf_soups (`evaluate.load` imports its Python). Bundled metrics, `"loss"`/`"perplexity"`, modules
             and callables passed from Python need no opt-in.
+        prediction_cache_dir (`str` or `os.PathLike`, *optional*):
+            Keep ingredients' predictions in this folder and reuse them in later runs (see
+            `hf_soups.evaluation.cache`); off by default.
 
     Returns:
         [`Evaluator`]
@@ -203,6 +208,7 @@ def build_evaluator(
         progress=progress,
         trust_remote_code=trust_remote_code,
         image_processor=image_processor,
+        prediction_cache_dir=prediction_cache_dir,
         **task_options,
     )
     if config is not None or model is not None:

@@ -9,14 +9,17 @@ config, the prepared examples ([`data`], checked by [`checks`]), the metric ([`s
 from __future__ import annotations
 
 import logging
+import os
 import time
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..errors import EvaluationError
+from .cache import CACHE_FORMAT, PredictionCache, fingerprint_examples
 from .checks import check_ranges, input_limits, input_ranges, model_limits
 from .data import EvalSetPreparer, PreprocessorSource, TokenizerSource
+from .early import EarlyStop, best_reachable, sum_metric
 from .ensemble import add_predictions, mean_predictions
 from .images import image_mode
 from .results import annotate
@@ -68,6 +71,7 @@ class Evaluator:
         image_processor: Any = None,
         class_names: Sequence[str] | None = None,
         templates: str | Sequence[str] | None = None,
+        prediction_cache_dir: str | os.PathLike | None = None,
     ):
         self._datasets = datasets
         self._selector = Selector(
@@ -104,6 +108,14 @@ class Evaluator:
         self._input_ranges: dict[str, dict[str, tuple[int, int]]] = {}
         self._models_checked: Any = None  # weakref.WeakSet of the models whose embeddings were checked
         self.timings: list[float] = []
+        #: the on-disk cache of ingredients' predictions (`prediction_cache_dir=`), or None
+        self.prediction_cache = (
+            PredictionCache(prediction_cache_dir) if prediction_cache_dir is not None else None
+        )
+        self._fingerprints: dict[str, str] = {}
+        self._select_units: int | None = (
+            None  # units (examples / tokens) of select_on, from a full evaluation
+        )
 
     # -------------------------------------------------------------------------------- description
 
@@ -231,6 +243,8 @@ class Evaluator:
             image_mode=image_mode(config),
         )
         self._examples = None
+        self._fingerprints = {}
+        self._select_units = None
         self._runtime.forget_loaders()
         limits = input_limits(config)
         examples = {}
@@ -275,8 +289,18 @@ class Evaluator:
 
     # -------------------------------------------------------------------------------- running models
 
-    def predict(self, model: Any) -> dict[str, Predictions]:
-        """Run `model` over every eval set and gather what the metrics need (on every process)."""
+    def predict(
+        self,
+        model: Any,
+        *,
+        names: Sequence[str] | None = None,
+        stop: Callable[[Any], Callable[[], bool] | None] | None = None,
+    ) -> dict[str, Predictions]:
+        """Run `model` over every eval set (or those in `names`) and gather what the metrics need (on every process).
+
+        `stop(collector)`, when given, may return a check that [`Runtime.run`] asks after each batch of that set
+        (early rejection).
+        """
         if self._examples is None:
             self.bind(config=model.config.to_dict() if hasattr(model, "config") else {}, model=model)
         self._check_model_inputs(model)
@@ -285,7 +309,7 @@ class Evaluator:
         out: dict[str, Predictions] = {}
         with runtime.evaluating(model):
             forward = task.forward(model, device=runtime.device, batch_size=self.batch_size)
-            for name in self._datasets:
+            for name in self._datasets if names is None else names:
                 loader = runtime.loader(
                     name, self._examples[name], batch_size=self.batch_size, collate_fn=collate
                 )
@@ -297,6 +321,7 @@ class Evaluator:
                     desc=f"Evaluating on {name}",
                     progress=self.progress,
                     forward=forward,
+                    stop=stop(collector) if stop is not None else None,
                 )
         return out
 
@@ -369,8 +394,150 @@ class Evaluator:
         start = time.perf_counter()
         predictions = self.predict(model)
         scores = self.score(predictions)
+        self._learn_units(predictions)
         self.timings.append(time.perf_counter() - start)
         logger.debug("Evaluated %s: %s", type(model).__name__, scores)
+        return scores, predictions
+
+    # -------------------------------------------------------------------------------- early rejection
+
+    def _learn_units(self, predictions: Mapping[str, Predictions]) -> None:
+        """Count the selection set's units (examples or scored tokens) from a complete evaluation, once."""
+        if self._select_units is not None or self.select_on not in predictions:
+            return
+        metric = sum_metric(self._task, self._scorer, self._selector)
+        if metric is not None:
+            self._select_units = metric.totals(predictions[self.select_on])[1]
+
+    def can_reject_early(self) -> bool:
+        """Whether [`evaluate_candidate`] can stop before the end of the selection set: its score is a known sum
+        (see `hf_soups.evaluation.early`) and the set's size in units is known from a complete evaluation."""
+        return (
+            self._select_units is not None
+            and sum_metric(self._task, self._scorer, self._selector) is not None
+        )
+
+    def evaluate_candidate(
+        self, model: Any, current: float, *, strict: bool = False
+    ) -> tuple[dict[str, dict[str, float]], EarlyStop | None]:
+        """Score a candidate that is kept only if [`better`]`(its score, current, strict)`; stop once it cannot be.
+
+        When the selection score is a sum over examples or tokens (accuracy, the task's loss, perplexity: see
+        `hf_soups.evaluation.early`), the selection set is scored first, batch by batch, and the pass stops as
+        soon as even a perfect rest of the set could not keep the candidate; the other sets are then skipped.
+        Otherwise (or when the candidate may still be kept) every set is scored in full, as [`evaluate`] does, so
+        the decision is always the one a full evaluation gives.
+
+        Args:
+            model (`PreTrainedModel`): the candidate.
+            current (`float`): the score to match (the soup's, on `select_on`).
+            strict (`bool`, *optional*, defaults to `False`): the candidate must beat `current`, not only match it.
+
+        Returns:
+            `tuple`: the scores (on a stop: only `select_on`'s, on the units scored: partial) and the
+            [`~hf_soups.evaluation.early.EarlyStop`] (`None` when the evaluation went to the end).
+        """
+        if not self.can_reject_early():
+            return self.evaluate(model), None
+        metric, units = sum_metric(self._task, self._scorer, self._selector), self._select_units
+        start = time.perf_counter()
+        stopped: list[EarlyStop] = []
+
+        def stop_for(collector: Any) -> Callable[[], bool]:
+            prefix = metric.tracker(collector)
+
+            def check() -> bool:
+                total, done = prefix.update()
+                if done >= units:
+                    return False
+                bound = best_reachable(metric, total, done, units)
+                if self.better(bound, current, strict=strict):
+                    return False
+                stopped.append(EarlyStop(units=done, of=units, unit=metric.unit, bound=bound))
+                return True
+
+            return check
+
+        predictions = self.predict(model, names=[self.select_on], stop=stop_for)
+        if not stopped:
+            others = [name for name in self.set_names if name != self.select_on]
+            predictions.update(self.predict(model, names=others))
+            predictions = {name: predictions[name] for name in self.set_names}
+        scores = self.score(predictions)
+        self.timings.append(time.perf_counter() - start)
+        return scores, (stopped[0] if stopped else None)
+
+    # -------------------------------------------------------------------------------- cached predictions
+
+    def cache_key(self, set_name: str, model: Any, weights: Mapping[str, Any]) -> dict[str, Any]:
+        """What determines the predictions of `weights` on eval set `set_name` (see `hf_soups.evaluation.cache`)."""
+        if set_name not in self._fingerprints:
+            self._fingerprints[set_name] = fingerprint_examples(self.examples(set_name))
+        task = self._task
+        first = next(iter(model.parameters()), None)
+        return {
+            "format": CACHE_FORMAT,
+            "weights": dict(weights),
+            "eval_set": self._fingerprints[set_name],
+            "task": {
+                "name": task.name,
+                "problem_type": task.problem_type,
+                "num_labels": task.num_labels,
+                "options": self._task_options,
+                "raw": self.compute_metrics is not None,
+            },
+            "metric": {"name": self.metric_name, "kwargs": self._scorer.kwargs},
+            "batch_size": self.batch_size,
+            "device": self.device.type,
+            "dtype": str(first.dtype) if first is not None else None,
+        }
+
+    def evaluate_member(
+        self, model: Any, load: Callable[[], None], *, weights: Mapping[str, Any] | None = None
+    ) -> tuple[dict[str, dict[str, float]], dict[str, Predictions]]:
+        """Scores and predictions of one ingredient, from the prediction cache where it has them.
+
+        Args:
+            model (`PreTrainedModel`): the live model.
+            load (`Callable[[], None]`): writes the ingredient into `model` (called only when a set must be run).
+            weights (`Mapping`, *optional*): the weights' identity (commit or content hash); without it, or
+                without `prediction_cache_dir`, the ingredient is simply evaluated.
+
+        Returns:
+            `tuple`: scores per set, and the predictions per set.
+        """
+        cache = self.prediction_cache
+        if cache is None or weights is None:
+            load()
+            return self.evaluate_with_predictions(model)
+        if self._examples is None:
+            self.bind(config=model.config.to_dict() if hasattr(model, "config") else {}, model=model)
+        keys = {name: self.cache_key(name, model, weights) for name in self.set_names}
+        found = {name: cache.load(key) for name, key in keys.items()}
+        # every process must run the same sets (they gather together): a set is reused only where all have it
+        have = self._runtime.all_processes([found[name] is not None for name in self.set_names])
+        missing = [name for name, ok in zip(self.set_names, have) if not ok]
+        start = time.perf_counter()
+        predictions: dict[str, Predictions] = {}
+        if missing:
+            load()
+            predictions = self.predict(model, names=missing)
+            if self._runtime.is_main_process:
+                for name in missing:
+                    cache.store(keys[name], predictions[name])
+        for name in self.set_names:
+            if name not in predictions:
+                predictions[name] = found[name]
+        predictions = {name: predictions[name] for name in self.set_names}
+        scores = self.score(predictions)
+        self._learn_units(predictions)
+        if missing:
+            self.timings.append(time.perf_counter() - start)
+        logger.info(
+            "Prediction cache: %d of %d eval set(s) reused for this ingredient.",
+            len(self.set_names) - len(missing),
+            len(self.set_names),
+        )
         return scores, predictions
 
     # -------------------------------------------------------------------------------- ensembles and soups

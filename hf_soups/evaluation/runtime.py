@@ -137,6 +137,16 @@ class Runtime:
     def is_main_process(self) -> bool:
         return self.accelerator.is_main_process
 
+    def all_processes(self, flags: list[bool]) -> list[bool]:
+        """Each flag, true only where it is true on every process (one process: as given)."""
+        acc = self.accelerator
+        if acc.num_processes == 1:
+            return list(flags)
+        from accelerate.utils import gather_object
+
+        gathered = gather_object([list(flags)])
+        return [all(per[i] for per in gathered) for i in range(len(flags))]
+
     def forget_loaders(self) -> None:
         """Drop the prepared dataloaders (the examples changed)."""
         self._loaders = {}
@@ -196,11 +206,14 @@ class Runtime:
         desc: str,
         progress: bool,
         forward: Callable[[dict], torch.Tensor] | None = None,
+        stop: Callable[[], bool] | None = None,
     ) -> Predictions:
         """Feed every batch of `loader` to `model` (inside [`evaluating`]) and collect its logits.
 
         `forward(inputs) -> logits`, when given, replaces `model(**inputs).logits` (a task's own forward, such as
-        zero-shot classification's).
+        zero-shot classification's). `stop()`, when given, is asked after each gathered batch: `True` ends the
+        pass there (it reads gathered numbers, so every process stops at the same batch) and what was collected
+        so far is returned.
         """
         from huggingface_hub.utils import tqdm
 
@@ -223,6 +236,14 @@ class Runtime:
                 output = model(**inputs)
                 logits = output.logits if hasattr(output, "logits") else output[0]
             collector.add(logits.float(), labels.to(device) if labels is not None else None)
+            if stop is not None and stop():
+                batches.close()
+                end = getattr(
+                    loader, "end", None
+                )  # accelerate's loader leaves its gradient state only at the end
+                if end is not None:
+                    end()
+                break
         return collector.finish()
 
 

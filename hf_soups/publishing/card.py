@@ -351,6 +351,13 @@ def _params(soup: Soup) -> list[tuple[str, str]]:
 def _flatten_point(row: dict[str, Any]) -> dict[str, Any]:
     """One history point with nested `scores` ({eval set: {metric: value}}) spread into `set metric` columns."""
     out: dict[str, Any] = {}
+    partial = row.get("partial")
+    if isinstance(partial, dict):  # a greedy candidate rejected early: its scores cover part of one set only
+        row = {k: v for k, v in row.items() if k not in ("scores", "partial")}
+        row["partial"] = (
+            f"stopped after {partial.get('units')}/{partial.get('of')} {partial.get('unit')}; "
+            f"candidate_score is the best it could reach"
+        )
     for key, value in row.items():
         if key == "scores" and isinstance(value, dict):
             for set_name, metrics in value.items():

@@ -58,6 +58,15 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]], indent: str = "
     return lines
 
 
+def _candidate_cell(step: dict[str, Any], greater_is_better: bool) -> str:
+    """A greedy candidate's score, or for one rejected early: `<= best reachable (partial: k/n units)`."""
+    partial = step.get("partial")
+    if not partial:
+        return format_value(step.get("candidate_score"))
+    bound = format_value(partial.get("bound"))
+    return f"{'<=' if greater_is_better else '>='} {bound} (partial: {partial.get('units')}/{partial.get('of')} {partial.get('unit')})"
+
+
 def _key(soup: Soup) -> str | None:
     return soup.metric_key
 
@@ -197,7 +206,7 @@ def render_report(soup: Soup) -> str:
             [
                 h.get("step"),
                 h.get("candidate"),
-                h.get("candidate_score"),
+                _candidate_cell(h, soup.params.get("greater_is_better", True)),
                 h.get("kept"),
                 h.get("score"),
                 h.get("n_ingredients"),
@@ -205,6 +214,11 @@ def render_report(soup: Soup) -> str:
             for h in history
         ]
         lines += _table(["step", "candidate", f"with it ({soup.select_on})", "kept", "soup", "size"], rows)
+        if any(h.get("partial") for h in history):
+            lines.append(
+                "  (partial: rejected before the end of the set; the number is the best it could still reach, "
+                "the other sets were not scored)"
+            )
     elif history and "alpha" in history[0]:
         lines += ["", "Alpha sweep:"]
         rows = [
@@ -383,22 +397,22 @@ def plot(soup: Soup, path: str | os.PathLike) -> Path:
     elif soup.method == "greedy" and history:
         steps = list(range(len(history)))
         ax.plot(steps, [h.get("score") for h in history], marker="o", label="greedy soup")
-        kept = [i for i, h in enumerate(history) if h.get("kept")]
-        dropped = [i for i, h in enumerate(history) if not h.get("kept")]
-        ax.scatter(
-            kept,
-            [history[i]["candidate_score"] for i in kept],
-            marker="^",
-            label="candidate (kept)",
-            zorder=3,
+        groups = (
+            ("^", "candidate (kept)", lambda h: h.get("kept")),
+            ("x", "candidate (dropped)", lambda h: not h.get("kept") and not h.get("partial")),
+            # rejected early: drawn at the best score they could still have reached
+            ("v", "candidate (dropped early: at best)", lambda h: h.get("partial")),
         )
-        ax.scatter(
-            dropped,
-            [history[i]["candidate_score"] for i in dropped],
-            marker="x",
-            label="candidate (dropped)",
-            zorder=3,
-        )
+        for marker, label, member in groups:
+            chosen = [i for i, h in enumerate(history) if member(h)]
+            if chosen or marker != "v":
+                ax.scatter(
+                    chosen,
+                    [history[i]["candidate_score"] for i in chosen],
+                    marker=marker,
+                    label=label,
+                    zorder=3,
+                )
         baselines = (soup.report_extra or {}).get("baselines", {})
         if "uniform" in baselines:
             ax.axhline(

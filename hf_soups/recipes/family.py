@@ -199,8 +199,7 @@ def cook_family(
     history: list[dict[str, Any]] = []
     best_index = None
     for i, point in enumerate(points):
-        kitchen.load_into(live, build(point))
-        scores = evaluator.evaluate(live)
+        scores = kitchen.evaluate_soup(live, build(point))
         score = evaluator.primary(scores)
         history.append({**point, "score": score, "scores": scores})
         if best_index is None or evaluator.better(score, history[best_index]["score"], strict=True):

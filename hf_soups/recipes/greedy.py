@@ -4,7 +4,9 @@ Every ingredient is scored once on the selection set (scores already known are r
 sorted best first, and the soup starts as the best one. Known scores only decide the order: the start is scored
 on the selection set like every candidate, so the keep/drop comparisons are between measured numbers. Each next ingredient is tried as
 `(n * soup + candidate) / (n + 1)` and kept when the held-out score does not drop (`>=`, the paper's rule;
-`strict=True` keeps only strict improvements, like the paper's reference code).
+`strict=True` keeps only strict improvements, like the paper's reference code). A candidate whose selection score
+is a sum over examples or tokens is rejected as soon as even a perfect rest of the set could not keep it
+(`Evaluator.evaluate_candidate`, same decision as a full evaluation; `full_evaluation=True` scores it to the end).
 
 Memory stays flat in the number of ingredients: one float32 running sum of the kept ingredients, one live
 model whose parameters receive each candidate in place (no `from_pretrained` per candidate), and one tensor
@@ -15,6 +17,7 @@ running sum; the live model is restored from the sum, never reloaded.
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -50,6 +53,13 @@ class GreedyParams(RecipeParams):
     ensemble_baseline: bool = option(
         False,
         help="Also score the logit ensemble of the ingredients (reported only).",
+        kind="bool",
+        cli={"action": "store_true"},
+    )
+    full_evaluation: bool = option(
+        False,
+        help="Score every candidate to the end on every eval set (default: a candidate whose accuracy, loss or "
+        "perplexity can no longer match the soup is rejected as soon as that is certain; same decisions).",
         kind="bool",
         cli={"action": "store_true"},
     )
@@ -189,6 +199,36 @@ class RunningSoup:
         self._live_is_sum = True
 
 
+class _Progress:
+    """A line as each phase of a greedy soup starts, and one bar over its evaluations.
+
+    Both are progress display: off with `progress=False` or `HF_HUB_DISABLE_PROGRESS_BARS=1` (the bar is
+    `huggingface_hub`'s, in the `hf_soups` group); each phase is also logged at INFO level.
+    """
+
+    def __init__(self, enabled: bool, total: int):
+        from huggingface_hub.utils import are_progress_bars_disabled, tqdm
+
+        self.shown = enabled and not are_progress_bars_disabled("hf_soups")
+        self.bar = tqdm(
+            total=total, desc="Greedy soup", unit="evaluation", disable=not self.shown, name="hf_soups"
+        )
+
+    def __enter__(self) -> _Progress:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.bar.close()
+
+    def phase(self, text: str) -> None:
+        logger.info("Greedy soup: %s", text)
+        if self.shown:
+            self.bar.write(f"Greedy soup: {text}", file=sys.stderr)
+
+    def done(self, n: int = 1) -> None:
+        self.bar.update(n)
+
+
 def _known_scores(kitchen: Kitchen) -> dict[int, float]:
     """Scores given with `scores=` (by ingredient name) or already set on the ingredients."""
     given = dict(kitchen.options.get("scores") or {})
@@ -216,10 +256,18 @@ def _known_scores(kitchen: Kitchen) -> dict[int, float]:
     params=GreedyParams,
 )
 def cook_greedy(kitchen: Kitchen) -> Soup:
+    n = len(kitchen.ingredients)
+    # the bar's first total: n alone + the uniform soup + n - 1 candidates (settled once the known scores are)
+    with _Progress(kitchen.progress, total=2 * n) as progress:
+        return _cook_greedy(kitchen, progress)
+
+
+def _cook_greedy(kitchen: Kitchen, progress: _Progress) -> Soup:
     evaluator = kitchen.evaluator
     if evaluator is None:
         raise EvaluationError("method='greedy' needs an eval set: pass eval_dataset=.")
     strict = bool(kitchen.options.get("strict", False))
+    full_evaluation = bool(kitchen.options.get("full_evaluation", False))
     want_ensemble = bool(kitchen.options.get("ensemble_baseline", False))
     if want_ensemble and not evaluator.supports_ensemble():
         raise InvalidArgumentError(
@@ -236,6 +284,12 @@ def cook_greedy(kitchen: Kitchen) -> Soup:
     soup = RunningSoup(kitchen, live)
 
     # 1. every ingredient once (reusing known scores)
+    to_score = [i for i in range(n_total) if want_ensemble or i not in known]
+    progress.bar.total = len(to_score) + (1 if n_total > 1 else 0) + n_total - 1
+    progress.phase(
+        f"scoring {len(to_score)} ingredient(s) alone on {len(evaluator.set_names)} eval set(s)"
+        + (f" ({n_total - len(to_score)} score(s) given)" if len(to_score) < n_total else "")
+    )
     ensemble_sum = None
     for i, member in enumerate(members):
         ing = member.ingredient
@@ -243,8 +297,8 @@ def cook_greedy(kitchen: Kitchen) -> Soup:
             ing.score = known[i]
             logger.info("Greedy soup: %s scores %.4f (given, not re-evaluated).", names[i], known[i])
             continue
-        soup.start(i, running=False)
-        scores, predictions = evaluator.evaluate_with_predictions(live)
+        scores, predictions = kitchen.taste_ingredient(i, live, load=lambda i=i: soup.start(i, running=False))
+        progress.done()
         if want_ensemble:
             ensemble_sum = evaluator.add_predictions(ensemble_sum, predictions)
         ing.scores = scores
@@ -262,8 +316,10 @@ def cook_greedy(kitchen: Kitchen) -> Soup:
 
     # 2. the uniform soup of everything, for the report (the paper's comparison point)
     if n_total > 1:
+        progress.phase(f"scoring the uniform soup of all {n_total} ingredients (a baseline for the report)")
         kitchen.load_into(live, [1.0 / n_total] * n_total)
         uniform_scores = evaluator.evaluate(live)
+        progress.done()
         baselines["uniform"] = {"score": evaluator.primary(uniform_scores), "scores": uniform_scores}
     if ensemble_sum is not None:
         ensemble_scores = evaluator.score_ensemble(ensemble_sum, n_total)
@@ -274,7 +330,9 @@ def cook_greedy(kitchen: Kitchen) -> Soup:
     soup.start(best)
     current_scores = members[best].ingredient.scores
     if not current_scores:  # the best score was given: measure the start point
+        progress.bar.total += 1
         current_scores = evaluator.evaluate(live)
+        progress.done()
     # Candidates are measured here, so the soup they must beat is measured here too: a given score (scores=, a
     # Trainer metric) only orders the ingredients, it is never compared with a measured one.
     current = evaluator.primary(current_scores)
@@ -301,11 +359,21 @@ def cook_greedy(kitchen: Kitchen) -> Soup:
             )
     history: list[dict[str, Any]] = [step0]
     members[best].ingredient.selected = True
+    rejected_early = 0
+    if n_total > 1:
+        progress.phase(
+            f"trying {n_total - 1} candidate(s) best first, from {names[best]} "
+            f"({'strictly better' if strict else 'not worse'} on {evaluator.select_on} to keep)"
+        )
     for step, i in enumerate(order[1:], start=1):
         soup.try_candidate(i)
-        cand_scores = evaluator.evaluate(live)
-        cand = evaluator.primary(cand_scores)
-        keep = evaluator.better(cand, current, strict=strict)
+        if full_evaluation:
+            cand_scores, early = evaluator.evaluate(live), None
+        else:  # stops as soon as the candidate can no longer be kept (same decision as a full evaluation)
+            cand_scores, early = evaluator.evaluate_candidate(live, current, strict=strict)
+        # a candidate stopped early is reported with the best score it could still have reached
+        cand = early.bound if early is not None else evaluator.primary(cand_scores)
+        keep = early is None and evaluator.better(cand, current, strict=strict)
         if keep:
             soup.accept(i)
             current, current_scores = cand, cand_scores
@@ -313,40 +381,50 @@ def cook_greedy(kitchen: Kitchen) -> Soup:
             soup.restore()
         members[i].ingredient.selected = keep
         logger.info(
-            "Greedy soup: step %d/%d, %s -> %.4f (soup %.4f): %s",
+            "Greedy soup: step %d/%d, %s -> %s%.4f (soup %.4f): %s",
             step,
             n_total - 1,
             names[i],
+            "at best " if early is not None else "",
             cand,
             current,
-            "kept" if keep else "dropped",
+            "kept"
+            if keep
+            else "dropped" + (f" after {early.units}/{early.of} {early.unit}" if early else ""),
         )
-        history.append(
-            {
-                "step": step,
-                "candidate": names[i],
-                "candidate_score": cand,
-                "kept": keep,
-                "score": current,
-                "n_ingredients": soup.n,
-                "scores": cand_scores,
-            }
-        )
+        entry = {
+            "step": step,
+            "candidate": names[i],
+            "candidate_score": cand,
+            "kept": keep,
+            "score": current,
+            "n_ingredients": soup.n,
+            "scores": cand_scores,
+        }
+        if early is not None:  # `scores` are partial: select_on only, over the units scored
+            entry["partial"] = early.as_dict()
+            rejected_early += 1
+        history.append(entry)
+        progress.done()
     soup.restore()
     kept = set(soup.members)
     coefficients = [1.0 / len(kept) if i in kept else 0.0 for i in range(n_total)]
     if len(kept) > 2:
         # The running sum (a + b + c) / k and the served soup a/k + b/k + c/k differ by float32 rounding once
         # k > 2: score the soup that is served, so that soup.model, soup.score and the files agree bit for bit.
+        progress.phase(f"scoring the soup of the {len(kept)} kept ingredients as served")
+        progress.bar.total += 1
         kitchen.load_into(live, coefficients)
         current_scores = evaluator.evaluate(live)
         current = evaluator.primary(current_scores)
+        progress.done()
 
     timings = evaluator.timings[first_timing:]
     cost = {
         "evaluations": len(timings),
         "evaluation_seconds": round(sum(timings), 3),
         "recipe_seconds": round(time.perf_counter() - started, 3),
+        "rejected_early": rejected_early,
     }
     for i, member in enumerate(members):
         member.ingredient.weight = coefficients[i]

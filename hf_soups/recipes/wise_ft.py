@@ -112,8 +112,7 @@ def cook_sweep(kitchen: Kitchen, alphas: Sequence[float], weights: Sequence[floa
     history: list[dict[str, Any]] = []
     best_index = None
     for i, alpha in enumerate(alphas):
-        kitchen.load_into(live, wise_ft_coefficients(alpha, weights))
-        scores = evaluator.evaluate(live)
+        scores = kitchen.evaluate_soup(live, wise_ft_coefficients(alpha, weights))
         score = evaluator.primary(scores)
         history.append({"alpha": alpha, "score": score, "scores": scores})
         if best_index is None or evaluator.better(score, history[best_index]["score"], strict=True):
