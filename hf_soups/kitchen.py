@@ -235,9 +235,11 @@ class Kitchen:
             direction = getattr(self.evaluator, "greater_is_better", None)
             if direction is not None:
                 soup.params.setdefault("greater_is_better", direction)
-            describe = getattr(self.evaluator, "record", None)  # an lm-eval metric: its tasks and versions
+            describe = getattr(
+                self.evaluator, "describe", None
+            )  # an lm-eval metric: tasks, versions, datasets
             if describe is not None:
-                soup.report_extra["lm_eval"] = describe()
+                describe(soup)
         if self.evaluator is not None and score is None:
             finish = getattr(self.evaluator, "score_soup", None)
             if finish is not None:

@@ -293,3 +293,60 @@ def test_spellings_and_refusals(tasks):
         build_evaluator(None, metric=LMEvalTask("mc_select", metric="f1", include_path=tasks))
     with pytest.raises(InvalidArgumentError, match="metric_key='f1'"):
         build_evaluator(None, metric=LMEvalTask("mc_select", include_path=tasks), metric_key="f1")
+
+
+@pytest.mark.slow
+def test_a_task_on_a_hub_dataset_gives_eval_results_files(hub_server, tmp_path):
+    """A task whose documents are a Hub dataset (here the local Hub, read by `datasets` itself) records where they
+    came from: the card's model-index and the Hub's `.eval_results` file name that dataset; a local task none."""
+    import uuid
+
+    from huggingface_hub import HfApi, hf_hub_download, parse_eval_result_entries
+
+    api = HfApi(token=hub_server.token)
+    write_mc_task(tmp_path / "src", "mc_local")
+    dataset_id = f"{hub_server.user}/mc-{uuid.uuid4().hex[:8]}"
+    api.create_repo(dataset_id, repo_type="dataset")
+    api.upload_file(
+        path_or_fileobj=str(tmp_path / "src" / "mc_local.jsonl"),
+        path_in_repo="test.jsonl",
+        repo_id=dataset_id,
+        repo_type="dataset",
+    )
+    yaml_text = (tmp_path / "src" / "mc_local.yaml").read_text()
+    local_data = f"test: {tmp_path / 'src' / 'mc_local.jsonl'}"
+    assert local_data in yaml_text
+    (tmp_path / "src" / "mc_hub.yaml").write_text(
+        yaml_text.replace("task: mc_local", "task: mc_hub")
+        .replace("dataset_path: json", f"dataset_path: {dataset_id}")
+        .replace(local_data, "test: test.jsonl")
+    )
+    dirs = [make_tiny_word_llama_dir(tmp_path / f"ft-{i}", seed=i, noise=0.3) for i in range(2)]
+    soup = merge_models(
+        dirs,
+        method="greedy",
+        metric=LMEvalTask(["mc_hub", "mc_local"], include_path=tmp_path / "src"),
+        batch_size=4,
+        device="cpu",
+        progress=False,
+    )
+    assert soup.report_extra["eval_datasets"] == {
+        "mc_hub": {
+            "id": dataset_id,
+            "config": None,
+            "split": "test",
+            "revision": None,
+            "task_id": "mc_hub",
+            "metric": "acc",
+        }
+    }  # nothing for mc_local (`dataset_path: json`): no ID is guessed
+    repo = f"{hub_server.user}/soup-{uuid.uuid4().hex[:8]}"
+    soup.push_to_hub(repo, token=hub_server.token)
+    files = [f for f in api.list_repo_files(repo) if f.startswith(".eval_results/")]
+    assert files == [f".eval_results/{dataset_id.replace('/', '__')}.yaml"]
+    entries = parse_eval_result_entries(yaml.safe_load(Path(hf_hub_download(repo, files[0])).read_text()))
+    assert [(e.dataset_id, e.task_id, e.value) for e in entries] == [
+        (dataset_id, "mc_hub", soup.scores["mc_hub"]["acc"])
+    ]
+    card = Path(hf_hub_download(repo, "README.md")).read_text()
+    assert f"- {dataset_id}" in card  # the card's `datasets:` metadata

@@ -25,7 +25,7 @@ from .images import image_mode
 from .results import annotate
 from .runtime import PadCollator, Runtime, forward_arguments
 from .scoring import MetricScorer
-from .selection import Selector
+from .selection import Selector, SelectorMixin
 from .tasks import TASK_CLASSES, Predictions, Task, TaskContext, task_for
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -35,7 +35,7 @@ if TYPE_CHECKING:  # pragma: no cover
 logger = logging.getLogger(__name__)
 
 
-class Evaluator:
+class Evaluator(SelectorMixin):
     """Scores models on one or more held-out sets. Build it with [`build_evaluator`].
 
     Attributes:
@@ -144,18 +144,6 @@ class Evaluator:
         return self._task.num_labels if self._task is not None else None
 
     @property
-    def select_on(self) -> str:
-        return self._selector.select_on
-
-    @property
-    def metric_key(self) -> str | None:
-        return self._selector.metric_key
-
-    @property
-    def greater_is_better(self) -> bool:
-        return self._selector.greater_is_better
-
-    @property
     def device(self):
         """The torch device models are evaluated on."""
         return self._runtime.device
@@ -169,20 +157,6 @@ class Evaluator:
             f"Evaluator(sets={self.set_names}, select_on={self.select_on!r}, metric={self.metric_name!r}, "
             f"metric_key={self.metric_key!r}, task={self.task!r})"
         )
-
-    # -------------------------------------------------------------------------------- decisions
-
-    def primary(self, scores: Mapping[str, Mapping[str, float]]) -> float:
-        """The number decisions are made on: `scores[select_on][metric_key]` (see [`Selector.primary`])."""
-        return self._selector.primary(scores)
-
-    def better(self, a: float | None, b: float | None, strict: bool = False) -> bool:
-        """Whether score `a` is at least as good as `b`; NaN and `None` lose (see [`Selector.better`])."""
-        return self._selector.better(a, b, strict)
-
-    def sort_key(self, score: float | None) -> float:
-        """A key that sorts scores best first, NaN/None last (see [`Selector.sort_key`])."""
-        return self._selector.sort_key(score)
 
     # -------------------------------------------------------------------------------- binding
 

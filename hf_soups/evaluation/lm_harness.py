@@ -28,7 +28,7 @@ from ..remote_code import refuse_untrusted
 from .data import TokenizerSource
 from .results import annotate
 from .runtime import Runtime
-from .selection import Selector
+from .selection import Selector, SelectorMixin
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..ingredients import ResolvedIngredient
@@ -56,7 +56,7 @@ def require_lm_eval(what: str = "an lm-eval metric") -> Any:
     return lm_eval
 
 
-class LMEvalEvaluator:
+class LMEvalEvaluator(SelectorMixin):
     """Scores models on lm-eval tasks (each task an eval set). Built by [`build_evaluator`] for an [`LMEvalTask`].
 
     Args:
@@ -117,6 +117,7 @@ class LMEvalEvaluator:
         self._lm_model: Any = None
         self.timings: list[float] = []
         self.last_results: dict[str, Any] = {}
+        self.prediction_cache = None  # lm-eval scores are not cached on disk
 
     # ------------------------------------------------------------------------------------- loading the tasks
 
@@ -180,18 +181,6 @@ class LMEvalEvaluator:
         return "lm-eval"
 
     @property
-    def select_on(self) -> str:
-        return self._selector.select_on
-
-    @property
-    def metric_key(self) -> str | None:
-        return self._selector.metric_key
-
-    @property
-    def greater_is_better(self) -> bool:
-        return self._selector.greater_is_better
-
-    @property
     def device(self):
         return self._runtime.device
 
@@ -223,19 +212,42 @@ class LMEvalEvaluator:
             "spec": self.spec.to_dict(),
         }
 
+    def dataset_origins(self) -> dict[str, dict[str, Any]]:
+        """Where each task's documents come from, for tasks that read a Hub dataset (`report_extra["eval_datasets"]`).
+
+        A task whose `dataset_path` is a Hub dataset ID (`org/name`, not a folder on this machine, not a builder
+        such as `json`) gives `{"id", "config", "split", "revision", "task_id", "metric"}`: the card's
+        `model-index` and the Hub's `.eval_results` files read it. Local tasks give nothing: no ID is guessed.
+        """
+        origins = {}
+        for name in self.set_names:
+            obj = self._tasks[name]
+            path = obj.get_config("dataset_path")
+            if not isinstance(path, str) or path.count("/") != 1 or Path(path).exists():
+                continue
+            split = (
+                obj.get_config("test_split") if obj.has_test_docs() else obj.get_config("validation_split")
+            )
+            kwargs = obj.get_config("dataset_kwargs") or {}
+            origins[name] = {
+                "id": path,
+                "config": obj.get_config("dataset_name"),
+                "split": split,
+                "revision": kwargs.get("revision") if isinstance(kwargs, dict) else None,
+                "task_id": name,
+                "metric": self.spec.metric,
+            }
+        return origins
+
+    def describe(self, soup: Soup) -> None:
+        """Write the tasks' record and their datasets' origins onto `soup.report_extra` (report, card, Hub)."""
+        soup.report_extra["lm_eval"] = self.record()
+        origins = self.dataset_origins()
+        if origins:
+            soup.report_extra.setdefault("eval_datasets", {}).update(origins)
+
     def __repr__(self) -> str:
         return f"LMEvalEvaluator(tasks={self.set_names}, select_on={self.select_on!r}, metric={self.metric_key!r})"
-
-    # ------------------------------------------------------------------------------------- decisions
-
-    def primary(self, scores: Mapping[str, Mapping[str, float]]) -> float:
-        return self._selector.primary(scores)
-
-    def better(self, a: float | None, b: float | None, strict: bool = False) -> bool:
-        return self._selector.better(a, b, strict)
-
-    def sort_key(self, score: float | None) -> float:
-        return self._selector.sort_key(score)
 
     def supports_ensemble(self) -> bool:
         return False
@@ -299,6 +311,20 @@ class LMEvalEvaluator:
         logger.debug("Evaluated %s with lm-eval: %s", type(model).__name__, scores)
         return scores, None
 
+    def evaluate_member(
+        self, model: Any, load: Any, *, weights: Mapping[str, Any] | None = None
+    ) -> tuple[dict[str, dict[str, float]], None]:
+        """One ingredient alone: `load()` writes it into `model`, then every task is run (lm-eval results are
+        not kept in the prediction cache, whose files hold a dataset evaluator's predictions)."""
+        load()
+        return self.evaluate_with_predictions(model)
+
+    def evaluate_candidate(
+        self, model: Any, current: float, *, strict: bool = False
+    ) -> tuple[dict[str, dict[str, float]], None]:
+        """A greedy candidate, scored in full: lm-eval aggregates its own metrics, so no early stop."""
+        return self.evaluate(model), None
+
     def examples(self, name: str | None = None) -> list[dict[str, Any]]:
         raise EvaluationError(
             "method='learned' learns on the model's loss over eval_dataset; an lm-eval task gives a score, not a "
@@ -314,7 +340,7 @@ class LMEvalEvaluator:
 
     def annotate(self, soup: Soup, scores: Mapping[str, Mapping[str, float]]) -> None:
         annotate(soup, scores, self._selector)
-        soup.report_extra["lm_eval"] = self.record()
+        self.describe(soup)
 
 
 def scores_from_results(results: Mapping[str, Any], names: Sequence[str]) -> dict[str, dict[str, float]]:

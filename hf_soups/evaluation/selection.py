@@ -64,4 +64,35 @@ class Selector:
         return -score if self.greater_is_better else score
 
 
-__all__ = ["Selector"]
+class SelectorMixin:
+    """The decisions of an evaluator, delegated to its [`Selector`] (`self._selector`): one copy for every
+    evaluator kind (datasets, lm-eval tasks)."""
+
+    _selector: Selector
+
+    @property
+    def select_on(self) -> str:
+        return self._selector.select_on
+
+    @property
+    def metric_key(self) -> str | None:
+        return self._selector.metric_key
+
+    @property
+    def greater_is_better(self) -> bool:
+        return self._selector.greater_is_better
+
+    def primary(self, scores: Mapping[str, Mapping[str, float]]) -> float:
+        """The number decisions are made on: `scores[select_on][metric_key]` (see [`Selector.primary`])."""
+        return self._selector.primary(scores)
+
+    def better(self, a: float | None, b: float | None, strict: bool = False) -> bool:
+        """Whether score `a` is at least as good as `b`; NaN and `None` lose (see [`Selector.better`])."""
+        return self._selector.better(a, b, strict)
+
+    def sort_key(self, score: float | None) -> float:
+        """A key that sorts scores best first, NaN/None last (see [`Selector.sort_key`])."""
+        return self._selector.sort_key(score)
+
+
+__all__ = ["Selector", "SelectorMixin"]
