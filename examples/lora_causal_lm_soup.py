@@ -68,7 +68,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             "--learning-rates and --seeds give one LoRA run each: pass as many of one as of the other"
         )
     if args.smoke:
-        args.docs, args.steps, args.pretrain_steps, args.task_steps = 40, 8, 30, 20
+        args.docs, args.steps, args.pretrain_steps, args.task_steps = 60, 40, 100, 150
         args.learning_rates, args.seeds = args.learning_rates[:3], args.seeds[:3]
     return args
 
@@ -83,9 +83,9 @@ def make_tiny_base(
     from transformers import LlamaConfig, LlamaForCausalLM
 
     texts = [t for t, _ in rows]
-    tok = make_tokenizer(texts, 1000 if smoke else 4000)
+    tok = make_tokenizer(texts, 2000 if smoke else 4000)
     torch.manual_seed(seed)
-    hidden = 32 if smoke else 64
+    hidden = 64
     config = LlamaConfig(
         vocab_size=len(tok),
         hidden_size=hidden,
@@ -184,7 +184,6 @@ def main(argv: list[str] | None = None) -> dict:
     soup = merge_models(
         adapters,
         method="greedy",
-        base_model=base,
         metric=task,
         tokenizer=tok,
         adapter_output="adapter",
@@ -225,6 +224,10 @@ def main(argv: list[str] | None = None) -> dict:
         "singles": singles,
         "kept": kept,
         "best_single": best,
+        "greedy_steps": [  # the soup tried at each step: the kept adapters plus the candidate, on rt_select
+            {"candidate": h["candidate"], "score": h["candidate_score"], "kept": h["kept"]}
+            for h in soup.history
+        ],
         "soup": soup_scores,
         "base_model": base,
         "seconds": round(time.perf_counter() - started, 1),

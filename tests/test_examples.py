@@ -367,8 +367,9 @@ def test_lora_causal_lm_soup_example_pushes_the_greedy_adapter(tmp_path, hub_ser
     )
     pushed = Path(api.snapshot_download(repo, revision=commit))
     card = (pushed / "README.md").read_text()
-    assert "lm-eval task rt_select (version 1.0, 0-shot, 40 documents, metric acc)" in card
-    assert "lm-eval task rt_heldout (version 1.0, 0-shot, 40 documents" in card
+    docs = int(re.search(r"rt_select and rt_heldout: (\d+) review snippets each", out.stdout).group(1))
+    assert f"lm-eval task rt_select (version 1.0, 0-shot, {docs} documents, metric acc)" in card
+    assert f"lm-eval task rt_heldout (version 1.0, 0-shot, {docs} documents" in card
     assert "library_name: peft" in card
 
     # ---- loaded with PEFT on the base, merged: base + mean over kept adapters of scaling * B @ A
@@ -397,6 +398,25 @@ def test_lora_causal_lm_soup_example_pushes_the_greedy_adapter(tmp_path, hub_ser
         return {"select": got["rt_select"]["acc,none"], "heldout": got["rt_heldout"]["acc,none"]}
 
     assert lm_eval_acc(soup) == pytest.approx(results["soup"], abs=1e-9)
+    # greedy, replayed: each step's soup (base + mean of the deltas kept so far and the candidate's), built here
+    singles = results["singles"]
+    steps, so_far, current = results["greedy_steps"], [], None
+    assert [s["candidate"] for s in steps] == sorted(singles, key=lambda n: (-singles[n]["select"], n))
+    for step in steps:
+        trial = [lora_delta64(run / name) for name in [*so_far, step["candidate"]]]
+        state = {k: v.double() for k, v in base_state.items()}
+        for delta in trial:
+            for name, d in delta.items():
+                state[name] = state[name] + d / len(trial)
+        model = LlamaForCausalLM.from_pretrained(base)
+        model.load_state_dict({k: v.float() for k, v in state.items()})
+        assert lm_eval_acc(model.eval())["select"] == pytest.approx(step["score"], abs=1e-9)
+        keep = current is None or step["score"] >= current
+        assert step["kept"] == keep
+        if keep:
+            so_far.append(step["candidate"])
+            current = step["score"]
+    assert sorted(so_far) == sorted(kept) and current == pytest.approx(results["soup"]["select"])
     for name, scores in results["singles"].items():
         single = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(base), run / name).eval()
         assert lm_eval_acc(single) == pytest.approx(scores, abs=1e-9)
