@@ -17,6 +17,7 @@ Prints one JSON record (also written to WORKDIR/record.json).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -30,7 +31,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 
-from _review_task import load_reviews, make_tokenizer, prompt, train, write_task  # noqa: E402  (shared with an example)
+from _review_task import load_reviews, make_tokenizer, prompt, tiny_llama, train, write_task  # noqa: E402  (shared with an example)
 
 
 def main() -> None:
@@ -54,7 +55,7 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     from hf_soups import LMEvalTask, merge_models
     from hf_soups.evaluation import build_evaluator
@@ -70,26 +71,12 @@ def main() -> None:
     tok = make_tokenizer([t for t, _ in train_rows], args.vocab)
 
     started = time.perf_counter()
-    torch.manual_seed(args.seed)
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=args.hidden,
-        intermediate_size=args.hidden * 2,
-        num_hidden_layers=args.layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-    )
-    base = LlamaForCausalLM(config)
+    base = tiny_llama(tok, hidden=args.hidden, layers=args.layers, seed=args.seed)
     train(base, tok, [t for t, _ in train_rows], steps=args.pretrain_steps, lr=3e-3, seed=args.seed)
     labelled = [f"{prompt(t)} {'positive' if y else 'negative'}" for t, y in train_rows]
     dirs = []
     for i, lr in enumerate((1e-3, 2e-3, 1e-3, 3e-3)):
-        model = LlamaForCausalLM(config)
-        model.load_state_dict(base.state_dict())
+        model = copy.deepcopy(base)
         train(model, tok, labelled, steps=args.steps * (1 + i % 2), lr=lr, seed=args.seed + 1 + i)
         folder = work / f"ft-{i}"
         model.save_pretrained(folder)

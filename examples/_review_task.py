@@ -56,6 +56,27 @@ def make_tokenizer(texts: list[str], size: int):
     )
 
 
+def tiny_llama(tok, *, hidden: int = 64, layers: int = 2, seed: int = 0):
+    """A randomly initialised `LlamaForCausalLM` (`seed`) sized for `tok`: built from a config, nothing downloaded."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    return LlamaForCausalLM(config)
+
+
 def prompt(text: str) -> str:
     """The task's context for one review (the YAML's `doc_to_text`)."""
     return f"Review: {text}\nSentiment:"

@@ -14,8 +14,9 @@
    kept ranks) with its model card and pushed (`--push-to`);
 5. the greedy table, and the soup against the best single adapter on the held-out task, whatever that shows.
 
-Everything runs offline on a CPU (`--smoke`: tiny sizes, about a minute). The Hub is https://huggingface.co unless
-`--endpoint` names another Hub-compatible server; the token is `--token`, else `HF_TOKEN` or `hf auth login`.
+Everything runs offline on a CPU (about a minute; `--smoke`: smaller, about 25 s). The Hub is
+https://huggingface.co unless `--endpoint` names another Hub-compatible server; the token is `--token`, else
+`HF_TOKEN` or `hf auth login`.
 
     python examples/lora_causal_lm_soup.py                                    # tiny Llama, no push
     python examples/lora_causal_lm_soup.py --push-to my-user/rt-lora-soup
@@ -35,7 +36,7 @@ from pathlib import Path
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # the tasks' data are local json files
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _review_task import labelled, load_reviews, make_tokenizer, train, write_task  # noqa: E402
+from _review_task import labelled, load_reviews, make_tokenizer, tiny_llama, train, write_task  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -79,26 +80,9 @@ def make_tiny_base(
     """A tiny Llama from a config and a word-level tokenizer from the review texts, trained `steps` steps on their
     next tokens, then `task_steps` steps on the answers of labelled prompts (a stand-in for what a real pre-trained
     LM brings: LoRA on a model that knows nothing of the task learns only the majority answer here); saved."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     texts = [t for t, _ in rows]
     tok = make_tokenizer(texts, 2000 if smoke else 4000)
-    torch.manual_seed(seed)
-    hidden = 64
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-    )
-    model = LlamaForCausalLM(config)
+    model = tiny_llama(tok, hidden=64, layers=2, seed=seed)
     train(model, tok, texts, steps=steps, lr=3e-3, seed=seed)
     train(
         model, tok, [labelled(t, y) for t, y in rows], steps=task_steps, lr=2e-3, seed=seed, answer_only=True
@@ -214,6 +198,13 @@ def main(argv: list[str] | None = None) -> dict:
     best = max(singles, key=lambda n: (singles[n]["select"], -adapters.index(str(out / n))))
     soup_scores = {"select": soup.scores["rt_select"]["acc"], "heldout": soup.scores["rt_heldout"]["acc"]}
     print(f"  {'soup':<8} {'':>7} {'':>4} {soup_scores['select']:>9.4f} {soup_scores['heldout']:>10.4f}")
+    uniform = soup.report_extra["baselines"].get("uniform")
+    if uniform:  # the paper's other comparison point: every adapter averaged
+        u = {
+            "select": uniform["scores"]["rt_select"]["acc"],
+            "heldout": uniform["scores"]["rt_heldout"]["acc"],
+        }
+        print(f"  {'uniform':<8} {'(all)':>7} {'':>4} {u['select']:>9.4f} {u['heldout']:>10.4f}")
     diff = soup_scores["heldout"] - singles[best]["heldout"]
     print(
         f"\nHeld-out rt_heldout acc ({args.docs} documents): soup of {', '.join(kept)} {soup_scores['heldout']:.4f}"
@@ -229,6 +220,7 @@ def main(argv: list[str] | None = None) -> dict:
             for h in soup.history
         ],
         "soup": soup_scores,
+        "uniform": u if uniform else None,
         "base_model": base,
         "seconds": round(time.perf_counter() - started, 1),
     }

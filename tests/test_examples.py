@@ -1,5 +1,6 @@
-"""The examples of examples/ run for real: wise_ft.py (--smoke), push_to_hub_workflow.py against the local Hub, and
-add_to_your_training_script.md (its three lines in a run_glue-style script, its sweep and its `hf-soups` commands).
+"""The examples of examples/ run for real: wise_ft.py (--smoke), push_to_hub_workflow.py and lora_causal_lm_soup.py
+(--smoke) against the local Hub, and add_to_your_training_script.md (its three lines in a run_glue-style script, its
+sweep and its `hf-soups` commands).
 
 text_classification_sweep.py and clip_wise_ft.py are run by tests/test_callback.py and tests/test_images.py.
 """
@@ -376,15 +377,27 @@ def test_lora_causal_lm_soup_example_pushes_the_greedy_adapter(tmp_path, hub_ser
     base = run / "base"
     tokenizer = AutoTokenizer.from_pretrained(base)
     base_state = read_safetensors(base)
-    deltas = [lora_delta64(run / name) for name in kept]
-    expected = {k: v.double() for k, v in base_state.items()}
-    for delta in deltas:
-        for name, d in delta.items():
-            expected[name] = expected[name] + d / len(deltas)
+
+    def soup64(names: list[str]) -> dict[str, torch.Tensor]:
+        """base + the mean of these adapters' exact deltas, in float64."""
+        deltas = [lora_delta64(run / name) for name in names]
+        state = {k: v.double() for k, v in base_state.items()}
+        for delta in deltas:
+            for name, d in delta.items():
+                state[name] = state[name] + d / len(deltas)
+        return state
+
+    def llama(state: dict[str, torch.Tensor]):
+        model = LlamaForCausalLM.from_pretrained(base)
+        model.load_state_dict({k: v.float() for k, v in state.items()})
+        return model.eval()
+
+    expected = soup64(kept)
     soup = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(base), pushed).eval()
     merged = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(base), pushed).merge_and_unload()
     assert_state_close(merged.state_dict(), expected, atol=1e-6)
-    assert any(not torch.equal(merged.state_dict()[k], base_state[k]) for k in deltas[0])  # the soup moved
+    moved = lora_delta64(run / kept[0])
+    assert any(not torch.equal(merged.state_dict()[k], base_state[k]) for k in moved)  # the soup moved
 
     # ---- every printed score is lm-eval's own simple_evaluate of the loaded model (PEFT's forward, not ours)
     def lm_eval_acc(model) -> dict[str, float]:
@@ -403,20 +416,19 @@ def test_lora_causal_lm_soup_example_pushes_the_greedy_adapter(tmp_path, hub_ser
     steps, so_far, current = results["greedy_steps"], [], None
     assert [s["candidate"] for s in steps] == sorted(singles, key=lambda n: (-singles[n]["select"], n))
     for step in steps:
-        trial = [lora_delta64(run / name) for name in [*so_far, step["candidate"]]]
-        state = {k: v.double() for k, v in base_state.items()}
-        for delta in trial:
-            for name, d in delta.items():
-                state[name] = state[name] + d / len(trial)
-        model = LlamaForCausalLM.from_pretrained(base)
-        model.load_state_dict({k: v.float() for k, v in state.items()})
-        assert lm_eval_acc(model.eval())["select"] == pytest.approx(step["score"], abs=1e-9)
+        trial = llama(soup64([*so_far, step["candidate"]]))
+        assert lm_eval_acc(trial)["select"] == pytest.approx(step["score"], abs=1e-9)
         keep = current is None or step["score"] >= current
         assert step["kept"] == keep
         if keep:
             so_far.append(step["candidate"])
             current = step["score"]
     assert sorted(so_far) == sorted(kept) and current == pytest.approx(results["soup"]["select"])
+    assert lm_eval_acc(llama(soup64(sorted(singles)))) == pytest.approx(results["uniform"], abs=1e-9)
+    assert re.search(
+        rf"uniform\s+\(all\)\s+{results['uniform']['select']:.4f}\s+{results['uniform']['heldout']:.4f}",
+        out.stdout,
+    )
     for name, scores in results["singles"].items():
         single = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(base), run / name).eval()
         assert lm_eval_acc(single) == pytest.approx(scores, abs=1e-9)
