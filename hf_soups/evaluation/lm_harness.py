@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import time
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -312,17 +312,16 @@ class LMEvalEvaluator(SelectorMixin):
         return scores, None
 
     def evaluate_member(
-        self, model: Any, load: Any, *, weights: Mapping[str, Any] | None = None
+        self, model: Any, load: Callable[[], None], *, weights: Mapping[str, Any] | None = None
     ) -> tuple[dict[str, dict[str, float]], None]:
-        """One ingredient alone: `load()` writes it into `model`, then every task is run (lm-eval results are
-        not kept in the prediction cache, whose files hold a dataset evaluator's predictions)."""
+        """Write one ingredient into `model` with `load` and score it (no prediction cache for lm-eval tasks)."""
         load()
         return self.evaluate_with_predictions(model)
 
     def evaluate_candidate(
         self, model: Any, current: float, *, strict: bool = False
     ) -> tuple[dict[str, dict[str, float]], None]:
-        """A greedy candidate, scored in full: lm-eval aggregates its own metrics, so no early stop."""
+        """Score a greedy candidate in full: lm-eval aggregates whole tasks, so it is never rejected early."""
         return self.evaluate(model), None
 
     def examples(self, name: str | None = None) -> list[dict[str, Any]]:
