@@ -259,6 +259,8 @@ def test_each_phase_is_announced_with_a_bar_over_evaluations_unless_bars_are_off
     paths = [str(p) for p in seeded_dirs[0][:3]]
     # the suite runs with HF_HUB_DISABLE_PROGRESS_BARS=1, which huggingface_hub reads once into this constant
     monkeypatch.setattr(hub_tqdm, "HF_HUB_DISABLE_PROGRESS_BARS", None)
+    # and `hf-soups --quiet`, run in-process by other tests, calls disable_progress_bars() for the process
+    monkeypatch.setattr(hub_tqdm, "progress_bar_states", {})
     merge_models(paths, method="greedy", eval_dataset=data, select_on="val", batch_size=64, progress=True)
     err = capsys.readouterr().err
     for line in (
