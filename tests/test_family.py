@@ -677,13 +677,26 @@ def test_a_weights_sweep_from_the_cli_and_from_a_recipe_file(family_dirs, tmp_pa
     assert not (tmp_path / "never").exists()
 
 
-@pytest.mark.parametrize("method", ["ties", "dare-ties", "model-stock"])
+@pytest.mark.parametrize(
+    "method, dtype",
+    [("ties", "float32"), ("dare-ties", "float32"), ("model-stock", "float32"), ("ties", "bfloat16")],
+)
 def test_slices_combined_on_several_threads_give_the_same_bits_as_one(
-    family_dirs, tmp_path, monkeypatch, method
+    family_dirs, tmp_path, monkeypatch, method, dtype
 ):
     """The two-pass methods combine a tensor's slices on up to two threads (torch's thread count permitting): the
-    soup is bit-for-bit the one computed on a single thread, on tensors of several slices."""
+    soup is bit-for-bit the one computed on a single thread, on tensors of several slices. In bfloat16 each slice
+    is also cast to the output dtype, which must not happen in the workers (the sink casts through one buffer)."""
     base, ingredients = family_dirs
+    if dtype != "float32":
+        from tests.tiny_models import make_tiny_bert
+
+        def save(path, **kwargs):
+            make_tiny_bert(**kwargs).to(getattr(torch, dtype)).save_pretrained(path)
+            return path
+
+        base = save(tmp_path / "base", noise=0.0)
+        ingredients = [save(tmp_path / f"ft-{i}", seed=i, noise=0.01) for i in range(3)]
     monkeypatch.setattr(engine, "CHUNK_ELEMENTS", 1024)  # the tiny model's tensors span many slices
     outs = []
     previous = torch.get_num_threads()

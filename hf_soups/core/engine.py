@@ -355,10 +355,8 @@ def combine_mix(
             with single_threaded():
                 stats = _mix_stats(tp, mix, read, n, tau_buf[:n] if needs_tau else None, runner)
 
-                def piece(
-                    start: int, slot: int, tp=tp, n=n, read=read, write_slices=write_slices, stats=stats
-                ):
-                    """The soup's slice at `start` (cast as the sink stores it when written slice by slice), checked."""
+                def piece(start: int, slot: int, tp=tp, n=n, read=read, stats=stats):
+                    """The soup's float32 slice at `start` (its members checked finite), in worker `slot`."""
                     count = min(CHUNK_ELEMENTS, n - start)
                     thetas = [read(k, start, count, slot) for k in range(len(mix.ingredients))]
                     base = read(len(members) - 1, start, count, slot) if mix.base is not None else None
@@ -367,24 +365,22 @@ def combine_mix(
                             _raise_non_finite(
                                 tp, sources, [(members[k], 1.0)], plan.names, None, None, t.dtype
                             )
-                    value = mix.recipe.combine(base, thetas, stats, start).reshape(-1)
-                    if not write_slices:
-                        return value
-                    out = sink.cast(tp, value)
-                    if not _finite(out):
-                        _raise_non_finite(tp, sources, active, plan.names, None, value, out.dtype)
-                    return out
+                    return mix.recipe.combine(base, thetas, stats, start).reshape(-1)
 
                 if not write_slices:
                     if whole_out is None or whole_out.numel() < n:
                         whole_out = torch.empty(max(max_numel, 1), dtype=torch.float32)
                     result = whole_out[:n]
                 starts = range(0, n, CHUNK_ELEMENTS)
-                for start, out in zip(starts, runner.map(piece, starts)):
+                for start, value in zip(starts, runner.map(piece, starts)):
                     if write_slices:
+                        # cast here, in order, not in the workers: the sink casts through one reused buffer
+                        out = sink.cast(tp, value)
+                        if not _finite(out):
+                            _raise_non_finite(tp, sources, active, plan.names, None, value, out.dtype)
                         sink.write_chunk(tp, out)
                     else:
-                        result[start : start + out.numel()] = out
+                        result[start : start + value.numel()] = value
                 if not write_slices:
                     acc = result.view(tp.shape)
                     out = sink.cast(tp, acc)
