@@ -78,14 +78,28 @@ def _write(tmp_path, name, plan, sources, coefficients):
     return got
 
 
+@pytest.fixture
+def torch_threads():
+    """Set torch's thread count for one test (the slice workers follow it), restored afterwards."""
+    previous = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16])
 @pytest.mark.parametrize("coefficients", [[0.25, 0.25, 0.5], [0.0, 0.7, 0.3], [1.0, 0.0, 0.0]])
-def test_sliced_combine_equals_whole_tensor_combine(tmp_path, monkeypatch, coefficients, dtype):
+def test_sliced_combine_equals_whole_tensor_combine(
+    tmp_path, monkeypatch, torch_threads, coefficients, dtype, threads
+):
+    """Slices summed by one worker or by two side by side (each casting into its own buffer, written in order)
+    give the bytes of the whole-tensor path."""
     monkeypatch.setattr(engine_module, "CHUNK_ELEMENTS", 256)
     tensors, sources = _sources(tmp_path, 3)
     plan = _plan(tensors[0], 3, dtype)
     whole = DictSink()  # no write_chunk: every tensor takes the whole-tensor path
     combine(plan, sources, coefficients, whole, progress=False)
+    torch_threads(threads)
     got = _write(tmp_path, "sliced", plan, sources, coefficients)
     assert got.keys() == whole.tensors.keys()
     for k, v in whole.tensors.items():

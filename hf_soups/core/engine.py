@@ -36,6 +36,9 @@ CHUNK_ELEMENTS = 1 << 17
 # Threads that combine the slices of a two-pass method (TIES, DARE, SLERP, Model Stock) side by side, at most
 # torch's own thread count (see _SliceRunner).
 MIX_WORKERS = 2
+# Threads that sum the slices of the linear soups (uniform, greedy's candidates written out, WiSE-FT, task
+# arithmetic) side by side while the calling thread writes them, at most torch's own thread count.
+LINEAR_WORKERS = 2
 # Distance statistics (compat.DistanceStats) are measured on one slice in STATS_EVERY of a streamed tensor, and
 # on an evenly strided sample of CHUNK_ELEMENTS // STATS_EVERY elements of a tensor read whole.
 STATS_EVERY = 128
@@ -68,10 +71,15 @@ class WriterSink(TensorSink):
         self.writer = writer
         self._buf = torch.empty(max(max_bytes, 1), dtype=torch.uint8)
 
-    def cast(self, plan: TensorPlan, tensor: torch.Tensor) -> torch.Tensor:
+    def cast(
+        self, plan: TensorPlan, tensor: torch.Tensor, buffer: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """As [`TensorSink.cast`]; with `buffer` (uint8, large enough), the cast goes there instead of the sink's
+        own buffer, so that several threads can cast their slices at once."""
         if tensor.dtype == plan.dtype:
             return tensor
-        out = self._buf[: tensor.numel() * plan.dtype.itemsize].view(plan.dtype).view(tensor.shape)
+        buf = self._buf if buffer is None else buffer
+        out = buf[: tensor.numel() * plan.dtype.itemsize].view(plan.dtype).view(tensor.shape)
         out.copy_(tensor)
         return out
 
@@ -234,6 +242,8 @@ def combine(
     max_numel = max((numel(t.shape) for t in plan.tensors if t.name not in streamed), default=0)
     read_buf = torch.empty(max(max_bytes, 1), dtype=torch.uint8)
     acc_buf = torch.empty(max(max_numel, 1), dtype=torch.float32)
+    workers = max(1, min(LINEAR_WORKERS, torch.get_num_threads())) if streamed else 1
+    slots: list[_SliceSlot] = []
     if streamed:
         max_itemsize = max(
             sources[i].info(tp.source_keys[i]).dtype.itemsize
@@ -241,24 +251,21 @@ def combine(
             if tp.name in streamed
             for i, _ in active
         )
-        chunk_read_buf = torch.empty(CHUNK_ELEMENTS * max(max_itemsize, 4), dtype=torch.uint8)
-        chunk_acc = torch.empty(CHUNK_ELEMENTS, dtype=torch.float32)
+        slots = [_SliceSlot(max(max_itemsize, 4)) for _ in range(workers + 1)]
     # distance statistics (compat.DistanceStats): the members' slices side by side, in float64
     distances = getattr(plan, "distances", None)
     stats = None
     if distances is not None and distances.begin([i for i, _ in active]):
         stats = (distances, torch.empty(len(active), CHUNK_ELEMENTS, dtype=torch.float32))
 
-    with torch.no_grad():
+    with torch.no_grad(), _SliceRunner(workers) as runner:
         for tp in tqdm(plan.tensors, desc=desc, unit="tensor", disable=not progress, name="hf_soups"):
             if not tp.mergeable:
                 sink.write(tp, _copy_checked(tp, sources, active, plan.names))
                 continue
             if tp.name in streamed:
                 with single_threaded():
-                    _combine_slices(
-                        tp, sources, active, sink, chunk_acc, chunk_read_buf, plan.names, stats=stats
-                    )
+                    _combine_slices(tp, sources, active, sink, slots, runner, plan.names, stats=stats)
             elif numel(tp.shape) <= CHUNK_ELEMENTS:
                 with single_threaded():
                     _combine_whole(tp, sources, active, sink, acc_buf, read_buf, plan.names, stats)
@@ -416,24 +423,30 @@ class _SliceRunner:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
 
-    def map(self, fn, items):
+    def map(self, fn, items, slots: int | None = None):
+        """`fn(item, slot)` for each item, results in order; item `j` gets slot `j % slots` (default: `workers`).
+
+        The next item is started before a result is yielded: with `slots=workers + 1`, a result that lives in its
+        slot's buffers stays intact until the caller asks for the one after it.
+        """
+        slots = slots or self.workers
         if self._pool is None:
-            for item in items:
-                yield fn(item, 0)
+            for j, item in enumerate(items):
+                yield fn(item, j % slots)
             return
         from collections import deque
 
         pending = deque()
         todo = iter(enumerate(items))
         for j, item in todo:
-            pending.append(self._pool.submit(fn, item, j % self.workers))
+            pending.append(self._pool.submit(fn, item, j % slots))
             if len(pending) == self.workers:
                 break
         while pending:
             result = pending.popleft().result()
             nxt = next(todo, None)
             if nxt is not None:
-                pending.append(self._pool.submit(fn, nxt[1], nxt[0] % self.workers))
+                pending.append(self._pool.submit(fn, nxt[1], nxt[0] % slots))
             yield result
 
 
@@ -525,47 +538,75 @@ def _combine_whole(tp: TensorPlan, sources, active, sink, acc_buf, read_buf, nam
     sink.write(tp, out)
 
 
+class _SliceSlot:
+    """One worker's buffers for the linear slice path: a float32 accumulator slice, a read buffer, a cast buffer."""
+
+    def __init__(self, itemsize: int):
+        import torch
+
+        self.acc = torch.empty(CHUNK_ELEMENTS, dtype=torch.float32)
+        self.read = torch.empty(CHUNK_ELEMENTS * itemsize, dtype=torch.uint8)
+        self.out = torch.empty(CHUNK_ELEMENTS * 4, dtype=torch.uint8)
+        self.sample: torch.Tensor | None = None  # the members' slices for distance statistics, when measured
+
+
 def _combine_slices(
-    tp: TensorPlan, sources, active, sink, chunk_acc, read_buf, names, check: bool = True, stats=None
+    tp: TensorPlan, sources, active, sink, slots, runner, names, check: bool = True, stats=None
 ) -> None:
     """`sum_i c_i * ingredient_i` for one large tensor, one slice of `CHUNK_ELEMENTS` at a time.
 
-    `check=False` skips the finiteness check (only for measuring a result already known to be refused).
+    The slices are summed (and cast, and checked) by `runner`'s workers side by side, each in its own
+    [`_SliceSlot`], and written in order by the calling thread: reads from the page cache, the arithmetic and
+    the writes overlap (file reads and writes and torch's kernels release the GIL). `check=False` skips the
+    finiteness check (only for measuring a result already known to be refused).
     """
     import torch
 
     keys = [tp.source_keys[i] for i, _ in active]
     first_i, first_c = active[0]
     first_is_f32 = sources[first_i].info(keys[0]).dtype == torch.float32
-    acc_bytes = chunk_acc.view(torch.uint8)
     total = numel(tp.shape)
-    for start in range(0, total, CHUNK_ELEMENTS):
+
+    def one(start: int, slot_index: int):
+        slot = slots[slot_index]
         count = min(CHUNK_ELEMENTS, total - start)
-        acc = chunk_acc[:count]
+        acc = slot.acc[:count]
         # the first ingredient is read straight into the accumulator when it is float32
-        t = sources[first_i].get_range(keys[0], start, count, acc_bytes if first_is_f32 else read_buf)
-        measure = stats is not None and (start // CHUNK_ELEMENTS) % STATS_EVERY == 0
-        if measure:
-            stats[1][0, :count].copy_(t)
+        t = sources[first_i].get_range(
+            keys[0], start, count, slot.acc.view(torch.uint8) if first_is_f32 else slot.read
+        )
+        sample = None
+        if stats is not None and (start // CHUNK_ELEMENTS) % STATS_EVERY == 0:
+            if slot.sample is None:
+                slot.sample = torch.empty_like(stats[1])
+            sample = slot.sample
+            sample[0, :count].copy_(t)
         if t.data_ptr() == acc.data_ptr():
             if first_c != 1.0:
                 acc.mul_(first_c)
         elif t.dtype == torch.float32:
             torch.mul(t, first_c, out=acc)
-        else:
+        else:  # widen first: torch.mul of a bfloat16 slice would round its product to bfloat16
             acc.copy_(t)
             if first_c != 1.0:
                 acc.mul_(first_c)
         for k, ((i, c), key) in enumerate(zip(active[1:], keys[1:]), start=1):
-            piece = sources[i].get_range(key, start, count, read_buf)
-            if measure:
-                stats[1][k, :count].copy_(piece)
+            piece = sources[i].get_range(key, start, count, slot.read)
+            if sample is not None:
+                sample[k, :count].copy_(piece)
             acc.add_(piece, alpha=c)
-        if measure:
-            stats[0].add(tp.name, stats[1][:, :count], total)
-        out = sink.cast(tp, acc)
+        out = sink.cast(tp, acc, slot.out) if isinstance(sink, WriterSink) else sink.cast(tp, acc)
         if check and not _finite(out):
             _raise_non_finite(tp, sources, active, names, None, None, out.dtype)
+        return out, (sample[:, :count] if sample is not None else None)
+
+    starts = range(0, total, CHUNK_ELEMENTS)
+    if runner.workers > 1 and not isinstance(sink, WriterSink):  # a sink without per-thread cast buffers
+        runner = _SliceRunner(1)
+    # results live in their slot's buffers until written: one slot more than the items in flight
+    for out, sample in runner.map(one, starts, slots=len(slots)):
+        if sample is not None:
+            stats[0].add(tp.name, sample, total)
         sink.write_chunk(tp, out)
 
 
@@ -633,9 +674,7 @@ def _raise_non_finite(tp: TensorPlan, sources, active, names, buf, acc, dtype) -
             )
     if acc is None:  # a sliced tensor: sum it again, slice by slice, keeping only the largest magnitude
         probe = _MaxMagnitudeSink()
-        chunk_acc = torch.empty(CHUNK_ELEMENTS, dtype=torch.float32)
-        read_buf = torch.empty(CHUNK_ELEMENTS * 8, dtype=torch.uint8)
-        _combine_slices(tp, sources, active, probe, chunk_acc, read_buf, names, check=False)
+        _combine_slices(tp, sources, active, probe, [_SliceSlot(8)], _SliceRunner(1), names, check=False)
         magnitude = probe.max
     else:
         magnitude = float(acc.abs().max())
