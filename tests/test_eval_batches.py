@@ -170,6 +170,7 @@ def test_greedy_decisions_do_not_depend_on_sorting_and_bf16_stays_close(tmp_path
     extra = on.report_extra["evaluation"]
     assert extra["sort_by_length"] is True
     assert extra["padding"]["val"]["padded_fraction"] < extra["padding"]["val"]["padded_fraction_unsorted"]
+    assert "Evaluation: batches of 16 longest first, dtype auto; val: " in on.report()
 
     # evaluated in bfloat16 (weights cast), and under bfloat16 autocast: close to float32, soup.model in float32
     bf16 = merge_models(refs, **common, eval_dtype="bf16")
