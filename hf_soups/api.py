@@ -49,6 +49,9 @@ def merge_models(
     templates: str | Sequence[str] | None = None,
     batch_size: int = 32,
     device: str | None = None,
+    sort_by_length: bool = True,
+    eval_dtype: str | torch.dtype | None = None,
+    autocast: str | torch.dtype | None = None,
     scores: Mapping[str, float] | None = None,
     strict: bool = False,
     ensemble_baseline: bool = False,
@@ -132,6 +135,13 @@ def merge_models(
             `"a photo of a {}."`); each candidate model embeds the prompts with its own text tower.
         batch_size (`int`, *optional*, defaults to 32): evaluation batch size.
         device (`str`, *optional*): evaluation device (CPU by default, CUDA when asked).
+        sort_by_length (`bool`, *optional*, defaults to `True`): batch eval examples longest first (less
+            padding); predictions and scores keep the set's own order (docs/evaluation.md).
+        eval_dtype (`str` or `torch.dtype`, *optional*): the dtype the live model is evaluated in (`"float32"`,
+            `"bfloat16"`, `"float16"`, `"float64"`; default: the ingredients' own). Soup scores are then those of
+            the soup in that dtype; the written soup keeps `dtype`.
+        autocast (`str` or `torch.dtype`, *optional*): `"bfloat16"` or `"float16"`: forward passes run under
+            `torch.autocast` (mixed precision) on the evaluation device.
         scores (`Mapping[str, float]`, *optional*): held-out scores already known, by ingredient name (greedy).
         strict (`bool`, *optional*, defaults to `False`): greedy keeps a candidate only on strict improvement.
         ensemble_baseline (`bool`, *optional*): also score the logit ensemble of the ingredients (reported only).
@@ -222,6 +232,9 @@ def merge_models(
             templates=ev.templates,
             batch_size=ev.batch_size,
             device=ev.device,
+            sort_by_length=ev.sort_by_length,
+            eval_dtype=ev.eval_dtype,
+            autocast=ev.autocast,
             progress=progress,
             trust_remote_code=config.trust_remote_code,
             prediction_cache_dir=ev.prediction_cache_dir,

@@ -108,6 +108,28 @@ class EvalConfig:
     )
     batch_size: int = option(32, help="Evaluation batch size.", kind="positive_int", cli={"type": int})
     device: str | None = option(help="Evaluation device (cpu, cuda, cuda:1, mps; default: CPU).", kind="str")
+    sort_by_length: bool = option(
+        True,
+        help="Batch each eval set's examples longest first, so that a batch holds examples of similar length and "
+        "little padding; predictions and scores come back in the set's own order.",
+        kind="bool",
+        cli={
+            "flag": "--no-sort-by-length",
+            "action": "store_const",
+            "const": False,
+            "help": "Batch eval examples in the set's own order (sort_by_length=False).",
+        },
+    )
+    eval_dtype: Any = option(
+        help="dtype the live model is evaluated in: float32, bfloat16, float16 or float64 (default 'auto': the "
+        "ingredients' own, as from_pretrained loads them). Scores are then those of the soup in this dtype.",
+        kind="dtype",
+    )
+    autocast: str | None = option(
+        help="Run forward passes under torch.autocast in bfloat16 or float16 (mixed precision; weights stay in "
+        "eval_dtype). Default: no autocast.",
+        kind="autocast",
+    )
     prediction_cache_dir: Any = option(
         help="Opt-in folder where ingredients' predictions are kept, keyed by their weights (commit or content "
         "hash), the eval set, the task and the metric, so that cooking again (another recipe) does not re-score them.",

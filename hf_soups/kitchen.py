@@ -112,6 +112,14 @@ class Kitchen:
         model.eval()
         return match_live_model(model, self.plan)
 
+    def _holds_output_dtype(self, model) -> bool:
+        """Whether a live model still holds the soup's output dtype (`eval_dtype` may have cast it for evaluation)."""
+        if getattr(self.evaluator, "eval_dtype", None) is None:
+            return True
+        want = next((t.dtype for t in self.plan.tensors if t.mergeable and t.dtype.is_floating_point), None)
+        have = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+        return want is None or have is None or want == have
+
     def load_into(
         self, model, coefficients: Sequence[float] | TensorRecipe, *, progress: bool = False
     ) -> None:
@@ -240,6 +248,9 @@ class Kitchen:
             )  # an lm-eval metric: tasks, versions, datasets
             if describe is not None:
                 describe(soup)
+            how = getattr(self.evaluator, "describe_evaluation", None)  # sorting, padding, dtype
+            if how is not None:
+                soup.report_extra.setdefault("evaluation", how())
         if self.evaluator is not None and score is None:
             finish = getattr(self.evaluator, "score_soup", None)
             if finish is not None:
@@ -248,6 +259,10 @@ class Kitchen:
                     self.load_into(live, coefficients)
                 finish(soup, live)
                 model = live
+        if model is not None and not self._holds_output_dtype(model):
+            model = (
+                None  # evaluated in another dtype (eval_dtype): soup.model is rebuilt as the soup is written
+            )
         soup._kitchen_config = dict(self.plan.config)
         if self.output_dir is not None:
             soup.output_dir = Path(self.output_dir).expanduser().absolute()  # the card names the folder

@@ -8,6 +8,7 @@ value is judged. This module imports only the standard library.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import math
@@ -307,6 +308,18 @@ def check_dtype(value: Any, meta: Mapping) -> str | None:
     )
 
 
+def check_autocast(value: Any, meta: Mapping) -> str:
+    """`"bf16"`, `torch.float16`, ... -> `"bfloat16"` / `"float16"`: the dtypes `torch.autocast` computes in."""
+    name = None
+    with contextlib.suppress(OptionProblem):
+        name = check_dtype(value, meta)
+    if name in ("bfloat16", "float16"):
+        return name
+    raise OptionProblem(
+        f"expected bfloat16 or float16 (the dtypes torch.autocast runs in), got {describe(value)}"
+    )
+
+
 def check_size(value: Any, meta: Mapping) -> int | str:
     """A shard size: bytes (int > 0) or a string such as `"5GB"` / `"500MiB"`."""
     if isinstance(value, bool) or not isinstance(value, (int, str)):
@@ -431,6 +444,7 @@ KINDS: dict[str, Callable[[Any, Mapping], Any]] = {
     "weights_or_sweep": check_weights_or_sweep,
     "scores": check_scores,
     "dtype": check_dtype,
+    "autocast": check_autocast,
     "size": check_size,
     "repo_id": check_repo_id,
     "path": check_path,

@@ -15,6 +15,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests.synthetic_task import add_noise, save, trained_model
@@ -53,8 +54,23 @@ WORKER = textwrap.dedent(
         prediction_cache_dir=out / "cache",
     )
     assert [i.scores for i in again.ingredients] == [i.scores for i in soup.ingredients]
+    # examples of many lengths, batched longest first: per-example outputs come back in the set's order on every
+    # process (by the indices the batches carry, after gather_for_metrics drops the last batch's duplicates)
+    import torch
+    from datasets import Dataset
+    plain = pretrained_model()  # not the hooked model: its forward passes are counted above
+    gen = torch.Generator().manual_seed(5)
+    cut = torch.randint(3, ids.shape[1] + 1, (len(ids),), generator=gen).tolist()
+    ragged = {"val": Dataset.from_dict({"input_ids": [r[:k].tolist() for r, k in zip(ids, cut)], "label": labels.tolist()})}
+    sorted_logits = build_evaluator(ragged, batch_size=16, device="cpu", model=plain).predict(plain)["val"].logits
+    ragged_soup = merge_models(refs, method="greedy", eval_dataset=ragged, batch_size=16, device="cpu", progress=False)
     rank = int(os.environ.get("RANK", "0"))
     result = {
+        "ragged_logits": sorted_logits.tolist(),
+        "ragged_selected": [i.selected for i in ragged_soup.ingredients],
+        "ragged_kept": [h["kept"] for h in ragged_soup.history],
+        "ragged_scores": ragged_soup.scores,
+        "ragged_padding": ragged_soup.report_extra["evaluation"]["padding"],
         "num_processes": evaluator.num_processes,
         "examples_seen": sum(seen),
         "direct": direct,
@@ -129,6 +145,21 @@ def test_two_processes_match_one(tmp_path):
         ens = other["baselines"]["ensemble"]["scores"]
         assert ens["val"]["accuracy"] == ens_one["val"]["accuracy"]
     assert one["selected"]["ruined"] is False
+    # length-sorted batches: the same per-example logits (in the set's order), kept set and scores as one process
+    for other in (r0, r1):
+        np.testing.assert_allclose(
+            np.array(other["ragged_logits"]), np.array(one["ragged_logits"]), rtol=1e-4, atol=1e-5
+        )
+        assert (
+            other["ragged_selected"] == one["ragged_selected"] and other["ragged_kept"] == one["ragged_kept"]
+        )
+        assert other["ragged_scores"]["val"]["accuracy"] == one["ragged_scores"]["val"]["accuracy"]
+        assert other["ragged_scores"]["val"]["loss"] == pytest.approx(
+            one["ragged_scores"]["val"]["loss"], rel=1e-5
+        )
+        assert other["ragged_padding"] == one["ragged_padding"]
+    pad = one["ragged_padding"]["val"]
+    assert pad["padded_fraction"] < pad["padded_fraction_unsorted"]
     # early rejection: both processes stopped at the same gathered batch (a step of 2 x 16 examples here, where one
     # process stops after a multiple of 16), and the ruined candidate was rejected early
     assert [h.get("partial") for h in r0["history"]] == [h.get("partial") for h in r1["history"]]

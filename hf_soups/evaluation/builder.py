@@ -14,7 +14,14 @@ from typing import Any
 
 from ..errors import EvaluationError, InvalidArgumentError
 from ..lm_eval_task import as_lm_eval_task
-from ..options import OptionProblem, check_class_names, check_templates
+from ..options import (
+    OptionProblem,
+    check_autocast,
+    check_bool,
+    check_class_names,
+    check_dtype,
+    check_templates,
+)
 from .data import collect_sets, find_label_columns, label_kind, no_labels_message
 from .evaluator import Evaluator
 from .metrics import load_metric
@@ -40,6 +47,9 @@ def build_evaluator(
     templates: str | Sequence[str] | None = None,
     batch_size: int = 32,
     device: str | None = None,
+    sort_by_length: bool = True,
+    eval_dtype: Any = None,
+    autocast: Any = None,
     metric_kwargs: Mapping[str, Any] | None = None,
     task: str | None = None,
     max_length: int | None = None,
@@ -96,6 +106,14 @@ def build_evaluator(
             Evaluation batch size (per process).
         device (`str`, *optional*):
             `"cpu"`, `"cuda"`, `"cuda:1"` ... Default: the `accelerate` device (CUDA when available, else CPU).
+        sort_by_length (`bool`, *optional*, defaults to `True`):
+            Batch each set longest first (examples of similar length share a batch, so less padding is run);
+            predictions come back in the set's own order. Sets of images or of one length are not reordered.
+        eval_dtype (`str` or `torch.dtype`, *optional*):
+            Hold the evaluated model in this dtype (`"float32"`, `"bfloat16"`, `"float16"`, `"float64"`); default:
+            the dtype the model already has (the ingredients' own).
+        autocast (`str` or `torch.dtype`, *optional*):
+            `"bfloat16"` or `"float16"`: run forward passes under `torch.autocast` on the evaluation device.
         metric_kwargs (`Mapping`, *optional*):
             Extra arguments of the metric's `compute` (e.g. `{"average": "weighted"}`). f1, precision and recall
             on more than two classes default to `average="macro"`.
@@ -158,6 +176,17 @@ def build_evaluator(
         raise InvalidArgumentError(f"batch_size={batch_size!r} must be a positive integer.")
     if compute_metrics is not None and not callable(compute_metrics):
         raise EvaluationError("compute_metrics must be a callable taking a transformers.EvalPrediction.")
+    precision = {"sort_by_length": sort_by_length, "eval_dtype": eval_dtype, "autocast": autocast}
+    for key, check in (
+        ("sort_by_length", check_bool),
+        ("eval_dtype", check_dtype),
+        ("autocast", check_autocast),
+    ):
+        if precision[key] is not None:
+            try:
+                precision[key] = check(precision[key], {})
+            except OptionProblem as e:
+                raise InvalidArgumentError(f"{key}: {e}") from None
     task_options = {"class_names": class_names, "templates": templates}
     for key, check in (("class_names", check_class_names), ("templates", check_templates)):
         if task_options[key] is not None:
@@ -203,6 +232,9 @@ def build_evaluator(
         label_columns=label_columns,
         batch_size=batch_size,
         device=device,
+        sort_by_length=precision["sort_by_length"] is not False,
+        eval_dtype=precision["eval_dtype"],
+        autocast=precision["autocast"],
         task=task,
         max_length=max_length,
         progress=progress,

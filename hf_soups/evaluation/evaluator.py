@@ -23,7 +23,14 @@ from .early import EarlyStop, best_reachable, sum_metric
 from .ensemble import add_predictions, mean_predictions
 from .images import image_mode
 from .results import annotate
-from .runtime import PadCollator, Runtime, forward_arguments
+from .runtime import (
+    PadCollator,
+    Runtime,
+    example_lengths,
+    forward_arguments,
+    length_order,
+    padded_positions,
+)
 from .scoring import MetricScorer
 from .selection import Selector, SelectorMixin
 from .tasks import TASK_CLASSES, Predictions, Task, TaskContext, task_for
@@ -72,6 +79,9 @@ class Evaluator(SelectorMixin):
         class_names: Sequence[str] | None = None,
         templates: str | Sequence[str] | None = None,
         prediction_cache_dir: str | os.PathLike | None = None,
+        sort_by_length: bool = True,
+        eval_dtype: str | None = None,
+        autocast: str | None = None,
     ):
         self._datasets = datasets
         self._selector = Selector(
@@ -98,7 +108,11 @@ class Evaluator(SelectorMixin):
         self.text_columns = text_columns
         self._label_columns = label_columns
         self.batch_size = int(batch_size)
-        self._runtime = Runtime(device)
+        self._runtime = Runtime(device, eval_dtype=eval_dtype, autocast=autocast)
+        self.sort_by_length = bool(sort_by_length)
+        self._orders: dict[str, list[int] | None] = {}  # per set: the batch order (None: the set's own)
+        #: per eval set: real tokens and the token positions run, sorted and in the set's order (see [`padding`])
+        self.padding: dict[str, dict[str, Any]] = {}
         self._user_task = task
         self._task: Task | None = None
         self.max_length = max_length
@@ -151,6 +165,11 @@ class Evaluator(SelectorMixin):
     @property
     def num_processes(self) -> int:
         return self._runtime.num_processes
+
+    @property
+    def eval_dtype(self) -> str | None:
+        """The dtype models are evaluated in (`None`: their own)."""
+        return self._runtime.eval_dtype
 
     def __repr__(self) -> str:
         return (
@@ -229,11 +248,55 @@ class Evaluator(SelectorMixin):
             check_ranges(name, self._input_ranges[name], limits, "the model config")
         self._examples = examples
         self._pad_token_id = preparer.pad_token_id
+        self._plan_batches(examples)
         task.learn_from(examples[self.select_on])
         for name, prepared in examples.items():
             task.check_label_ranges(name, prepared)
         self._scorer.set_up(task)
         return self
+
+    def _plan_batches(self, examples: Mapping[str, list[dict[str, Any]]]) -> None:
+        """Each set's batch order (longest first with `sort_by_length`) and what padding either order runs."""
+        self._orders, self.padding = {}, {}
+        for name, prepared in examples.items():
+            lengths = example_lengths(prepared)
+            order = length_order(lengths)
+            self._orders[name] = order if self.sort_by_length else None
+            if lengths is None:
+                continue
+            sorted_positions = padded_positions(lengths, self.batch_size, order)
+            unsorted_positions = padded_positions(lengths, self.batch_size)
+            self.padding[name] = {
+                "tokens": sum(lengths),
+                "positions": sorted_positions if self.sort_by_length else unsorted_positions,
+                "positions_sorted": sorted_positions,
+                "positions_unsorted": unsorted_positions,
+                "sorted": self.sort_by_length,
+            }
+
+    def describe_evaluation(self) -> dict[str, Any]:
+        """How the eval sets were run, for `soup.report_extra["evaluation"]`: sorting, dtype, autocast, and per set
+        the padded fraction of the token positions run (`padded_fraction`; `padded_fraction_unsorted`: what the
+        set's own order would have run)."""
+        sets = {}
+        for name, info in self.padding.items():
+            sets[name] = {
+                "tokens": info["tokens"],
+                "positions": info["positions"],
+                "padded_fraction": round(1 - info["tokens"] / info["positions"], 4)
+                if info["positions"]
+                else 0.0,
+                "padded_fraction_unsorted": round(1 - info["tokens"] / info["positions_unsorted"], 4)
+                if info["positions_unsorted"]
+                else 0.0,
+            }
+        return {
+            "sort_by_length": self.sort_by_length,
+            "eval_dtype": self.eval_dtype or "auto",
+            "autocast": self._runtime.autocast,
+            "batch_size": self.batch_size,
+            "padding": sets,
+        }
 
     def check_metric_for(self, task: Task) -> None:
         """Check the metric and its key against a task guessed from the labels, before binding.
@@ -285,7 +348,11 @@ class Evaluator(SelectorMixin):
             forward = task.forward(model, device=runtime.device, batch_size=self.batch_size)
             for name in self._datasets if names is None else names:
                 loader = runtime.loader(
-                    name, self._examples[name], batch_size=self.batch_size, collate_fn=collate
+                    name,
+                    self._examples[name],
+                    batch_size=self.batch_size,
+                    collate_fn=collate,
+                    order=self._orders.get(name),
                 )
                 collector = task.collector(runtime.gather, keep_raw=self.compute_metrics is not None)
                 out[name] = runtime.run(
@@ -462,8 +529,17 @@ class Evaluator(SelectorMixin):
             },
             "metric": {"name": self.metric_name, "kwargs": self._scorer.kwargs},
             "batch_size": self.batch_size,
+            # the batches' make-up changes padding, hence the last bits of some models' outputs
+            "sort_by_length": self._orders.get(set_name) is not None,
             "device": self.device.type,
-            "dtype": str(first.dtype) if first is not None else None,
+            "dtype": (
+                f"torch.{self.eval_dtype}"
+                if self.eval_dtype is not None
+                else str(first.dtype)
+                if first is not None
+                else None
+            ),
+            "autocast": self._runtime.autocast,
         }
 
     def evaluate_member(

@@ -453,6 +453,7 @@ def build_lm_eval_evaluator(
             "eval_dataset: an lm-eval metric evaluates on its task's own data; drop eval_dataset (several tasks, "
             "such as a selection task and a held-out task, are several eval sets)"
         )
+    unused.pop("sort_by_length", None)  # lm-eval orders its requests by length itself
     given = sorted(k for k, v in unused.items() if v is not None and k not in ("config", "model"))
     if given:
         raise InvalidArgumentError(

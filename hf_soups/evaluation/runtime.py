@@ -72,6 +72,57 @@ class PadCollator:
         return batch
 
 
+#: the batch key carrying each example's index in its eval set (popped before the forward pass)
+INDEX_KEY = "__hf_soups_index__"
+
+
+class OrderedExamples:
+    """An eval set's examples read in `order`, each carrying its index in the set under [`INDEX_KEY`]."""
+
+    def __init__(self, examples: list[dict[str, Any]], order: list[int]):
+        self.examples = examples
+        self.order = order
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __getitem__(self, k: int) -> dict[str, Any]:
+        i = self.order[k]
+        return {**self.examples[i], INDEX_KEY: i}
+
+
+def example_lengths(examples: list[dict[str, Any]]) -> list[int] | None:
+    """Each example's token length (`input_ids`), or `None` when the set has none (images, custom inputs)."""
+    if not examples or "input_ids" not in examples[0]:
+        return None
+    lengths = []
+    for ex in examples:
+        ids = ex.get("input_ids")
+        shape = getattr(ids, "shape", None)
+        lengths.append(
+            int(shape[0]) if shape is not None and len(shape) else len(ids) if ids is not None else 0
+        )
+    return lengths
+
+
+def length_order(lengths: list[int] | None) -> list[int] | None:
+    """Longest first, ties in the set's order (a stable sort: the same batches every run); `None`: keep the set's order
+    (no lengths, one length, or already sorted)."""
+    if lengths is None:
+        return None
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return None if order == list(range(len(lengths))) else order
+
+
+def padded_positions(lengths: list[int], batch_size: int, order: list[int] | None = None) -> int:
+    """Token positions the model runs over when `lengths` are batched `batch_size` at a time in `order`
+    (each batch is padded to its longest example)."""
+    seq = [lengths[i] for i in order] if order is not None else lengths
+    return sum(
+        max(seq[k : k + batch_size]) * len(seq[k : k + batch_size]) for k in range(0, len(seq), batch_size)
+    )
+
+
 def forward_arguments(model: Any) -> set[str] | None:
     """The keyword arguments `model.forward` takes (`None`: it takes anything, pass every column)."""
     forward = getattr(model, "forward", None)
@@ -90,10 +141,17 @@ class Runtime:
     Args:
         device (`str`, *optional*): `"cpu"`, `"cuda"`, `"cuda:1"` ...; default: the accelerate device (CUDA when
             available, else CPU; mps/xpu only when asked for).
+        eval_dtype (`str`, *optional*): the dtype models are cast to before they run (`"bfloat16"` ...; they stay
+            in it); default: as they are.
+        autocast (`str`, *optional*): `"bfloat16"` or `"float16"`: forward passes run under `torch.autocast`.
     """
 
-    def __init__(self, device: str | None = None):
+    def __init__(
+        self, device: str | None = None, *, eval_dtype: str | None = None, autocast: str | None = None
+    ):
         self.device_request = device
+        self.eval_dtype = eval_dtype
+        self.autocast = autocast
         self._accelerator = None
         self._device = None
         self._loaders: dict[str, Any] = {}
@@ -151,12 +209,25 @@ class Runtime:
         """Drop the prepared dataloaders (the examples changed)."""
         self._loaders = {}
 
-    def loader(self, name: str, examples: list[dict[str, Any]], *, batch_size: int, collate_fn: PadCollator):
-        """The dataloader of eval set `name`, prepared by the accelerator (batches split across processes)."""
+    def loader(
+        self,
+        name: str,
+        examples: list[dict[str, Any]],
+        *,
+        batch_size: int,
+        collate_fn: PadCollator,
+        order: list[int] | None = None,
+    ):
+        """The dataloader of eval set `name`, prepared by the accelerator (batches split across processes).
+
+        Examples are read in `order` (default: the set's), each with its index in the set under [`INDEX_KEY`], which
+        [`run`] hands to the collector so that outputs are put back in the set's order whatever the batches were.
+        """
         if name not in self._loaders:
             from torch.utils.data import DataLoader
 
-            loader = DataLoader(examples, batch_size=batch_size, shuffle=False, collate_fn=collate_fn)
+            dataset = OrderedExamples(examples, order if order is not None else list(range(len(examples))))
+            loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn)
             self._loaders[name] = self.accelerator.prepare(loader, device_placement=[False])
         return self._loaders[name]
 
@@ -181,17 +252,27 @@ class Runtime:
 
     @contextlib.contextmanager
     def evaluating(self, model: Any) -> Iterator[None]:
-        """`model` on the device, in eval mode and under `torch.inference_mode()`; training mode restored after."""
+        """`model` on the device (in `eval_dtype` when set: it stays so), in eval mode, under `torch.inference_mode()`
+        (and `torch.autocast` when asked); training mode restored after."""
         import torch
 
         device = self.device
+        dtype = getattr(torch, self.eval_dtype) if self.eval_dtype is not None else None
         first = next(iter(model.parameters()), None)
-        if (first.device if first is not None else device) != device:
-            model.to(device)
+        floating = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+        if (first.device if first is not None else device) != device or (
+            dtype is not None and floating not in (None, dtype)
+        ):
+            model.to(device=device, dtype=dtype)
         was_training = model.training
         model.eval()
+        mixed = (
+            torch.autocast(device_type=device.type, dtype=getattr(torch, self.autocast))
+            if self.autocast is not None
+            else contextlib.nullcontext()
+        )
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), mixed:
                 yield
         finally:
             if was_training:
@@ -229,6 +310,7 @@ class Runtime:
         )
         for batch in batches:
             labels = batch.pop("labels", None)
+            index = batch.pop(INDEX_KEY, None)
             inputs = {k: v.to(device) for k, v in batch.items() if accepted is None or k in accepted}
             if forward is not None:
                 logits = forward(inputs)
@@ -236,6 +318,8 @@ class Runtime:
                 output = model(**inputs)
                 logits = output.logits if hasattr(output, "logits") else output[0]
             collector.add(logits.float(), labels.to(device) if labels is not None else None)
+            if index is not None:
+                collector.add_index(index.to(device))
             if stop is not None and stop():
                 batches.close()
                 end = getattr(
@@ -247,4 +331,13 @@ class Runtime:
         return collector.finish()
 
 
-__all__ = ["PadCollator", "Runtime", "forward_arguments"]
+__all__ = [
+    "INDEX_KEY",
+    "OrderedExamples",
+    "PadCollator",
+    "Runtime",
+    "example_lengths",
+    "forward_arguments",
+    "length_order",
+    "padded_positions",
+]

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import EvaluationError
 from .metrics import load_metric
+from .tasks.base import pad_np
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -65,16 +66,6 @@ def loss_last(result: dict[str, float]) -> dict[str, float]:
 def lower_is_better(key: str) -> bool:
     """Whether a metric key is a loss or an error rate (its default direction)."""
     return key in _LOWER_IS_BETTER or key.endswith("_loss") or key.endswith("loss")
-
-
-def _pad_np(x: np.ndarray, width: int, value: float) -> np.ndarray:
-    import numpy as np
-
-    if x.shape[1] == width:
-        return x
-    pad = [(0, 0)] * x.ndim
-    pad[1] = (0, width - x.shape[1])
-    return np.pad(x, pad, constant_values=value)
 
 
 class MetricScorer:
@@ -253,8 +244,8 @@ class MetricScorer:
         if out.raw_logits:
             width = max(x.shape[1] for x in out.raw_logits) if out.raw_logits[0].ndim >= 2 else None
             if out.raw_logits[0].ndim >= 3:
-                logits = np.concatenate([_pad_np(x, width, -100.0) for x in out.raw_logits])
-                labels = np.concatenate([_pad_np(y, width, -100) for y in out.raw_labels])
+                logits = np.concatenate([pad_np(x, width, -100.0) for x in out.raw_logits])
+                labels = np.concatenate([pad_np(y, width, -100) for y in out.raw_labels])
             else:
                 logits = np.concatenate(out.raw_logits)
                 labels = np.concatenate(out.raw_labels) if out.raw_labels[0] is not None else None

@@ -263,11 +263,30 @@ def render_report(soup: Soup) -> str:
                 f"recipe's {value['recipe_seconds']:.1f} s.",
             ]
             continue
+        if name == "evaluation" and isinstance(value, Mapping):
+            lines += ["", describe_batches(value)]
+            continue
         if name == "lm_eval" and isinstance(value, Mapping):
             lines += ["", *describe_lm_eval(value)]
             continue
         lines += ["", f"{name}: {value}"]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def describe_batches(info: Mapping[str, Any]) -> str:
+    """One line on how the eval sets ran (from `report_extra["evaluation"]`): order, padding, dtype."""
+    order = "longest first" if info.get("sort_by_length") else "in each set's order"
+    padding = "; ".join(
+        f"{name}: {p['padded_fraction']:.1%} of the positions run were padding "
+        f"({p['padded_fraction_unsorted']:.1%} in the set's order)"
+        for name, p in (info.get("padding") or {}).items()
+    )
+    precision = f"dtype {info.get('eval_dtype') or 'auto'}"
+    if info.get("autocast"):
+        precision += f", autocast {info['autocast']}"
+    return f"Evaluation: batches of {info.get('batch_size')} {order}, {precision}" + (
+        f"; {padding}." if padding else "."
+    )
 
 
 def learned_summary(soup: Soup) -> list[str]:

@@ -57,6 +57,38 @@ def _np(t: torch.Tensor | None) -> np.ndarray | None:
     return t.cpu().numpy() if t is not None else None
 
 
+def pad_np(x: np.ndarray, width: int, value: float) -> np.ndarray:
+    """`x` padded with `value` along dim 1 to `width` (per-batch token arrays of different lengths)."""
+    import numpy as np
+
+    if x.shape[1] == width:
+        return x
+    pad = [(0, 0)] * x.ndim
+    pad[1] = (0, width - x.shape[1])
+    return np.pad(x, pad, constant_values=value)
+
+
+def _rows(parts: list[np.ndarray], order: np.ndarray, value: float) -> np.ndarray:
+    """Per-batch arrays (one row per example, token dims padded to one width) as one array, rows in `order`."""
+    import numpy as np
+
+    if parts[0].ndim >= 2 and len({p.shape[1] for p in parts}) > 1:
+        width = max(p.shape[1] for p in parts)
+        parts = [pad_np(p, width, value) for p in parts]
+    return np.concatenate(parts)[order]
+
+
+def _segments(flat: np.ndarray, counts: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """`flat` holds one run of `counts[i]` rows per example `i`; the runs, reordered by `order`."""
+    import numpy as np
+
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+    index = np.concatenate(
+        [np.arange(starts[i], starts[i] + counts[i]) for i in order] or [np.zeros(0, np.int64)]
+    )
+    return flat[index.astype(np.int64)]
+
+
 class Collector:
     """Collects one eval set's batch outputs into [`Predictions`]; subclasses say how a batch is gathered.
 
@@ -71,16 +103,59 @@ class Collector:
         self.out = Predictions()
         self.logits_parts: list[np.ndarray] = []
         self.label_parts: list[np.ndarray] = []
+        #: per gathered batch: each example's index in the eval set (batches may run in another order)
+        self.index_parts: list[np.ndarray] = []
+        #: per gathered batch, for outputs kept per scored token: each example's number of scored tokens
+        self.count_parts: list[np.ndarray] = []
 
     def add(self, logits: torch.Tensor, labels: torch.Tensor | None) -> None:
         raise NotImplementedError
+
+    def add_index(self, index: torch.Tensor) -> None:
+        """Record where the examples of the batch just added sit in the eval set (gathered like the outputs)."""
+        (g_index,) = self.gather((index,), pad_dims=(None,))
+        self.index_parts.append(_np(g_index))
 
     def finish(self) -> Predictions:
         import numpy as np
 
         self.out.logits = np.concatenate(self.logits_parts) if self.logits_parts else None
         self.out.labels = np.concatenate(self.label_parts) if self.label_parts else None
-        return self.out
+        return self.restore_order()
+
+    def restore_order(self) -> Predictions:
+        """Put the finished outputs back in the eval set's own order, by the indices each batch carried.
+
+        Batches that ran longest first (`sort_by_length`) are read back by each example's index in the set, never
+        by position, so the outputs are those of an unsorted run: per-example rows, per-token runs (one run of
+        scored tokens per example) and the unreduced `compute_metrics` arrays alike. Nothing moves when the
+        batches ran in the set's order.
+        """
+        import numpy as np
+
+        out = self.out
+        if not self.index_parts:
+            return out
+        seen = np.concatenate(self.index_parts)
+        if bool((np.diff(seen) > 0).all()):
+            return out
+        order = np.argsort(seen, kind="stable")
+        if self.count_parts:  # one run of scored tokens per example
+            counts = np.concatenate(self.count_parts)
+            for name in ("logits", "labels", "preds"):
+                value = getattr(out, name)
+                if value is not None and len(value) == int(counts.sum()):
+                    setattr(out, name, _segments(value, counts, order))
+        else:
+            for name in ("logits", "labels"):
+                value = getattr(out, name)
+                if value is not None and len(value) == len(seen):
+                    setattr(out, name, value[order])
+        if out.raw_logits:
+            out.raw_logits = [_rows(out.raw_logits, order, -100.0)]
+            if out.raw_labels and out.raw_labels[0] is not None:
+                out.raw_labels = [_rows(out.raw_labels, order, -100)]
+        return out
 
     def add_per_example(self, logits: torch.Tensor, labels: torch.Tensor | None) -> None:
         """One output row per example (sequence classification)."""
@@ -102,6 +177,7 @@ class Collector:
             mask = g_labels != -100
             self.logits_parts.append(_np(g_logits[mask]))
             self.label_parts.append(_np(g_labels[mask]))
+            self.count_parts.append(_np(mask.sum(1)))
 
 
 class Task:
@@ -222,4 +298,4 @@ class Task:
         return None
 
 
-__all__ = ["Collector", "Gather", "MetricFn", "Predictions", "Task", "TaskContext"]
+__all__ = ["Collector", "Gather", "MetricFn", "Predictions", "Task", "TaskContext", "pad_np"]

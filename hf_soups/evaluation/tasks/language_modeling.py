@@ -59,6 +59,7 @@ class LMCollector(Collector):
         mask = g_labels != -100
         self.pred_parts.append(g_preds[mask].cpu().numpy())
         self.label_parts.append(g_labels[mask].cpu().numpy())
+        self.count_parts.append(mask.sum(1).cpu().numpy())
 
     def finish(self) -> Predictions:
         import numpy as np
@@ -67,7 +68,7 @@ class LMCollector(Collector):
         out.loss_sum, out.loss_count = float(self.loss_sum), float(self.loss_count)
         out.preds = np.concatenate(self.pred_parts) if self.pred_parts else np.zeros(0, dtype=np.int64)
         out.labels = np.concatenate(self.label_parts) if self.label_parts else np.zeros(0, dtype=np.int64)
-        return out
+        return self.restore_order()
 
 
 class _LanguageModel(Task):
