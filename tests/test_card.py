@@ -64,7 +64,30 @@ def test_card_of_a_real_streamed_soup(hub_server, tiny_bert_dirs, tmp_path):
     assert "AutoModelForSequenceClassification" in text
     assert "No held-out evaluation" in text
     assert soup.model_card().data.to_dict() == data.to_dict()
+    # written without huggingface_hub.repocard, the same text as the ModelCard API gives
+    assert readme.read_text(encoding="utf-8") == str(soup.model_card())
     assert soup._model is None  # the card never loads the model
+
+
+def test_a_local_merge_imports_no_hub_client(tiny_bert_dirs, tmp_path):
+    """Writing the card of a soup of local folders imports neither huggingface_hub's repocard nor its HTTP client
+    (a visible share of a merge's time), and reads an ingredient's card metadata without them too."""
+    import subprocess
+    import sys
+
+    with_readme(Path(tiny_bert_dirs[0]), "license: apache-2.0\nlanguage: en")
+    code = (
+        "import sys\n"
+        "from hf_soups import merge_models\n"
+        f"soup = merge_models({[str(d) for d in tiny_bert_dirs]!r}, output_dir={str(tmp_path / 'soup')!r}, progress=False)\n"
+        "print(sorted(m for m in ('huggingface_hub.repocard', 'huggingface_hub.hf_api', 'httpx') if m in sys.modules))\n"
+        "print(soup.model_card().data.language)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.split("\n")
+    assert out[0] == "[]"
+    assert out[1] == "en"  # the ingredient's metadata reached the card
 
 
 def test_in_memory_soup_save_pretrained_writes_the_card(hub_server, tiny_bert_dirs, tmp_path):
@@ -263,6 +286,7 @@ def test_card_of_an_evaluated_greedy_soup(hub_server, tiny_bert_dirs, tmp_path):
     assert card.data.base_model is None and len(kept) >= 1
     for ing in soup.ingredients:
         assert f"| {ing.score:.4f} | {'yes' if ing.selected else 'no'} |" in card.text
+    assert (soup.output_dir / "README.md").read_text(encoding="utf-8") == str(soup.model_card())
 
 
 def test_card_of_a_real_adapter_soup_on_a_hub_base(hub_server, tmp_path):

@@ -27,7 +27,7 @@ from ..lm_eval_task import describe_lm_eval
 from .reporting import format_value
 
 if TYPE_CHECKING:  # pragma: no cover
-    from huggingface_hub import ModelCard
+    from huggingface_hub import ModelCard, ModelCardData
 
     from ..ingredients import Ingredient
     from ..soup import Soup
@@ -76,8 +76,11 @@ def build_model_card(soup: Soup, *, repo_id: str | None = None) -> ModelCard:
     ('merge', ['model-soup', 'merge', 'hf-soups'])
     ```
     """
+    from huggingface_hub import ModelCard
+
     directory = Path(soup.output_dir) if getattr(soup, "output_dir", None) else None
-    return _build(soup, repo_id=repo_id, directory=directory)
+    card_data, template_kwargs = _build(soup, repo_id=repo_id, directory=directory)
+    return ModelCard.from_template(card_data, template_path=str(TEMPLATE_PATH), **template_kwargs)
 
 
 def write_model_card(soup: Soup, directory: str | os.PathLike, *, repo_id: str | None = None) -> Path:
@@ -107,10 +110,51 @@ def write_model_card(soup: Soup, directory: str | os.PathLike, *, repo_id: str |
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    card = _build(soup, repo_id=repo_id, directory=directory)
+    card_data, template_kwargs = _build(soup, repo_id=repo_id, directory=directory)
     path = directory / "README.md"
-    path.write_text(str(card), encoding="utf-8")
+    path.write_text(_card_text(card_data, template_kwargs), encoding="utf-8")
     return path
+
+
+def _card_text(card_data: ModelCardData, template_kwargs: dict[str, Any]) -> str:
+    """`str(ModelCard.from_template(card_data, template_path=TEMPLATE_PATH, **template_kwargs))`, the same text,
+    without importing `huggingface_hub.repocard` (which pulls in the Hub client and its HTTP stack: a visible share
+    of a local merge's time).
+
+    As `from_template`, the template is rendered with the metadata's fields and `template_kwargs`; as
+    `ModelCard(content)`, the metadata block is then parsed and written again from a `ModelCardData`, in its order.
+    """
+    import jinja2
+    from huggingface_hub import ModelCardData
+
+    values = card_data.to_dict().copy()
+    values.update(template_kwargs)
+    template = jinja2.Template(TEMPLATE_PATH.read_text(encoding="utf-8"))
+    content = template.render(card_data=card_data.to_yaml(), **values)
+    meta, body = _metadata_block(content)
+    data = ModelCardData(**meta).to_yaml(line_break="\n", original_order=list(meta))
+    return f"---\n{data}\n---\n{body}"
+
+
+# the YAML block at the top of a card, as huggingface_hub.repocard.REGEX_YAML_BLOCK finds it
+_YAML_BLOCK = re.compile(r"^(\s*---(?:\r\n|\r|\n))([\S\s]*?)((?:\r\n|\r|\n)---[ \t]*(\r\n|\n|$))")
+
+
+def _metadata_block(content: str) -> tuple[dict[str, Any], str]:
+    """The metadata of a card's text (its leading YAML block, safely loaded; {} when none) and the body after it.
+
+    Raises:
+        `ValueError`: the block is not a mapping.
+    """
+    import yaml
+
+    match = _YAML_BLOCK.search(content)
+    if not match:
+        return {}, content
+    meta = yaml.safe_load(match.group(2)) or {}
+    if not isinstance(meta, dict):
+        raise ValueError("the card's metadata block is not a mapping")
+    return meta, content[match.end() :]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -161,10 +205,8 @@ def ingredient_metadata(ingredient: Ingredient | None) -> dict[str, Any]:
     path = _readme_path(ingredient)
     if path is None:
         return {}
-    from huggingface_hub.repocard import metadata_load
-
     try:
-        return metadata_load(path) or {}
+        return _metadata_block(path.read_text(encoding="utf-8"))[0]
     except Exception as e:  # a broken ingredient card only costs us its metadata
         logger.warning("Could not read the metadata of %s (%s); ignoring it in the soup's card.", path, e)
         return {}
@@ -576,8 +618,11 @@ def _usage(repo: str, auto_class: str, has_tokenizer: bool, adapter_base: str | 
 # --------------------------------------------------------------------------------------------------
 # the card
 # --------------------------------------------------------------------------------------------------
-def _build(soup: Soup, *, repo_id: str | None, directory: Path | None) -> ModelCard:
-    from huggingface_hub import ModelCard, ModelCardData
+def _build(
+    soup: Soup, *, repo_id: str | None, directory: Path | None
+) -> tuple[ModelCardData, dict[str, Any]]:
+    """The card's metadata and the template's other values (rendered by `build_model_card` or `_card_text`)."""
+    from huggingface_hub import ModelCardData
 
     from ..recipes import get_recipe
 
@@ -744,4 +789,4 @@ def _build(soup: Soup, *, repo_id: str | None, directory: Path | None) -> ModelC
         has_eval=soup.score is not None or bool(soup.scores),
         evaluation_notes=describe_lm_eval((soup.report_extra or {}).get("lm_eval") or {}),
     )
-    return ModelCard.from_template(card_data, template_path=str(TEMPLATE_PATH), **template_kwargs)
+    return card_data, template_kwargs
