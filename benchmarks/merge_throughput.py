@@ -1,6 +1,7 @@
 """Merge throughput and peak memory: hf_soups streaming vs the I/O floor, a naive soup and mergekit.
 
-Builds N same-config ingredients of a random `LlamaForCausalLM` (float32, sharded safetensors; one
+Builds N same-config ingredients of a random `LlamaForCausalLM` (float32, or bfloat16 with `--dtype bfloat16`;
+sharded safetensors; one
 random model plus small independent noise per ingredient; built tensor by tensor, never holding N
 models) and caches them under `--work-dir`. Then, for each N, it measures side by side, each command
 as a separate process, page cache warm, interleaved round by round:
@@ -31,6 +32,10 @@ Usage:
 
     # full size (about 16 GB of disk under /tmp; check `df -h /tmp` first)
     .venv/bin/python benchmarks/merge_throughput.py --params 400M --n 4,8 --runs 5
+    # bfloat16 ingredients (the floor reads and writes half the bytes), outputs written to tmpfs so that the
+    # VM's disk write-back does not drown the software's own cost
+    .venv/bin/python benchmarks/merge_throughput.py --params 400M --n 4,8 --runs 5 --dtype bfloat16 \
+        --output-dir /dev/shm/hf_soups_bench_out
     # smoke test
     .venv/bin/python benchmarks/merge_throughput.py --params 20M --n 2,4 --runs 1 --work-dir /tmp/hf_soups_bench_small
     # the task-vector family beside the uniform soup (and mergekit's, when installed)
@@ -215,10 +220,10 @@ def worker_family(out: str, method: str, base: str, dirs: list[str]) -> None:
     print("HEAVY_MODULES " + json.dumps(loaded_heavy_modules()))
 
 
-def mergekit_config(method: str, base: str, paths: list[str]) -> str:
+def mergekit_config(method: str, base: str, paths: list[str], dtype: str = "float32") -> str:
     """mergekit's YAML for the same method and knobs (weights 1, no normalisation, as hf_soups)."""
     knobs = FAMILY_KNOBS[method]
-    lines = [f"merge_method: {MERGEKIT_NAMES[method]}", "dtype: float32"]
+    lines = [f"merge_method: {MERGEKIT_NAMES[method]}", f"dtype: {dtype}"]
     if method == "slerp":
         lines += [f"base_model: {paths[0]}", "parameters:", f"  t: {knobs['t']}", "models:"]
         lines += [f"  - model: {p}" for p in paths[:2]]
@@ -239,12 +244,14 @@ def mergekit_config(method: str, base: str, paths: list[str]) -> str:
 
 def worker_naive(out: str, dirs: list[str]) -> None:
     """A naive soup: from_pretrained every ingredient, average the state dicts, save_pretrained."""
-    import torch
     from transformers import AutoModelForCausalLM
 
-    models = [AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32) for d in dirs]
+    models = [AutoModelForCausalLM.from_pretrained(d, dtype="auto") for d in dirs]
     state_dicts = [m.state_dict() for m in models]
-    averaged = {k: sum(sd[k] for sd in state_dicts) / len(state_dicts) for k in state_dicts[0]}
+    averaged = {
+        k: (sum(sd[k].float() for sd in state_dicts) / len(state_dicts)).to(state_dicts[0][k].dtype)
+        for k in state_dicts[0]
+    }
     models[0].load_state_dict(averaged)
     models[0].save_pretrained(out)
 
@@ -262,7 +269,10 @@ def worker_build(spec_json: str) -> None:
     started = time.perf_counter()
     with torch.device("cpu"):
         base = LlamaForCausalLM(config).to(torch.float32)
-    base_state = {k: v.detach() for k, v in base.state_dict().items()}
+    dtype = getattr(torch, spec.get("dtype", "float32"))
+    base_state = {
+        k: v.detach().to(dtype) if v.is_floating_point() else v.detach() for k, v in base.state_dict().items()
+    }
     print(
         f"random base model: {sum(v.numel() for v in base_state.values()):,} params "
         f"({time.perf_counter() - started:.1f} s)",
@@ -300,7 +310,7 @@ def worker_build(spec_json: str) -> None:
                 if v.is_floating_point() and not is_base:
                     noisy = torch.randn(v.shape, generator=gen, dtype=torch.float32)
                     noisy.mul_(spec["noise"]).add_(v)
-                    tensors[k] = noisy
+                    tensors[k] = noisy.to(dtype)
                 else:
                     tensors[k] = v.clone()
                 weight_map[k] = fname
@@ -309,6 +319,7 @@ def worker_build(spec_json: str) -> None:
         (tmp / "model.safetensors.index.json").write_text(
             json.dumps({"metadata": {"total_size": total_size}, "weight_map": weight_map}, indent=2)
         )
+        config.dtype = spec.get("dtype", "float32")
         config.save_pretrained(tmp)
         os.replace(tmp, target)
         print(f"built {target} ({time.perf_counter() - started:.1f} s)", flush=True)
@@ -370,17 +381,40 @@ def worker_verify(out: str, dirs: list[str], label: str, base: str | None = None
 
     judged = method in (None, "task-arithmetic") or label.startswith("hf_soups")
     worst = 0.0
+    worst_ulps = 0.0  # low-precision outputs: the largest error as a fraction of the rounding bound
     for name in sorted(expected_keys):
         mean = reference(name)
         got = get(out_map, name)
         if got.shape != mean.shape:
             raise SystemExit(f"{label}: {name} has shape {tuple(got.shape)}, expected {tuple(mean.shape)}")
-        err = (got.double() - mean).abs().max().item() if got.numel() else 0.0
+        if got.dtype != get(in_maps[0], name).dtype:
+            raise SystemExit(
+                f"{label}: {name} written as {got.dtype}, the ingredients are {get(in_maps[0], name).dtype}"
+            )
+        diff = (got.double() - mean).abs()
+        err = diff.max().item() if got.numel() else 0.0
         worst = max(worst, err)
+        if got.is_floating_point() and got.dtype in (torch.bfloat16, torch.float16) and got.numel():
+            # one rounding to the output dtype (its epsilon at the value) plus float32 accumulation error
+            # (a few float32 epsilons of the summed magnitudes: where the mean cancels to ~0)
+            eps = torch.finfo(got.dtype).eps
+            magnitude = sum(get(m, name).double().abs() for m in in_maps) / len(in_maps)
+            allowed = mean.abs() * eps + 8 * torch.finfo(torch.float32).eps * magnitude
+            worst_ulps = max(worst_ulps, (diff / allowed.clamp_min(1e-45)).max().item())
     what = "the mean" if method is None else f"the {method} reference"
     if not judged:
         print(
             f"{label}: {len(expected_keys)} tensors, max abs difference {worst:.3g} from hf_soups' {method} (not judged)"
+        )
+        return
+    if worst_ulps:  # a bfloat16 / float16 soup: the float64 value rounded once (at most one epsilon away)
+        if worst_ulps > 1.0:
+            raise SystemExit(
+                f"{label}: output differs from {what} by up to {worst_ulps:.2f} epsilon of its dtype"
+            )
+        print(
+            f"{label}: {len(expected_keys)} tensors equal {what} of {len(dirs)} ingredients rounded to the output "
+            f"dtype (max error {worst_ulps:.2f} of the rounding bound)"
         )
         return
     if worst > 1e-5:
@@ -422,24 +456,37 @@ def ensure_ingredients(
     shape = llama_shape(target)
     params = count_params(shape)
     shard_bytes = parse_size(args.max_shard_size)
-    tag = f"llama-{params // 10**6}M-f32-shard{shard_bytes // 10**6}MB-seed{args.seed}-noise{args.noise:g}"
+    short = {"float32": "f32", "bfloat16": "bf16"}[args.dtype]
+    itemsize = 4 if args.dtype == "float32" else 2
+    tag = (
+        f"llama-{params // 10**6}M-{short}-shard{shard_bytes // 10**6}MB-seed{args.seed}-noise{args.noise:g}"
+    )
     root = Path(args.work_dir) / tag
     root.mkdir(parents=True, exist_ok=True)
     dirs = [root / f"ingredient-{i}" for i in range(n_max)]
     wanted = dirs + ([root / "base"] if with_base else [])
     missing = [str(d) for d in wanted if not (d / "model.safetensors.index.json").exists()]
-    info = dict(tag=tag, shape=shape, params=params, bytes_per_ingredient=params * 4, base=str(root / "base"))
+    info = dict(
+        tag=tag, shape=shape, params=params, bytes_per_ingredient=params * itemsize, base=str(root / "base")
+    )
     if missing:
-        need = len(missing) * params * 4
+        need = len(missing) * params * itemsize
         free = shutil.disk_usage(root).free
         print(
-            f"building {len(missing)} ingredient(s) of {params / 1e6:.0f}M params ({fmt_bytes(params * 4)} each) "
+            f"building {len(missing)} ingredient(s) of {params / 1e6:.0f}M params ({fmt_bytes(params * itemsize)} each) "
             f"under {root} (free disk {fmt_bytes(free)})"
         )
-        if need + 3 * params * 4 > free:
-            raise SystemExit(f"not enough disk under {root}: need about {fmt_bytes(need + 3 * params * 4)}")
+        if need + 3 * params * itemsize > free:
+            raise SystemExit(
+                f"not enough disk under {root}: need about {fmt_bytes(need + 3 * params * itemsize)}"
+            )
         spec = dict(
-            shape=shape, seed=args.seed, noise=args.noise, max_shard_bytes=shard_bytes, missing=missing
+            shape=shape,
+            seed=args.seed,
+            noise=args.noise,
+            max_shard_bytes=shard_bytes,
+            missing=missing,
+            dtype=args.dtype,
         )
         subprocess.run(["nice", *worker_cmd("build", "--spec", json.dumps(spec))], check=True)
     else:
@@ -521,6 +568,17 @@ def main(argv: list[str] | None = None) -> int:
         "--warmup", type=int, default=1, help="discarded warm-up rounds (warm the page cache)"
     )
     parser.add_argument("--work-dir", default="/tmp/hf_soups_bench", help="ingredient cache and outputs")
+    parser.add_argument(
+        "--output-dir",
+        help="where the soups (and the floor's write) are written, instead of --work-dir: e.g. a tmpfs such as "
+        "/dev/shm/hf_soups_bench_out, so that the disk's write-back does not drown the software's own cost",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="the ingredients' dtype (the soup keeps it; the floor then reads and writes half the bytes)",
+    )
     parser.add_argument("--max-shard-size", default="500MB", help="ingredient shard size (default 500MB)")
     parser.add_argument(
         "--noise", type=float, default=1e-3, help="std of each ingredient's noise (default 1e-3)"
@@ -607,6 +665,8 @@ def main(argv: list[str] | None = None) -> int:
         date=time.strftime("%Y-%m-%d %H:%M:%S"),
         cpus=os.cpu_count(),
         model=info,
+        dtype=args.dtype,
+        output_dir=args.output_dir or args.work_dir,
         runs=args.runs,
         import_hf_soups_loads=imports,
         mergekit_version=mk_version,
@@ -619,7 +679,7 @@ def main(argv: list[str] | None = None) -> int:
     for n in ns:
         report.setdefault("load_average", {})[str(n)] = os.getloadavg()[0]
         print(
-            f"\n== N = {n}: {n} x {fmt_bytes(ckpt_bytes)} ({info['params'] / 1e6:.0f}M params, float32), "
+            f"\n== N = {n}: {n} x {fmt_bytes(ckpt_bytes)} ({info['params'] / 1e6:.0f}M params, {args.dtype}), "
             f"load average {os.getloadavg()[0]:.1f}"
         )
         report["results"][str(n)] = measure_n(
@@ -648,7 +708,8 @@ def markdown_table(report: dict, ns: list[int]) -> str:
     model = report["model"]
     head = (
         f"{report['date']}, {report['cpus']} CPUs, {model['params'] / 1e6:.0f}M params x "
-        f"{fmt_bytes(model['bytes_per_ingredient'])} per ingredient, median of {report['runs']} runs "
+        f"{fmt_bytes(model['bytes_per_ingredient'])} per ingredient ({report.get('dtype', 'float32')}), output "
+        f"in {report.get('output_dir', '?')}, median of {report['runs']} runs "
         f"(load average at each N: {', '.join(f'{v:.1f}' for v in report.get('load_average', {}).values())}); "
         f"`{report.get('command', '')}`"
     )
@@ -689,7 +750,8 @@ def measure_n(
     base: str | None = None,
 ) -> dict:
     """Measure every command for N ingredients, round robin, and return the summary."""
-    work = Path(args.work_dir)
+    work = Path(args.output_dir or args.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
     paths = [str(d) for d in dirs]
     shard_bytes = parse_size(args.max_shard_size)
     outs = {label: work / f"out-{label}" for label in ("floor-write", "hf_soups", "naive", "mergekit")}
@@ -729,7 +791,7 @@ def measure_n(
     if mergekit is not None and with_baselines:
         config = work / f"mergekit-linear-{n}.yml"
         config.write_text(
-            "merge_method: linear\ndtype: float32\nmodels:\n"
+            f"merge_method: linear\ndtype: {args.dtype}\nmodels:\n"
             + "".join(f"  - model: {p}\n    parameters:\n      weight: 1.0\n" for p in paths)
         )
         commands["mergekit"] = lambda: [
@@ -751,7 +813,7 @@ def measure_n(
             mk_label = f"mergekit:{method}"
             outs[mk_label] = work / f"out-mergekit-{method}"
             mk_config = work / f"mergekit-{method}-{n}.yml"
-            mk_config.write_text(mergekit_config(method, str(base), paths))
+            mk_config.write_text(mergekit_config(method, str(base), paths, args.dtype))
             commands[mk_label] = lambda mk_label=mk_label, mk_config=mk_config: [
                 *mergekit,
                 str(mk_config),
