@@ -357,10 +357,9 @@ def worker_verify(out: str, dirs: list[str], label: str, base: str | None = None
         raise SystemExit(f"{label}: output lacks {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
     base_map = index_of(Path(base)) if base else None
 
-    def reference(name: str) -> torch.Tensor:
+    def reference(name: str, thetas: list[torch.Tensor]) -> torch.Tensor:
         if method is None:
-            return sum(get(m, name).double() for m in in_maps) / len(in_maps)
-        thetas = [get(m, name) for m in in_maps]
+            return sum(t.double() for t in thetas) / len(thetas)
         b = get(base_map, name) if base_map is not None else None
         if method == "task-arithmetic":  # linear: exact in float64
             return b.double() + sum(t.double() - b.double() for t in thetas)
@@ -381,16 +380,15 @@ def worker_verify(out: str, dirs: list[str], label: str, base: str | None = None
 
     judged = method in (None, "task-arithmetic") or label.startswith("hf_soups")
     worst = 0.0
-    worst_ulps = 0.0  # low-precision outputs: the largest error as a fraction of the rounding bound
+    worst_rounding = 0.0  # low-precision outputs: the largest error as a fraction of the rounding bound
     for name in sorted(expected_keys):
-        mean = reference(name)
+        thetas = [get(m, name) for m in in_maps]  # each ingredient tensor read once
+        mean = reference(name, thetas)
         got = get(out_map, name)
         if got.shape != mean.shape:
             raise SystemExit(f"{label}: {name} has shape {tuple(got.shape)}, expected {tuple(mean.shape)}")
-        if got.dtype != get(in_maps[0], name).dtype:
-            raise SystemExit(
-                f"{label}: {name} written as {got.dtype}, the ingredients are {get(in_maps[0], name).dtype}"
-            )
+        if got.dtype != thetas[0].dtype:
+            raise SystemExit(f"{label}: {name} written as {got.dtype}, the ingredients are {thetas[0].dtype}")
         diff = (got.double() - mean).abs()
         err = diff.max().item() if got.numel() else 0.0
         worst = max(worst, err)
@@ -398,23 +396,23 @@ def worker_verify(out: str, dirs: list[str], label: str, base: str | None = None
             # one rounding to the output dtype (its epsilon at the value) plus float32 accumulation error
             # (a few float32 epsilons of the summed magnitudes: where the mean cancels to ~0)
             eps = torch.finfo(got.dtype).eps
-            magnitude = sum(get(m, name).double().abs() for m in in_maps) / len(in_maps)
+            magnitude = sum(t.double().abs() for t in thetas) / len(thetas)
             allowed = mean.abs() * eps + 8 * torch.finfo(torch.float32).eps * magnitude
-            worst_ulps = max(worst_ulps, (diff / allowed.clamp_min(1e-45)).max().item())
+            worst_rounding = max(worst_rounding, (diff / allowed.clamp_min(1e-45)).max().item())
     what = "the mean" if method is None else f"the {method} reference"
     if not judged:
         print(
             f"{label}: {len(expected_keys)} tensors, max abs difference {worst:.3g} from hf_soups' {method} (not judged)"
         )
         return
-    if worst_ulps:  # a bfloat16 / float16 soup: the float64 value rounded once (at most one epsilon away)
-        if worst_ulps > 1.0:
+    if worst_rounding:  # a bfloat16 / float16 soup: the float64 value rounded once (at most one epsilon away)
+        if worst_rounding > 1.0:
             raise SystemExit(
-                f"{label}: output differs from {what} by up to {worst_ulps:.2f} epsilon of its dtype"
+                f"{label}: output differs from {what} by up to {worst_rounding:.2f} x the rounding bound"
             )
         print(
             f"{label}: {len(expected_keys)} tensors equal {what} of {len(dirs)} ingredients rounded to the output "
-            f"dtype (max error {worst_ulps:.2f} of the rounding bound)"
+            f"dtype (max error {worst_rounding:.2f} of the rounding bound)"
         )
         return
     if worst > 1e-5:

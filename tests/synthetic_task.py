@@ -53,6 +53,16 @@ def tiny_config(num_labels: int = 2):
     return config
 
 
+def tiny_tagger(num_labels: int = 3, seed: int = 0):
+    """A tiny random BERT token classifier, in eval mode."""
+    from transformers import BertForTokenClassification
+
+    torch.manual_seed(seed)
+    config = tiny_config(num_labels=num_labels)
+    config.architectures = ["BertForTokenClassification"]
+    return BertForTokenClassification(config).eval()
+
+
 def pretrained_model(seed: int = 0):
     """The shared 'pre-trained' starting point."""
     from transformers import BertForSequenceClassification

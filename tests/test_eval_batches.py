@@ -11,7 +11,7 @@ from datasets import Dataset
 from hf_soups import merge_models
 from hf_soups.errors import InvalidArgumentError
 from hf_soups.evaluation import build_evaluator
-from tests.synthetic_task import make_split, pretrained_model, tiny_config
+from tests.synthetic_task import make_split, pretrained_model, tiny_tagger
 from tests.tiny_models import make_tiny_llama
 
 
@@ -93,12 +93,7 @@ def test_sorted_batches_run_longest_first_and_come_back_in_order(model):
 
 
 def test_token_outputs_and_compute_metrics_come_back_in_order():
-    from transformers import BertForTokenClassification
-
-    torch.manual_seed(0)
-    config = tiny_config(num_labels=3)
-    config.architectures = ["BertForTokenClassification"]
-    tagger = BertForTokenClassification(config).eval()
+    tagger = tiny_tagger(num_labels=3)
     rows, _ = _ragged(23, seed=6)
     gen = torch.Generator().manual_seed(1)
     tags = [torch.randint(0, 3, (len(r),), generator=gen).tolist() for r in rows]

@@ -17,6 +17,7 @@ from tests.synthetic_task import (
     make_split,
     pretrained_model,
     tiny_config,
+    tiny_tagger,
     tiny_tokenizer,
 )
 
@@ -168,12 +169,7 @@ def test_regression_scored_with_pearson_and_accuracy_refused():
 
 
 def test_token_classification_ignores_minus_100_and_aligns_words():
-    from transformers import BertForTokenClassification
-
-    torch.manual_seed(0)
-    config = tiny_config(num_labels=3)
-    config.architectures = ["BertForTokenClassification"]
-    model = BertForTokenClassification(config).eval()
+    model = tiny_tagger(num_labels=3)
     ids, _ = make_split(30, seed=7)
     gen = torch.Generator().manual_seed(2)
     tags = torch.randint(0, 3, ids.shape, generator=gen)

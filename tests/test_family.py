@@ -539,18 +539,24 @@ def test_several_methods_through_the_cli_and_the_recipe_file(family_dirs, tmp_pa
     assert_same_tensors(tmp_path / "cli", tmp_path / "from_file")
 
 
-@pytest.mark.parametrize("method", ["ties", "dare-ties", "model-stock", "slerp"])
-def test_bf16_ingredients_through_the_two_pass_path(tmp_path, method):
-    """bf16 ingredients and base: the soup is written in bf16 (the ingredients' dtype) and every value is the float64
-    reference rounded to bf16, within one bf16 ulp (the float32 accumulation may round the other way)."""
+def _bf16_family(tmp_path):
+    """A bfloat16 base and three bfloat16 fine-tunes of it (tiny BERTs saved in bf16)."""
     from tests.tiny_models import make_tiny_bert
 
     def save(path, **kwargs):
         make_tiny_bert(**kwargs).to(torch.bfloat16).save_pretrained(path)
         return path
 
-    base = save(tmp_path / "base", noise=0.0)
-    ingredients = [save(tmp_path / f"ft-{i}", seed=i, noise=0.01) for i in range(3)]
+    return save(tmp_path / "base", noise=0.0), [
+        save(tmp_path / f"ft-{i}", seed=i, noise=0.01) for i in range(3)
+    ]
+
+
+@pytest.mark.parametrize("method", ["ties", "dare-ties", "model-stock", "slerp"])
+def test_bf16_ingredients_through_the_two_pass_path(tmp_path, method):
+    """bf16 ingredients and base: the soup is written in bf16 (the ingredients' dtype) and every value is the float64
+    reference rounded to bf16, within one bf16 ulp (the float32 accumulation may round the other way)."""
+    base, ingredients = _bf16_family(tmp_path)
     models = _models(method, ingredients)
     kwargs = CASES[method]
     merge_models(
@@ -688,15 +694,8 @@ def test_slices_combined_on_several_threads_give_the_same_bits_as_one(
     soup is bit-for-bit the one computed on a single thread, on tensors of several slices. In bfloat16 each slice
     is also cast to the output dtype, which must not happen in the workers (the sink casts through one buffer)."""
     base, ingredients = family_dirs
-    if dtype != "float32":
-        from tests.tiny_models import make_tiny_bert
-
-        def save(path, **kwargs):
-            make_tiny_bert(**kwargs).to(getattr(torch, dtype)).save_pretrained(path)
-            return path
-
-        base = save(tmp_path / "base", noise=0.0)
-        ingredients = [save(tmp_path / f"ft-{i}", seed=i, noise=0.01) for i in range(3)]
+    if dtype == "bfloat16":
+        base, ingredients = _bf16_family(tmp_path)
     monkeypatch.setattr(engine, "CHUNK_ELEMENTS", 1024)  # the tiny model's tensors span many slices
     outs = []
     previous = torch.get_num_threads()

@@ -51,10 +51,13 @@ class TensorSink:
     finite, then hands that result to `write` (or `write_chunk`), which then stores it without a second cast.
     """
 
-    def cast(self, plan: TensorPlan, tensor: torch.Tensor) -> torch.Tensor:
+    def cast(
+        self, plan: TensorPlan, tensor: torch.Tensor, buffer: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """`tensor` (a whole tensor or a flat slice) converted to the dtype in which it will be stored.
 
-        The result may live in a buffer of the sink, valid until the next call.
+        The result may live in a buffer of the sink, valid until the next call; or in `buffer` (uint8, large
+        enough) when one is given, so that several threads can cast slices at once.
         """
         return tensor.to(plan.dtype)
 
@@ -74,8 +77,6 @@ class WriterSink(TensorSink):
     def cast(
         self, plan: TensorPlan, tensor: torch.Tensor, buffer: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """As [`TensorSink.cast`]; with `buffer` (uint8, large enough), the cast goes there instead of the sink's
-        own buffer, so that several threads can cast their slices at once."""
         if tensor.dtype == plan.dtype:
             return tensor
         buf = self._buf if buffer is None else buffer
@@ -130,7 +131,9 @@ class ModelSink(TensorSink):
                     self._checkpoint_names[saved_name] = match
         return self._checkpoint_names.get(name)
 
-    def cast(self, plan: TensorPlan, tensor: torch.Tensor) -> torch.Tensor:
+    def cast(
+        self, plan: TensorPlan, tensor: torch.Tensor, buffer: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Copy `tensor` into the model's own parameter (its dtype and device) and return that parameter."""
         import torch
 
@@ -595,14 +598,12 @@ def _combine_slices(
             if sample is not None:
                 sample[k, :count].copy_(piece)
             acc.add_(piece, alpha=c)
-        out = sink.cast(tp, acc, slot.out) if isinstance(sink, WriterSink) else sink.cast(tp, acc)
+        out = sink.cast(tp, acc, slot.out)
         if check and not _finite(out):
             _raise_non_finite(tp, sources, active, names, None, None, out.dtype)
         return out, (sample[:, :count] if sample is not None else None)
 
     starts = range(0, total, CHUNK_ELEMENTS)
-    if runner.workers > 1 and not isinstance(sink, WriterSink):  # a sink without per-thread cast buffers
-        runner = _SliceRunner(1)
     # results live in their slot's buffers until written: one slot more than the items in flight
     for out, sample in runner.map(one, starts, slots=len(slots)):
         if sample is not None:
@@ -645,7 +646,9 @@ class _MaxMagnitudeSink(TensorSink):
     def __init__(self):
         self.max = 0.0
 
-    def cast(self, plan: TensorPlan, tensor: torch.Tensor) -> torch.Tensor:
+    def cast(
+        self, plan: TensorPlan, tensor: torch.Tensor, buffer: torch.Tensor | None = None
+    ) -> torch.Tensor:
         return tensor
 
     def write(self, plan: TensorPlan, tensor: torch.Tensor) -> None:

@@ -176,22 +176,23 @@ def build_evaluator(
         raise InvalidArgumentError(f"batch_size={batch_size!r} must be a positive integer.")
     if compute_metrics is not None and not callable(compute_metrics):
         raise EvaluationError("compute_metrics must be a callable taking a transformers.EvalPrediction.")
-    precision = {"sort_by_length": sort_by_length, "eval_dtype": eval_dtype, "autocast": autocast}
+    checked = {
+        "sort_by_length": sort_by_length,
+        "eval_dtype": eval_dtype,
+        "autocast": autocast,
+        "class_names": class_names,
+        "templates": templates,
+    }
     for key, check in (
         ("sort_by_length", check_bool),
         ("eval_dtype", check_dtype),
         ("autocast", check_autocast),
+        ("class_names", check_class_names),
+        ("templates", check_templates),
     ):
-        if precision[key] is not None:
+        if checked[key] is not None:
             try:
-                precision[key] = check(precision[key], {})
-            except OptionProblem as e:
-                raise InvalidArgumentError(f"{key}: {e}") from None
-    task_options = {"class_names": class_names, "templates": templates}
-    for key, check in (("class_names", check_class_names), ("templates", check_templates)):
-        if task_options[key] is not None:
-            try:
-                task_options[key] = check(task_options[key], {})
+                checked[key] = check(checked[key], {})
             except OptionProblem as e:
                 raise InvalidArgumentError(f"{key}: {e}") from None
     if isinstance(text_columns, str):
@@ -232,16 +233,17 @@ def build_evaluator(
         label_columns=label_columns,
         batch_size=batch_size,
         device=device,
-        sort_by_length=precision["sort_by_length"] is not False,
-        eval_dtype=precision["eval_dtype"],
-        autocast=precision["autocast"],
+        sort_by_length=checked["sort_by_length"] is not False,
+        eval_dtype=checked["eval_dtype"],
+        autocast=checked["autocast"],
         task=task,
         max_length=max_length,
         progress=progress,
         trust_remote_code=trust_remote_code,
         image_processor=image_processor,
         prediction_cache_dir=prediction_cache_dir,
-        **task_options,
+        class_names=checked["class_names"],
+        templates=checked["templates"],
     )
     if config is not None or model is not None:
         evaluator.bind(config=config, model=model)

@@ -111,7 +111,8 @@ class Evaluator(SelectorMixin):
         self._runtime = Runtime(device, eval_dtype=eval_dtype, autocast=autocast)
         self.sort_by_length = bool(sort_by_length)
         self._orders: dict[str, list[int] | None] = {}  # per set: the batch order (None: the set's own)
-        #: per eval set: real tokens and the token positions run, sorted and in the set's order (see [`padding`])
+        #: per eval set of token inputs: real tokens, positions run, and the padded fraction of them in the order
+        #: used and in the set's own order (see [`describe_evaluation`])
         self.padding: dict[str, dict[str, Any]] = {}
         self._user_task = task
         self._task: Task | None = None
@@ -264,38 +265,26 @@ class Evaluator(SelectorMixin):
             self._orders[name] = order if self.sort_by_length else None
             if lengths is None:
                 continue
-            sorted_positions = padded_positions(lengths, self.batch_size, order)
-            unsorted_positions = padded_positions(lengths, self.batch_size)
+            tokens = sum(lengths)
+            run = padded_positions(lengths, self.batch_size, self._orders[name])
+            unsorted = padded_positions(lengths, self.batch_size)
             self.padding[name] = {
-                "tokens": sum(lengths),
-                "positions": sorted_positions if self.sort_by_length else unsorted_positions,
-                "positions_sorted": sorted_positions,
-                "positions_unsorted": unsorted_positions,
-                "sorted": self.sort_by_length,
+                "tokens": tokens,
+                "positions": run,
+                "padded_fraction": round(1 - tokens / run, 4) if run else 0.0,
+                "padded_fraction_unsorted": round(1 - tokens / unsorted, 4) if unsorted else 0.0,
             }
 
     def describe_evaluation(self) -> dict[str, Any]:
         """How the eval sets were run, for `soup.report_extra["evaluation"]`: sorting, dtype, autocast, and per set
         the padded fraction of the token positions run (`padded_fraction`; `padded_fraction_unsorted`: what the
         set's own order would have run)."""
-        sets = {}
-        for name, info in self.padding.items():
-            sets[name] = {
-                "tokens": info["tokens"],
-                "positions": info["positions"],
-                "padded_fraction": round(1 - info["tokens"] / info["positions"], 4)
-                if info["positions"]
-                else 0.0,
-                "padded_fraction_unsorted": round(1 - info["tokens"] / info["positions_unsorted"], 4)
-                if info["positions_unsorted"]
-                else 0.0,
-            }
         return {
             "sort_by_length": self.sort_by_length,
             "eval_dtype": self.eval_dtype or "auto",
             "autocast": self._runtime.autocast,
             "batch_size": self.batch_size,
-            "padding": sets,
+            "padding": {name: dict(info) for name, info in self.padding.items()},
         }
 
     def check_metric_for(self, task: Task) -> None:

@@ -79,8 +79,7 @@ def build_model_card(soup: Soup, *, repo_id: str | None = None) -> ModelCard:
     from huggingface_hub import ModelCard
 
     directory = Path(soup.output_dir) if getattr(soup, "output_dir", None) else None
-    card_data, template_kwargs = _build(soup, repo_id=repo_id, directory=directory)
-    return ModelCard.from_template(card_data, template_path=str(TEMPLATE_PATH), **template_kwargs)
+    return ModelCard(_card_text(*_build(soup, repo_id=repo_id, directory=directory)))
 
 
 def write_model_card(soup: Soup, directory: str | os.PathLike, *, repo_id: str | None = None) -> Path:
@@ -110,9 +109,8 @@ def write_model_card(soup: Soup, directory: str | os.PathLike, *, repo_id: str |
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    card_data, template_kwargs = _build(soup, repo_id=repo_id, directory=directory)
     path = directory / "README.md"
-    path.write_text(_card_text(card_data, template_kwargs), encoding="utf-8")
+    path.write_text(_card_text(*_build(soup, repo_id=repo_id, directory=directory)), encoding="utf-8")
     return path
 
 
@@ -621,7 +619,7 @@ def _usage(repo: str, auto_class: str, has_tokenizer: bool, adapter_base: str | 
 def _build(
     soup: Soup, *, repo_id: str | None, directory: Path | None
 ) -> tuple[ModelCardData, dict[str, Any]]:
-    """The card's metadata and the template's other values (rendered by `build_model_card` or `_card_text`)."""
+    """The card's metadata and the template's other values (rendered by [`_card_text`])."""
     from huggingface_hub import ModelCardData
 
     from ..recipes import get_recipe

@@ -10,7 +10,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from ...errors import EvaluationError
+from ...errors import EvaluationError, SoupError
 from ..checks import labels_of
 from ..data import TokenizerSource, tokenize_text
 
@@ -140,17 +140,20 @@ class Collector:
         if bool((np.diff(seen) > 0).all()):
             return out
         order = np.argsort(seen, kind="stable")
-        if self.count_parts:  # one run of scored tokens per example
-            counts = np.concatenate(self.count_parts)
-            for name in ("logits", "labels", "preds"):
-                value = getattr(out, name)
-                if value is not None and len(value) == int(counts.sum()):
-                    setattr(out, name, _segments(value, counts, order))
-        else:
-            for name in ("logits", "labels"):
-                value = getattr(out, name)
-                if value is not None and len(value) == len(seen):
-                    setattr(out, name, value[order])
+        counts = np.concatenate(self.count_parts) if self.count_parts else None  # scored tokens per example
+        rows = int(counts.sum()) if counts is not None else len(seen)
+        for name in ("logits", "labels", "preds"):
+            value = getattr(out, name)
+            if value is None:
+                continue
+            if (
+                len(value) != rows
+            ):  # never leave outputs in the batches' order, which would score silently wrong
+                raise SoupError(
+                    f"internal error: {len(value)} {name} rows for {len(seen)} examples ({rows} expected); "
+                    "cannot put them back in the eval set's order."
+                )
+            setattr(out, name, _segments(value, counts, order) if counts is not None else value[order])
         if out.raw_logits:
             out.raw_logits = [_rows(out.raw_logits, order, -100.0)]
             if out.raw_labels and out.raw_labels[0] is not None:
