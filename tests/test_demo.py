@@ -175,6 +175,9 @@ def test_probe_trains_only_the_head(lpft):
         )
         < 1e-6
     )
+    # the validation logits the job reuses are the saved classifier's own (no second forward pass needed)
+    assert probe.validation_logits.shape == (48, 2)
+    assert abs(logits - probe.validation_logits).max() < 1e-5
 
 
 def test_fine_tunes_start_from_the_probe_and_move_every_layer(lpft):

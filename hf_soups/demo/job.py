@@ -64,14 +64,14 @@ class DemoConfig:
 
     output_dir: str = "demo-output"
     data_seed: int = 0
-    train_size: int = 4000
-    validation_size: int = 1000
-    test_size: int = 1500
-    learning_rates: list[float] = field(default_factory=lambda: [5e-5, 1.5e-4])
+    train_size: int = 2000
+    validation_size: int = 500
+    test_size: int = 500
+    learning_rates: list[float] = field(default_factory=lambda: [5e-5, 1e-4])
     seeds: list[int] = field(default_factory=lambda: [0, 1])
-    steps: int = 80
+    steps: int = 30
     batch_size: int = 32
-    alphas: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0])
+    alphas: list[float] = field(default_factory=lambda: [0.5, 0.75, 1.0])
     typo_rates: list[float] = field(default_factory=lambda: [0.05, 0.15])
     keep_ingredients: bool = False
     plot: bool = True
@@ -230,25 +230,30 @@ def evaluation_dataset(split: EncodedSplit) -> Any:
     )
 
 
-def score_model(model: Any, sets: dict[str, EncodedSplit]) -> tuple[dict[str, float], dict[str, Any]]:
-    """Accuracy and per-example correctness of `model` on every set."""
-    import numpy as np
+def score_model(
+    model: Any, sets: dict[str, EncodedSplit], bar: Any = None
+) -> tuple[dict[str, float], dict[str, Any]]:
+    """Accuracy and per-example correctness of `model` on every set (`bar`: advanced by one per set)."""
+    return _accuracy_from_logits(logits_on(model, sets, bar), sets)
 
+
+def logits_on(model: Any, sets: dict[str, EncodedSplit], bar: Any = None) -> dict[str, np.ndarray]:
+    """Logits of `model` on every set; `bar` (a tqdm bar), when given, advances by one per set."""
     from .train import predict
 
-    accuracy: dict[str, float] = {}
-    correct: dict[str, Any] = {}
+    logits = {}
     for name, split in sets.items():
-        hits = predict(model, split).argmax(-1) == np.asarray(split.labels)
-        accuracy[name] = float(hits.mean())
-        correct[name] = hits
-    return accuracy, correct
+        logits[name] = predict(model, split)
+        if bar is not None:
+            bar.update(1)
+    return logits
 
 
-def logits_on(model: Any, sets: dict[str, EncodedSplit]) -> dict[str, np.ndarray]:
-    from .train import predict
+def evaluation_bar(total: int, desc: str) -> Any:
+    """A progress bar over evaluations (one model on one set), off with `HF_HUB_DISABLE_PROGRESS_BARS=1`."""
+    from huggingface_hub.utils import tqdm
 
-    return {name: predict(model, split) for name, split in sets.items()}
+    return tqdm(total=total, desc=desc, unit="evaluation", name="hf_soups")
 
 
 def best_on_validation(rows: Sequence[Row]) -> Row:
@@ -410,11 +415,14 @@ def cook_soups(
     validation_scores: dict[str, float],
     best_name: str,
     alphas: Sequence[float],
-    workdir: Path,
+    workdir: Path | None,
     tokenizer: Any,
     device: str | None = None,
 ) -> dict[str, Soup]:
-    """Uniform, greedy and WiSE-FT soups with `merge_models`; greedy and alpha are chosen on validation."""
+    """Uniform, greedy and WiSE-FT soups with `merge_models`; greedy and alpha are chosen on validation.
+
+    The soups are written under `workdir` when it is given, and kept in memory otherwise.
+    """
     from .. import Ingredient, merge_models
 
     refs = [Ingredient(str(r.path), name=r.name, metadata=asdict(r.config)) for r in runs]
@@ -428,7 +436,7 @@ def cook_soups(
     }
     soups: dict[str, Soup] = {}
     soups["uniform"] = merge_models(
-        refs, method="uniform", output_dir=workdir / "uniform-soup", progress=False
+        refs, method="uniform", output_dir=workdir and workdir / "uniform-soup", progress=False
     )
     refs = [Ingredient(str(r.path), name=r.name, metadata=asdict(r.config)) for r in runs]
     soups["greedy"] = merge_models(
@@ -436,7 +444,7 @@ def cook_soups(
         method="greedy",
         eval_dataset=eval_set,
         scores=validation_scores,  # already measured: greedy only evaluates the candidate soups
-        output_dir=workdir / "greedy-soup",
+        output_dir=workdir and workdir / "greedy-soup",
         **common,
     )
     best = next(r for r in runs if r.name == best_name)
@@ -446,7 +454,7 @@ def cook_soups(
         base_model=Ingredient(str(probe_path), name="linear-probe"),
         alpha=list(alphas),
         eval_dataset=eval_set,
-        output_dir=workdir / "wise-ft-soup",
+        output_dir=workdir and workdir / "wise-ft-soup",
         **common,
     )
     return soups
@@ -519,11 +527,14 @@ def run(config: DemoConfig) -> DemoResult:
         from .train import load_classifier
 
         rows: list[Row] = []
-        probe_logits = logits_on(probe.model, eval_encoded)
+        # the probe's validation logits come from the features it was fitted on: no second forward pass
+        shifted_sets = {name: split for name, split in eval_encoded.items() if name != "validation"}
+        bar = evaluation_bar(len(shifted_sets) + len(runs) * len(eval_sets), "Scoring the ingredients")
+        probe_logits = {"validation": probe.validation_logits, **logits_on(probe.model, shifted_sets, bar)}
         ingredient_logits = []
         for run_ in runs:
             model = _on(load_classifier(run_.path), config.device)
-            logits = logits_on(model, eval_encoded)
+            logits = logits_on(model, eval_encoded, bar)
             ingredient_logits.append(logits)
             accuracy, correct = _accuracy_from_logits(logits, eval_encoded)
             rows.append(Row(run_.name, "ingredient", accuracy, correct=correct))
@@ -535,6 +546,7 @@ def run(config: DemoConfig) -> DemoResult:
         ensemble_row = Row(
             f"logit ensemble ({len(runs)}x cost)", "ensemble", accuracy, note="reference", correct=correct
         )
+        bar.close()
         timings["eval_ingredients_s"] = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -550,7 +562,7 @@ def run(config: DemoConfig) -> DemoResult:
             validation_scores,
             best_row.name,
             config.alphas,
-            workdir,
+            workdir if config.keep_ingredients else None,  # the chosen soup is saved from memory
             tokenizer,
             config.device,
         )
@@ -566,13 +578,41 @@ def run(config: DemoConfig) -> DemoResult:
             "wise-ft": f"alpha={alpha:g} of {best_row.name}",
         }
         names = {"uniform": "uniform soup", "greedy": "greedy soup", "wise-ft": "WiSE-FT (LP <-> best)"}
+        # what is left to score: nothing for a soup with the weights of a row already scored, and not
+        # validation for one scored there while the soups were cooked (greedy, WiSE-FT: the number that chose
+        # them; the uniform soup: greedy's baseline)
+        same = {m: _same_weights_as(m, soup, kept, best_row, probe_row) for m, soup in soups.items()}
+        if same["greedy"] is None and _equal_weights(soups["greedy"].model, soups["uniform"].model):
+            same["greedy"] = "uniform"  # greedy kept every ingredient: the uniform soup, bit for bit
+        on_validation = {m: soup.score for m, soup in soups.items()}
+        if on_validation["uniform"] is None:
+            on_validation["uniform"] = (
+                soups["greedy"].report_extra.get("baselines", {}).get("uniform", {}).get("score")
+            )
+        todo = {
+            m: (eval_encoded if on_validation[m] is None else shifted_sets) for m in soups if same[m] is None
+        }
+        print(
+            f"Scoring the soups: {', '.join(todo) or 'none'}"
+            + "".join(
+                f"; {m} has the weights of {s if isinstance(s, str) else s.name}"
+                for m, s in same.items()
+                if s
+            ),
+            flush=True,
+        )
+        bar = evaluation_bar(sum(len(sets) for sets in todo.values()), "Scoring the soups")
         for method, soup in soups.items():
-            same = _same_weights_as(method, soup, kept, best_row, probe_row)
-            if same is not None:  # identical weights: reuse the scores instead of evaluating again
-                accuracy, correct = same.accuracy, same.correct
+            if same[method] is not None:  # identical weights: reuse the scores instead of evaluating again
+                twin = same[method]
+                twin = soup_rows[twin] if isinstance(twin, str) else twin
+                accuracy, correct = twin.accuracy, twin.correct
             else:
-                accuracy, correct = score_model(_on(soup.model, config.device), eval_encoded)
+                accuracy, correct = score_model(_on(soup.model, config.device), todo[method], bar)
+                if "validation" not in accuracy:
+                    accuracy = {"validation": float(on_validation[method]), **accuracy}
             soup_rows[method] = Row(names[method], method, accuracy, note=notes[method], correct=correct)
+        bar.close()
         timings["eval_soups_s"] = time.perf_counter() - t
         table = [
             probe_row,
@@ -634,6 +674,14 @@ def _same_weights_as(method: str, soup: Any, kept: list[str], best_row: Row, pro
         if alpha == 0.0:
             return probe_row
     return None
+
+
+def _equal_weights(a: Any, b: Any) -> bool:
+    """Whether two models hold the same tensors, bit for bit."""
+    import torch
+
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
 def _accuracy_from_logits(logits: dict[str, Any], sets: dict[str, EncodedSplit]):
@@ -756,13 +804,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     for name in ("transformers", "datasets"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
         from datasets.utils.logging import disable_progress_bar
         from transformers.utils import logging as hf_logging
 
         disable_progress_bar()
-        hf_logging.disable_progress_bar()
+        hf_logging.disable_progress_bar()  # this turns every huggingface_hub bar off: turn ours back on
+        from huggingface_hub import constants as hub_constants
+        from huggingface_hub.utils import enable_progress_bars
+
+        if not hub_constants.HF_HUB_DISABLE_PROGRESS_BARS:  # the user's HF_HUB_DISABLE_PROGRESS_BARS=1 wins
+            enable_progress_bars("hf_soups")
         hf_logging.set_verbosity_error()
         result = run(config)
     except InvalidArgumentError as err:

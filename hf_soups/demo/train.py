@@ -215,6 +215,8 @@ class ProbeResult:
         validation_accuracy (`float`): the probe's validation accuracy.
         sweep (`dict[float, float]`): validation accuracy per L2 strength tried.
         seconds (`float`): wall time.
+        validation_logits (`np.ndarray`, *optional*): `(len(validation), num_labels)` logits of the chosen head
+            on the validation features (the probe's validation predictions, without another forward pass).
     """
 
     path: Path
@@ -223,6 +225,7 @@ class ProbeResult:
     validation_accuracy: float
     sweep: dict[float, float]
     seconds: float
+    validation_logits: np.ndarray | None = field(default=None, repr=False)
 
 
 def _fit_logistic(features, labels, num_labels: int, l2: float, seed: int):
@@ -318,6 +321,7 @@ def train_linear_probe(
         validation_accuracy=acc,
         sweep=sweep,
         seconds=time.perf_counter() - start,
+        validation_logits=(val_x @ weight.T + bias).numpy(),
     )
 
 
