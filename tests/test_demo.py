@@ -21,8 +21,10 @@ from hf_soups.demo.job import (
     Row,
     best_on_validation,
     cook_soups,
+    evaluation_bar,
     format_table,
     parse_args,
+    quiet_libraries,
 )
 from hf_soups.demo.train import (
     EncodedSplit,
@@ -266,6 +268,27 @@ def test_bad_configuration_exits_2_before_any_work(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_evaluation_bar_is_shown_unless_progress_bars_are_off(monkeypatch, capsys):
+    import importlib
+
+    hub_tqdm = importlib.import_module(
+        "huggingface_hub.utils.tqdm"
+    )  # the module (the package exports the class)
+    # the suite runs with HF_HUB_DISABLE_PROGRESS_BARS=1, which huggingface_hub reads once into this constant
+    monkeypatch.setattr(hub_tqdm, "HF_HUB_DISABLE_PROGRESS_BARS", None)
+    monkeypatch.setattr(hub_tqdm, "progress_bar_states", {})
+    quiet_libraries()  # what `hf-soups demo` does: transformers' and datasets' bars off (all hub bars), ours on
+    with evaluation_bar(3, "Scoring the soups") as bar:
+        bar.update(3)
+    assert "Scoring the soups" in capsys.readouterr().err
+    monkeypatch.setattr(hub_tqdm, "HF_HUB_DISABLE_PROGRESS_BARS", True)  # the user set the variable
+    monkeypatch.setattr(hub_tqdm, "progress_bar_states", {})
+    quiet_libraries()
+    with evaluation_bar(3, "Scoring the soups") as bar:
+        bar.update(3)
+    assert "Scoring the soups" not in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------------------------------- end to end
 
 
@@ -281,6 +304,7 @@ def test_demo_smoke_end_to_end(tmp_path, capsys):
     for label in (
         "Scoring the probe and",  # a line as each phase starts
         "Cooking soups of the",
+        "Scoring the soups:",
         "linear probe (LP)",
         "best single",
         "uniform soup",
