@@ -302,7 +302,8 @@ def test_demo_smoke_end_to_end(tmp_path, capsys):
     assert cli_main(["demo", "--smoke", "--output-dir", str(out)]) == 0
     printed = capsys.readouterr().out
     for label in (
-        "Scoring the probe and",  # a line as each phase starts
+        "Training a linear probe",  # a line as each phase starts
+        "Scoring the probe and",
         "Cooking soups of the",
         "Scoring the soups:",
         "linear probe (LP)",

@@ -372,6 +372,12 @@ def train_ingredients(
     """The linear probe, then one fine-tune per (learning rate, seed), all saved under `workdir`."""
     from .train import FineTuneConfig, fine_tune, train_linear_probe
 
+    grid = [(lr, seed) for lr in config.learning_rates for seed in config.seeds]
+    print(
+        f"Training a linear probe on the frozen encoder, then {len(grid)} fine-tunes from it "
+        f"({config.steps} steps of batch {config.batch_size} each)",
+        flush=True,
+    )
     probe = train_linear_probe(
         encoded["train"],
         encoded["validation"],
@@ -386,7 +392,6 @@ def train_ingredients(
         flush=True,
     )
     runs = []
-    grid = [(lr, seed) for lr in config.learning_rates for seed in config.seeds]
     for k, (lr, seed) in enumerate(grid, start=1):
         ft_config = FineTuneConfig(
             learning_rate=lr, steps=config.steps, seed=seed, batch_size=config.batch_size
