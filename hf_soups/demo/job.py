@@ -429,12 +429,13 @@ def cook_soups(
     The soups are written under `workdir` when it is given, and kept in memory otherwise.
     """
     from .. import Ingredient, merge_models
+    from .train import EVAL_BATCH_SIZE
 
     refs = [Ingredient(str(r.path), name=r.name, metadata=asdict(r.config)) for r in runs]
     eval_set = {"validation": evaluation_dataset(validation)}
     common = {
         "metric": "accuracy",
-        "batch_size": 128,
+        "batch_size": EVAL_BATCH_SIZE,
         "progress": False,
         "tokenizer": tokenizer,
         "device": device,

@@ -46,6 +46,10 @@ if TYPE_CHECKING:  # pragma: no cover
 
 logger = logging.getLogger(__name__)
 
+# Examples per forward pass when scoring. Sorted by length, small batches pad least and stay in cache: on 2 CPU
+# cores 32 scored the test sets 12% faster than 128 (15% with one thread), 256 was 20% slower.
+EVAL_BATCH_SIZE = 32
+
 __all__ = [
     "DivergedError",
     "EncodedSplit",
@@ -157,13 +161,13 @@ def _inference_batches(split: EncodedSplit, batch_size: int):
     return split.batches(batch_size, split.length_order())
 
 
-def predict(model: PreTrainedModel, split: EncodedSplit, *, batch_size: int = 128) -> np.ndarray:
+def predict(model: PreTrainedModel, split: EncodedSplit, *, batch_size: int = EVAL_BATCH_SIZE) -> np.ndarray:
     """Logits of `model` on every example of `split`, in the split's order.
 
     Args:
         model (`PreTrainedModel`): a sequence classifier.
         split ([`EncodedSplit`]): the examples.
-        batch_size (`int`, *optional*, defaults to `128`): examples per forward pass (sorted by length).
+        batch_size (`int`, *optional*, defaults to `32`): examples per forward pass (sorted by length).
 
     Returns:
         `np.ndarray`: `(len(split), num_labels)` float32 logits.
@@ -182,13 +186,15 @@ def predict(model: PreTrainedModel, split: EncodedSplit, *, batch_size: int = 12
     return out
 
 
-def pooled_features(model: PreTrainedModel, split: EncodedSplit, *, batch_size: int = 128) -> torch.Tensor:
+def pooled_features(
+    model: PreTrainedModel, split: EncodedSplit, *, batch_size: int = EVAL_BATCH_SIZE
+) -> torch.Tensor:
     """The pooled `[CLS]` features the classification head sees (`model.bert(...).pooler_output`).
 
     Args:
         model (`BertForSequenceClassification`): the classifier whose encoder is probed.
         split ([`EncodedSplit`]): the examples.
-        batch_size (`int`, *optional*, defaults to `128`): examples per forward pass.
+        batch_size (`int`, *optional*, defaults to `32`): examples per forward pass.
 
     Returns:
         `torch.Tensor`: `(len(split), hidden_size)` float32 features, in the split's order.
