@@ -19,6 +19,7 @@ from hf_soups.demo import data as demo_data
 from hf_soups.demo.job import (
     DemoConfig,
     Row,
+    _equal_weights,
     best_on_validation,
     cook_soups,
     evaluation_bar,
@@ -232,6 +233,30 @@ def test_cook_soups_greedy_is_at_least_the_best_single_on_validation(lpft, tmp_p
     assert soups["wise-ft"].score == max(curve.values())
     assert curve[1.0] == pytest.approx(val_scores[best])  # alpha=1 is the best single itself
     assert soups["uniform"].coefficients == pytest.approx([1 / 3] * 3)
+
+
+def test_a_greedy_soup_of_every_ingredient_is_the_uniform_soup_bit_for_bit(lpft, tmp_path):
+    # the job reuses the uniform soup's row for such a greedy soup: the weights must be the same, not just close
+    root, _, probe, _, train, validation = lpft
+    runs = [
+        fine_tune(
+            probe.path,
+            train,
+            FineTuneConfig(learning_rate=1e-4, steps=4, seed=s, batch_size=16),
+            output_dir=root / f"low-{s}",
+        )
+        for s in range(3)
+    ]
+    labels = torch.tensor(validation.labels).numpy()
+    scores = {
+        r.name: float((predict(load_classifier(r.path), validation).argmax(-1) == labels).mean())
+        for r in runs
+    }
+    best = max(scores, key=scores.get)
+    soups = cook_soups(probe.path, runs, validation, scores, best, [1.0], None, None)
+    assert all(i.selected for i in soups["greedy"].ingredients)  # near-identical runs: greedy keeps them all
+    assert _equal_weights(soups["greedy"].model, soups["uniform"].model)
+    assert not _equal_weights(soups["greedy"].model, load_classifier(runs[0].path))
 
 
 # ---------------------------------------------------------------------------------------------- job pieces
