@@ -218,9 +218,17 @@ class Repo:
 class HubError(Exception):
     """An HTTP error answered the way the Hub answers it."""
 
-    def __init__(self, status: int, message: str, code: str | None = None, extra: dict | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        code: str | None = None,
+        extra: dict | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.code, self.extra = status, message, code, extra or {}
+        self.headers = headers or {}
 
 
 @dataclass
@@ -522,13 +530,17 @@ class _Handler(BaseHTTPRequestHandler):
                 if fault["status"] is None:  # the connection drops: no response at all
                     self.close_connection = True
                     return
-                raise HubError(fault["status"], "Injected failure (local hub server)")
+                # a server error asks the client to retry at once (`Retry-After: 0`, as the Hub may): the client's
+                # retry loop runs as against the Hub, about 1 s per attempt instead of its exponential backoff
+                retry = {"Retry-After": "0"} if fault["status"] >= 500 else None
+                raise HubError(fault["status"], "Injected failure (local hub server)", headers=retry)
             self._route(method, body)
         except HubError as err:
             headers = {"X-Error-Message": err.message}
             if err.code:
                 headers["X-Error-Code"] = err.code
             headers.update({k: v for k, v in err.extra.items() if k.startswith("X-")})
+            headers.update(err.headers)
             payload = {"error": err.message, **{k: v for k, v in err.extra.items() if not k.startswith("X-")}}
             try:
                 self._send(

@@ -325,16 +325,18 @@ def test_independently_initialised_models_are_flagged_fine_tunes_are_not(tmp_pat
     assert f"{figure:.2f}" in text
 
 
-def test_distances_gathered_while_streaming_match_float64(tmp_path):
+def test_distances_gathered_while_streaming_match_float64(tmp_path, monkeypatch):
     """Large tensors are measured on a sample while merging (one slice in 8 streamed, or a strided sample)."""
-    from hf_soups.core.engine import CHUNK_ELEMENTS, DictSink, TensorSink, combine
+    from hf_soups.core import engine
+    from hf_soups.core.engine import DictSink, TensorSink, combine
     from hf_soups.core.plan import build_plan
     from hf_soups.ingredients import Ingredient, resolve
 
     dirs = [make_tiny_bert_dir(tmp_path / f"m{i}", seed=i, vocab_size=5000) for i in range(2)]
     dirs.append(make_tiny_bert_dir(tmp_path / "far", seed=0, base_seed=77, vocab_size=5000))
     big = "bert.embeddings.word_embeddings.weight"
-    assert _state(dirs[0])[big].numel() > CHUNK_ELEMENTS
+    monkeypatch.setattr(engine, "CHUNK_ELEMENTS", 1 << 17)  # the embedding spans two slices
+    assert _state(dirs[0])[big].numel() > engine.CHUNK_ELEMENTS
     resolved = [resolve(Ingredient(d)) for d in dirs]
 
     class Discard(TensorSink):  # a sink that can take slices, as the sharded writer does

@@ -192,7 +192,8 @@ PUSH_FAULTS = {
 }
 
 
-# huggingface_hub retries these with a backoff (about 20 s before it gives up): run with -m slow
+# huggingface_hub retries these (about 5 s for a 5xx answered with Retry-After: 0, about 20 s of backoff for a dropped
+# connection) before it gives up: run with -m slow
 CLIENT_RETRIED = {
     "preupload-500",
     "preupload-dropped",

@@ -53,7 +53,7 @@ logger = logging.getLogger(__name__)
 GRANULARITIES = ("ingredient", "layer")
 EMBEDDING_MODULES = frozenset({"wte", "wpe", "shared"})
 """Module names that are embeddings without saying so (GPT-2's token and position tables, T5's shared table)."""
-_SLICE = 1 << 17  # elements per streamed slice (the engine's CHUNK_ELEMENTS)
+_SLICE = 1 << 17  # elements per streamed slice
 
 
 @dataclass
