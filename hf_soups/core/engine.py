@@ -341,13 +341,12 @@ def combine_mix(
         for _ in range(workers)
     ]
     needs_tau = "thresholds" in mix.recipe.needs
-    tau_buf: list[
-        torch.Tensor
-    ] = []  # one whole float32 task vector, allocated when first needed (_thresholds)
+    # one whole float32 task vector when _thresholds needs one (small tensors, a band that missed), grown on demand
+    tau_buf: list[torch.Tensor] = []
 
     def tau(count: int) -> torch.Tensor:
-        if not tau_buf:
-            tau_buf.append(torch.empty(max(max_numel, 1), dtype=torch.float32))
+        if not tau_buf or tau_buf[0].numel() < count:
+            tau_buf[:] = [torch.empty(max(count, 1), dtype=torch.float32)]
         return tau_buf[0][:count]
 
     whole_out = None  # allocated when a tensor cannot be written slice by slice
