@@ -18,8 +18,8 @@ from hf_soups import kernels
 from hf_soups import merge_ops as mo
 from hf_soups.core import engine
 from hf_soups.core.engine import DictSink, RecipeMix, combine_mix
-from hf_soups.core.plan import MergePlan, TensorPlan
 from hf_soups.core.sources import SafetensorsSource
+from tests.test_hot_path import _plan
 from tests.testing_common import assert_state_close, family_reference
 
 HAS_NUMBA = kernels.available()
@@ -109,25 +109,6 @@ def test_gram_is_independent_of_slicing_on_both_paths_and_they_agree(monkeypatch
         torch.testing.assert_close(result, exact, rtol=1e-13, atol=1e-10)
 
 
-def _plan(tensors: dict[str, torch.Tensor], n: int) -> MergePlan:
-    return MergePlan(
-        tensors=[
-            TensorPlan(
-                name=k,
-                shape=tuple(v.shape),
-                dtype=v.dtype,
-                source_keys=[k] * n,
-                row_permutations=[None] * n,
-                mergeable=v.is_floating_point(),
-            )
-            for k, v in tensors.items()
-        ],
-        config={},
-        reference_index=0,
-        names=[f"ing-{i}" for i in range(n)],
-    )
-
-
 def _family(tmp_path):
     """A base and three ingredients with tensors above the joint threshold pass's size (4 x 65,536 elements): one
     float32, one bfloat16, one whose task vectors are tiny exactly where that pass samples them (its band misses:
@@ -188,3 +169,23 @@ def test_engine_on_both_paths_equals_the_float64_definition(tmp_path, monkeypatc
     assert_state_close(
         {k: v for k, v in sink.tensors.items() if v.dtype == torch.float32}, expected, atol=2e-6
     )
+
+
+def test_without_numba_the_torch_path_runs():
+    """numba not importable (sys.modules entry None: `import numba` raises ImportError): no kernels, the same soup."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['numba'] = None\n"
+        "import torch\n"
+        "from hf_soups import kernels, merge_ops as mo\n"
+        "assert not kernels.available()\n"
+        "base = torch.zeros(6); thetas = [torch.tensor([1., -2., 3., 0., 5., -6.]), torch.ones(6)]\n"
+        "thr = [mo.magnitude_threshold(t, 0.5) for t in thetas]\n"
+        "print(mo.ties(base, thetas, thr).tolist())\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    # kept: |tau| top 3 of each (-6, 5, 3 and the first three ones); elected signs from their sums
+    assert done.stdout.strip() == "[1.0, 1.0, 2.0, 0.0, 5.0, -6.0]"

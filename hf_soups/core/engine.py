@@ -316,9 +316,9 @@ def combine_mix(
     (safetensors, in-memory tensors); other members (adapter ingredients, permuted heads) are read whole once per
     tensor. The slices of a tensor are combined by up to `MIX_WORKERS` threads side by side (each kernel on one
     thread, results written in order: see [`_SliceRunner`]), in both passes. Memory beyond the linear engine's:
-    N + 1 slice buffers per thread, one float32 task vector of the largest tensor (thresholds) and one float32
-    result of it when the sink takes whole tensors, whatever N (members read whole add one copy each). The result
-    is checked for non-finite values after the sink's cast, as the linear path does.
+    N + 1 slice buffers per thread, TIES's bands of candidate magnitudes (see [`_thresholds`]) and one float32
+    result of the largest tensor when the sink takes whole tensors (members read whole add one copy each). The
+    result is checked for non-finite values after the sink's cast, as the linear path does.
 
     Raises:
         [`NonFiniteTensorError`], [`IncompatibleIngredientsError`]: as [`combine`].
@@ -538,12 +538,7 @@ def _thresholds(mix: RecipeMix, read, n: int, tau, runner: _SliceRunner) -> list
             piece = scratch[slot][:count]
             out = []
             for k, (lo, hi) in enumerate(bands):
-                theta = read(k, start, count, slot)
-                if theta.dtype == base.dtype == torch.float32:
-                    torch.sub(theta, base, out=piece)
-                else:  # widen first, as merge_ops._task_vector
-                    piece.copy_(theta)
-                    piece.sub_(base)
+                _task_vector_into(piece, read(k, start, count, slot), base)
                 out.append(band_scan(piece, lo, hi, start))
             return out
 
@@ -559,17 +554,23 @@ def _thresholds(mix: RecipeMix, read, n: int, tau, runner: _SliceRunner) -> list
         def fill(start: int, slot: int, k=k, whole=whole) -> None:
             count = min(CHUNK_ELEMENTS, n - start)
             piece = whole[start : start + count]
-            theta, base = read(k, start, count, slot), read(base_k, start, count, slot)
-            if theta.dtype == base.dtype == torch.float32:
-                torch.sub(theta, base, out=piece)  # one kernel, the same bits
-            else:  # widen first, as merge_ops._task_vector
-                piece.copy_(theta)
-                piece.sub_(base)
+            _task_vector_into(piece, read(k, start, count, slot), read(base_k, start, count, slot))
 
         for _ in runner.map(fill, range(0, n, CHUNK_ELEMENTS)):
             pass
         found[k] = magnitude_threshold(whole, density, map_blocks=runner.map)
     return found
+
+
+def _task_vector_into(out: torch.Tensor, theta: torch.Tensor, base: torch.Tensor) -> None:
+    """`out` = θ − θ₀ in float32, the bits of `merge_ops._task_vector` (narrower floats widened first)."""
+    import torch
+
+    if theta.dtype == base.dtype == torch.float32:
+        torch.sub(theta, base, out=out)  # one kernel
+    else:
+        out.copy_(theta)
+        out.sub_(base)
 
 
 def _streamable(tp: TensorPlan, sources: Sequence[TensorSource], active) -> bool:
