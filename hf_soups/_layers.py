@@ -13,7 +13,7 @@ LAYERS: list[tuple[str, str, tuple[str, ...]]] = [
         "errors, option declarations, sizes and ranks",
         ("errors", "options", "utils", "lm_eval_task", "_layers"),
     ),
-    ("core", "tensors in, tensors out", ("core", "merge_ops")),
+    ("core", "tensors in, tensors out", ("core", "merge_ops", "kernels")),
     (
         "ingredients",
         "what a reference is, where its weights are, the ingredients-folder format",

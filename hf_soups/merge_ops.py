@@ -32,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import math
 import numbers
+import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -347,39 +348,90 @@ def _threshold_from_band(
     """The exact [`MagnitudeThreshold`] in one pass, when an evenly strided sample brackets it well enough.
 
     The sample's order statistics give a band of magnitudes [lo, hi] that holds the k-th largest with a margin
-    of four binomial standard deviations; one pass counts the entries above `hi` and collects the (about 2%)
-    entries inside the band with their flat indices; the k-th largest and the kept ties are then found inside
-    the band exactly. Returns None when the band missed it (the caller falls back to the radix selection).
+    of four binomial standard deviations ([`magnitude_band`]); one pass counts the entries above `hi` and
+    collects the (about 2%) entries inside the band with their flat indices ([`band_scan`]); the k-th largest and
+    the kept ties are then found inside the band exactly ([`threshold_in_band`]). Returns None when the band
+    missed it (the caller falls back to the radix selection).
     """
-    import torch
-
     stride = numel // _SAMPLE
-    sample = torch.sort(_magnitude_bits(flat[::stride][:_SAMPLE]), descending=True).values
-    m = sample.numel()
-    rank = k / numel * m  # expected 0-based rank of the k-th largest in the sample, from the top
-    margin = 4.0 * math.sqrt(m * (k / numel) * (1.0 - k / numel)) + 8.0
-    top, bottom = math.floor(rank - margin), math.ceil(rank + margin)
-    hi = int(sample[top]) if top >= 0 else (1 << 31) - 1
-    lo = int(sample[bottom]) if bottom < m else 0
+    lo, hi = magnitude_band(_magnitude_bits(flat[::stride][:_SAMPLE]), k, numel)
 
     def scan(start: int, slot: int = 0):
-        bits = _magnitude_bits(flat[start : start + _BLOCK])
-        where = ((bits >= lo) & (bits <= hi)).nonzero().view(-1)
-        return int((bits > hi).sum()), bits[where], where.add_(start)
+        return band_scan(flat[start : start + _BLOCK], lo, hi, start)
 
     starts = range(0, numel, _BLOCK)
     scans = list(map_blocks(scan, starts) if map_blocks is not None else (scan(s) for s in starts))
-    above = sum(count for count, _, _ in scans)
-    band, index = torch.cat([v for _, v, _ in scans]), torch.cat([i for _, _, i in scans])
-    del scans
+    return threshold_in_band(k, scans)
+
+
+def magnitude_band(sample: torch.Tensor, k: int, numel: int, runs: int = 1) -> tuple[int, int]:
+    """Bit patterns `(lo, hi)` of magnitudes that bracket the k-th largest of a tensor, from a sample of its
+    magnitude bits ([`_magnitude_bits`]): the sample's order statistics four standard deviations either side of
+    the expected rank. With `runs > 1` the sample is that many equal runs of contiguous elements, and the
+    standard deviation is the larger of the binomial one and the one the runs' disagreement shows (neighbouring
+    entries are alike: rows of a weight matrix differ in scale).
+    """
+    import torch
+
+    m = sample.numel()
+    p = k / numel
+    sd = math.sqrt(m * p * (1.0 - p))
+    rank = p * m  # expected 0-based rank of the k-th largest in the sample, from the top
+    ascending = torch.sort(
+        sample.reshape(-1)
+    ).values  # one ascending sort (a descending one is several times slower)
+    if runs > 1:
+        estimate = int(ascending[m - 1 - min(m - 1, math.floor(rank))])
+        above = (sample.view(runs, -1) > estimate).sum(dim=1, dtype=torch.float64)
+        sd = max(sd, float(above.std()) * math.sqrt(runs))  # the sd of the sum of `runs` run counts
+    margin = 4.0 * sd + 8.0
+    top, bottom = math.floor(rank - margin), math.ceil(rank + margin)
+    # the sample's top-th and bottom-th largest (0-based)
+    hi = int(ascending[m - 1 - top]) if top >= 0 else (1 << 31) - 1
+    lo = int(ascending[m - 1 - bottom]) if bottom < m else 0
+    return lo, hi
+
+
+def band_scan(
+    block: torch.Tensor, lo: int, hi: int, start: int
+) -> tuple[int, int, torch.Tensor, torch.Tensor]:
+    """One block of TIES's threshold scan: `(above, start, values, where)`, the number of magnitudes of `block`
+    whose bits exceed `hi`, and the bits (int32) and positions in the block (int32) of those in [lo, hi]."""
+    import torch
+
+    block = block.reshape(-1)
+    if block.dtype == torch.float32 and block.is_contiguous() and _fusable(block, [block]):
+        from . import kernels  # one compiled pass: the same counts and entries
+
+        above, values, where = kernels.get("band_scan")(block.numpy(), lo, hi)
+        return int(above), start, torch.from_numpy(values), torch.from_numpy(where)
+    bits = _magnitude_bits(block)
+    where = ((bits >= lo) & (bits <= hi)).nonzero().view(-1)
+    return int((bits > hi).sum()), start, bits[where], where.to(torch.int32)
+
+
+def threshold_in_band(
+    k: int, scans: Sequence[tuple[int, int, torch.Tensor, torch.Tensor]]
+) -> MagnitudeThreshold | None:
+    """The exact [`MagnitudeThreshold`] keeping `k` entries from the [`band_scan`] of every block, in order; None
+    when the band does not hold the k-th largest magnitude."""
+    import torch
+
+    above = sum(scan[0] for scan in scans)
+    band = torch.cat([scan[2] for scan in scans])
     rank_in_band = k - above  # the k-th largest is the rank_in_band-th largest of the band
     if not 1 <= rank_in_band <= band.numel():
         return None
     pattern = int(torch.kthvalue(band, band.numel() - rank_in_band + 1).values)
     ties_needed = k - above - int((band > pattern).sum())
-    last_tie_index = int(index[band == pattern][ties_needed - 1])
-    value = float(torch.tensor([pattern], dtype=torch.int32).view(torch.float32))
-    return MagnitudeThreshold(k=k, value=value, last_tie_index=last_tie_index)
+    del band
+    for _, start, values, where in scans:  # the ties_needed-th entry equal to the pattern, in flat order
+        tied = where[values == pattern]
+        if ties_needed <= tied.numel():
+            value = float(torch.tensor([pattern], dtype=torch.int32).view(torch.float32))
+            return MagnitudeThreshold(k=k, value=value, last_tie_index=start + int(tied[ties_needed - 1]))
+        ties_needed -= tied.numel()
+    raise AssertionError("unreachable: the pattern occurs in the band")  # pragma: no cover
 
 
 def _select_bin(hist: torch.Tensor, k: int) -> tuple[int, int]:
@@ -430,7 +482,7 @@ def _trim_(tau: torch.Tensor, threshold: MagnitudeThreshold, offset: int) -> tor
     if threshold.k == 0:
         return tau.zero_()
     bits = tau.view(torch.int32).view(-1)
-    value_bits = int(torch.tensor([threshold.value], dtype=torch.float32).view(torch.int32))
+    value_bits = _float_bits(threshold.value)
     mask = bits.bitwise_and(0x7FFFFFFF).neg_().add_(value_bits)  # v - a: no overflow, both in [0, 2**31)
     tied_kept = min(bits.numel(), threshold.last_tie_index - offset + 1)  # entries [0, tied_kept) keep ties
     if tied_kept > 0:
@@ -551,6 +603,11 @@ def ties(
     lam = _number(scaling, "scaling")
     if len(thresholds) != len(thetas):
         raise InvalidArgumentError(f"thresholds has {len(thresholds)} entries for {len(thetas)} ingredients.")
+
+    if _fusable(base, thetas):
+        value_bits = [_float_bits(t.value) if t.k else 0x7FFFFFFF for t in thresholds]
+        tied_kept = [t.last_tie_index - offset + 1 if t.k else -1 for t in thresholds]
+        return _fused(base, thetas, ws, lam, "ties", value_bits=value_bits, tied_kept=tied_kept)
 
     def trimmed(i: int) -> torch.Tensor:
         return _trim_(_task_vector(thetas[i], base), thresholds[i], offset)
@@ -740,6 +797,9 @@ def dare_linear(
     lam = _number(scaling, "scaling")
     density = check_density(density)
     seed = check_seed(seed)
+    if _fusable(base, thetas, offset):
+        keys = [dare_stream_key(seed, i, tensor_name) for i in range(len(thetas))]
+        return _fused(base, thetas, ws, lam, "dare-linear", density=density, keys=keys, offset=offset)
     acc = None
     for i, theta in enumerate(thetas):
         tau = _dare_drop_(_task_vector(theta, base), density, dare_stream_key(seed, i, tensor_name), offset)
@@ -773,6 +833,9 @@ def dare_ties(
     lam = _number(scaling, "scaling")
     density = check_density(density)
     seed = check_seed(seed)
+    if _fusable(base, thetas, offset):
+        keys = [dare_stream_key(seed, i, tensor_name) for i in range(len(thetas))]
+        return _fused(base, thetas, ws, lam, "dare-ties", density=density, keys=keys, offset=offset)
 
     def dropped(i: int) -> torch.Tensor:
         return _dare_drop_(
@@ -783,48 +846,157 @@ def dare_ties(
 
 
 # --------------------------------------------------------------------------------------------------
+# the fused kernels (numba, optional: hf_soups.kernels)
+
+
+def _fusable(base: torch.Tensor, thetas: Sequence[torch.Tensor], offset: int = 0) -> bool:
+    """Whether [`_fused`] can compute this slice: numba available, float inputs, one segment of DARE's stream."""
+    from . import kernels
+
+    if not thetas or (offset & 0xFFFFFFFF) + thetas[0].numel() > 1 << 32:
+        return False
+    if not all(t.dtype.is_floating_point and t.dtype.itemsize <= 4 for t in [base, *thetas]):
+        return False
+    return kernels.available()
+
+
+def _float_bits(value: float) -> int:
+    """The bit pattern of `value` rounded to float32, as a signed 32-bit integer."""
+    return int.from_bytes(struct.pack("<f", value), "little", signed=True)
+
+
+def _as_rows(thetas: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The flat float32 `thetas` as the rows of one (N, numel) tensor: a view when they already are (equally
+    spaced in one storage, as the engine's slice buffers), else a copy (widening narrower floats exactly)."""
+    import torch
+
+    first = thetas[0]
+    count = first.numel()
+    if all(t.dtype == torch.float32 and t.is_contiguous() for t in thetas):
+        storage = first.untyped_storage().data_ptr()
+        step = (thetas[1].data_ptr() - first.data_ptr()) // 4 if len(thetas) > 1 else count
+        if (
+            step >= count
+            and all(t.untyped_storage().data_ptr() == storage for t in thetas)
+            and all(t.data_ptr() - first.data_ptr() == k * step * 4 for k, t in enumerate(thetas))
+        ):
+            return first.as_strided((len(thetas), count), (step, 1))
+    rows = torch.empty(len(thetas), count, dtype=torch.float32)
+    for row, t in zip(rows, thetas):
+        row.copy_(t.reshape(-1))
+    return rows
+
+
+def _fused(
+    base: torch.Tensor,
+    thetas: Sequence[torch.Tensor],
+    ws: Sequence[float],
+    lam: float,
+    method: str,
+    *,
+    value_bits: Sequence[int] = (),
+    tied_kept: Sequence[int] = (),
+    density: float = 1.0,
+    keys: Sequence[int] = (),
+    offset: int = 0,
+) -> torch.Tensor:
+    """TIES, DARE-TIES or DARE-linear of one slice by one fused kernel ([`hf_soups.kernels`]): the same float32
+    operations in the same order as the torch path, hence the same bits (tested)."""
+    import numpy as np
+    import torch
+
+    from . import kernels
+
+    n = len(thetas)
+    rows = _as_rows(thetas).numpy()
+    flat_base = _f32(base).reshape(-1).contiguous().numpy()
+    out = torch.empty(base.shape, dtype=torch.float32)
+    weights = np.asarray(ws, dtype=np.float32)
+    lam32 = np.float32(lam)
+    starts = np.asarray(
+        [((offset & 0xFFFFFFFF) + _segment_key(key, offset >> 32)) & 0xFFFFFFFF for key in keys] or [0] * n,
+        dtype=np.uint64,
+    )
+    limit = min(math.ceil(density * float(1 << 31)), 1 << 31)
+    if method == "dare-linear":
+        kernels.get("dare_linear")(
+            flat_base, rows, weights, lam32, starts, limit, np.float32(density), out.view(-1).numpy()
+        )
+        return out
+    mode = 0 if method == "ties" else 1
+    kernels.get("disjoint")(
+        flat_base,
+        rows,
+        weights,
+        lam32,
+        mode,
+        np.asarray(value_bits or [0] * n, dtype=np.int32),
+        np.asarray(tied_kept or [0] * n, dtype=np.int64),
+        starts,
+        limit,
+        np.float32(density),
+        out.view(-1).numpy(),
+    )
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
 # float64 reductions, independent of slicing
 
 
 class _TreeSum:
-    """Sum of a stream of float64 values by a fixed pairwise tree (fan-in 1024 per level).
+    """Sums of `rows` streams of float64 values, each by a fixed pairwise tree (fan-in 1024 per level).
 
     Values are grouped by their global position (1024 consecutive values, then 1024 group sums, ...),
     partial groups wait for the next call, and each group is reduced by element-wise halving adds. The
     result is therefore the same bits however the stream is cut into calls, and about as accurate as
-    pairwise summation (error ~ log2(n) ulp).
+    pairwise summation (error ~ log2(n) ulp). The streams advance together (one (rows, c) block per call), each
+    reduced exactly as it would be alone.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, rows: int = 1) -> None:
+        self.rows = rows
         self._pending: list[torch.Tensor] = []
 
     def add(self, values: torch.Tensor) -> None:
+        """Add the next `c` values of every stream: a (rows, c) float64 tensor (or c values when rows == 1)."""
         import torch
 
         level = 0
-        v = values.reshape(-1)
-        while v.numel():
+        v = values.reshape(self.rows, -1)
+        while v.shape[1]:
             if level == len(self._pending):
-                self._pending.append(v.new_empty(0))
-            buf = torch.cat([self._pending[level], v]) if self._pending[level].numel() else v
-            full = buf.numel() // _TREE_FAN_IN * _TREE_FAN_IN
-            self._pending[level] = buf[full:].clone()
+                self._pending.append(v.new_empty(self.rows, 0))
+            buf = torch.cat([self._pending[level], v], dim=1) if self._pending[level].shape[1] else v
+            full = buf.shape[1] // _TREE_FAN_IN * _TREE_FAN_IN
+            self._pending[level] = buf[:, full:].clone()
             if full == 0:
                 return
-            v = _halving_sum(buf[:full].view(-1, _TREE_FAN_IN))
+            v = _halving_sum(buf[:, :full].reshape(-1, _TREE_FAN_IN)).view(self.rows, -1)
             level += 1
 
-    def result(self) -> float:
+    def results(self) -> torch.Tensor:
+        """The (rows,) float64 sums of the streams."""
         import torch
 
         carry = None
         for pending in self._pending:
-            row = torch.zeros(_TREE_FAN_IN, dtype=torch.float64)
-            row[: pending.numel()] = pending
+            row = torch.zeros(self.rows, _TREE_FAN_IN, dtype=torch.float64)
+            r = pending.shape[1]
+            row[:, :r] = pending
             if carry is not None:
-                row[pending.numel()] = carry  # pending holds < fan-in values: there is room
-            carry = _halving_sum(row.view(1, -1))[0]
-        return 0.0 if carry is None else float(carry)
+                row[:, r] = carry  # pending holds < fan-in values: there is room
+            carry = _halving_sum(row)
+        return torch.zeros(self.rows, dtype=torch.float64) if carry is None else carry
+
+    def result(self) -> float:
+        """The sum of the one stream (rows == 1)."""
+        return float(self.results()[0])
+
+    def copy(self) -> _TreeSum:
+        out = _TreeSum(self.rows)
+        out._pending = [p.clone() for p in self._pending]
+        return out
 
 
 def _halving_sum(rows: torch.Tensor) -> torch.Tensor:
@@ -838,10 +1010,12 @@ class GramAccumulator:
     """The float64 Gram matrix `G[i, j] = <v_i, v_j>` of N vectors streamed in matching slices.
 
     The vectors are cut into chunks of 1024 elements at fixed global positions (partial chunks wait for the next
-    slice); the N x N dot products of every chunk come from one batched float64 matrix product on one thread
-    (products of float32 values are exact in float64), and the chunk sums of each pair are added by a fixed
-    pairwise tree. The result is therefore bit-for-bit the same whatever the slicing, and costs about one
-    multiply-add per element and pair. Memory: the N partial chunks and a few KB per pair.
+    slice); the dot products of every pair on every chunk come from one kernel (products of float32 values are
+    exact in float64): a fused compiled loop with a fixed summation order when numba is installed
+    ([`hf_soups.kernels`]), else one batched float64 matrix product on one thread; and the chunk sums of each pair
+    are added by a fixed pairwise tree, all pairs at once. The result is therefore bit-for-bit the same whatever
+    the slicing, and costs about one multiply-add per element and pair. Memory: the N partial chunks and a few KB
+    per pair. (The two kernels may differ in the last bits of a chunk's dot product.)
 
     Args:
         n (`int`): the number of vectors.
@@ -862,7 +1036,8 @@ class GramAccumulator:
 
     def __init__(self, n: int):
         self.n = n
-        self._sums = {(i, j): _TreeSum() for i in range(n) for j in range(i, n)}
+        self._pairs = [(i, j) for i in range(n) for j in range(i, n)]
+        self._sums = _TreeSum(len(self._pairs))
         self._pending: torch.Tensor | None = None  # (n, r) float64, r < 1024: the current partial chunk
 
     def add(self, vectors: Sequence[torch.Tensor]) -> None:
@@ -877,20 +1052,23 @@ class GramAccumulator:
         full = rows.shape[1] // _TREE_FAN_IN * _TREE_FAN_IN
         self._pending = rows[:, full:].clone()
         if full:
-            self._add_chunks(rows[:, :full])
+            self._sums.add(_chunk_dots(rows[:, :full], self.n))
 
     CHUNK = _TREE_FAN_IN
     """Elements per chunk: slices whose length is a multiple of it can go through [`chunk_dots`]."""
 
     def chunk_dots(self, vectors: Sequence[torch.Tensor]) -> torch.Tensor:
-        """The (C, n, n) dot products of the C whole chunks of `vectors` (a length that is a multiple of `CHUNK`).
+        """The (pairs, C) dot products of the C whole chunks of `vectors` (a length that is a multiple of `CHUNK`).
 
         A pure function (threads may compute those of several slices at once); [`add_chunk_dots`] then adds
         them in stream order.
         """
         import torch
 
-        rows = torch.stack([v.reshape(-1).to(torch.float64) for v in vectors])
+        if _fusable(vectors[0], vectors):  # float32 rows, a view when they already are (the kernel widens)
+            rows = _as_rows(vectors)
+        else:
+            rows = torch.stack([v.reshape(-1).to(torch.float64) for v in vectors])
         if rows.shape[1] % _TREE_FAN_IN:
             raise InvalidArgumentError(
                 f"chunk_dots: {rows.shape[1]} elements is not a multiple of {_TREE_FAN_IN}."
@@ -901,14 +1079,7 @@ class GramAccumulator:
         """Add [`chunk_dots`] of the next slice (only while no partial chunk is waiting)."""
         if self._pending is not None and self._pending.shape[1]:
             raise InvalidArgumentError("add_chunk_dots after a slice that ended inside a chunk: use add().")
-        for (i, j), acc in self._sums.items():
-            acc.add(dots[:, i, j].contiguous())
-
-    def _add_chunks(self, rows: torch.Tensor, sums: dict | None = None) -> None:
-        """Add the dot products of whole 1024-element chunks `rows` (n, C * 1024) to `sums` (default: ours)."""
-        dots = _chunk_dots(rows, self.n)
-        for (i, j), acc in (self._sums if sums is None else sums).items():
-            acc.add(dots[:, i, j].contiguous())
+        self._sums.add(dots)
 
     def result(self) -> torch.Tensor:
         """The (n, n) float64 Gram matrix."""
@@ -918,29 +1089,32 @@ class GramAccumulator:
         if self._pending is not None and self._pending.shape[1]:  # the last partial chunk, zero-padded
             padded = torch.zeros(self.n, _TREE_FAN_IN, dtype=torch.float64)
             padded[:, : self._pending.shape[1]] = self._pending
-            sums = {key: _copy_tree(acc) for key, acc in sums.items()}  # result() leaves the stream open
-            self._add_chunks(padded, sums)
+            sums = sums.copy()  # result() leaves the stream open
+            sums.add(_chunk_dots(padded, self.n))
+        totals = sums.results()
         out = torch.zeros(self.n, self.n, dtype=torch.float64)
-        for (i, j), acc in sums.items():
-            out[i, j] = out[j, i] = acc.result()
+        for p, (i, j) in enumerate(self._pairs):
+            out[i, j] = out[j, i] = totals[p]
         return out
 
 
 def _chunk_dots(rows: torch.Tensor, n: int) -> torch.Tensor:
-    """(C, n, n) float64 dot products of the C 1024-element chunks of `rows` (n, C * 1024), on one thread."""
+    """(pairs, C) float64 dot products of the C 1024-element chunks of `rows` (n, C * 1024), float32 or float64,
+    for the pairs (i, j), i <= j, in row-major order; on one thread."""
     import torch
 
+    from . import kernels
     from .utils import single_threaded
 
-    chunks = rows.reshape(n, -1, _TREE_FAN_IN).transpose(0, 1).contiguous()  # (C, n, 1024)
+    if kernels.available():
+        out = torch.empty(n * (n + 1) // 2, rows.shape[1] // _TREE_FAN_IN, dtype=torch.float64)
+        kernels.get("chunk_dots")(rows.numpy(), _TREE_FAN_IN, out.numpy())
+        return out
+    chunks = rows.to(torch.float64).reshape(n, -1, _TREE_FAN_IN).transpose(0, 1).contiguous()  # (C, n, 1024)
     with single_threaded():  # one kernel, one summation order, whatever the caller's thread count
-        return torch.bmm(chunks, chunks.transpose(1, 2))
-
-
-def _copy_tree(tree: _TreeSum) -> _TreeSum:
-    copy = _TreeSum()
-    copy._pending = [p.clone() for p in tree._pending]
-    return copy
+        dots = torch.bmm(chunks, chunks.transpose(1, 2))
+    i, j = torch.triu_indices(n, n)
+    return dots[:, i, j].T.contiguous()
 
 
 def _blockwise_gram(base: torch.Tensor | None, thetas: Sequence[torch.Tensor]) -> torch.Tensor:

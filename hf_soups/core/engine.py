@@ -317,9 +317,9 @@ def combine_mix(
     (safetensors, in-memory tensors); other members (adapter ingredients, permuted heads) are read whole once per
     tensor. The slices of a tensor are combined by up to `MIX_WORKERS` threads side by side (each kernel on one
     thread, results written in order: see [`_SliceRunner`]), in both passes. Memory beyond the linear engine's:
-    N + 1 slice buffers per thread, one float32 task vector of the largest tensor (thresholds) and one float32
-    result of it when the sink takes whole tensors, whatever N (members read whole add one copy each). The result
-    is checked for non-finite values after the sink's cast, as the linear path does.
+    N + 1 slice buffers per thread, TIES's bands of candidate magnitudes (see [`_thresholds`]) and one float32
+    result of the largest tensor when the sink takes whole tensors (members read whole add one copy each). The
+    result is checked for non-finite values after the sink's cast, as the linear path does.
 
     Raises:
         [`NonFiniteTensorError`], [`IncompatibleIngredientsError`]: as [`combine`].
@@ -335,12 +335,21 @@ def combine_mix(
         (sources[i].info(tp.source_keys[i]).dtype.itemsize for tp in plan.tensors for i in members), default=4
     )
     workers = max(1, min(MIX_WORKERS, torch.get_num_threads()))  # OMP_NUM_THREADS=1: one thread, as asked
+    # per worker, the members' slice buffers are the rows of one block: float32 slices of the ingredients are then
+    # the rows of one strided array, which the fused kernels take without a copy (merge_ops._as_rows)
     slice_bufs = [
-        [torch.empty(CHUNK_ELEMENTS * max(max_itemsize, 4), dtype=torch.uint8) for _ in members]
+        list(torch.empty(len(members), CHUNK_ELEMENTS * max(max_itemsize, 4), dtype=torch.uint8))
         for _ in range(workers)
     ]
     needs_tau = "thresholds" in mix.recipe.needs
-    tau_buf = torch.empty(max(max_numel, 1) if needs_tau else 1, dtype=torch.float32)
+    # one whole float32 task vector when _thresholds needs one (small tensors, a band that missed), grown on demand
+    tau_buf: list[torch.Tensor] = []
+
+    def tau(count: int) -> torch.Tensor:
+        if not tau_buf or tau_buf[0].numel() < count:
+            tau_buf[:] = [torch.empty(max(count, 1), dtype=torch.float32)]
+        return tau_buf[0][:count]
+
     whole_out = None  # allocated when a tensor cannot be written slice by slice
 
     with torch.no_grad(), _SliceRunner(workers) as runner:
@@ -364,7 +373,7 @@ def combine_mix(
             write_slices = can_stream and sliced and n > CHUNK_ELEMENTS
 
             with single_threaded():
-                stats = _mix_stats(tp, mix, read, n, tau_buf[:n] if needs_tau else None, runner)
+                stats = _mix_stats(tp, mix, read, n, tau if needs_tau else None, runner)
 
                 def piece(start: int, slot: int, tp=tp, n=n, read=read, stats=stats):
                     """The soup's float32 slice at `start` (its members checked finite), in worker `slot`."""
@@ -454,30 +463,19 @@ class _SliceRunner:
             yield result
 
 
-def _mix_stats(tp: TensorPlan, mix: RecipeMix, read, n: int, tau: torch.Tensor | None, runner: _SliceRunner):
+def _mix_stats(tp: TensorPlan, mix: RecipeMix, read, n: int, tau, runner: _SliceRunner):
     """Pass 1 of [`combine_mix`] for one tensor: the [`TensorStats`] its recipe needs."""
     import torch
 
-    from ..merge_ops import GramAccumulator, TensorStats, magnitude_threshold
+    from ..merge_ops import GramAccumulator, TensorStats
 
     recipe = mix.recipe
     stats = TensorStats(name=tp.name, numel=n)
     n_ing = len(mix.ingredients)
     base_k = n_ing  # position of the base among the members read
     starts = range(0, n, CHUNK_ELEMENTS)
-    if tau is not None:  # one whole float32 task vector at a time
-        stats.thresholds = []
-        for k in range(n_ing):
-
-            def fill(start: int, slot: int, k=k) -> None:
-                count = min(CHUNK_ELEMENTS, n - start)
-                piece = tau[start : start + count]
-                piece.copy_(read(k, start, count, slot))
-                piece.sub_(read(base_k, start, count, slot))
-
-            for _ in runner.map(fill, starts):
-                pass
-            stats.thresholds.append(magnitude_threshold(tau, recipe.params["density"], map_blocks=runner.map))
+    if tau is not None:
+        stats.thresholds = _thresholds(mix, read, n, tau, runner)
     if recipe.needs & {"task_gram", "weight_gram"}:
         acc = GramAccumulator(n_ing)
         task = "task_gram" in recipe.needs
@@ -499,6 +497,81 @@ def _mix_stats(tp: TensorPlan, mix: RecipeMix, read, n: int, tau: torch.Tensor |
                 acc.add_chunk_dots(part)
         stats.gram = acc.result()
     return stats
+
+
+# The joint threshold pass samples this many runs of contiguous elements of each task vector (see _thresholds).
+SAMPLE_RUNS = 32
+
+
+def _thresholds(mix: RecipeMix, read, n: int, tau, runner: _SliceRunner) -> list:
+    """TIES's per-ingredient [`MagnitudeThreshold`]s of one tensor (pass 1 of [`combine_mix`]), exact.
+
+    Large tensors: every ingredient's band of candidate magnitudes is bracketed from a sample of `SAMPLE_RUNS`
+    runs of its task vector, then one pass over the slices reads the base and every ingredient once and scans
+    each task vector's slice for its band ([`merge_ops.band_scan`]); memory: the bands (a few % of the tensor per
+    ingredient). An ingredient whose band missed, and small tensors, take the whole task vector in `tau()` (one
+    float32 copy of the tensor, one ingredient at a time) and [`merge_ops.magnitude_threshold`].
+    """
+    import torch
+
+    from ..merge_ops import _SAMPLE, band_scan, magnitude_band, magnitude_threshold, threshold_in_band
+
+    density = mix.recipe.params["density"]
+    n_ing = len(mix.ingredients)
+    base_k = n_ing
+    k_keep = int(density * n)
+    found: list = [None] * n_ing
+    if n > 4 * _SAMPLE and k_keep > 0:
+        run = _SAMPLE // SAMPLE_RUNS
+        sample = torch.empty(n_ing, SAMPLE_RUNS, run, dtype=torch.float32)
+        for r in range(SAMPLE_RUNS):
+            at = r * (n - run) // (SAMPLE_RUNS - 1)
+            base = read(base_k, at, run)
+            for k in range(n_ing):
+                torch.sub(read(k, at, run).to(torch.float32), base, out=sample[k, r])
+        bits = sample.view(torch.int32).bitwise_and_(0x7FFFFFFF)
+        bands = [magnitude_band(bits[k].reshape(-1), k_keep, n, runs=SAMPLE_RUNS) for k in range(n_ing)]
+        scratch = [torch.empty(CHUNK_ELEMENTS, dtype=torch.float32) for _ in range(runner.workers)]
+
+        def scan(start: int, slot: int) -> list:
+            count = min(CHUNK_ELEMENTS, n - start)
+            base = read(base_k, start, count, slot)
+            piece = scratch[slot][:count]
+            out = []
+            for k, (lo, hi) in enumerate(bands):
+                _task_vector_into(piece, read(k, start, count, slot), base)
+                out.append(band_scan(piece, lo, hi, start))
+            return out
+
+        scans = list(runner.map(scan, range(0, n, CHUNK_ELEMENTS)))
+        for k in range(n_ing):
+            found[k] = threshold_in_band(k_keep, [per_slice[k] for per_slice in scans])
+        del scans
+    for k in range(n_ing):
+        if found[k] is not None:
+            continue
+        whole = tau(n)
+
+        def fill(start: int, slot: int, k=k, whole=whole) -> None:
+            count = min(CHUNK_ELEMENTS, n - start)
+            piece = whole[start : start + count]
+            _task_vector_into(piece, read(k, start, count, slot), read(base_k, start, count, slot))
+
+        for _ in runner.map(fill, range(0, n, CHUNK_ELEMENTS)):
+            pass
+        found[k] = magnitude_threshold(whole, density, map_blocks=runner.map)
+    return found
+
+
+def _task_vector_into(out: torch.Tensor, theta: torch.Tensor, base: torch.Tensor) -> None:
+    """`out` = θ − θ₀ in float32, the bits of `merge_ops._task_vector` (narrower floats widened first)."""
+    import torch
+
+    if theta.dtype == base.dtype == torch.float32:
+        torch.sub(theta, base, out=out)  # one kernel
+    else:
+        out.copy_(theta)
+        out.sub_(base)
 
 
 def _streamable(tp: TensorPlan, sources: Sequence[TensorSource], active) -> bool:
