@@ -160,6 +160,39 @@ def test_thread_setting_is_restored(tmp_path, monkeypatch):
         torch.set_num_threads(previous)
 
 
+def test_garbage_collector_paused_while_combining_and_restored(tmp_path, monkeypatch):
+    """The cyclic collector is off inside the loop (it walks every object torch loaded, for nothing) and comes back
+    as it was: on after a soup, still off when the caller had turned it off, on after an error."""
+    import gc
+
+    monkeypatch.setattr(engine_module, "CHUNK_ELEMENTS", 256)
+    tensors, sources = _sources(tmp_path, 2)
+    seen = []
+
+    class Probe(DictSink):
+        def write(self, plan, tensor):
+            seen.append(gc.isenabled())
+            super().write(plan, tensor)
+
+    assert gc.isenabled()
+    combine(_plan(tensors[0], 2), sources, [0.5, 0.5], Probe(), progress=False)
+    assert seen and not any(seen) and gc.isenabled()
+    gc.disable()
+    try:
+        combine(_plan(tensors[0], 2), sources, [0.5, 0.5], DictSink(), progress=False)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+
+    class Broken(DictSink):
+        def write(self, plan, tensor):
+            raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        combine(_plan(tensors[0], 2), sources, [0.5, 0.5], Broken(), progress=False)
+    assert gc.isenabled()
+
+
 def test_safetensors_get_range_reads_only_the_slice_into_the_buffer(tmp_path):
     tensors = _ingredient_tensors(0)
     save_file(tensors, tmp_path / "m.safetensors")

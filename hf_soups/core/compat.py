@@ -722,9 +722,9 @@ class DistanceStats:
     Per tensor, the Gram matrix `G[i, j] = <theta_i, theta_j>` of the members taking part is accumulated in
     float64 (a few dot products on slices the engine has already read); squared distances
     `||theta_i - theta_j||^2 = G_ii + G_jj - 2 G_ij`, norms, task-vector norms and cosines to a base all follow
-    from it. While merging, the engine measures a sample (one slice in `engine.STATS_EVERY` of a streamed
-    tensor, an evenly strided sample of a tensor read whole), in float32: enough for a verdict at
-    [`BASIN_THRESHOLD`], for a few percent of the merge's time. `inspect` measures every element in float64.
+    from it. While merging, the engine measures a sample (every `engine.STATS_STRIDE`-th element of one slice in
+    `engine.STATS_EVERY` of a streamed tensor, an evenly strided sample of a tensor read whole), in float32:
+    enough for a verdict at [`BASIN_THRESHOLD`], for a small part of the merge's time. `inspect` measures every element in float64.
 
     Args:
         names (`Sequence[str]`): the members, in plan order.

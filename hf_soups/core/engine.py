@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..errors import IncompatibleIngredientsError, NonFiniteTensorError, SoupError
-from ..utils import numel, single_threaded
+from ..utils import gc_paused, numel, single_threaded
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -40,9 +40,11 @@ MIX_WORKERS = 2
 # Threads that sum the slices of the linear soups (uniform, greedy's candidates written out, WiSE-FT, task
 # arithmetic) side by side while the calling thread writes them, at most torch's own thread count.
 LINEAR_WORKERS = 2
-# Distance statistics (compat.DistanceStats) are measured on one slice in STATS_EVERY of a streamed tensor, and
-# on an evenly strided sample of CHUNK_ELEMENTS // STATS_EVERY elements of a tensor read whole.
+# Distance statistics (compat.DistanceStats) are measured on every STATS_STRIDE-th element of one slice in
+# STATS_EVERY of a streamed tensor (its first slice included), and on an evenly strided sample of
+# CHUNK_ELEMENTS // STATS_EVERY elements of a tensor read whole.
 STATS_EVERY = 128
+STATS_STRIDE = 8
 
 
 class TensorSink:
@@ -262,7 +264,7 @@ def combine(
     if distances is not None and distances.begin([i for i, _ in active]):
         stats = (distances, torch.empty(len(active), CHUNK_ELEMENTS, dtype=torch.float32))
 
-    with torch.no_grad(), _SliceRunner(workers) as runner:
+    with torch.no_grad(), gc_paused(), _SliceRunner(workers) as runner:
         for tp in tqdm(plan.tensors, desc=desc, unit="tensor", disable=not progress, name="hf_soups"):
             if not tp.mergeable:
                 sink.write(tp, _copy_checked(tp, sources, active, plan.names))
@@ -352,7 +354,7 @@ def combine_mix(
 
     whole_out = None  # allocated when a tensor cannot be written slice by slice
 
-    with torch.no_grad(), _SliceRunner(workers) as runner:
+    with torch.no_grad(), gc_paused(), _SliceRunner(workers) as runner:
         for tp in tqdm(plan.tensors, desc=desc, unit="tensor", disable=not progress, name="hf_soups"):
             if not tp.mergeable:
                 sink.write(tp, _copy_checked(tp, sources, [(i, 1.0) for i in mix.ingredients], plan.names))
@@ -657,7 +659,7 @@ def _combine_slices(
             if slot.sample is None:
                 slot.sample = torch.empty_like(stats[1])
             sample = slot.sample
-            sample[0, :count].copy_(t)
+            sample[0, : -(-count // STATS_STRIDE)].copy_(t[::STATS_STRIDE])
         if t.data_ptr() == acc.data_ptr():
             if first_c != 1.0:
                 acc.mul_(first_c)
@@ -670,12 +672,12 @@ def _combine_slices(
         for k, ((i, c), key) in enumerate(zip(active[1:], keys[1:]), start=1):
             piece = sources[i].get_range(key, start, count, slot.read)
             if sample is not None:
-                sample[k, :count].copy_(piece)
+                sample[k, : -(-count // STATS_STRIDE)].copy_(piece[::STATS_STRIDE])
             acc.add_(piece, alpha=c)
         out = sink.cast(tp, acc, slot.out)
         if check and not _finite(out):
             _raise_non_finite(tp, sources, active, names, None, None, out.dtype)
-        return out, (sample[:, :count] if sample is not None else None)
+        return out, (sample[:, : -(-count // STATS_STRIDE)] if sample is not None else None)
 
     starts = range(0, total, CHUNK_ELEMENTS)
     # results live in their slot's buffers until written: one slot more than the items in flight
