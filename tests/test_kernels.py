@@ -2,8 +2,9 @@
 and DARE-linear; Gram matrices within float64 rounding of each other and each independent of slicing; and both
 paths through the streaming engine (the joint threshold pass of TIES included) against the float64 definitions.
 
-Each test runs on both paths where it can: `HF_SOUPS_DISABLE_NUMBA=1` forces the torch path; without numba
-installed only the torch path runs.
+Each test runs on both paths: `HF_SOUPS_DISABLE_NUMBA=1` forces the torch path. numba is a dev dependency (the
+`dev` extra installs it), so a test environment without it fails here instead of skipping the fused path unseen;
+`test_library_runs_without_numba` covers installs without it.
 """
 
 from __future__ import annotations
@@ -22,19 +23,18 @@ from hf_soups.core.sources import SafetensorsSource
 from tests.test_hot_path import _plan
 from tests.testing_common import assert_state_close, family_reference
 
-HAS_NUMBA = kernels.available()
+# the dev extra installs numba: its absence is a broken test environment, not a reason to skip
+NUMBA_MISSING = "numba is not importable; install the dev dependencies: pip install -e '.[dev]'"
 
 
 @pytest.fixture(params=["numba", "torch"])
 def path(request, monkeypatch):
-    """Which path merge_ops takes: the fused kernels (skipped without numba) or torch's kernels."""
+    """Which path merge_ops takes: the fused kernels or torch's kernels."""
     if request.param == "numba":
-        if not HAS_NUMBA:
-            pytest.skip("numba is not installed (pip install hf_soups[fast])")
         monkeypatch.delenv(kernels.DISABLE_ENV, raising=False)
     else:
         monkeypatch.setenv(kernels.DISABLE_ENV, "1")
-    assert kernels.available() == (request.param == "numba")
+    assert kernels.available() == (request.param == "numba"), NUMBA_MISSING
     return request.param
 
 
@@ -43,6 +43,7 @@ def _both(monkeypatch, fn):
     monkeypatch.setenv(kernels.DISABLE_ENV, "1")
     torch_result = fn()
     monkeypatch.delenv(kernels.DISABLE_ENV)
+    assert kernels.available(), NUMBA_MISSING
     return torch_result, fn()
 
 
@@ -50,7 +51,6 @@ def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.dtype == b.dtype and torch.equal(a.view(torch.int32), b.view(torch.int32))
 
 
-@pytest.mark.skipif(not HAS_NUMBA, reason="numba is not installed")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_kernels_give_the_torch_paths_bits(monkeypatch, dtype):
     """Slices at an offset, negative and fractional weights, a scaling, ties at the threshold (entries equal to the
@@ -98,8 +98,9 @@ def test_gram_is_independent_of_slicing_on_both_paths_and_they_agree(monkeypatch
 
     slicings = ([n], [4096], [1000, 7, 2048 + 1])
     per_path = {}
-    for disabled in ["1"] if not HAS_NUMBA else ["1", ""]:
+    for disabled in ["1", ""]:
         monkeypatch.setenv(kernels.DISABLE_ENV, disabled)
+        assert kernels.available() == (not disabled), NUMBA_MISSING
         results = [gram(s) for s in slicings]
         assert all(torch.equal(r, results[0]) for r in results[1:])
         per_path[disabled] = results[0]
