@@ -393,18 +393,26 @@ def magnitude_band(sample: torch.Tensor, k: int, numel: int, runs: int = 1) -> t
 
 
 def band_scan(
-    block: torch.Tensor, lo: int, hi: int, start: int
+    block: torch.Tensor, lo: int, hi: int, start: int, base: torch.Tensor | None = None
 ) -> tuple[int, int, torch.Tensor, torch.Tensor]:
     """One block of TIES's threshold scan: `(above, start, values, where)`, the number of magnitudes of `block`
-    whose bits exceed `hi`, and the bits (int32) and positions in the block (int32) of those in [lo, hi]."""
+    (of the task vector `block - base` when `base` is given, as [`_task_vector`]) whose bits exceed `hi`, and the
+    bits (int32) and positions in the block (int32) of those in [lo, hi]."""
+    import numpy as np
     import torch
 
     block = block.reshape(-1)
-    if block.dtype == torch.float32 and block.is_contiguous() and _fusable(block, [block]):
+    if base is not None:
+        base = base.reshape(-1)
+    fused = all(t is None or (t.dtype == torch.float32 and t.is_contiguous()) for t in (block, base))
+    if fused and _fusable(block, [block]):
         from . import kernels  # one compiled pass: the same counts and entries
 
-        above, values, where = kernels.get("band_scan")(block.numpy(), lo, hi)
+        flat_base = np.empty(0, np.float32) if base is None else base.numpy()
+        above, values, where = kernels.get("band_scan")(block.numpy(), flat_base, lo, hi)
         return int(above), start, torch.from_numpy(values), torch.from_numpy(where)
+    if base is not None:
+        block = _task_vector(block, base)
     bits = _magnitude_bits(block)
     where = ((bits >= lo) & (bits <= hi)).nonzero().view(-1)
     return int((bits > hi).sum()), start, bits[where], where.to(torch.int32)
@@ -1057,23 +1065,25 @@ class GramAccumulator:
     CHUNK = _TREE_FAN_IN
     """Elements per chunk: slices whose length is a multiple of it can go through [`chunk_dots`]."""
 
-    def chunk_dots(self, vectors: Sequence[torch.Tensor]) -> torch.Tensor:
-        """The (pairs, C) dot products of the C whole chunks of `vectors` (a length that is a multiple of `CHUNK`).
+    def chunk_dots(self, vectors: Sequence[torch.Tensor], base: torch.Tensor | None = None) -> torch.Tensor:
+        """The (pairs, C) dot products of the C whole chunks of `vectors` (a length that is a multiple of `CHUNK`),
+        or of the task vectors `vectors[i] - base` (each difference rounded to float32, as [`_task_vector`]).
 
         A pure function (threads may compute those of several slices at once); [`add_chunk_dots`] then adds
         them in stream order.
         """
         import torch
 
-        if _fusable(vectors[0], vectors):  # float32 rows, a view when they already are (the kernel widens)
-            rows = _as_rows(vectors)
-        else:
-            rows = torch.stack([v.reshape(-1).to(torch.float64) for v in vectors])
-        if rows.shape[1] % _TREE_FAN_IN:
-            raise InvalidArgumentError(
-                f"chunk_dots: {rows.shape[1]} elements is not a multiple of {_TREE_FAN_IN}."
-            )
-        return _chunk_dots(rows, self.n)
+        count = vectors[0].numel()
+        if count % _TREE_FAN_IN:
+            raise InvalidArgumentError(f"chunk_dots: {count} elements is not a multiple of {_TREE_FAN_IN}.")
+        if _fusable(vectors[0], vectors) and (base is None or base.dtype == torch.float32):
+            # float32 rows (a view when they already are); the kernel takes the differences and widens
+            flat_base = None if base is None else base.reshape(-1).contiguous()
+            return _chunk_dots(_as_rows(vectors), self.n, flat_base)
+        if base is not None:
+            vectors = [_task_vector(v, base) for v in vectors]
+        return _chunk_dots(torch.stack([v.reshape(-1).to(torch.float64) for v in vectors]), self.n)
 
     def add_chunk_dots(self, dots: torch.Tensor) -> None:
         """Add [`chunk_dots`] of the next slice (only while no partial chunk is waiting)."""
@@ -1098,9 +1108,11 @@ class GramAccumulator:
         return out
 
 
-def _chunk_dots(rows: torch.Tensor, n: int) -> torch.Tensor:
+def _chunk_dots(rows: torch.Tensor, n: int, base: torch.Tensor | None = None) -> torch.Tensor:
     """(pairs, C) float64 dot products of the C 1024-element chunks of `rows` (n, C * 1024), float32 or float64,
-    for the pairs (i, j), i <= j, in row-major order; on one thread."""
+    for the pairs (i, j), i <= j, in row-major order; on one thread. With `base` (float32 rows and base only, the
+    fused kernel), of the task vectors `rows[i] - base`."""
+    import numpy as np
     import torch
 
     from . import kernels
@@ -1108,8 +1120,11 @@ def _chunk_dots(rows: torch.Tensor, n: int) -> torch.Tensor:
 
     if kernels.available():
         out = torch.empty(n * (n + 1) // 2, rows.shape[1] // _TREE_FAN_IN, dtype=torch.float64)
-        kernels.get("chunk_dots")(rows.numpy(), _TREE_FAN_IN, out.numpy())
+        flat_base = np.empty(0, np.float32) if base is None else base.numpy()
+        kernels.get("chunk_dots")(rows.numpy(), flat_base, _TREE_FAN_IN, out.numpy())
         return out
+    if base is not None:  # the callers pass a base only on the fused path
+        raise InvalidArgumentError("_chunk_dots: base= needs the fused kernels.")  # pragma: no cover
     chunks = rows.to(torch.float64).reshape(n, -1, _TREE_FAN_IN).transpose(0, 1).contiguous()  # (C, n, 1024)
     with single_threaded():  # one kernel, one summation order, whatever the caller's thread count
         dots = torch.bmm(chunks, chunks.transpose(1, 2))

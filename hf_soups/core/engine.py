@@ -365,12 +365,16 @@ def combine_mix(
             ) and all(sources[i].range_readable(tp.source_keys[i]) for i in members)
             wholes = None if sliced else [read_aligned(tp, i, sources[i]).reshape(-1) for i in members]
 
-            def read(k: int, start: int, count: int, slot: int = 0, wholes=wholes, tp=tp) -> torch.Tensor:
-                """Slice of member `members[k]` in worker `slot`'s buffer, valid until that worker's next read."""
+            def read(
+                k: int, start: int, count: int, slot: int = 0, wholes=wholes, tp=tp, buffer=None
+            ) -> torch.Tensor:
+                """Slice of member `members[k]` in worker `slot`'s buffer (or in `buffer`, a uint8 tensor), valid
+                until that worker's next read."""
                 if wholes is not None:
                     return wholes[k][start : start + count]
                 i = members[k]
-                return sources[i].get_range(tp.source_keys[i], start, count, slice_bufs[slot][k])
+                buf = slice_bufs[slot][k] if buffer is None else buffer
+                return sources[i].get_range(tp.source_keys[i], start, count, buf)
 
             write_slices = can_stream and sliced and n > CHUNK_ELEMENTS
 
@@ -485,12 +489,15 @@ def _mix_stats(tp: TensorPlan, mix: RecipeMix, read, n: int, tau, runner: _Slice
         def vectors(start: int, slot: int):
             count = min(CHUNK_ELEMENTS, n - start)
             base = read(base_k, start, count, slot) if task else None
+            rows = [read(k, start, count, slot) for k in range(n_ing)]
+            if count % acc.CHUNK == 0:
+                # whole 1024-element chunks (every slice but a tensor's last): their dot products, in this worker
+                return acc.chunk_dots(rows, base)
             out = []
-            for k in range(n_ing):
-                v = read(k, start, count, slot).to(torch.float32, copy=True)
+            for v in rows:
+                v = v.to(torch.float32, copy=True)
                 out.append(v.sub_(base) if task else v)
-            # whole 1024-element chunks (every slice but a tensor's last): their dot products, in this worker
-            return acc.chunk_dots(out) if count % acc.CHUNK == 0 else out
+            return out
 
         for part in runner.map(vectors, starts):
             if isinstance(part, list):
@@ -525,29 +532,48 @@ def _thresholds(mix: RecipeMix, read, n: int, tau, runner: _SliceRunner) -> list
     found: list = [None] * n_ing
     if n > 4 * _SAMPLE and k_keep > 0:
         run = _SAMPLE // SAMPLE_RUNS
-        sample = torch.empty(n_ing, SAMPLE_RUNS, run, dtype=torch.float32)
-        for r in range(SAMPLE_RUNS):
-            at = r * (n - run) // (SAMPLE_RUNS - 1)
-            base = read(base_k, at, run)
-            for k in range(n_ing):
-                torch.sub(read(k, at, run).to(torch.float32), base, out=sample[k, r])
+        # each member's runs read straight into one buffer, then widened and subtracted by one kernel per member
+        # (a few hundred small reads per tensor: per-call overheads, not bytes, are their cost)
+        raw = torch.empty(n_ing + 1, SAMPLE_RUNS * run * 8, dtype=torch.uint8)
+
+        def member_runs(k: int) -> torch.Tensor:
+            values = None
+            for r in range(SAMPLE_RUNS):
+                at = r * (n - run) // (SAMPLE_RUNS - 1)
+                size = run * (values.element_size() if values is not None else 8)
+                place = raw[k, r * size : (r + 1) * size]
+                t = read(k, at, run, buffer=place)
+                if t.data_ptr() != place.data_ptr():  # a member read whole: copy its run into place
+                    place[: run * t.element_size()].copy_(t.reshape(-1).view(torch.uint8))
+                if values is None:
+                    values = raw[k, : SAMPLE_RUNS * run * t.element_size()].view(t.dtype)
+            return values.view(SAMPLE_RUNS, run).to(torch.float32)
+
+        base = member_runs(base_k)
+        sample = torch.stack([member_runs(k).sub_(base) for k in range(n_ing)])
+        del raw, base
         bits = sample.view(torch.int32).bitwise_and_(0x7FFFFFFF)
-        bands = [magnitude_band(bits[k].reshape(-1), k_keep, n, runs=SAMPLE_RUNS) for k in range(n_ing)]
-        scratch = [torch.empty(CHUNK_ELEMENTS, dtype=torch.float32) for _ in range(runner.workers)]
+        # per ingredient, on the workers (torch's sorts release the GIL)
+        bands = list(
+            runner.map(
+                lambda k, _: magnitude_band(bits[k].reshape(-1), k_keep, n, runs=SAMPLE_RUNS), range(n_ing)
+            )
+        )
 
         def scan(start: int, slot: int) -> list:
             count = min(CHUNK_ELEMENTS, n - start)
             base = read(base_k, start, count, slot)
-            piece = scratch[slot][:count]
-            out = []
-            for k, (lo, hi) in enumerate(bands):
-                _task_vector_into(piece, read(k, start, count, slot), base)
-                out.append(band_scan(piece, lo, hi, start))
-            return out
+            return [
+                band_scan(read(k, start, count, slot), lo, hi, start, base)
+                for k, (lo, hi) in enumerate(bands)
+            ]
 
         scans = list(runner.map(scan, range(0, n, CHUNK_ELEMENTS)))
-        for k in range(n_ing):
-            found[k] = threshold_in_band(k_keep, [per_slice[k] for per_slice in scans])
+        found = list(
+            runner.map(
+                lambda k, _: threshold_in_band(k_keep, [per_slice[k] for per_slice in scans]), range(n_ing)
+            )
+        )
         del scans
     for k in range(n_ing):
         if found[k] is not None:
