@@ -129,7 +129,8 @@ def band_scan(theta, base, lo, hi):
     """TIES's threshold scan of a float32 block of the task vector theta - base (of theta itself when `base` is
     empty): the number of magnitudes above `hi`, and the bit patterns and positions of those in [lo, hi].
 
-    Per 1024 elements: the differences, a counting loop the compiler vectorises, then a collecting one."""
+    Per 1024 elements: the differences, a counting loop and a flagging loop (both vectorised), then the flagged
+    entries collected eight flags at a time (most groups of eight hold none)."""
     count = theta.size
     task = base.size > 0
     span = np.uint32(hi - lo)  # a in [lo, hi] <=> a - lo in [0, hi - lo] as unsigned 32-bit integers
@@ -157,14 +158,19 @@ def band_scan(theta, base, lo, hi):
         f = flags[:m]
         for j in range(m):
             f[j] = np.uint8(np.uint32((bits[j] & 0x7FFFFFFF) - lo) <= span)
-        for g in range(0, m, 8):  # eight flags at a time: most groups hold none
-            if g + 8 <= m and groups[g // 8] == 0:
-                continue
-            for j in range(g, min(g + 8, m)):
-                if f[j]:
-                    values[k] = bits[j] & 0x7FFFFFFF
-                    index[k] = b0 + j
-                    k += 1
+        whole = m >> 3
+        for g in range(whole):
+            if groups[g] != 0:
+                for j in range(g << 3, (g << 3) + 8):
+                    if f[j]:
+                        values[k] = bits[j] & 0x7FFFFFFF
+                        index[k] = b0 + j
+                        k += 1
+        for j in range(whole << 3, m):
+            if f[j]:
+                values[k] = bits[j] & 0x7FFFFFFF
+                index[k] = b0 + j
+                k += 1
     return above, values[:k].copy(), index[:k].copy()
 
 
