@@ -423,6 +423,7 @@ def threshold_in_band(
 ) -> MagnitudeThreshold | None:
     """The exact [`MagnitudeThreshold`] keeping `k` entries from the [`band_scan`] of every block, in order; None
     when the band does not hold the k-th largest magnitude."""
+    import numpy as np
     import torch
 
     above = sum(scan[0] for scan in scans)
@@ -430,7 +431,8 @@ def threshold_in_band(
     rank_in_band = k - above  # the k-th largest is the rank_in_band-th largest of the band
     if not 1 <= rank_in_band <= band.numel():
         return None
-    pattern = int(torch.kthvalue(band, band.numel() - rank_in_band + 1).values)
+    j = band.numel() - rank_in_band  # the (j + 1)-th smallest: numpy's selection, a third faster than kthvalue's
+    pattern = int(np.partition(band.numpy(), j)[j])
     ties_needed = k - above - int((band > pattern).sum())
     del band
     for _, start, values, where in scans:  # the ties_needed-th entry equal to the pattern, in flat order
