@@ -121,7 +121,8 @@ def _family(tmp_path):
         "w.misled": torch.zeros(300_000),
         "small": torch.randn(7, 3, generator=g),
     }
-    n, run = 300_000, engine.SAMPLE_RUN
+    n = 300_000
+    run = engine._sample_run(n)
     sampled = torch.zeros(n, dtype=torch.bool)
     for r in range(engine.SAMPLE_RUNS):
         at = r * (n - run) // (engine.SAMPLE_RUNS - 1)

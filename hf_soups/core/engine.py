@@ -508,11 +508,19 @@ def _mix_stats(tp: TensorPlan, mix: RecipeMix, read, n: int, tau, runner: _Slice
     return stats
 
 
-# The joint threshold pass samples SAMPLE_RUNS runs of SAMPLE_RUN contiguous elements of each task vector (see
-# _thresholds): 32,768 magnitudes, which bracket the threshold in a band of about 2% of the tensor. (Twice as many
-# made TIES slower: sorting the sample cost more than the narrower band saved.)
+# The joint threshold pass samples SAMPLE_RUNS runs of contiguous elements of each task vector (see _thresholds):
+# runs of SAMPLE_RUN elements, 32,768 magnitudes, which bracket the threshold in a band of about 2% of the tensor
+# (twice as many made TIES slower: sorting the sample cost more than the narrower band saved); longer runs for
+# tensors of over 128 x 32,768 elements (embeddings), so that their bands, held until the scan ends, stay small
+# (the band narrows as the square root of the sample grows).
 SAMPLE_RUNS = 32
 SAMPLE_RUN = 1024
+SAMPLE_SHARE = 128
+
+
+def _sample_run(n: int) -> int:
+    """Elements per run of the threshold sample of an n-element tensor: at least 1/SAMPLE_SHARE of it in all."""
+    return max(SAMPLE_RUN, n // (SAMPLE_RUNS * SAMPLE_SHARE))
 
 
 def _thresholds(mix: RecipeMix, read, n: int, tau, runner: _SliceRunner) -> list:
@@ -534,7 +542,7 @@ def _thresholds(mix: RecipeMix, read, n: int, tau, runner: _SliceRunner) -> list
     k_keep = int(density * n)
     found: list = [None] * n_ing
     if n > 4 * _SAMPLE and k_keep > 0:
-        run = SAMPLE_RUN
+        run = _sample_run(n)
         # each member's runs read straight into one buffer, then widened and subtracted by one kernel per member
         # (a few hundred small reads per tensor: per-call overheads, not bytes, are their cost)
         raw = torch.empty(n_ing + 1, SAMPLE_RUNS * run * 8, dtype=torch.uint8)
