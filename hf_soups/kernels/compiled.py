@@ -125,6 +125,21 @@ def dare_linear(base, thetas, weights, lam, dare_start, dare_limit, density, out
 
 
 @njit(nogil=True, cache=True)
+def _task_slice(out, theta, base, start, task):
+    """out[:] = theta - base (rounded to out's dtype) on the elements start..start + out.size, or theta when not
+    `task`: one loop over slices indexed from 0, which the compiler vectorises."""
+    m = out.size
+    th = theta[start : start + m]
+    if task:
+        bs = base[start : start + m]
+        for j in range(m):
+            out[j] = th[j] - bs[j]
+    else:
+        for j in range(m):
+            out[j] = th[j]
+
+
+@njit(nogil=True, cache=True)
 def band_scan(theta, base, lo, hi):
     """TIES's threshold scan of a float32 block of the task vector theta - base (of theta itself when `base` is
     empty): the number of magnitudes above `hi`, and the bit patterns and positions of those in [lo, hi].
@@ -143,15 +158,8 @@ def band_scan(theta, base, lo, hi):
     k = 0
     for b0 in range(0, count, BLOCK):
         m = min(BLOCK, count - b0)
-        th = theta[b0 : b0 + m]
         t = tbuf[:m]
-        if task:
-            bs = base[b0 : b0 + m]
-            for j in range(m):
-                t[j] = th[j] - bs[j]
-        else:
-            for j in range(m):
-                t[j] = th[j]
+        _task_slice(t, theta, base, b0, task)
         bits = t.view(np.int32)
         for j in range(m):
             above += np.int64((bits[j] & 0x7FFFFFFF) > hi)
@@ -187,15 +195,7 @@ def chunk_dots(rows, base, chunk, out):
     for c in range(count // chunk):
         lo = c * chunk
         for i in range(n):
-            v = vec[i]
-            r = rows[i, lo : lo + chunk]
-            if task:
-                b = base[lo : lo + chunk]
-                for e in range(chunk):
-                    v[e] = r[e] - b[e]
-            else:
-                for e in range(chunk):
-                    v[e] = r[e]
+            _task_slice(vec[i], rows[i], base, lo, task)
         p = 0
         for i in range(n):
             vi = vec[i]
