@@ -431,9 +431,8 @@ def threshold_in_band(
     rank_in_band = k - above  # the k-th largest is the rank_in_band-th largest of the band
     if not 1 <= rank_in_band <= band.numel():
         return None
-    j = (
-        band.numel() - rank_in_band
-    )  # the (j + 1)-th smallest: numpy's selection, a third faster than kthvalue's
+    # the k-th largest is the (j + 1)-th smallest: numpy's selection (a third faster than torch.kthvalue)
+    j = band.numel() - rank_in_band
     pattern = int(np.partition(band.numpy(), j)[j])
     ties_needed = k - above - int((band > pattern).sum())
     del band

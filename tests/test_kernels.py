@@ -110,6 +110,30 @@ def test_gram_is_independent_of_slicing_on_both_paths_and_they_agree(monkeypatch
         torch.testing.assert_close(result, exact, rtol=1e-13, atol=1e-10)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_task_vector_forms_of_the_scan_and_the_gram_equal_the_task_vectors_own(path, dtype):
+    """band_scan(theta, ..., base) and GramAccumulator.chunk_dots(thetas, base) (the kernels form θ − θ₀ themselves
+    for float32 inputs) give what they give on the task vectors `merge_ops._task_vector` computes."""
+    g = torch.Generator().manual_seed(5)
+    n = 4 * 1024 + 512  # whole chunks, and blocks of the scan that end inside one
+    base = torch.randn(n, generator=g).to(dtype)
+    thetas = [(base.float() + 0.1 * torch.randn(n, generator=g)).to(dtype) for _ in range(3)]
+    taus = [mo._task_vector(t, base) for t in thetas]
+    bits = taus[0].view(torch.int32).bitwise_and(0x7FFFFFFF).sort().values
+    lo, hi = int(bits[n // 2 - 200]), int(bits[n // 2 + 200])
+    above, start, values, where = mo.band_scan(thetas[0], lo, hi, 7, base)
+    expected = mo.band_scan(taus[0], lo, hi, 7)
+    assert (
+        (above, start) == expected[:2]
+        and torch.equal(values, expected[2])
+        and torch.equal(where, expected[3])
+    )
+    m = 4 * 1024
+    acc = mo.GramAccumulator(3)
+    got = acc.chunk_dots([t[:m] for t in thetas], base[:m])
+    assert torch.equal(got, acc.chunk_dots([t[:m] for t in taus]))
+
+
 def _family(tmp_path):
     """A base and three ingredients with tensors above the joint threshold pass's size (4 x 65,536 elements): one
     float32, one bfloat16, one whose task vectors are tiny exactly where that pass samples them (its band misses:

@@ -473,7 +473,7 @@ def _mix_stats(tp: TensorPlan, mix: RecipeMix, read, n: int, tau, runner: _Slice
     """Pass 1 of [`combine_mix`] for one tensor: the [`TensorStats`] its recipe needs."""
     import torch
 
-    from ..merge_ops import GramAccumulator, TensorStats
+    from ..merge_ops import GramAccumulator, TensorStats, _task_vector
 
     recipe = mix.recipe
     stats = TensorStats(name=tp.name, numel=n)
@@ -493,11 +493,7 @@ def _mix_stats(tp: TensorPlan, mix: RecipeMix, read, n: int, tau, runner: _Slice
             if count % acc.CHUNK == 0:
                 # whole 1024-element chunks (every slice but a tensor's last): their dot products, in this worker
                 return acc.chunk_dots(rows, base)
-            out = []
-            for v in rows:
-                v = v.to(torch.float32, copy=True)
-                out.append(v.sub_(base) if task else v)
-            return out
+            return [_task_vector(v, base) if task else v.to(torch.float32, copy=True) for v in rows]
 
         for part in runner.map(vectors, starts):
             if isinstance(part, list):
@@ -534,31 +530,28 @@ def _thresholds(mix: RecipeMix, read, n: int, tau, runner: _SliceRunner) -> list
     """
     import torch
 
-    from ..merge_ops import _SAMPLE, band_scan, magnitude_band, magnitude_threshold, threshold_in_band
+    from ..merge_ops import band_scan, magnitude_band, magnitude_threshold, threshold_in_band
 
     density = mix.recipe.params["density"]
     n_ing = len(mix.ingredients)
     base_k = n_ing
     k_keep = int(density * n)
     found: list = [None] * n_ing
-    if n > 4 * _SAMPLE and k_keep > 0:
-        run = _sample_run(n)
+    run = _sample_run(n)
+    if n > 8 * SAMPLE_RUNS * run and k_keep > 0:  # a tensor well beyond its sample
         # each member's runs read straight into one buffer, then widened and subtracted by one kernel per member
         # (a few hundred small reads per tensor: per-call overheads, not bytes, are their cost)
         raw = torch.empty(n_ing + 1, SAMPLE_RUNS * run * 8, dtype=torch.uint8)
 
         def member_runs(k: int) -> torch.Tensor:
-            values = None
+            size = 8 * run  # bytes per run until the first read tells the member's element size
             for r in range(SAMPLE_RUNS):
-                at = r * (n - run) // (SAMPLE_RUNS - 1)
-                size = run * (values.element_size() if values is not None else 8)
                 place = raw[k, r * size : (r + 1) * size]
-                t = read(k, at, run, buffer=place)
+                t = read(k, r * (n - run) // (SAMPLE_RUNS - 1), run, buffer=place)
                 if t.data_ptr() != place.data_ptr():  # a member read whole: copy its run into place
-                    place[: run * t.element_size()].copy_(t.reshape(-1).view(torch.uint8))
-                if values is None:
-                    values = raw[k, : SAMPLE_RUNS * run * t.element_size()].view(t.dtype)
-            return values.view(SAMPLE_RUNS, run).to(torch.float32)
+                    place[: t.numel() * t.element_size()].copy_(t.reshape(-1).view(torch.uint8))
+                size, dtype = run * t.element_size(), t.dtype  # run 0 sits at 0 whatever `size` was
+            return raw[k, : SAMPLE_RUNS * size].view(dtype).view(SAMPLE_RUNS, run).to(torch.float32)
 
         base = member_runs(base_k)
         sample = torch.stack([member_runs(k).sub_(base) for k in range(n_ing)])

@@ -63,14 +63,10 @@ def disjoint(base, thetas, weights, lam, mode, value_bits, tied_kept, dare_start
     one, zero, minus = f32(1.0), f32(0.0), f32(-1.0)
     for b0 in range(0, count, BLOCK):
         m = min(BLOCK, count - b0)
-        for j in range(m):
-            ps[j] = zero
-        for j in range(m):
-            ns[j] = zero
-        for j in range(m):
-            pc[j] = zero
-        for j in range(m):
-            nc[j] = zero
+        ps[:m] = zero
+        ns[:m] = zero
+        pc[:m] = zero
+        nc[:m] = zero
         for i in range(n):
             _sparsify(
                 tbuf, thetas[i], base, b0, m, mode, value_bits[i], tied_kept[i], dare_start[i], dare_limit, density,
