@@ -24,7 +24,7 @@ from .core.sources import AtomicDirectory, ShardedSafetensorsWriter, copy_compan
 from .errors import SoupError
 from .loading import model_class_for
 from .merge_ops import TensorRecipe
-from .utils import is_main_process, wait_for_everyone
+from .utils import gc_paused, is_main_process, wait_for_everyone
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -73,7 +73,8 @@ class Kitchen:
     @property
     def plan(self) -> MergePlan:
         if self._plan is None:
-            self._plan = build_plan(self.members, dtype=self.dtype, reference_index=self.reference_index)
+            with gc_paused():  # planning creates no reference cycles; see gc_paused
+                self._plan = build_plan(self.members, dtype=self.dtype, reference_index=self.reference_index)
         return self._plan
 
     @property
@@ -293,7 +294,7 @@ class Kitchen:
         """Stream the soup into `target` through a temporary directory renamed into place at the end."""
         plan = self.plan
         ref = self.members[self.reference_index]
-        with AtomicDirectory(target, ingredients=self.members) as tmp:
+        with gc_paused(), AtomicDirectory(target, ingredients=self.members) as tmp:
             writer = ShardedSafetensorsWriter(
                 tmp.path,
                 [(t.name, t.shape, t.dtype) for t in plan.tensors],

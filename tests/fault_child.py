@@ -40,29 +40,31 @@ def _install(pause: str, ready: Path, output_dir: Path | None) -> None:
     target = int(count)
     calls = {"n": 0}
     if kind == "tensor":
+        import threading
+
         from hf_soups.core.sources import ShardedSafetensorsWriter
 
-        original_write, original_chunk = ShardedSafetensorsWriter.write, ShardedSafetensorsWriter.write_chunk
+        lock = threading.Lock()
+        original_write, original_slice = ShardedSafetensorsWriter.write, ShardedSafetensorsWriter.write_slice
 
         def after_tensor(writer: ShardedSafetensorsWriter) -> None:
             calls["n"] += 1
-            if calls["n"] == target:
-                for f in writer._files:  # make the bytes written so far visible in the temporary folder
-                    f.flush()
+            if calls["n"] == target:  # the writer's files are unbuffered: the bytes so far are in the folder
                 _pause(ready)
 
         def write(self, name, tensor):
             original_write(self, name, tensor)
             after_tensor(self)
 
-        def write_chunk(self, name, piece):
-            before = self._next
-            original_chunk(self, name, piece)
-            if self._next != before:  # the tensor is complete
-                after_tensor(self)
+        def write_slice(self, name, start, piece):
+            with lock:  # slices come from several threads: pause once, after the tensor is complete
+                before = self._next
+                original_slice(self, name, start, piece)
+                if self._next != before:
+                    after_tensor(self)
 
         ShardedSafetensorsWriter.write = write
-        ShardedSafetensorsWriter.write_chunk = write_chunk
+        ShardedSafetensorsWriter.write_slice = write_slice
     elif kind == "rename":
         assert output_dir is not None, "rename:K needs --output-dir"
         parent, stem = output_dir.parent, output_dir.name

@@ -343,7 +343,7 @@ def test_distances_gathered_while_streaming_match_float64(tmp_path, monkeypatch)
         def write(self, plan, tensor):
             pass
 
-        def write_chunk(self, plan, piece):
+        def write_slice(self, plan, start, piece):
             pass
 
     sds = [_state(d) for d in dirs]

@@ -92,12 +92,12 @@ def torch_threads():
 def test_sliced_combine_equals_whole_tensor_combine(
     tmp_path, monkeypatch, torch_threads, coefficients, dtype, threads
 ):
-    """Slices summed by one worker or by two side by side (each casting into its own buffer, written in order)
-    give the bytes of the whole-tensor path."""
+    """Slices summed by one worker or by two side by side (each casting into its own buffer and writing its
+    slices as it finishes them, in any order) give the bytes of the whole-tensor path."""
     monkeypatch.setattr(engine_module, "CHUNK_ELEMENTS", 256)
     tensors, sources = _sources(tmp_path, 3)
     plan = _plan(tensors[0], 3, dtype)
-    whole = DictSink()  # no write_chunk: every tensor takes the whole-tensor path
+    whole = DictSink()  # no write_slice: every tensor takes the whole-tensor path
     combine(plan, sources, coefficients, whole, progress=False)
     torch_threads(threads)
     got = _write(tmp_path, "sliced", plan, sources, coefficients)
@@ -110,6 +110,58 @@ def test_sliced_combine_equals_whole_tensor_combine(
         expected = sum(c * t[k].double() for c, t in zip(coefficients, tensors))
         tol = 1e-5 if got[k].dtype == torch.float32 else 1e-2
         torch.testing.assert_close(got[k].double(), expected.to(got[k].dtype).double(), rtol=tol, atol=tol)
+
+
+def test_distance_statistics_do_not_depend_on_the_workers_timing(tmp_path, monkeypatch, torch_threads):
+    """The sampled slices' Gram matrices are added in slice order whichever worker measured them: one worker and
+    two give the same float64 sums, equal to float64 dot products of the same sampled elements."""
+    from hf_soups.core.compat import DistanceStats
+
+    monkeypatch.setattr(engine_module, "CHUNK_ELEMENTS", 64)
+    monkeypatch.setattr(engine_module, "STATS_EVERY", 3)  # slices 0, 3, 6, ... of each streamed tensor
+    tensors, sources = _sources(tmp_path, 3)
+    grams = []
+    for threads in (1, 2, 2):
+        torch_threads(threads)
+        plan = _plan(tensors[0], 3)
+        plan.distances = DistanceStats(plan.names)
+        _write(tmp_path, f"out{len(grams)}", plan, sources, [1 / 3] * 3)
+        grams.append({k: v.clone() for k, v in plan.distances.tensors.items()})
+    assert grams[0].keys() == grams[1].keys() >= {"big.f32", "big.bf16", "big.f16"}
+    for got in grams[1:]:
+        for k in grams[0]:
+            assert torch.equal(got[k], grams[0][k]), k
+    n, stride = tensors[0]["big.f32"].numel(), engine_module.STATS_STRIDE
+    rows = torch.stack([t["big.f32"].reshape(-1).double() for t in tensors])
+    sampled = torch.cat([rows[:, s : min(s + 64, n) : stride] for s in range(0, n, 64 * 3)], dim=1)
+    torch.testing.assert_close(grams[0]["big.f32"], sampled @ sampled.T, rtol=1e-6, atol=0)
+
+
+def test_slice_runner_drain_does_each_item_once_and_stops_on_the_first_error():
+    import threading
+
+    done, lock = [], threading.Lock()
+
+    def record(item, slot):
+        assert slot in (0, 1)
+        with lock:
+            done.append(item)
+
+    with engine_module._SliceRunner(2) as runner:
+        runner.drain(record, range(500))
+    assert sorted(done) == list(range(500))
+
+    done.clear()
+
+    def fail_at_ten(item, slot):
+        if item == 10:
+            raise ValueError("slice 10 is broken")
+        record(item, slot)
+
+    with pytest.raises(ValueError, match="slice 10"):
+        with engine_module._SliceRunner(2) as runner:
+            runner.drain(fail_at_ten, range(100_000))
+    assert 10 not in done and len(done) < 1000  # the other worker stopped after its current item
 
 
 def test_large_tensor_is_streamed_at_the_default_slice_size(tmp_path, monkeypatch):
@@ -193,6 +245,26 @@ def test_garbage_collector_paused_while_combining_and_restored(tmp_path, monkeyp
     assert gc.isenabled()
 
 
+def test_garbage_collector_paused_while_planning_and_writing_a_soup(tiny_bert_dirs, tmp_path, monkeypatch):
+    """A merge to disk plans and writes with the cyclic collector off (one full collection of torch's objects cost
+    about a tenth of a second of a 400M soup) and turns it back on when done."""
+    import gc
+
+    import hf_soups.kitchen as kitchen_module
+
+    seen = []
+    real_build_plan = kitchen_module.build_plan
+
+    def observed_build_plan(*args, **kwargs):
+        seen.append(gc.isenabled())
+        return real_build_plan(*args, **kwargs)
+
+    monkeypatch.setattr(kitchen_module, "build_plan", observed_build_plan)
+    assert gc.isenabled()
+    merge_models(tiny_bert_dirs, output_dir=tmp_path / "soup", progress=False)
+    assert seen == [False] and gc.isenabled()
+
+
 def test_safetensors_get_range_reads_only_the_slice_into_the_buffer(tmp_path):
     tensors = _ingredient_tensors(0)
     save_file(tensors, tmp_path / "m.safetensors")
@@ -223,26 +295,35 @@ def test_state_dict_get_range_is_a_view_and_non_contiguous_tensors_still_work():
     assert torch.equal(src.get_range("t", 3, 5), base.t().reshape(-1)[3:8])
 
 
-def test_writer_chunks_round_trip_and_refuse_overflow(tmp_path):
+def test_writer_slices_round_trip_and_refuse_misuse(tmp_path):
     a, b = torch.randn(10), torch.randn(3, 2).to(torch.bfloat16)
     writer = ShardedSafetensorsWriter(tmp_path, [("a", (10,), a.dtype), ("b", (3, 2), b.dtype)])
-    writer.write_chunk("a", a[:4])
+    writer.write_slice("a", 6, a[6:])  # slices in any order
     with pytest.raises(SoupError, match="out of order"):
-        writer.write_chunk("b", b.reshape(-1))
+        writer.write_slice("b", 0, b.reshape(-1))
     with pytest.raises(SoupError, match="written whole after 16 bytes"):
         writer.write("a", a)
-    with pytest.raises(SoupError, match="would have 44 bytes, 40 were planned"):
-        writer.write_chunk("a", a[:7])
-    writer.write_chunk("a", a[4:])
-    writer.write_chunk("b", b.reshape(-1)[:5])
+    with pytest.raises(SoupError, match="bytes 28:44 of tensor 'a' are outside its 40"):
+        writer.write_slice("a", 7, a[:4])
+    with pytest.raises(SoupError, match="slice at byte 24 of tensor 'a' was written twice"):
+        writer.write_slice("a", 6, a[6:8])
+    writer.write_slice("a", 0, a[:6])
+    writer.write_slice("b", 0, b.reshape(-1)[:5])
     with pytest.raises(SoupError, match="never written"):
         writer.close()
+
+    out = tmp_path / "overlap"
+    out.mkdir()
+    writer = ShardedSafetensorsWriter(out, [("a", (10,), a.dtype)])
+    writer.write_slice("a", 0, a[:6])
+    with pytest.raises(SoupError, match="overlap or leave a gap"):
+        writer.write_slice("a", 5, a[5:9])  # 40 bytes in all, but bytes 20:24 twice and 36:40 never
 
     out = tmp_path / "second"
     out.mkdir()
     writer = ShardedSafetensorsWriter(out, [("a", (10,), a.dtype), ("b", (3, 2), b.dtype)], max_shard_size=41)
-    for piece in a.split(3):
-        writer.write_chunk("a", piece)
+    for start in (9, 3, 0, 6):
+        writer.write_slice("a", start, a[start : start + 3])
     writer.write("b", b)
     writer.close()
     index = json.loads((out / "model.safetensors.index.json").read_text())
@@ -252,6 +333,34 @@ def test_writer_chunks_round_trip_and_refuse_overflow(tmp_path):
     }
     assert torch.equal(load_file(out / "model-00001-of-00002.safetensors")["a"], a)
     assert torch.equal(load_file(out / "model-00002-of-00002.safetensors")["b"], b)
+
+
+def test_writer_slices_from_threads_give_the_same_file(tmp_path):
+    """Slices written from several threads at once, in a shuffled order, give the bytes of one whole write."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    g = torch.Generator().manual_seed(0)
+    big, small = torch.randn(4099, generator=g).to(torch.bfloat16), torch.randn(7, generator=g)
+    spec = [("small", (7,), small.dtype), ("big", (4099,), big.dtype), ("tail", (7,), small.dtype)]
+    whole = tmp_path / "whole"
+    whole.mkdir()
+    writer = ShardedSafetensorsWriter(whole, spec)
+    writer.write("small", small)
+    writer.write("big", big)
+    writer.write("tail", small)
+    writer.close()
+
+    sliced = tmp_path / "sliced"
+    sliced.mkdir()
+    writer = ShardedSafetensorsWriter(sliced, spec)
+    writer.write("small", small)
+    starts = list(range(0, 4099, 64))
+    order = torch.randperm(len(starts), generator=g).tolist()
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda k: writer.write_slice("big", starts[k], big[starts[k] : starts[k] + 64]), order))
+    writer.write("tail", small)
+    writer.close()
+    assert (sliced / "model.safetensors").read_bytes() == (whole / "model.safetensors").read_bytes()
 
 
 def test_merge_models_streams_slices_end_to_end(tiny_bert_dirs, tmp_path, monkeypatch):

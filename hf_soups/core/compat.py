@@ -758,10 +758,19 @@ class DistanceStats:
 
         `numel`, when given, is the tensor's full size: the slices added for it are then a sample, scaled up.
         """
+        self.add_gram(name, self.slice_gram(rows), rows.shape[1], numel=numel)
+
+    @staticmethod
+    def slice_gram(rows: torch.Tensor) -> torch.Tensor:
+        """The float64 Gram matrix of one slice's rows (dot products in the rows' dtype): the part of [`add`]
+        that may run on any thread; [`add_gram`] then adds it (in a fixed order, for the same sums every run)."""
         import torch
 
-        gram = (rows @ rows.T).to(torch.float64)  # one matrix product: N^2 dot products at the cost of a few
-        self.measured[name] = self.measured.get(name, 0) + rows.shape[1]
+        return (rows @ rows.T).to(torch.float64)  # one matrix product: N^2 dot products at the cost of a few
+
+    def add_gram(self, name: str, gram: torch.Tensor, measured: int, numel: int | None = None) -> None:
+        """Add the [`slice_gram`] of one slice of `measured` elements of tensor `name` (see [`add`] for `numel`)."""
+        self.measured[name] = self.measured.get(name, 0) + measured
         if numel is not None:
             self.numel[name] = numel
         acc = self.tensors.get(name)

@@ -51,7 +51,9 @@ class TensorSink:
     """Receives the soup's tensors in plan order.
 
     The engine first asks [`cast`] for the values exactly as they will be stored, checks that they are
-    finite, then hands that result to `write` (or `write_chunk`), which then stores it without a second cast.
+    finite, then hands that result to `write` (or `write_slice`), which then stores it without a second cast.
+    Sinks that define `write_slice(plan, start, piece)` receive large tensors as flat slices: from several
+    threads at once, in any order within a tensor, every slice of a tensor before the next tensor.
     """
 
     def cast(
@@ -90,9 +92,9 @@ class WriterSink(TensorSink):
     def write(self, plan: TensorPlan, tensor: torch.Tensor) -> None:
         self.writer.write(plan.name, self.cast(plan, tensor))
 
-    def write_chunk(self, plan: TensorPlan, piece: torch.Tensor) -> None:
-        """Append the next flat slice of `plan`'s tensor (cast to the planned dtype)."""
-        self.writer.write_chunk(plan.name, self.cast(plan, piece))
+    def write_slice(self, plan: TensorPlan, start: int, piece: torch.Tensor) -> None:
+        """Write the flat slice of `plan`'s tensor that begins at element `start` (already cast: see `cast`)."""
+        self.writer.write_slice(plan.name, start, self.cast(plan, piece))
 
 
 class ModelSink(TensorSink):
@@ -233,7 +235,7 @@ def combine(
     active = [(i, float(c)) for i, c in enumerate(coefficients) if c != 0]
     if not active:
         raise SoupError("internal error: every coefficient is zero.")
-    can_stream = hasattr(sink, "write_chunk")
+    can_stream = hasattr(sink, "write_slice")
     streamed = {tp.name for tp in plan.tensors if can_stream and _streamable(tp, sources, active)}
     # whole-tensor buffers are sized for the tensors that are not streamed
     max_bytes = max(
@@ -257,7 +259,7 @@ def combine(
             if tp.name in streamed
             for i, _ in active
         )
-        slots = [_SliceSlot(max(max_itemsize, 4)) for _ in range(workers + 1)]
+        slots = [_SliceSlot(max(max_itemsize, 4)) for _ in range(workers)]
     # distance statistics (compat.DistanceStats): the members' slices side by side, in float64
     distances = getattr(plan, "distances", None)
     stats = None
@@ -331,7 +333,7 @@ def combine_mix(
 
     members = list(mix.ingredients) + ([mix.base] if mix.base is not None else [])
     active = [(i, 1.0) for i in members]
-    can_stream = hasattr(sink, "write_chunk")
+    can_stream = hasattr(sink, "write_slice")
     max_numel = max((numel(t.shape) for t in plan.tensors if t.mergeable), default=0)
     max_itemsize = max(
         (sources[i].info(tp.source_keys[i]).dtype.itemsize for tp in plan.tensors for i in members), default=4
@@ -404,7 +406,7 @@ def combine_mix(
                         out = sink.cast(tp, value)
                         if not _finite(out):
                             _raise_non_finite(tp, sources, active, plan.names, None, value, out.dtype)
-                        sink.write_chunk(tp, out)
+                        sink.write_slice(tp, start, out)
                     else:
                         result[start : start + value.numel()] = value
                 if not write_slices:
@@ -421,8 +423,9 @@ def combine_mix(
 class _SliceRunner:
     """Runs `fn(item, slot)` over items on `workers` threads, results in order (the two-pass methods' slices).
 
-    At most `workers` items are in flight and item `j` runs in slot `j % workers`, so a slot's buffers are free
-    again when its next item starts. Torch's element-wise kernels release the GIL, so slices of one tensor are
+    [`map`]: at most `workers` items are in flight and item `j` runs in slot `j % workers`, so a slot's buffers
+    are free again when its next item starts. [`drain`]: each worker takes items from one shared iterator, with
+    its own slot, until none is left. Torch's element-wise kernels release the GIL, so slices of one tensor are
     combined in parallel while each kernel runs on one thread (on cache-sized slices, splitting each kernel
     across threads costs more than it saves). With one worker, everything runs in the calling thread.
     """
@@ -442,13 +445,9 @@ class _SliceRunner:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
 
-    def map(self, fn, items, slots: int | None = None):
-        """`fn(item, slot)` for each item, results in order; item `j` gets slot `j % slots` (default: `workers`).
-
-        The next item is started before a result is yielded: with `slots=workers + 1`, a result that lives in its
-        slot's buffers stays intact until the caller asks for the one after it.
-        """
-        slots = slots or self.workers
+    def map(self, fn, items):
+        """`fn(item, slot)` for each item, results in order; item `j` gets slot `j % workers`."""
+        slots = self.workers
         if self._pool is None:
             for j, item in enumerate(items):
                 yield fn(item, j % slots)
@@ -467,6 +466,36 @@ class _SliceRunner:
             if nxt is not None:
                 pending.append(self._pool.submit(fn, nxt[1], nxt[0] % slots))
             yield result
+
+    def drain(self, fn, items) -> None:
+        """`fn(item, slot)` for every item, in no particular order: worker `slot` takes the next item from one
+        shared iterator until none is left (no per-item hand-off between threads). Returns when every item is
+        done; the first error stops the workers after their current item and is raised.
+        """
+        todo = iter(items)
+        if self._pool is None:
+            for item in todo:
+                fn(item, 0)
+            return
+        stop: list[bool] = []
+
+        def work(slot: int) -> None:
+            try:
+                for item in todo:  # a range iterator's next() is atomic under the GIL
+                    if stop:
+                        return
+                    fn(item, slot)
+            except BaseException:
+                stop.append(True)
+                raise
+
+        futures = [self._pool.submit(work, slot) for slot in range(self.workers)]
+        try:
+            for future in futures:
+                future.result()
+        except BaseException:  # an error or an interrupt: let the other workers stop early
+            stop.append(True)
+            raise
 
 
 def _mix_stats(tp: TensorPlan, mix: RecipeMix, read, n: int, tau, runner: _SliceRunner):
@@ -648,13 +677,15 @@ def _combine_whole(tp: TensorPlan, sources, active, sink, acc_buf, read_buf, nam
 
 
 class _SliceSlot:
-    """One worker's buffers for the linear slice path: a float32 accumulator slice, a read buffer, a cast buffer."""
+    """One worker's buffers for the linear slice path: a float32 accumulator slice, a read buffer, a widened
+    copy of a reduced-precision slice, a cast buffer."""
 
     def __init__(self, itemsize: int):
         import torch
 
         self.acc = torch.empty(CHUNK_ELEMENTS, dtype=torch.float32)
         self.read = torch.empty(CHUNK_ELEMENTS * itemsize, dtype=torch.uint8)
+        self.wide = torch.empty(CHUNK_ELEMENTS, dtype=torch.float32)
         self.out = torch.empty(CHUNK_ELEMENTS * 4, dtype=torch.uint8)
         self.sample: torch.Tensor | None = None  # the members' slices for distance statistics, when measured
 
@@ -664,10 +695,13 @@ def _combine_slices(
 ) -> None:
     """`sum_i c_i * ingredient_i` for one large tensor, one slice of `CHUNK_ELEMENTS` at a time.
 
-    The slices are summed (and cast, and checked) by `runner`'s workers side by side, each in its own
-    [`_SliceSlot`], and written in order by the calling thread: reads from the page cache, the arithmetic and
-    the writes overlap (file reads and writes and torch's kernels release the GIL). `check=False` skips the
-    finiteness check (only for measuring a result already known to be refused).
+    The slices are summed, cast, checked and written by `runner`'s workers side by side, each taking the next
+    slice as it finishes one, in its own [`_SliceSlot`] (the sink's `write_slice` takes slices in any order,
+    from several threads): reads from the page cache, the arithmetic and the writes overlap (file reads and
+    writes and torch's kernels release the GIL), with no hand-off per slice. The distance statistics' sampled
+    slices are reduced to Gram matrices by the workers and added in slice order by the calling thread (the
+    same float64 sums whatever the threads' timing). `check=False` skips the finiteness check (only for
+    measuring a result already known to be refused).
     """
     import torch
 
@@ -685,7 +719,7 @@ def _combine_slices(
             keys[0], start, count, slot.acc.view(torch.uint8) if first_is_f32 else slot.read
         )
         sample = None
-        if stats is not None and (start // CHUNK_ELEMENTS) % STATS_EVERY == 0:
+        if start in grams:
             if slot.sample is None:
                 slot.sample = torch.empty_like(stats[1])
             sample = slot.sample
@@ -703,18 +737,22 @@ def _combine_slices(
             piece = sources[i].get_range(key, start, count, slot.read)
             if sample is not None:
                 sample[k, : -(-count // STATS_STRIDE)].copy_(piece[::STATS_STRIDE])
+            if piece.dtype != torch.float32:  # widened in the slot: add_ would allocate a float32 copy
+                piece = slot.wide[:count].copy_(piece)
             acc.add_(piece, alpha=c)
         out = sink.cast(tp, acc, slot.out)
         if check and not _finite(out):
             _raise_non_finite(tp, sources, active, names, None, None, out.dtype)
-        return out, (sample[:, : -(-count // STATS_STRIDE)] if sample is not None else None)
+        sink.write_slice(tp, start, out)
+        if sample is not None:
+            rows = sample[:, : -(-count // STATS_STRIDE)]
+            grams[start] = (stats[0].slice_gram(rows), rows.shape[1])
 
     starts = range(0, total, CHUNK_ELEMENTS)
-    # results live in their slot's buffers until written: one slot more than the items in flight
-    for out, sample in runner.map(one, starts, slots=len(slots)):
-        if sample is not None:
-            stats[0].add(tp.name, sample, total)
-        sink.write_chunk(tp, out)
+    grams = {} if stats is None else dict.fromkeys(starts[::STATS_EVERY])  # the sampled slices
+    runner.drain(one, starts)
+    for start in sorted(grams):
+        stats[0].add_gram(tp.name, *grams[start], numel=total)
 
 
 def _finite(t: torch.Tensor) -> bool:
@@ -761,7 +799,8 @@ class _MaxMagnitudeSink(TensorSink):
         if tensor.numel():
             self.max = max(self.max, float(tensor.abs().max()))
 
-    write_chunk = write
+    def write_slice(self, plan: TensorPlan, start: int, piece: torch.Tensor) -> None:
+        self.write(plan, piece)  # called from one thread (see `_raise_non_finite`)
 
 
 def _raise_non_finite(tp: TensorPlan, sources, active, names, buf, acc, dtype) -> None:

@@ -14,6 +14,7 @@ into place only when everything succeeded.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -684,6 +685,7 @@ class _Slot:
     shard: int
     offset: int  # absolute offset in the shard file
     nbytes: int
+    itemsize: int
 
 
 class AtomicDirectory:
@@ -829,6 +831,18 @@ class AtomicDirectory:
                 raise wrapped from exc
 
 
+def _write_all(f, data, offset: int) -> None:
+    """Write all of `data` at `offset` of the unbuffered file `f` (positional: the file offset is not used)."""
+    view = memoryview(data).cast("B")
+    fd = f.fileno()
+    done = 0
+    while done < len(view):
+        n = os.pwrite(fd, view[done:], offset + done)
+        if n <= 0:  # not expected from a regular file; never loop on it
+            raise OSError(errno.EIO, "a write made no progress", f.name)
+        done += n
+
+
 def _name_file(error: OSError, path: Path) -> OSError:
     """Record which file an I/O error happened on (a failed `write` does not say)."""
     if error.filename is None:
@@ -840,7 +854,9 @@ class ShardedSafetensorsWriter:
     """Write tensors, in a fixed order, into sharded safetensors files inside `directory`.
 
     Every shard header is written when the writer is created (the plan gives every name, shape and
-    dtype), so tensors can be appended one by one as they are computed and memory never holds a shard.
+    dtype), so every tensor's place in its file is known: tensors are written one by one as they are
+    computed, at their offsets (positional writes), and memory never holds a shard. A large tensor may be
+    written as slices, from several threads at once ([`write_slice`]).
 
     Args:
         directory (`Path`):
@@ -879,7 +895,9 @@ class ShardedSafetensorsWriter:
         self._slots: dict[str, _Slot] = {}
         self._order = [name for name, _, _ in tensors]
         self._next = 0
-        self._partial = 0  # bytes of the next tensor already written by write_chunk
+        self._slices: dict[int, int] = {}  # the next tensor's slices written so far: start byte -> end byte
+        self._partial = 0  # their bytes
+        self._lock = threading.Lock()
         self._files = []
         self.total_size = 0
         meta = {"format": "pt", **(metadata or {})}
@@ -897,50 +915,66 @@ class ShardedSafetensorsWriter:
             raw += b" " * (-len(raw) % 8)
             path = self.directory / self.filenames[i]
             try:
-                f = open(path, "wb")
+                f = open(path, "wb", buffering=0)
                 self._files.append(f)
-                f.write(struct.pack("<Q", len(raw)))
-                f.write(raw)
+                _write_all(f, struct.pack("<Q", len(raw)) + raw, 0)
             except OSError as e:
                 self.abort()
                 raise _name_file(e, path) from None
             start = 8 + len(raw)
-            for name, _, _, nbytes in shard:
+            for name, _, dtype, nbytes in shard:
                 begin = header[name]["data_offsets"][0]
-                self._slots[name] = _Slot(i, start + begin, nbytes)
+                self._slots[name] = _Slot(i, start + begin, nbytes, dtype.itemsize)
             self.total_size += pos
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Append the bytes of `name` (must be the next tensor in the declared order)."""
-        slot = self._expect(name)
-        if self._partial:
-            raise SoupError(
-                f"internal error: tensor {name!r} written whole after {self._partial} bytes of it."
-            )
-        nbytes = tensor.numel() * tensor.element_size()
-        if nbytes != slot.nbytes:
-            raise SoupError(
-                f"internal error: tensor {name!r} has {nbytes} bytes, {slot.nbytes} were planned."
-            )
-        self._append(slot, tensor)
-        self._next += 1
+        """Write the bytes of `name` whole (it must be the next tensor in the declared order)."""
+        with self._lock:
+            slot = self._expect(name)
+            if self._partial:
+                raise SoupError(
+                    f"internal error: tensor {name!r} written whole after {self._partial} bytes of it."
+                )
+            nbytes = tensor.numel() * tensor.element_size()
+            if nbytes != slot.nbytes:
+                raise SoupError(
+                    f"internal error: tensor {name!r} has {nbytes} bytes, {slot.nbytes} were planned."
+                )
+            self._put(slot, 0, tensor)
+            self._next += 1
 
-    def write_chunk(self, name: str, piece: torch.Tensor) -> None:
-        """Append the next consecutive piece of `name`'s flattened bytes.
+    def write_slice(self, name: str, start: int, piece: torch.Tensor) -> None:
+        """Write elements `start` to `start + piece.numel()` of `name`'s flattened tensor.
 
-        Large tensors are written this way, one cache-sized slice at a time; `name` counts as written
-        once its planned number of bytes has been appended.
+        Large tensors are written this way, one cache-sized slice at a time, in any order and from several
+        threads at once (positional writes; the slices must not overlap). `name` must be the next tensor in
+        the declared order; it counts as written once slices cover it exactly, and only then may the next
+        tensor be written.
         """
-        slot = self._expect(name)
-        nbytes = piece.numel() * piece.element_size()
-        if self._partial + nbytes > slot.nbytes:
+        with self._lock:
+            slot = self._expect(name)
+        begin = start * slot.itemsize
+        end = begin + piece.numel() * piece.element_size()
+        if begin < 0 or end > slot.nbytes:
             raise SoupError(
-                f"internal error: tensor {name!r} would have {self._partial + nbytes} bytes, "
-                f"{slot.nbytes} were planned."
+                f"internal error: bytes {begin}:{end} of tensor {name!r} are outside its {slot.nbytes} planned bytes."
             )
-        self._append(slot, piece)
-        self._partial += nbytes
-        if self._partial == slot.nbytes:
+        self._put(slot, begin, piece)
+        with self._lock:
+            self._expect(name)  # still the tensor being written: a slice after it was complete is an error
+            if self._slices.setdefault(begin, end) != end:
+                raise SoupError(
+                    f"internal error: the slice at byte {begin} of tensor {name!r} was written twice."
+                )
+            self._partial += end - begin
+            if self._partial < slot.nbytes:
+                return
+            covered = 0
+            for b in sorted(self._slices):  # the bytes add up: no gap unless two slices overlap
+                if b != covered:
+                    raise SoupError(f"internal error: the slices of tensor {name!r} overlap or leave a gap.")
+                covered = self._slices[b]
+            self._slices.clear()
             self._partial = 0
             self._next += 1
 
@@ -950,14 +984,15 @@ class ShardedSafetensorsWriter:
             raise SoupError(f"internal error: tensor {name!r} written out of order (expected {expected!r}).")
         return self._slots[name]
 
-    def _append(self, slot: _Slot, tensor: torch.Tensor) -> None:
+    def _put(self, slot: _Slot, begin: int, tensor: torch.Tensor) -> None:
+        """Write `tensor`'s bytes at byte `begin` of `slot` (a positional write: threads may write at once)."""
         if tensor.numel():
             import torch
 
             t = tensor.contiguous()
             f = self._files[slot.shard]
             try:
-                f.write(memoryview(t.view(-1).view(torch.uint8).numpy()))
+                _write_all(f, memoryview(t.view(-1).view(torch.uint8).numpy()), slot.offset + begin)
             except OSError as e:
                 raise _name_file(e, Path(f.name)) from None
 
@@ -966,7 +1001,7 @@ class ShardedSafetensorsWriter:
         files, self._files = self._files, []
         for i, f in enumerate(files):
             try:
-                f.close()  # flushes the last buffered bytes: a full disk may show only now
+                f.close()
             except OSError as e:
                 for rest in files[i + 1 :]:
                     rest.close()
