@@ -117,7 +117,7 @@ def test_distance_statistics_do_not_depend_on_the_workers_timing(tmp_path, monke
     two give the same float64 sums, equal to float64 dot products of the same sampled elements."""
     from hf_soups.core.compat import DistanceStats
 
-    monkeypatch.setattr(engine_module, "CHUNK_ELEMENTS", 64)
+    monkeypatch.setattr(engine_module, "CHUNK_ELEMENTS", 32)  # the linear path's slices: 64 elements
     monkeypatch.setattr(engine_module, "STATS_EVERY", 3)  # slices 0, 3, 6, ... of each streamed tensor
     tensors, sources = _sources(tmp_path, 3)
     grams = []
@@ -131,9 +131,10 @@ def test_distance_statistics_do_not_depend_on_the_workers_timing(tmp_path, monke
     for got in grams[1:]:
         for k in grams[0]:
             assert torch.equal(got[k], grams[0][k]), k
-    n, stride = tensors[0]["big.f32"].numel(), engine_module.STATS_STRIDE
+    n, stride, chunk = tensors[0]["big.f32"].numel(), engine_module.STATS_STRIDE, engine_module._linear_chunk()
     rows = torch.stack([t["big.f32"].reshape(-1).double() for t in tensors])
-    sampled = torch.cat([rows[:, s : min(s + 64, n) : stride] for s in range(0, n, 64 * 3)], dim=1)
+    sampled = torch.cat([rows[:, s : min(s + chunk, n) : stride] for s in range(0, n, chunk * 3)], dim=1)
+    assert sampled.shape[1] < n // 4  # a sample of several slices, not the whole tensor
     torch.testing.assert_close(grams[0]["big.f32"], sampled @ sampled.T, rtol=1e-6, atol=0)
 
 
@@ -181,7 +182,9 @@ def test_large_tensor_is_streamed_at_the_default_slice_size(tmp_path, monkeypatc
     # count the slices the engine asks for (the reading itself is the real one)
     monkeypatch.setattr(SafetensorsSource, "get_range", counting_get_range)
     got = _write(tmp_path, "out", _plan(ingredients[0], 2), sources, [0.5, 0.5])
-    assert max(reads) == engine_module.CHUNK_ELEMENTS and len(reads) == 2 * 4
+    # the linear path's slices: 2 of them for 3 * CHUNK_ELEMENTS + 17 elements, each read from both ingredients
+    assert engine_module._linear_chunk() == 2 * engine_module.CHUNK_ELEMENTS
+    assert max(reads) == engine_module._linear_chunk() and len(reads) == 2 * 2
     torch.testing.assert_close(got["w"], (ingredients[0]["w"] + ingredients[1]["w"]) / 2, rtol=0, atol=1e-6)
 
 

@@ -37,9 +37,14 @@ CHUNK_ELEMENTS = 1 << 18
 # Threads that combine the slices of a two-pass method (TIES, DARE, SLERP, Model Stock) side by side, at most
 # torch's own thread count (see _SliceRunner).
 MIX_WORKERS = 2
-# Threads that sum the slices of the linear soups (uniform, greedy's candidates written out, WiSE-FT, task
-# arithmetic) side by side while the calling thread writes them, at most torch's own thread count.
+# Threads that sum and write the slices of the linear soups (uniform, greedy's candidates written out, WiSE-FT,
+# task arithmetic) side by side, at most torch's own thread count.
 LINEAR_WORKERS = 2
+# The linear soups stream slices of LINEAR_CHUNK_FACTOR * CHUNK_ELEMENTS elements: with the workers writing their
+# own slices, half as many slices (half the per-slice Python and thread work) was 5-8% faster on 2 cores for
+# 400M x 4 and x 8 bfloat16 (docs/benchmarks.md); the two-pass methods, which hold a slice of every member and
+# several work buffers per worker, keep CHUNK_ELEMENTS.
+LINEAR_CHUNK_FACTOR = 2
 # Distance statistics (compat.DistanceStats) are measured on every STATS_STRIDE-th element of one slice in
 # STATS_EVERY of a streamed tensor (its first slice included), and on an evenly strided sample of
 # CHUNK_ELEMENTS // STATS_EVERY elements of a tensor read whole.
@@ -259,7 +264,7 @@ def combine(
             if tp.name in streamed
             for i, _ in active
         )
-        slots = [_SliceSlot(max(max_itemsize, 4)) for _ in range(workers)]
+        slots = [_SliceSlot(max(max_itemsize, 4), _linear_chunk()) for _ in range(workers)]
     # distance statistics (compat.DistanceStats): the members' slices side by side, in float64
     distances = getattr(plan, "distances", None)
     stats = None
@@ -676,24 +681,29 @@ def _combine_whole(tp: TensorPlan, sources, active, sink, acc_buf, read_buf, nam
     sink.write(tp, out)
 
 
-class _SliceSlot:
-    """One worker's buffers for the linear slice path: a float32 accumulator slice, a read buffer, a widened
-    copy of a reduced-precision slice, a cast buffer."""
+def _linear_chunk() -> int:
+    """Elements per slice of the linear soups (see `LINEAR_CHUNK_FACTOR`)."""
+    return LINEAR_CHUNK_FACTOR * CHUNK_ELEMENTS
 
-    def __init__(self, itemsize: int):
+
+class _SliceSlot:
+    """One worker's buffers for the linear slice path, for slices of `chunk` elements: a float32 accumulator
+    slice, a read buffer, a widened copy of a reduced-precision slice, a cast buffer."""
+
+    def __init__(self, itemsize: int, chunk: int):
         import torch
 
-        self.acc = torch.empty(CHUNK_ELEMENTS, dtype=torch.float32)
-        self.read = torch.empty(CHUNK_ELEMENTS * itemsize, dtype=torch.uint8)
-        self.wide = torch.empty(CHUNK_ELEMENTS, dtype=torch.float32)
-        self.out = torch.empty(CHUNK_ELEMENTS * 4, dtype=torch.uint8)
+        self.acc = torch.empty(chunk, dtype=torch.float32)
+        self.read = torch.empty(chunk * itemsize, dtype=torch.uint8)
+        self.wide = torch.empty(chunk, dtype=torch.float32)
+        self.out = torch.empty(chunk * 4, dtype=torch.uint8)
         self.sample: torch.Tensor | None = None  # the members' slices for distance statistics, when measured
 
 
 def _combine_slices(
     tp: TensorPlan, sources, active, sink, slots, runner, names, check: bool = True, stats=None
 ) -> None:
-    """`sum_i c_i * ingredient_i` for one large tensor, one slice of `CHUNK_ELEMENTS` at a time.
+    """`sum_i c_i * ingredient_i` for one large tensor, one slice (of the slots' size) at a time.
 
     The slices are summed, cast, checked and written by `runner`'s workers side by side, each taking the next
     slice as it finishes one, in its own [`_SliceSlot`] (the sink's `write_slice` takes slices in any order,
@@ -709,10 +719,11 @@ def _combine_slices(
     first_i, first_c = active[0]
     first_is_f32 = sources[first_i].info(keys[0]).dtype == torch.float32
     total = numel(tp.shape)
+    chunk = slots[0].acc.numel()
 
     def one(start: int, slot_index: int):
         slot = slots[slot_index]
-        count = min(CHUNK_ELEMENTS, total - start)
+        count = min(chunk, total - start)
         acc = slot.acc[:count]
         # the first ingredient is read straight into the accumulator when it is float32
         t = sources[first_i].get_range(
@@ -748,7 +759,7 @@ def _combine_slices(
             rows = sample[:, : -(-count // STATS_STRIDE)]
             grams[start] = (stats[0].slice_gram(rows), rows.shape[1])
 
-    starts = range(0, total, CHUNK_ELEMENTS)
+    starts = range(0, total, chunk)
     grams = {} if stats is None else dict.fromkeys(starts[::STATS_EVERY])  # the sampled slices
     runner.drain(one, starts)
     for start in sorted(grams):
@@ -822,7 +833,8 @@ def _raise_non_finite(tp: TensorPlan, sources, active, names, buf, acc, dtype) -
             )
     if acc is None:  # a sliced tensor: sum it again, slice by slice, keeping only the largest magnitude
         probe = _MaxMagnitudeSink()
-        _combine_slices(tp, sources, active, probe, [_SliceSlot(8)], _SliceRunner(1), names, check=False)
+        slots = [_SliceSlot(8, _linear_chunk())]
+        _combine_slices(tp, sources, active, probe, slots, _SliceRunner(1), names, check=False)
         magnitude = probe.max
     else:
         magnitude = float(acc.abs().max())
