@@ -131,7 +131,8 @@ def test_distance_statistics_do_not_depend_on_the_workers_timing(tmp_path, monke
     for got in grams[1:]:
         for k in grams[0]:
             assert torch.equal(got[k], grams[0][k]), k
-    n, stride, chunk = tensors[0]["big.f32"].numel(), engine_module.STATS_STRIDE, engine_module._linear_chunk()
+    n, chunk = tensors[0]["big.f32"].numel(), engine_module._linear_chunk()
+    stride = engine_module.STATS_STRIDE
     rows = torch.stack([t["big.f32"].reshape(-1).double() for t in tensors])
     sampled = torch.cat([rows[:, s : min(s + chunk, n) : stride] for s in range(0, n, chunk * 3)], dim=1)
     assert sampled.shape[1] < n // 4  # a sample of several slices, not the whole tensor
