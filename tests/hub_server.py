@@ -1169,7 +1169,9 @@ class _Handler(BaseHTTPRequestHandler):
             match = re.fullmatch(r"bytes=(\d+)-(\d*)", range_header.strip())
             if match:
                 start = int(match.group(1))
-                end = int(match.group(2)) if match.group(2) else size - 1
+                # a range past the end is served up to the end (RFC 9110 14.1.2), as the Hub does: the client asks
+                # for the first 100 kB of a safetensors file to read its header, whatever the file's size
+                end = min(int(match.group(2)), size - 1) if match.group(2) else size - 1
                 if start >= size > 0:
                     raise HubError(416, "Requested range not satisfiable")
                 headers["Content-Range"] = f"bytes {start}-{end}/{size}"

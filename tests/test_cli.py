@@ -366,6 +366,14 @@ def test_dry_run_of_a_hub_ingredient_reports_the_download_then_the_cache(tmp_pat
     assert dry.returncode == 0, dry.stderr
     assert f"Download: {human_bytes(size)}" in dry.stdout
     assert tree(hf_home) == home_before and not (tmp_path / "soup").exists()
+    # the Hub ingredient's tensors and parameters, from its safetensors header read with a range request
+    rows = {
+        line.split()[1].split("@")[0]: line.split()
+        for line in dry.stdout.splitlines()
+        if "ingredient" in line
+    }
+    hub_row, local_row = rows[repo], rows[str(tmp_path / "local")]
+    assert hub_row[-2:] == local_row[-2:] and hub_row[-2] != "?", dry.stdout
 
     cooked = hf_soups("merge", repo, "local", "--output-dir", "soup", "--quiet", cwd=tmp_path, env=env)
     assert cooked.returncode == 0, cooked.stderr
