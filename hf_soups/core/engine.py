@@ -426,13 +426,14 @@ def combine_mix(
 
 
 class _SliceRunner:
-    """Runs `fn(item, slot)` over items on `workers` threads, results in order (the two-pass methods' slices).
+    """Runs `fn(item, slot)` over items on `workers` threads: the slices of one tensor.
 
-    [`map`]: at most `workers` items are in flight and item `j` runs in slot `j % workers`, so a slot's buffers
-    are free again when its next item starts. [`drain`]: each worker takes items from one shared iterator, with
-    its own slot, until none is left. Torch's element-wise kernels release the GIL, so slices of one tensor are
-    combined in parallel while each kernel runs on one thread (on cache-sized slices, splitting each kernel
-    across threads costs more than it saves). With one worker, everything runs in the calling thread.
+    [`map`] (the two-pass methods), results in order: at most `workers` items are in flight and item `j` runs
+    in slot `j % workers`, so a slot's buffers are free again when its next item starts. [`drain`] (the linear
+    soups), no results: each worker takes items from one shared iterator, with its own slot, until none is left.
+    Torch's element-wise kernels release the GIL, so slices of one tensor are combined in parallel while each
+    kernel runs on one thread (on cache-sized slices, splitting each kernel across threads costs more than it
+    saves). With one worker, everything runs in the calling thread.
     """
 
     def __init__(self, workers: int):
