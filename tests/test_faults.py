@@ -296,6 +296,28 @@ def test_disk_full_for_a_new_folder_creates_nothing(models, tmpfs):
     assert (disk / "mine.txt").read_text() == "the user's file"
 
 
+def test_disk_full_while_two_workers_write_slices_is_clean(models, tmpfs, monkeypatch):
+    """ENOSPC in a slice worker's positional write (the streamed path, two workers): the same clear error, the
+    other worker stopped, nothing left on the disk."""
+    import torch
+
+    from hf_soups import merge_models
+    from hf_soups.core import engine
+
+    monkeypatch.setattr(engine, "CHUNK_ELEMENTS", 1024)  # the tiny BERT's matrices are streamed in slices
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)  # two slice workers
+    try:
+        disk = tmpfs("size=40k")
+        with pytest.raises((OSError, SoupError)) as info:
+            merge_models(models, output_dir=disk / "soup", progress=False)  # one 80 KB shard: it cannot fit
+    finally:
+        torch.set_num_threads(previous)
+    assert str(disk) in str(info.value)
+    assert leftovers(disk, set()) == []
+    assert shutil.disk_usage(disk).used == 0
+
+
 def test_read_only_target_is_an_error_and_keeps_the_previous_soup(models, tmpfs):
     """A read-only file system (root ignores chmod, so a read-only mount is the honest test)."""
     from hf_soups import merge_models
