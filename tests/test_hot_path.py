@@ -367,6 +367,24 @@ def test_writer_slices_from_threads_give_the_same_file(tmp_path):
     assert (sliced / "model.safetensors").read_bytes() == (whole / "model.safetensors").read_bytes()
 
 
+def test_writer_sink_casts_uncast_slices_from_threads_without_sharing_a_buffer(tmp_path):
+    """float32 slices handed to a bfloat16 tensor from several threads at once are cast and written right (each
+    into a tensor of its own: the sink's one buffer is never shared between threads)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    n, step = 1 << 20, 1 << 15
+    values = torch.randn(n, generator=torch.Generator().manual_seed(1))
+    plan = _plan({"w": values.to(torch.bfloat16)}, 1)
+    writer = ShardedSafetensorsWriter(tmp_path, [("w", (n,), torch.bfloat16)])
+    sink = WriterSink(writer, n * 4)
+    with ThreadPoolExecutor(4) as pool:
+        list(
+            pool.map(lambda s: sink.write_slice(plan.tensors[0], s, values[s : s + step]), range(0, n, step))
+        )
+    writer.close()
+    assert torch.equal(load_file(tmp_path / "model.safetensors")["w"], values.to(torch.bfloat16))
+
+
 def test_merge_models_streams_slices_end_to_end(tiny_bert_dirs, tmp_path, monkeypatch):
     """Through the public API (Kitchen, WriterSink, atomic writer): the sliced soup is the mean."""
     monkeypatch.setattr(engine_module, "CHUNK_ELEMENTS", 100)  # every matrix of the tiny BERT is sliced

@@ -98,8 +98,14 @@ class WriterSink(TensorSink):
         self.writer.write(plan.name, self.cast(plan, tensor))
 
     def write_slice(self, plan: TensorPlan, start: int, piece: torch.Tensor) -> None:
-        """Write the flat slice of `plan`'s tensor that begins at element `start` (already cast: see `cast`)."""
-        self.writer.write_slice(plan.name, start, self.cast(plan, piece))
+        """Write the flat slice of `plan`'s tensor that begins at element `start`.
+
+        Called from several threads: a piece not already cast (see `cast`, with a buffer per thread) is cast into
+        a new tensor, never through this sink's one shared buffer.
+        """
+        self.writer.write_slice(
+            plan.name, start, piece if piece.dtype == plan.dtype else piece.to(plan.dtype)
+        )
 
 
 class ModelSink(TensorSink):
@@ -483,16 +489,18 @@ class _SliceRunner:
             for item in todo:
                 fn(item, 0)
             return
-        stop: list[bool] = []
+        import threading
+
+        stop = threading.Event()
 
         def work(slot: int) -> None:
             try:
                 for item in todo:  # a range iterator's next() is atomic under the GIL
-                    if stop:
+                    if stop.is_set():
                         return
                     fn(item, slot)
             except BaseException:
-                stop.append(True)
+                stop.set()
                 raise
 
         futures = [self._pool.submit(work, slot) for slot in range(self.workers)]
@@ -500,7 +508,7 @@ class _SliceRunner:
             for future in futures:
                 future.result()
         except BaseException:  # an error or an interrupt: let the other workers stop early
-            stop.append(True)
+            stop.set()
             raise
 
 
@@ -721,6 +729,9 @@ def _combine_slices(
     first_is_f32 = sources[first_i].info(keys[0]).dtype == torch.float32
     total = numel(tp.shape)
     chunk = slots[0].acc.numel()
+    starts = range(0, total, chunk)
+    # the sampled slices' Gram matrices, filled by the workers, added in slice order at the end
+    grams = {} if stats is None else dict.fromkeys(starts[::STATS_EVERY])
 
     def one(start: int, slot_index: int):
         slot = slots[slot_index]
@@ -760,8 +771,6 @@ def _combine_slices(
             rows = sample[:, : -(-count // STATS_STRIDE)]
             grams[start] = (stats[0].slice_gram(rows), rows.shape[1])
 
-    starts = range(0, total, chunk)
-    grams = {} if stats is None else dict.fromkeys(starts[::STATS_EVERY])  # the sampled slices
     runner.drain(one, starts)
     for start in sorted(grams):
         stats[0].add_gram(tp.name, *grams[start], numel=total)
