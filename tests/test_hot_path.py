@@ -398,3 +398,25 @@ def test_merge_models_streams_slices_end_to_end(tiny_bert_dirs, tmp_path, monkey
             torch.testing.assert_close(v.double(), expected, rtol=0, atol=1e-6)
         else:
             assert torch.equal(v, sds[0][k])
+
+
+def test_whole_tensor_path_adds_bfloat16_without_a_float32_copy_of_the_tensor():
+    """A bfloat16 tensor read whole (a `.bin` checkpoint, a sink without `write_slice`) is added through a float32
+    buffer of one slice: `add_` of the whole tensor would allocate a float32 copy of it per ingredient. torch's
+    profiler sees every allocation; the only one of the tensor's float32 size is the accumulator."""
+    from torch.profiler import ProfilerActivity, profile
+
+    n = 3 * engine_module.CHUNK_ELEMENTS + 5  # several slices and a ragged last one
+    tensors = [
+        {"w": torch.randn(n, generator=torch.Generator().manual_seed(i)).to(torch.bfloat16)} for i in range(3)
+    ]
+    plan = _plan(tensors[0], 3)
+    sink = DictSink()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        combine(plan, [StateDictSource(t) for t in tensors], [0.2, 0.3, 0.5], sink, progress=False)
+    full = [e.name for e in prof.events() if e.name.startswith("aten::empty") and e.cpu_memory_usage >= 4 * n]
+    assert full == ["aten::empty"], full  # the float32 accumulator, nothing else of its size
+    expected = sum(c * t["w"].double() for c, t in zip([0.2, 0.3, 0.5], tensors))
+    torch.testing.assert_close(
+        sink.tensors["w"].double(), expected.to(torch.bfloat16).double(), rtol=1e-2, atol=1e-2
+    )

@@ -261,6 +261,11 @@ def combine(
     max_numel = max((numel(t.shape) for t in plan.tensors if t.name not in streamed), default=0)
     read_buf = torch.empty(max(max_bytes, 1), dtype=torch.uint8)
     acc_buf = torch.empty(max(max_numel, 1), dtype=torch.float32)
+    wide = (
+        torch.empty(min(max_numel, CHUNK_ELEMENTS), dtype=torch.float32)
+        if max_numel > CHUNK_ELEMENTS
+        else None
+    )
     workers = max(1, min(LINEAR_WORKERS, torch.get_num_threads())) if streamed else 1
     slots: list[_SliceSlot] = []
     if streamed:
@@ -289,7 +294,7 @@ def combine(
                 with single_threaded():
                     _combine_whole(tp, sources, active, sink, acc_buf, read_buf, plan.names, stats)
             else:
-                _combine_whole(tp, sources, active, sink, acc_buf, read_buf, plan.names, stats)
+                _combine_whole(tp, sources, active, sink, acc_buf, read_buf, plan.names, stats, wide)
     if stats is not None:
         problems = distances.end()
         if plan.report is not None:
@@ -658,8 +663,11 @@ def _streamable(tp: TensorPlan, sources: Sequence[TensorSource], active) -> bool
     return all(sources[i].range_readable(tp.source_keys[i]) for i, _ in active)
 
 
-def _combine_whole(tp: TensorPlan, sources, active, sink, acc_buf, read_buf, names, stats=None) -> None:
-    """`sum_i c_i * ingredient_i` for one tensor read whole."""
+def _combine_whole(
+    tp: TensorPlan, sources, active, sink, acc_buf, read_buf, names, stats=None, wide=None
+) -> None:
+    """`sum_i c_i * ingredient_i` for one tensor read whole (a reduced-precision ingredient is added through
+    `wide`, a float32 buffer, a slice at a time: see [`_add_widened`])."""
     import torch
 
     n = numel(tp.shape)
@@ -679,8 +687,10 @@ def _combine_whole(tp: TensorPlan, sources, active, sink, acc_buf, read_buf, nam
                 if c != 1.0:
                     acc.mul_(c)
             first = False
-        else:
+        elif t.dtype == torch.float32 or wide is None:
             acc.add_(t, alpha=c)
+        else:
+            _add_widened(acc.view(-1), t.reshape(-1), c, wide)
     out = sink.cast(tp, acc)
     if not _finite(out):
         _raise_non_finite(tp, sources, active, names, read_buf, acc, out.dtype)
@@ -688,6 +698,16 @@ def _combine_whole(tp: TensorPlan, sources, active, sink, acc_buf, read_buf, nam
         m = -(-n // stride)
         stats[0].add(tp.name, stats[1][:, :m], n)
     sink.write(tp, out)
+
+
+def _add_widened(acc: torch.Tensor, t: torch.Tensor, c: float, wide: torch.Tensor) -> None:
+    """`acc += c * t` for a flat float32 `acc` and a flat reduced-precision `t`, widened into `wide` one slice of
+    its size at a time: `acc.add_(t)` would first allocate a float32 copy of the whole of `t` (for a bfloat16
+    embedding of 500M elements, 2 GB on top of the accumulator)."""
+    step = wide.numel()
+    for start in range(0, t.numel(), step):
+        piece = t[start : start + step]
+        acc[start : start + piece.numel()].add_(wide[: piece.numel()].copy_(piece), alpha=c)
 
 
 def _linear_chunk() -> int:
