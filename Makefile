@@ -3,6 +3,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 PYTEST_ARGS ?=
+# test processes side by side (pytest-xdist; each test runs torch on one thread): 2 halves the suite on 2 cores
+PYTEST_WORKERS ?= 2
+XDIST := -n $(PYTEST_WORKERS) --dist worksteal
 
 .PHONY: install demo test test-fast lint format bench clean
 
@@ -22,11 +25,11 @@ demo: install
 
 ## Command two: lint, then the whole test suite (slow end-to-end tests included).
 test: install lint
-	$(PY) -m pytest -q -m "slow or not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m "slow or not slow" $(XDIST) $(PYTEST_ARGS)
 
 ## The fast subset, for the edit-test loop.
 test-fast: install
-	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m "not slow" $(XDIST) $(PYTEST_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check hf_soups tests examples benchmarks
