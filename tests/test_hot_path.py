@@ -420,3 +420,111 @@ def test_whole_tensor_path_adds_bfloat16_without_a_float32_copy_of_the_tensor():
     torch.testing.assert_close(
         sink.tensors["w"].double(), expected.to(torch.bfloat16).double(), rtol=1e-2, atol=1e-2
     )
+
+
+class _SlicesCounted(engine_module.ModelSink):
+    """The live-model sink, counting the slices it is handed (to show that a test took the slice path)."""
+
+    slices = 0
+
+    def write_slice(self, plan, start, piece):
+        type(self).slices += 1
+        super().write_slice(plan, start, piece)
+
+
+def _live_model(tensors: dict[str, torch.Tensor], dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """A module whose parameters and buffers carry `tensors`' names and shapes (zeros; floats in `dtype`)."""
+    root = torch.nn.Module()
+    for name, t in tensors.items():
+        owner, leaf = root, name.split(".")
+        for part in leaf[:-1]:
+            if not hasattr(owner, part):
+                owner.add_module(part, torch.nn.Module())
+            owner = getattr(owner, part)
+        value = torch.zeros(t.shape, dtype=dtype if dtype is not None and t.is_floating_point() else t.dtype)
+        if t.is_floating_point():
+            owner.register_parameter(leaf[-1], torch.nn.Parameter(value, requires_grad=False))
+        else:
+            owner.register_buffer(leaf[-1], value)
+    return root
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("live_dtype", [None, torch.bfloat16])  # bfloat16: a live model cast by `eval_dtype`
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_in_memory_soup_streams_slices_into_the_live_model(
+    tmp_path, monkeypatch, torch_threads, dtype, live_dtype, threads
+):
+    """A soup written into a live model (greedy candidates, in-memory soups) goes slice by slice into each
+    parameter, in the parameter's dtype, and holds the bytes of the whole-tensor path."""
+    tensors, sources = _sources(tmp_path, 3)
+    plan = _plan(tensors[0], 3, dtype)
+    coefficients = [0.25, 0.25, 0.5]
+    monkeypatch.setattr(_SlicesCounted, "slices", 0)
+    monkeypatch.setattr(engine_module, "CHUNK_ELEMENTS", 4096)  # larger than every tensor: all go whole
+    whole = _live_model(tensors[0], live_dtype)
+    combine(plan, sources, coefficients, _SlicesCounted(whole), progress=False)
+    assert _SlicesCounted.slices == 0
+    monkeypatch.setattr(engine_module, "CHUNK_ELEMENTS", 256)
+    torch_threads(threads)
+    model = _live_model(tensors[0], live_dtype)
+    combine(plan, sources, coefficients, _SlicesCounted(model), progress=False)
+    assert _SlicesCounted.slices >= 2 + 4 + 3  # big.f32, big.bf16 and big.f16 went as slices
+    got, expected = model.state_dict(), whole.state_dict()
+    for k, v in expected.items():
+        assert got[k].dtype == v.dtype, k
+        assert torch.equal(got[k], v), k
+    for k in (
+        "big.f32",
+        "big.bf16",
+        "big.f16",
+    ):  # and both are the weighted mean, within the live dtype's rounding
+        mean = sum(c * t[k].double() for c, t in zip(coefficients, tensors))
+        tol = 1e-5 if got[k].dtype == torch.float32 else 1e-2
+        torch.testing.assert_close(got[k].double(), mean.to(got[k].dtype).double(), rtol=tol, atol=tol)
+
+
+def test_two_pass_soup_streams_slices_into_the_live_model(tmp_path, monkeypatch, torch_threads):
+    """TIES into a live model: slices written in place on two workers equal the whole-tensor result."""
+    from hf_soups import merge_ops
+    from hf_soups.core.engine import RecipeMix, combine_mix
+
+    monkeypatch.setattr(engine_module, "CHUNK_ELEMENTS", 256)
+    monkeypatch.setattr(_SlicesCounted, "slices", 0)
+    tensors, sources = _sources(tmp_path, 4)
+    plan = _plan(tensors[0], 4)
+    mix = RecipeMix(merge_ops.ties_recipe(density=0.5), ingredients=(0, 1, 2), base=3)
+    whole = DictSink()
+    combine_mix(plan, sources, mix, whole, progress=False)
+    torch_threads(2)
+    model = _live_model(tensors[0])
+    combine_mix(plan, sources, mix, _SlicesCounted(model), progress=False)
+    assert _SlicesCounted.slices >= 9 + 4 + 5  # slices of 256 elements of the three large tensors
+    got = model.state_dict()
+    for k, v in whole.tensors.items():
+        assert torch.equal(got[k], v), k
+
+
+def test_in_memory_soup_of_a_transformers_model_is_the_same_streamed_or_whole(tiny_bert_dirs, monkeypatch):
+    """`merge_models` without `output_dir` (the live-model sink): slices of 256 elements give the weights of
+    the whole-tensor path, which are the float64 weighted mean rounded to float32."""
+    from tests.testing_common import read_safetensors
+
+    weights = [1.0, 2.0, 5.0]
+    whole = merge_models(tiny_bert_dirs, weights=weights, progress=False).model.state_dict()
+    monkeypatch.setattr(engine_module, "CHUNK_ELEMENTS", 256)
+    monkeypatch.setattr(_SlicesCounted, "slices", 0)
+    import hf_soups.kitchen as kitchen_module
+
+    monkeypatch.setattr(kitchen_module, "ModelSink", _SlicesCounted)  # the same sink, its slices counted
+    sliced = merge_models(tiny_bert_dirs, weights=weights, progress=False).model.state_dict()
+    assert _SlicesCounted.slices > 0
+    assert sliced.keys() == whole.keys()
+    for k in whole:
+        assert torch.equal(sliced[k], whole[k]), k
+    states = [read_safetensors(d) for d in tiny_bert_dirs]
+    total = sum(weights)
+    for k, v in states[0].items():
+        if v.is_floating_point() and k in sliced:
+            expected = sum(w / total * s[k].double() for w, s in zip(weights, states))
+            torch.testing.assert_close(sliced[k].double(), expected, rtol=0, atol=1e-6)

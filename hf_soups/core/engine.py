@@ -74,6 +74,16 @@ class TensorSink:
     def write(self, plan: TensorPlan, tensor: torch.Tensor) -> None:
         raise NotImplementedError
 
+    def takes_slices(self, plan: TensorPlan) -> bool:
+        """Whether `plan`'s tensor may be handed over as slices (`write_slice`): by default, when the sink has one."""
+        return hasattr(self, "write_slice")
+
+
+def _takes_slices(sink, plan: TensorPlan) -> bool:
+    """`sink.takes_slices(plan)`, for sinks that do not derive from [`TensorSink`] too."""
+    takes = getattr(sink, "takes_slices", None)
+    return takes(plan) if takes is not None else hasattr(sink, "write_slice")
+
 
 class WriterSink(TensorSink):
     """Casts each tensor to its planned dtype (through a reused buffer) and appends it to a writer."""
@@ -112,7 +122,9 @@ class ModelSink(TensorSink):
     """Copies each tensor into a live model's parameters and buffers, in place.
 
     Used for in-memory soups and by recipes that evaluate many candidate soups with one model
-    (no `from_pretrained` per candidate).
+    (no `from_pretrained` per candidate). Large tensors arrive as flat slices (`write_slice`), copied into their
+    place in the parameter (on its device, in its dtype) as they are computed: no whole-tensor float32 result or
+    read buffer is held besides the model.
     """
 
     def __init__(self, model):
@@ -147,18 +159,44 @@ class ModelSink(TensorSink):
                     self._checkpoint_names[saved_name] = match
         return self._checkpoint_names.get(name)
 
+    def takes_slices(self, plan: TensorPlan) -> bool:
+        """Slices of a tensor whose live counterpart is one contiguous block (every parameter `from_pretrained`
+        makes); others, and tensors with no counterpart (reported by `finish`), go whole."""
+        target = self.target(plan.name)
+        return target is not None and target.is_contiguous() and target.numel() == numel(plan.shape)
+
     def cast(
         self, plan: TensorPlan, tensor: torch.Tensor, buffer: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Copy `tensor` into the model's own parameter (its dtype and device) and return that parameter."""
+        """A whole tensor: copied into the model's own parameter (its dtype and device), which is returned. A
+        slice: converted to the parameter's dtype (in `buffer` when given and large enough), not yet written."""
         import torch
 
         target = self.target(plan.name)
         if target is None:
             return tensor
+        if buffer is None and tensor.shape == target.shape:
+            with torch.no_grad():
+                target.copy_(tensor)
+            return target
+        if tensor.dtype == target.dtype:
+            return tensor
+        if buffer is not None and buffer.numel() >= tensor.numel() * target.dtype.itemsize:
+            return (
+                buffer[: tensor.numel() * target.dtype.itemsize].view(target.dtype).copy_(tensor.reshape(-1))
+            )
+        return tensor.to(target.dtype)
+
+    def write_slice(self, plan: TensorPlan, start: int, piece: torch.Tensor) -> None:
+        """Copy the flat slice that begins at element `start` into its place in the live parameter (called from
+        several threads, for disjoint slices; only for tensors `takes_slices` accepted)."""
+        import torch
+
+        target = self.target(plan.name)
+        if piece.data_ptr() == target.data_ptr() and piece.numel() == target.numel():
+            return  # `cast` already wrote this whole tensor
         with torch.no_grad():
-            target.copy_(tensor)
-        return target
+            target.view(-1)[start : start + piece.numel()].copy_(piece.reshape(-1))
 
     def write(self, plan: TensorPlan, tensor: torch.Tensor) -> None:
         import torch
@@ -246,8 +284,9 @@ def combine(
     active = [(i, float(c)) for i, c in enumerate(coefficients) if c != 0]
     if not active:
         raise SoupError("internal error: every coefficient is zero.")
-    can_stream = hasattr(sink, "write_slice")
-    streamed = {tp.name for tp in plan.tensors if can_stream and _streamable(tp, sources, active)}
+    streamed = {
+        tp.name for tp in plan.tensors if _streamable(tp, sources, active) and _takes_slices(sink, tp)
+    }
     # whole-tensor buffers are sized for the tensors that are not streamed
     max_bytes = max(
         (
@@ -349,7 +388,6 @@ def combine_mix(
 
     members = list(mix.ingredients) + ([mix.base] if mix.base is not None else [])
     active = [(i, 1.0) for i in members]
-    can_stream = hasattr(sink, "write_slice")
     max_numel = max((numel(t.shape) for t in plan.tensors if t.mergeable), default=0)
     max_itemsize = max(
         (sources[i].info(tp.source_keys[i]).dtype.itemsize for tp in plan.tensors for i in members), default=4
@@ -394,7 +432,7 @@ def combine_mix(
                 buf = slice_bufs[slot][k] if buffer is None else buffer
                 return sources[i].get_range(tp.source_keys[i], start, count, buf)
 
-            write_slices = can_stream and sliced and n > CHUNK_ELEMENTS
+            write_slices = sliced and n > CHUNK_ELEMENTS and _takes_slices(sink, tp)
 
             with single_threaded():
                 stats = _mix_stats(tp, mix, read, n, tau if needs_tau else None, runner)
