@@ -20,7 +20,7 @@ Usage:
     # the figure in docs/benchmarks.md (about 1.4 GB of disk under the work dir)
     .venv/bin/python benchmarks/live_soup.py --n 4 --runs 3 --compare-checkout /tmp/before
     # smoke test (seconds)
-    .venv/bin/python benchmarks/live_soup.py --hidden 64 --layers 1 --n 2 --runs 1
+    .venv/bin/python benchmarks/live_soup.py --hidden 64 --layers 1 --n 2 --runs 1 --warmup 0
 """
 
 from __future__ import annotations
@@ -120,6 +120,7 @@ def main(argv=None) -> int:
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--n", type=int, default=4)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1, help="discarded rounds first")
     parser.add_argument("--work-dir", default="/tmp/hf_soups_live_soup")
     parser.add_argument("--compare-checkout", action="append", default=[], help="another hf_soups checkout")
     parser.add_argument("--json", default=None, help="write the figures here")
@@ -142,7 +143,7 @@ def main(argv=None) -> int:
         os.environ["PYTHONPATH"] = checkouts[label]
 
     os.environ["HF_HUB_OFFLINE"] = "1"
-    results = measure_round_robin(commands, runs=args.runs, warmup=1, before_each=before_each)
+    results = measure_round_robin(commands, runs=args.runs, warmup=args.warmup, before_each=before_each)
     rows = {}
     for label, m in results.items():
         child = [

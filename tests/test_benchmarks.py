@@ -162,3 +162,30 @@ def test_paper_repro_reports_the_family_beside_the_soups(tmp_path):
         assert f"| {key} | test | 0 |" in text
     assert "best of the family on validation in 1 of 1" in text
     assert "--family" in text  # the command that made the record
+
+
+@pytest.mark.slow
+def test_live_soup_measures_each_checkout_it_names(tmp_path):
+    """`benchmarks/live_soup.py` on a tiny Llama: every soup checked against the float64 mean, and each child
+    imports the checkout it is labelled with (not the one it was started from)."""
+    import shutil
+
+    import live_soup
+
+    other = tmp_path / "other"
+    shutil.copytree(
+        BENCH.parent / "hf_soups", other / "hf_soups", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    out = tmp_path / "live.json"
+    code = live_soup.main(
+        [
+            "--hidden", "64", "--layers", "1", "--n", "2", "--runs", "1", "--warmup", "0",
+            "--work-dir", str(tmp_path / "work"), "--compare-checkout", str(other), "--json", str(out),
+        ]
+    )  # fmt: skip
+    assert code == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert rows["hf_soups"]["imported_from"] == [str(BENCH.parent / "hf_soups" / "__init__.py")]
+    assert rows["hf_soups@other"]["imported_from"] == [str(other / "hf_soups" / "__init__.py")]
+    for row in rows.values():
+        assert row["checked"] and row["peak_rss_bytes"] > 0 and row["candidate_s"] > 0
