@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 from pathlib import Path
@@ -135,15 +134,23 @@ def main(argv=None) -> int:
         "hf_soups": here,
         **{f"hf_soups@{Path(c).name}": str(Path(c).resolve()) for c in args.compare_checkout},
     }
-    commands = {label: (lambda: [sys.executable, "-P", "-c", CHILD, *paths]) for label in checkouts}
-
-    def before_each(
-        label: str,
-    ) -> None:  # the child (`-P`: not the current folder first) imports that checkout
-        os.environ["PYTHONPATH"] = checkouts[label]
-
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    results = measure_round_robin(commands, runs=args.runs, warmup=args.warmup, before_each=before_each)
+    # each child imports its own checkout: PYTHONPATH, and `-P` so that the current folder does not come first
+    commands = {
+        label: (
+            lambda path=path: [
+                "env",
+                f"PYTHONPATH={path}",
+                "HF_HUB_OFFLINE=1",
+                sys.executable,
+                "-P",
+                "-c",
+                CHILD,
+                *paths,
+            ]
+        )
+        for label, path in checkouts.items()
+    }
+    results = measure_round_robin(commands, runs=args.runs, warmup=args.warmup)
     rows = {}
     for label, m in results.items():
         child = [

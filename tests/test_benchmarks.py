@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -177,6 +178,7 @@ def test_live_soup_measures_each_checkout_it_names(tmp_path):
         BENCH.parent / "hf_soups", other / "hf_soups", ignore=shutil.ignore_patterns("__pycache__")
     )
     out = tmp_path / "live.json"
+    environment = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "PYTHONPATH")}
     code = live_soup.main(
         [
             "--hidden", "64", "--layers", "1", "--n", "2", "--runs", "1", "--warmup", "0",
@@ -184,6 +186,7 @@ def test_live_soup_measures_each_checkout_it_names(tmp_path):
         ]
     )  # fmt: skip
     assert code == 0
+    assert {k: os.environ.get(k) for k in environment} == environment  # the children's settings stay theirs
     rows = json.loads(out.read_text())["rows"]
     assert rows["hf_soups"]["imported_from"] == [str(BENCH.parent / "hf_soups" / "__init__.py")]
     assert rows["hf_soups@other"]["imported_from"] == [str(other / "hf_soups" / "__init__.py")]
