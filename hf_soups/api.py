@@ -36,7 +36,7 @@ def merge_models(
     accumulation_steps: int = 4,
     validation_fraction: float = 0.2,
     eval_dataset: Any = None,
-    metric: Any = "accuracy",
+    metric: Any = None,
     metric_key: str | None = None,
     greater_is_better: bool | None = None,
     select_on: str | None = None,
@@ -118,8 +118,10 @@ def merge_models(
             to pick the best step and stop early (0: the fixed budget, no early stopping).
         eval_dataset (`datasets.Dataset` or `dict[str, datasets.Dataset]`, *optional*):
             Held-out data for greedy soups, sweeps and reporting.
-        metric (`str`, `tuple`, `evaluate.EvaluationModule` or callable, *optional*, defaults to `"accuracy"`):
-            The metric to maximise (works offline for common classification metrics).
+        metric (`str`, `tuple`, `evaluate.EvaluationModule` or callable, *optional*):
+            The metric to maximise (works offline for common classification metrics). Default: the task's,
+            `"perplexity"` (held-out loss, no labels needed) for causal and masked language models, `"accuracy"`
+            for every other model.
         metric_key (`str`, *optional*): which number of the metric's output to maximise.
         greater_is_better (`bool`, *optional*): set to `False` for losses.
         select_on (`str`, *optional*): the eval set that drives decisions when several are given.

@@ -49,8 +49,9 @@ class EvalConfig:
         cli=False,
     )
     metric: Any = option(
-        "accuracy",
-        help="evaluate metric name (accuracy, f1, ...), (name, config), a loaded module or a callable; a local "
+        None,
+        help="evaluate metric name (accuracy, f1, ...), (name, config), a loaded module or a callable (default: "
+        "perplexity for causal and masked language models, accuracy for other models); a local "
         "metric script folder runs code and needs trust_remote_code. An lm-eval task: LMEvalTask(...), "
         "'lm-eval:TASK?metric=acc&include_path=DIR', or in recipe files {lm_eval: TASK, ...}.",
         kind="metric",

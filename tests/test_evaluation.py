@@ -228,7 +228,18 @@ def test_causal_lm_perplexity_is_exp_of_token_loss():
     late.bind(config=config.to_dict() | {"architectures": ["GPT2LMHeadModel"]}, model=model)
     assert late.task == "causal-lm" and late.evaluate(model)["eval"]["perplexity"] > 1
     with pytest.raises(EvaluationError, match="metric='perplexity'"):
-        build_evaluator(raw)  # accuracy needs labels, unless the model turns out to be a language model
+        build_evaluator(raw, metric="accuracy")  # accuracy needs labels: refused before any model is known
+    # no metric: the task's default, chosen when the model is known: perplexity for a language model...
+    default = build_evaluator(raw, tokenizer=tiny_tokenizer())
+    default.bind(config=config.to_dict() | {"architectures": ["GPT2LMHeadModel"]}, model=model)
+    assert default.metric_name == "perplexity" and default.metric_key == "perplexity"
+    assert not default.greater_is_better
+    assert default.evaluate(model)["eval"]["perplexity"] == late.evaluate(model)["eval"]["perplexity"]
+    # ...and accuracy for any other model, which needs labels
+    classifier = tiny_config()
+    classifier.architectures = ["BertForSequenceClassification"]
+    with pytest.raises(EvaluationError, match="no labels"):
+        build_evaluator(raw, tokenizer=tiny_tokenizer()).bind(config=classifier.to_dict())
     # token accuracy with an evaluate metric, as the transformers language-modelling examples do
     acc = build_evaluator(ds, metric="accuracy", model=model).evaluate(model)["eval"]
     assert set(acc) == {"accuracy", "loss", "perplexity"} and 0 <= acc["accuracy"] <= 1
@@ -332,7 +343,7 @@ def test_string_labels_are_mapped_with_label2id(model, data):
         ({}, None, "No eval_dataset"),
         ({}, {}, "empty dict"),
         ({}, Dataset.from_dict({"input_ids": [], "label": []}), "empty"),
-        ({}, Dataset.from_dict({"text": ["a b"]}), "no labels"),
+        ({"metric": "accuracy"}, Dataset.from_dict({"text": ["a b"]}), "no labels"),
         (
             {"label_column": "gold"},
             Dataset.from_dict({"input_ids": [[2]], "label": [0]}),
@@ -381,7 +392,7 @@ def test_merge_models_checks_evaluation_before_touching_ingredients(tmp_path):
     with pytest.raises(EvaluationError, match="metric_key"):
         merge_models(missing, method="greedy", eval_dataset=ds, metric_key="bleu")
     with pytest.raises(EvaluationError, match="no labels"):
-        merge_models(missing, method="greedy", eval_dataset=Dataset.from_dict({"text": ["x"]}))
+        merge_models(missing, method="greedy", eval_dataset=Dataset.from_dict({"text": ["x"]}), metric="f1")
     with pytest.raises(InvalidArgumentError, match="eval_dataset"):
         merge_models(missing, method="greedy")
 
@@ -529,3 +540,37 @@ def test_task_registry_names_every_task_once():
     ds = Dataset.from_dict({"input_ids": [[2, 5]], "label": [0]})
     with pytest.raises(InvalidArgumentError, match="causal-lm"):
         build_evaluator(ds, task="summarization")
+
+
+def test_merge_models_scores_language_models_on_perplexity_by_default(tmp_path, tiny_bert_dirs):
+    """No `metric=`: a greedy soup of causal LMs on raw text is chosen on held-out perplexity (lower is better, as
+    docs/language-models.md says), each candidate's score equal to `exp` of the model's own mean token loss; an
+    unlabelled set for a classifier is refused (its default, accuracy, needs labels) before any tensor is read."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from hf_soups import merge_models
+    from tests.tiny_models import make_tiny_llama_dir
+
+    dirs = [make_tiny_llama_dir(tmp_path / f"lm-{i}", seed=i) for i in range(3)]
+    held_out = Dataset.from_dict({"text": ["user : w1 w2 w3 <eos>", "assistant : w4 w5 w6 w7 w8 <eos>"] * 4})
+    soup = merge_models([str(d) for d in dirs], method="greedy", eval_dataset=held_out, progress=False)
+    assert soup.metric_key == "perplexity"
+    singles = {i.name: i.score for i in soup.ingredients}
+    assert all(i.scores["eval"]["perplexity"] == i.score for i in soup.ingredients)
+    best = min(singles, key=singles.get)  # the lowest perplexity starts the soup and is kept
+    assert next(i for i in soup.ingredients if i.name == best).selected
+    assert soup.score <= singles[best]  # greedy keeps only what does not raise the perplexity
+    tokenizer = AutoTokenizer.from_pretrained(dirs[0])
+    total = count = 0.0
+    model = LlamaForCausalLM.from_pretrained(dirs[0]).eval()
+    with torch.no_grad():
+        for text in held_out["text"]:
+            ids = torch.tensor([tokenizer(text)["input_ids"]])
+            total += float(model(input_ids=ids, labels=ids).loss) * (ids.shape[1] - 1)
+            count += ids.shape[1] - 1
+    assert singles[dirs[0].name] == pytest.approx(math.exp(total / count), rel=1e-4)
+    with pytest.raises(EvaluationError, match="no labels"):
+        merge_models(
+            tiny_bert_dirs, method="greedy", eval_dataset=Dataset.from_dict({"text": ["x y"]}), progress=False
+        )
+    assert not (tmp_path / "soup").exists()

@@ -25,7 +25,7 @@ from ..options import (
 from .data import collect_sets, find_label_columns, label_kind, no_labels_message
 from .evaluator import Evaluator
 from .metrics import load_metric
-from .scoring import LOSS_METRICS
+from .scoring import LOSS_METRICS, default_metric
 from .tasks import TASKS, infer_task, make_task
 
 logger = logging.getLogger(__name__)
@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 def build_evaluator(
     eval_dataset: Any,
     *,
-    metric: Any = "accuracy",
+    metric: Any = None,
     metric_key: str | None = None,
     greater_is_better: bool | None = None,
     select_on: str | None = None,
@@ -65,12 +65,13 @@ def build_evaluator(
         eval_dataset (`datasets.Dataset` or `dict[str, datasets.Dataset]`):
             Held-out data: pre-tokenized (model input columns such as `input_ids` plus `label`/`labels`) or raw
             text (see `text_columns`). A dict (or `DatasetDict`) names several sets; every set is scored.
-        metric (`str`, `tuple`, `evaluate.EvaluationModule`, callable or `None`, *optional*, defaults to `"accuracy"`):
+        metric (`str`, `tuple`, `evaluate.EvaluationModule`, callable or `None`, *optional*):
             An `evaluate` metric name (`"f1"`; the bundled accuracy, f1, precision, recall, matthews_correlation,
             pearsonr and spearmanr work offline; others, such as `("glue", "mrpc")` or a local metric folder, run
             the metric's script and need `trust_remote_code=True`), a loaded module or `evaluate.combine(...)`,
             a callable `fn(predictions, references) -> dict | float`, or `"loss"` / `"perplexity"` (the model's
-            own loss; the default scores of language models). `None` picks the task's default. An
+            own loss). `None` (the default) picks the task's: `"perplexity"` for causal and masked language
+            models, `"accuracy"` for every other task (chosen once the model is known). An
             [`~hf_soups.LMEvalTask`] (or `"lm-eval:TASK"`) scores causal LMs on lm-eval tasks, which bring their
             own data: `eval_dataset` is then `None` (see `hf_soups.evaluation.lm_harness`).
         metric_key (`str`, *optional*):
@@ -213,10 +214,14 @@ def build_evaluator(
             continue
         raise EvaluationError(no_labels_message(name, ds.column_names, lm_hint=known_task is None))
 
-    if metric is None:
-        metric = "perplexity" if known_task in ("causal-lm", "masked-lm") else "accuracy"
+    if metric is None and known_task is not None and compute_metrics is None:
+        metric = default_metric(known_task)  # else chosen when the evaluator is bound to the model (its task)
     loaded = None
-    if compute_metrics is None and not (isinstance(metric, str) and metric in LOSS_METRICS):
+    if (
+        compute_metrics is None
+        and metric is not None
+        and not (isinstance(metric, str) and metric in LOSS_METRICS)
+    ):
         # UntrustedCodeError now for a metric script without the opt-in; EvaluationError if it cannot be loaded
         loaded = load_metric(metric, trust_remote_code=trust_remote_code)
     evaluator = Evaluator(

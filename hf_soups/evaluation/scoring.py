@@ -30,6 +30,13 @@ LOSS_METRICS = ("loss", "perplexity")
 _LOWER_IS_BETTER = ("loss", "perplexity", "mse", "mae", "rmse", "wer", "cer")
 _AVERAGED_METRICS = ("f1", "precision", "recall")
 _MULTILABEL_METRICS = ("accuracy", "f1", "precision", "recall", "matthews_correlation")
+_LANGUAGE_MODEL_TASKS = ("causal-lm", "masked-lm")
+
+
+def default_metric(task: str | None) -> str:
+    """The metric `metric=None` stands for: the model's own held-out perplexity for language models (their text is
+    the target; no labels), accuracy for every other task."""
+    return "perplexity" if task in _LANGUAGE_MODEL_TASKS else "accuracy"
 
 
 def to_float_dict(result: Any, default_key: str) -> dict[str, float]:
@@ -95,6 +102,8 @@ class MetricScorer:
     ):
         self.metric = metric
         self.spec = spec
+        #: the user gave no metric: `spec` is the default of the task the scorer is set up for (`default_metric`)
+        self.default_spec = spec is None and compute_metrics is None
         self.kwargs = dict(kwargs)
         self.compute_metrics = compute_metrics
         self.user_key = metric_key
@@ -123,6 +132,8 @@ class MetricScorer:
 
     def set_up(self, task: Task) -> None:
         """Defaults that depend on the task, then a dry call of the metric to check `metric_key`."""
+        if self.default_spec:  # again for each task: a guess from the labels first, then the bound model's
+            self.spec, self.metric = default_metric(task.name), None
         spec = self.spec
         problem = task.problem_type
         if self.compute_metrics is None and isinstance(spec, str) and spec not in LOSS_METRICS:
