@@ -560,6 +560,8 @@ def test_merge_models_scores_language_models_on_perplexity_by_default(tmp_path, 
     best = min(singles, key=singles.get)  # the lowest perplexity starts the soup and is kept
     assert next(i for i in soup.ingredients if i.name == best).selected
     assert soup.score <= singles[best]  # greedy keeps only what does not raise the perplexity
+    card = str(soup.model_card())
+    assert "kept when adding it does not raise the held-out perplexity" in card
     tokenizer = AutoTokenizer.from_pretrained(dirs[0])
     total = count = 0.0
     model = LlamaForCausalLM.from_pretrained(dirs[0]).eval()

@@ -735,7 +735,8 @@ def _build(
     selection = None
     if soup.method == "greedy":
         strict = soup.params.get("strict")
-        rule = "strictly improves" if strict else "does not lower"
+        worsen = "lower" if soup.params.get("greater_is_better", True) is not False else "raise"
+        rule = "strictly improves" if strict else f"does not {worsen}"
         selection = f"an ingredient is kept when adding it {rule} the held-out {metric}"
     elif soup.method == "wise-ft" and isinstance(soup.history, list) and len(soup.history) > 1:
         selection = f"alpha chosen on the held-out {metric} among {len(soup.history)} values"
