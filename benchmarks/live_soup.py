@@ -130,10 +130,14 @@ def main(argv=None) -> int:
     one = sum(f.stat().st_size for f in Path(paths[0]).glob("*.safetensors"))
     print(f"one checkpoint: {fmt_bytes(one)} (bfloat16); N = {args.n}", flush=True)
     here = str(Path(__file__).resolve().parent.parent)
-    checkouts = {
-        "hf_soups": here,
-        **{f"hf_soups@{Path(c).name}": str(Path(c).resolve()) for c in args.compare_checkout},
-    }
+    checkouts = {"hf_soups": here}
+    for other in args.compare_checkout:
+        label = f"hf_soups@{Path(other).resolve().name}"
+        if label in checkouts or not (Path(other) / "hf_soups" / "__init__.py").is_file():
+            parser.error(
+                f"--compare-checkout {other}: not an hf_soups checkout, or a second one named {label!r}"
+            )
+        checkouts[label] = str(Path(other).resolve())
     # each child imports its own checkout: PYTHONPATH, and `-P` so that the current folder does not come first
     commands = {
         label: (
@@ -178,8 +182,8 @@ def main(argv=None) -> int:
         if label != "hf_soups":
             print(
                 f"hf_soups vs {label}: merge_models time x{base['soup_s'] / r['soup_s']:.2f}, a candidate "
-                f"x{base['candidate_s'] / r['candidate_s']:.2f}, peak RSS "
-                f"{fmt_bytes(base['peak_rss_bytes'] - r['peak_rss_bytes'])} difference"
+                f"x{base['candidate_s'] / r['candidate_s']:.2f}, peak RSS {fmt_bytes(base['peak_rss_bytes'])} against "
+                f"{fmt_bytes(r['peak_rss_bytes'])}"
             )
     if args.json:
         Path(args.json).write_text(json.dumps({"checkpoint_bytes": one, "n": args.n, "rows": rows}, indent=2))

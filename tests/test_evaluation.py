@@ -231,6 +231,7 @@ def test_causal_lm_perplexity_is_exp_of_token_loss():
         build_evaluator(raw, metric="accuracy")  # accuracy needs labels: refused before any model is known
     # no metric: the task's default, chosen when the model is known: perplexity for a language model...
     default = build_evaluator(raw, tokenizer=tiny_tokenizer())
+    assert default.metric_name == "the task's default metric"  # not chosen before the model is known
     default.bind(config=config.to_dict() | {"architectures": ["GPT2LMHeadModel"]}, model=model)
     assert default.metric_name == "perplexity" and default.metric_key == "perplexity"
     assert not default.greater_is_better

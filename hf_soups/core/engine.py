@@ -79,12 +79,6 @@ class TensorSink:
         return hasattr(self, "write_slice")
 
 
-def _takes_slices(sink, plan: TensorPlan) -> bool:
-    """`sink.takes_slices(plan)`, for sinks that do not derive from [`TensorSink`] too."""
-    takes = getattr(sink, "takes_slices", None)
-    return takes(plan) if takes is not None else hasattr(sink, "write_slice")
-
-
 class WriterSink(TensorSink):
     """Casts each tensor to its planned dtype (through a reused buffer) and appends it to a writer."""
 
@@ -192,11 +186,8 @@ class ModelSink(TensorSink):
         several threads, for disjoint slices; only for tensors `takes_slices` accepted)."""
         import torch
 
-        target = self.target(plan.name)
-        if piece.data_ptr() == target.data_ptr() and piece.numel() == target.numel():
-            return  # `cast` already wrote this whole tensor
         with torch.no_grad():
-            target.view(-1)[start : start + piece.numel()].copy_(piece.reshape(-1))
+            self.target(plan.name).view(-1)[start : start + piece.numel()].copy_(piece.reshape(-1))
 
     def write(self, plan: TensorPlan, tensor: torch.Tensor) -> None:
         import torch
@@ -284,9 +275,7 @@ def combine(
     active = [(i, float(c)) for i, c in enumerate(coefficients) if c != 0]
     if not active:
         raise SoupError("internal error: every coefficient is zero.")
-    streamed = {
-        tp.name for tp in plan.tensors if _streamable(tp, sources, active) and _takes_slices(sink, tp)
-    }
+    streamed = {tp.name for tp in plan.tensors if _streamable(tp, sources, active) and sink.takes_slices(tp)}
     # whole-tensor buffers are sized for the tensors that are not streamed
     max_bytes = max(
         (
@@ -300,11 +289,7 @@ def combine(
     max_numel = max((numel(t.shape) for t in plan.tensors if t.name not in streamed), default=0)
     read_buf = torch.empty(max(max_bytes, 1), dtype=torch.uint8)
     acc_buf = torch.empty(max(max_numel, 1), dtype=torch.float32)
-    wide = (
-        torch.empty(min(max_numel, CHUNK_ELEMENTS), dtype=torch.float32)
-        if max_numel > CHUNK_ELEMENTS
-        else None
-    )
+    wide = torch.empty(max(1, min(max_numel, CHUNK_ELEMENTS)), dtype=torch.float32)  # see _add_scaled
     workers = max(1, min(LINEAR_WORKERS, torch.get_num_threads())) if streamed else 1
     slots: list[_SliceSlot] = []
     if streamed:
@@ -331,9 +316,9 @@ def combine(
                     _combine_slices(tp, sources, active, sink, slots, runner, plan.names, stats=stats)
             elif numel(tp.shape) <= CHUNK_ELEMENTS:
                 with single_threaded():
-                    _combine_whole(tp, sources, active, sink, acc_buf, read_buf, plan.names, stats)
+                    _combine_whole(tp, sources, active, sink, acc_buf, read_buf, wide, plan.names, stats)
             else:
-                _combine_whole(tp, sources, active, sink, acc_buf, read_buf, plan.names, stats, wide)
+                _combine_whole(tp, sources, active, sink, acc_buf, read_buf, wide, plan.names, stats)
     if stats is not None:
         problems = distances.end()
         if plan.report is not None:
@@ -432,7 +417,7 @@ def combine_mix(
                 buf = slice_bufs[slot][k] if buffer is None else buffer
                 return sources[i].get_range(tp.source_keys[i], start, count, buf)
 
-            write_slices = sliced and n > CHUNK_ELEMENTS and _takes_slices(sink, tp)
+            write_slices = sliced and n > CHUNK_ELEMENTS and sink.takes_slices(tp)
 
             with single_threaded():
                 stats = _mix_stats(tp, mix, read, n, tau if needs_tau else None, runner)
@@ -701,11 +686,8 @@ def _streamable(tp: TensorPlan, sources: Sequence[TensorSource], active) -> bool
     return all(sources[i].range_readable(tp.source_keys[i]) for i, _ in active)
 
 
-def _combine_whole(
-    tp: TensorPlan, sources, active, sink, acc_buf, read_buf, names, stats=None, wide=None
-) -> None:
-    """`sum_i c_i * ingredient_i` for one tensor read whole (a reduced-precision ingredient is added through
-    `wide`, a float32 buffer, a slice at a time: see [`_add_widened`])."""
+def _combine_whole(tp: TensorPlan, sources, active, sink, acc_buf, read_buf, wide, names, stats=None) -> None:
+    """`sum_i c_i * ingredient_i` for one tensor read whole (`wide`: see [`_add_scaled`])."""
     import torch
 
     n = numel(tp.shape)
@@ -725,10 +707,8 @@ def _combine_whole(
                 if c != 1.0:
                     acc.mul_(c)
             first = False
-        elif t.dtype == torch.float32 or wide is None:
-            acc.add_(t, alpha=c)
         else:
-            _add_widened(acc.view(-1), t.reshape(-1), c, wide)
+            _add_scaled(acc.view(-1), t.reshape(-1), c, wide)
     out = sink.cast(tp, acc)
     if not _finite(out):
         _raise_non_finite(tp, sources, active, names, read_buf, acc, out.dtype)
@@ -738,10 +718,14 @@ def _combine_whole(
     sink.write(tp, out)
 
 
-def _add_widened(acc: torch.Tensor, t: torch.Tensor, c: float, wide: torch.Tensor) -> None:
-    """`acc += c * t` for a flat float32 `acc` and a flat reduced-precision `t`, widened into `wide` one slice of
-    its size at a time: `acc.add_(t)` would first allocate a float32 copy of the whole of `t` (for a bfloat16
-    embedding of 500M elements, 2 GB on top of the accumulator)."""
+def _add_scaled(acc: torch.Tensor, t: torch.Tensor, c: float, wide: torch.Tensor) -> None:
+    """`acc += c * t` for a flat float32 `acc` and a flat `t`. A reduced-precision `t` is first widened into `wide`
+    (a float32 buffer), one slice of its size at a time: `acc.add_(t)` would allocate a float32 copy of the whole
+    of `t` per call (for a bfloat16 embedding of 500M elements, 2 GB on top of the accumulator; for the slice
+    workers, one per slice, which grew glibc's heaps)."""
+    if t.dtype.itemsize == 4:  # float32 (no import on the slice workers' path)
+        acc.add_(t, alpha=c)
+        return
     step = wide.numel()
     for start in range(0, t.numel(), step):
         piece = t[start : start + step]
@@ -818,9 +802,7 @@ def _combine_slices(
             piece = sources[i].get_range(key, start, count, slot.read)
             if sample is not None:
                 sample[k, : -(-count // STATS_STRIDE)].copy_(piece[::STATS_STRIDE])
-            if piece.dtype != torch.float32:  # widened in the slot: add_ would allocate a float32 copy
-                piece = slot.wide[:count].copy_(piece)
-            acc.add_(piece, alpha=c)
+            _add_scaled(acc, piece, c, slot.wide)
         out = sink.cast(tp, acc, slot.out)
         if check and not _finite(out):
             _raise_non_finite(tp, sources, active, names, None, None, out.dtype)

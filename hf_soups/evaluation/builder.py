@@ -25,7 +25,7 @@ from ..options import (
 from .data import collect_sets, find_label_columns, label_kind, no_labels_message
 from .evaluator import Evaluator
 from .metrics import load_metric
-from .scoring import LOSS_METRICS, default_metric
+from .scoring import LOSS_METRICS
 from .tasks import TASKS, infer_task, make_task
 
 logger = logging.getLogger(__name__)
@@ -214,9 +214,7 @@ def build_evaluator(
             continue
         raise EvaluationError(no_labels_message(name, ds.column_names, lm_hint=known_task is None))
 
-    if metric is None and known_task is not None and compute_metrics is None:
-        metric = default_metric(known_task)  # else chosen when the evaluator is bound to the model (its task)
-    loaded = None
+    loaded = None  # metric=None: the task's default, set up when the evaluator is bound (MetricScorer.set_up)
     if (
         compute_metrics is None
         and metric is not None

@@ -119,6 +119,8 @@ class MetricScorer:
         if self.compute_metrics is not None:
             return getattr(self.compute_metrics, "__name__", "compute_metrics")
         spec = self.spec
+        if spec is None:  # metric=None before the task is known (see `set_up`)
+            return "the task's default metric"
         if isinstance(spec, tuple):
             return "/".join(str(s) for s in spec)
         if isinstance(spec, str):

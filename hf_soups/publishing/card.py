@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..lm_eval_task import describe_lm_eval
-from .reporting import format_value
+from .reporting import format_value, greater_is_better
 
 if TYPE_CHECKING:  # pragma: no cover
     from huggingface_hub import ModelCard, ModelCardData
@@ -450,7 +450,7 @@ def _comparison(soup: Soup, metric: str) -> str | None:
     where = f" on `{soup.select_on}`" if soup.select_on else ""
     text = f"The soup scores **{soup.score:.4f}** {metric}{where}."
     if scored:
-        greater = soup.params.get("greater_is_better", True) is not False
+        greater = greater_is_better(soup)
         best = (max if greater else min)(scored, key=lambda i: i.score)
         delta = soup.score - best.score
         better = delta > 0 if greater else delta < 0
@@ -735,7 +735,7 @@ def _build(
     selection = None
     if soup.method == "greedy":
         strict = soup.params.get("strict")
-        worsen = "lower" if soup.params.get("greater_is_better", True) is not False else "raise"
+        worsen = "lower" if greater_is_better(soup) else "raise"
         rule = "strictly improves" if strict else f"does not {worsen}"
         selection = f"an ingredient is kept when adding it {rule} the held-out {metric}"
     elif soup.method == "wise-ft" and isinstance(soup.history, list) and len(soup.history) > 1:

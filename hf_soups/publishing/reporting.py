@@ -93,8 +93,9 @@ def _row_scores(
     return [scores.get(s, {}).get(key) if key else None for s in sets]
 
 
-def _greater(soup: Soup) -> bool:
-    return bool(soup.params.get("greater_is_better", True))
+def greater_is_better(soup: Soup) -> bool:
+    """The direction of the soup's selection metric (recorded by evaluation; higher when nothing was evaluated)."""
+    return soup.params.get("greater_is_better", True) is not False
 
 
 def render_report(soup: Soup) -> str:
@@ -116,7 +117,7 @@ def render_report(soup: Soup) -> str:
     """
     key = _key(soup)
     sets = _sets(soup)
-    greater = _greater(soup)
+    greater = greater_is_better(soup)
     kept = [i for i in soup.ingredients if i.selected is not False]
     title = _title(soup.method)
     head = f"{title}: {len(kept)} of {len(soup.ingredients)} ingredients kept"
@@ -206,7 +207,7 @@ def render_report(soup: Soup) -> str:
             [
                 h.get("step"),
                 h.get("candidate"),
-                _candidate_cell(h, soup.params.get("greater_is_better", True)),
+                _candidate_cell(h, greater_is_better(soup)),
                 h.get("kept"),
                 h.get("score"),
                 h.get("n_ingredients"),
